@@ -1,0 +1,193 @@
+"""The model directory: config.json + head.safetensors + metrics.json.
+
+Nothing is pickled. Loading validates the config against the format version and every
+tensor's name and shape, so a truncated or edited directory is refused with a clear
+message instead of producing wrong predictions.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .backbone import CutSpec
+from .errors import ArtifactError
+from .fsutil import atomic_dir, write_json
+
+FORMAT = "tlearn-model"
+FORMAT_VERSION = 1
+CONFIG = "config.json"
+HEAD_FILE = "head.safetensors"
+METRICS = "metrics.json"
+REQUIRED_KEYS = ("format", "format_version", "head", "cut", "data_config", "classes", "feature_dim")
+HEAD_FAMILIES = {"svm": "linear", "logreg": "linear"}
+
+
+@dataclass
+class SavedModel:
+    path: Path
+    config: dict
+    tensors: dict[str, np.ndarray]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config["classes"])
+
+    @property
+    def cut(self) -> CutSpec:
+        return CutSpec.from_dict(self.config["cut"])
+
+    @property
+    def data_config(self) -> dict:
+        return self.config["data_config"]
+
+    @property
+    def head_type(self) -> str:
+        return self.config["head"]["type"]
+
+
+def versions() -> dict:
+    import sklearn
+    import timm
+    import torch
+
+    return {
+        "tlearn": __version__,
+        "timm": timm.__version__,
+        "torch": torch.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def build_config(
+    *, cut: CutSpec, data_config: dict, classes: list[str], head: dict, feature_dim: int, **extra
+) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "head": head,
+        "cut": cut.to_dict(),
+        "data_config": data_config,
+        "classes": list(classes),
+        "feature_dim": int(feature_dim),
+        "versions": versions(),
+        **extra,
+    }
+
+
+def save_model(
+    out_dir: str | Path,
+    config: dict,
+    tensors: dict[str, np.ndarray],
+    metrics: dict | None = None,
+    force: bool = False,
+    extra_files: dict[str, bytes] | None = None,
+) -> Path:
+    """Write the whole directory under a temporary name, then move it into place."""
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, force=force) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / HEAD_FILE))
+        write_json(tmp / CONFIG, config)
+        if metrics is not None:
+            write_json(tmp / METRICS, metrics)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+    return out_dir
+
+
+def load_model(model_dir: str | Path) -> SavedModel:
+    from safetensors.numpy import load_file
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ArtifactError(
+            f"model directory {model_dir} does not exist (make one with tlearn fit)"
+        )
+    cfg_path = model_dir / CONFIG
+    if not cfg_path.is_file():
+        raise ArtifactError(f"{model_dir} has no {CONFIG}: not a tlearn model directory")
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{cfg_path}: not valid JSON ({e})") from None
+    validate_config(config, cfg_path)
+    head_path = model_dir / HEAD_FILE
+    if not head_path.is_file():
+        raise ArtifactError(f"{model_dir} has no {HEAD_FILE}")
+    try:
+        tensors = load_file(str(head_path))
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ArtifactError(
+            f"{head_path}: unreadable or truncated safetensors file ({e})"
+        ) from None
+    validate_tensors(config, tensors, head_path)
+    return SavedModel(path=model_dir, config=config, tensors=tensors)
+
+
+def validate_config(config: dict, where) -> None:
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{where}: expected a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in config]
+    if missing:
+        raise ArtifactError(f"{where}: missing key(s) {', '.join(missing)}")
+    if config["format"] != FORMAT:
+        raise ArtifactError(f"{where}: format is {config['format']!r}, expected {FORMAT!r}")
+    if config["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{where}: format_version {config['format_version']} is not supported by tlearn "
+            f"{__version__} (supports {FORMAT_VERSION}); upgrade tlearn or refit the model"
+        )
+    classes = config["classes"]
+    if (
+        not isinstance(classes, list)
+        or len(classes) < 2
+        or not all(isinstance(c, str) and c for c in classes)
+        or len(set(classes)) != len(classes)
+    ):
+        raise ArtifactError(f"{where}: 'classes' must list at least two distinct class names")
+    head = config["head"]
+    if not isinstance(head, dict) or head.get("type") not in HEAD_FAMILIES:
+        raise ArtifactError(
+            f"{where}: unknown head type {head.get('type') if isinstance(head, dict) else head!r}"
+        )
+    cut = config["cut"]
+    for key in ("model", "weights_source", "layers", "pool"):
+        if not isinstance(cut, dict) or key not in cut:
+            raise ArtifactError(f"{where}: 'cut' is missing {key!r}")
+    dc = config["data_config"]
+    for key in ("input_size", "interpolation", "mean", "std", "crop_pct"):
+        if not isinstance(dc, dict) or key not in dc:
+            raise ArtifactError(f"{where}: 'data_config' is missing {key!r}")
+    if not isinstance(config["feature_dim"], int) or config["feature_dim"] < 1:
+        raise ArtifactError(f"{where}: 'feature_dim' must be a positive integer")
+
+
+def validate_tensors(config: dict, tensors: dict, where) -> None:
+    from .heads import LinearHead
+
+    expected = LinearHead.expected_shapes(len(config["classes"]), config["feature_dim"])
+    names, want = set(tensors), set(expected)
+    if names != want:
+        extra = sorted(names - want)
+        missing = sorted(want - names)
+        raise ArtifactError(
+            f"{where}: tensors do not match the config (missing: {missing or 'none'}, "
+            f"unexpected: {extra or 'none'})"
+        )
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ArtifactError(
+                f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}; the config "
+                f"({len(config['classes'])} classes, {config['feature_dim']} features) "
+                f"needs {shape}"
+            )
+        if not np.all(np.isfinite(tensors[name])) and name != "intercept":
+            raise ArtifactError(f"{where}: tensor {name} holds NaN or infinite values")

@@ -1,0 +1,631 @@
+"""Command line: parse options, call one library function, render the result.
+
+Results go to stdout, messages and progress to stderr. Exit codes: 0 success,
+1 error (bad input, missing file, unloadable model), 2 usage error, 3 unreadable
+images under --strict, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .errors import TlearnError
+
+app = typer.Typer(
+    name="tlearn",
+    help="Transfer learning on image folders: cut a pretrained backbone at any layer, "
+    "fit a linear SVM or logistic regression on its features, predict and evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+# Wide when piped, so tables in logs are not folded into 80 columns.
+out = Console() if sys.stdout.isatty() else Console(width=200)
+err = Console(stderr=True)
+DEBUG = {"on": False}
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"tlearn {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show version and exit."),
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+):
+    DEBUG["on"] = debug
+
+
+def handle_errors(fn):
+    """One line on stderr and a non-zero exit for anything the user can fix."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TlearnError as e:
+            if DEBUG["on"]:
+                raise
+            err.print(f"[red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------- options
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="timm architecture name (see `tlearn models`).")
+]
+WeightsOpt = Annotated[
+    str,
+    typer.Option(
+        "--weights",
+        help="auto (bundled offline package, else timm's pretrained weights), none (random "
+        "init), or a .safetensors/.pth file.",
+    ),
+]
+LayerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        "-l",
+        help="Where to cut: a name from `tlearn layers MODEL` (e.g. blocks.4), a feature stage "
+        "index like -1, or several joined by commas. Default: the final pooled features.",
+    ),
+]
+
+
+class Pool(str, Enum):
+    avg = "avg"
+    max = "max"
+    avgmax = "avgmax"
+    catavgmax = "catavgmax"
+    flatten = "flatten"
+
+
+class Head(str, Enum):
+    svm = "svm"
+    logreg = "logreg"
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    jsonl = "jsonl"
+
+
+PoolOpt = Annotated[
+    Pool, typer.Option("--pool", help="How to turn the cut feature map into a vector.")
+]
+BatchOpt = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", min=0, help="Decoding processes (default: auto).")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
+LabelsOpt = Annotated[
+    Path | None, typer.Option("--labels", help="CSV with header path,label instead of folders.")
+]
+
+
+def _run_options(batch_size, device, workers, quiet, progress=None):
+    from .pipeline import RunOptions
+
+    return RunOptions(batch_size=batch_size, device=device, workers=workers, progress=progress)
+
+
+class _Bars:
+    """rich progress bars on stderr, only when it is a terminal and not --quiet."""
+
+    def __init__(self, quiet: bool):
+        self.enabled = not quiet and err.is_terminal
+        self.progress = None
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=False,
+            )
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+
+def _report_skips(skipped, warnings, quiet: bool) -> None:
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    if skipped:
+        if not quiet:
+            for s in skipped[:20]:
+                err.print(f"[yellow]skipped[/] {s.path}: {s.reason}", highlight=False)
+            if len(skipped) > 20:
+                err.print(f"... and {len(skipped) - 20} more", highlight=False)
+        err.print(f"[yellow]{len(skipped)} image(s) skipped[/]", highlight=False)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+# ----------------------------------------------------------------------------- models / layers
+
+
+@app.command("models")
+@handle_errors
+def models_cmd(
+    pattern: Annotated[str | None, typer.Argument(help="Filter, e.g. 'resnet*' or 'lite'.")] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Only models usable offline.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """List timm architectures, marking those whose weights are available offline now.
+
+    Example: tlearn models lite
+    """
+    from .backbone import list_models
+
+    rows = list_models(pattern)
+    if offline:
+        rows = [r for r in rows if r.offline]
+    if as_json:
+        typer.echo(
+            json.dumps([{"name": r.name, "offline": r.offline, "bundled": r.bundled} for r in rows])
+        )
+        return
+    for r in rows:
+        mark = "offline (bundled)" if r.bundled else ("offline (cached)" if r.offline else "")
+        typer.echo(f"{r.name}\t{mark}".rstrip())
+    err.print(
+        f"{len(rows)} model(s); {sum(r.offline for r in rows)} usable offline", highlight=False
+    )
+
+
+@app.command("layers")
+@handle_errors
+def layers_cmd(
+    model: Annotated[str, typer.Argument(help="timm architecture name.")] = "tf_efficientnet_lite0",
+    input_size: Annotated[
+        int | None,
+        typer.Option("--input-size", min=8, help="Input side in pixels (default: the model's)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """Every place the network can be cut: output shape C x H x W, reduction, cumulative
+    parameters and GFLOPs per image. Stages from timm's feature_info are marked.
+
+    Example: tlearn layers tf_efficientnet_lite0 --input-size 224
+    """
+    import timm
+
+    from .backbone import _create, data_config_for, list_layers, unknown_model_message
+
+    if model not in timm.list_models():
+        raise TlearnError(unknown_model_message(model))
+    net = _create(model, pretrained=False)
+    size = input_size or data_config_for(net)["input_size"][1]
+    layers = list_layers(net, size)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "model": model,
+                    "input_size": size,
+                    "layers": [
+                        {
+                            "name": li.name,
+                            "type": li.type,
+                            "shape": list(li.shape),
+                            "reduction": li.reduction,
+                            "params": li.params,
+                            "gflops": li.gflops,
+                            "stage": li.stage,
+                        }
+                        for li in layers
+                    ],
+                }
+            )
+        )
+        return
+    table = Table(title=f"{model} at {size}x{size}: where it can be cut")
+    for col in (
+        "layer",
+        "type",
+        "output C x H x W",
+        "reduction",
+        "params so far",
+        "GFLOPs",
+        "stage",
+    ):
+        table.add_column(col, justify="right" if col not in ("layer", "type") else "left")
+    for li in layers:
+        table.add_row(
+            li.name,
+            li.type,
+            " x ".join(map(str, li.shape)),
+            f"/{li.reduction}" if li.reduction else "",
+            f"{li.params:,}",
+            f"{li.gflops:.3f}",
+            "" if li.stage is None else f"stage {li.stage}",
+        )
+    out.print(table)
+    err.print(
+        "cut with --layer NAME (or a stage index like -1); default: final pooled features",
+        highlight=False,
+    )
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+@app.command("extract")
+@handle_errors
+def extract_cmd(
+    data: Annotated[
+        list[Path], typer.Argument(help="Folder of class sub-folders, or images/folders.")
+    ],
+    output: Annotated[str, typer.Option("--output", "-o", help="CSV file, or - for stdout.")],
+    model: ModelOpt = "tf_efficientnet_lite0",
+    weights: WeightsOpt = "auto",
+    layer: LayerOpt = None,
+    pool: PoolOpt = Pool.avg,
+    labels: LabelsOpt = None,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Extract pooled features at the cut and write CSV columns path,label,f0..fN, plus a
+    sidecar OUTPUT.json recording the backbone, layer, pool and preprocessing.
+
+    Example: tlearn extract sample_data/roads/train -o features.csv --layer blocks.5
+    """
+    from .pipeline import extract
+
+    with _Bars(quiet) as bars:
+        res = extract(
+            data,
+            output,
+            model=model,
+            weights=weights,
+            layers=layer,
+            pool=pool.value,
+            labels_csv=labels,
+            run=_run_options(batch_size, device, workers, quiet, bars),
+        )
+    _report_skips(res.skipped, res.warnings, quiet)
+    if not quiet:
+        dest = "stdout" if output == "-" else output
+        err.print(
+            f"wrote {res.rows} rows x {res.feature_dim} features to {dest} in {res.seconds:.1f}s",
+            highlight=False,
+        )
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def _metrics_table(metrics: dict, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for cls, m in metrics["per_class"].items():
+        table.add_row(
+            cls, _pct(m["precision"]), _pct(m["recall"]), _pct(m["f1"]), str(m["support"])
+        )
+    return table
+
+
+def _confusion_table(metrics: dict) -> Table:
+    labels = metrics["confusion"]["labels"]
+    table = Table(title="confusion (rows: true, columns: predicted)")
+    table.add_column("true \\ pred")
+    for lab in labels:
+        table.add_column(lab, justify="right")
+    for lab, row in zip(labels, metrics["confusion"]["matrix"], strict=True):
+        table.add_row(lab, *[str(v) for v in row])
+    return table
+
+
+@app.command("fit")
+@handle_errors
+def fit_cmd(
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder of class sub-folders (or with train/ and val/), or a features CSV."
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to create.")],
+    head: Annotated[Head, typer.Option("--head", help="Linear head on the features.")] = Head.svm,
+    C: Annotated[
+        str, typer.Option("--C", help="Regularisation: a number, or auto (cross-validated).")
+    ] = "auto",
+    val: Annotated[
+        Path | None, typer.Option("--val", help="Validation folder (or features CSV).")
+    ] = None,
+    val_split: Annotated[
+        float | None, typer.Option("--val-split", help="Hold out this fraction for validation.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for splits and solvers.")] = 0,
+    model: ModelOpt = "tf_efficientnet_lite0",
+    weights: WeightsOpt = "auto",
+    layer: LayerOpt = None,
+    pool: PoolOpt = Pool.avg,
+    labels: LabelsOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing model directory.")
+    ] = False,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    quiet: QuietOpt = False,
+):
+    """Extract features and fit a linear SVM (or logistic regression) on them.
+
+    Example: tlearn fit sample_data/roads/train --val sample_data/roads/val -o roads-model
+    """
+    from .pipeline import fit
+
+    with _Bars(quiet) as bars:
+        res = fit(
+            data,
+            output,
+            head=head.value,
+            C=C,
+            val=val,
+            val_split=val_split,
+            seed=seed,
+            model=model,
+            weights=weights,
+            layers=layer,
+            pool=pool.value,
+            labels_csv=labels,
+            force=force,
+            run=_run_options(batch_size, device, workers, quiet, bars),
+        )
+    _report_skips(res.skipped, res.warnings, quiet)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "model_dir": res.out_dir,
+                    "classes": res.classes,
+                    "n_train": res.n_train,
+                    "n_val": res.n_val,
+                    "C": res.head.C_,
+                    "cv": [r.__dict__ for r in res.head.cv_results_],
+                    "validation": res.val_metrics,
+                    "skipped": len(res.skipped),
+                }
+            )
+        )
+        return
+    if res.head.cv_results_ and not quiet:
+        t = Table(title=f"C chosen by {res.head.folds}-fold cross-validation")
+        for col in ("C", "CV accuracy", "std", "seconds"):
+            t.add_column(col, justify="right")
+        for r in res.head.cv_results_:
+            mark = " *" if r.C == res.head.C_ else ""
+            t.add_row(f"{r.C:g}{mark}", f"{r.mean:.3f}", f"{r.std:.3f}", f"{r.fit_seconds:.1f}")
+        err.print(t)
+    layers = ",".join(res.cut.layers)
+    out.print(
+        f"fitted {res.head.kind} (C={res.head.C_:g}) on {res.n_train} images, {len(res.classes)} "
+        f"classes, {res.feature_dim} features from {res.cut.model} at {layers} "
+        f"({res.cut.pool}) in {res.seconds:.1f}s -> {res.out_dir}",
+        highlight=False,
+    )
+    if res.val_metrics:
+        out.print(_metrics_table(res.val_metrics, f"validation on {res.n_val} images"))
+        out.print(
+            f"validation accuracy {res.val_metrics['accuracy']:.3f}, balanced "
+            f"{res.val_metrics['balanced_accuracy']:.3f}",
+            highlight=False,
+        )
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+@app.command("predict")
+@handle_errors
+def predict_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory from tlearn fit.")],
+    paths: Annotated[list[Path], typer.Argument(help="Images and/or folders (or a features CSV).")],
+    fmt: Annotated[
+        Format | None,
+        typer.Option("--format", "-f", help="table on a terminal, csv when piped (default)."),
+    ] = None,
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", min=1, help="Show the K best classes.")
+    ] = 1,
+    all_scores: Annotated[
+        bool, typer.Option("--all-scores", help="Add every class's score.")
+    ] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file.")] = None,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Predict the class of each image: path, predicted class, score.
+
+    Example: tlearn predict roads-model photo1.jpg more_photos/ --format jsonl
+    """
+    from .pipeline import predict
+
+    with _Bars(quiet) as bars:
+        res = predict(model_dir, paths, run=_run_options(batch_size, device, workers, quiet, bars))
+    _report_skips(res.skipped, res.warnings, quiet)
+    if fmt is None:
+        fmt = Format.table if (output is None and out.is_terminal) else Format.csv
+    k = min(top_k, len(res.classes))
+    records = []
+    for p in res.predictions:
+        ranked = sorted(p.scores.items(), key=lambda kv: -kv[1])[:k]
+        rec = {"path": p.path, "prediction": p.label, "score": p.score}
+        if k > 1:
+            rec["top_k"] = [{"class": c, "score": s} for c, s in ranked]
+        if all_scores:
+            rec["scores"] = p.scores
+        records.append(rec)
+    text = _render_predictions(records, fmt, res.classes, k, all_scores, res.score_kind)
+    if output is not None:
+        from .fsutil import atomic_file
+
+        with atomic_file(output, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        if not quiet:
+            err.print(f"wrote {len(records)} predictions to {output}", highlight=False)
+    elif fmt == Format.table:
+        out.print(text)
+    else:
+        sys.stdout.write(text)
+
+
+def _render_predictions(records, fmt: Format, classes, k, all_scores, score_kind):
+    import io
+
+    if fmt == Format.json:
+        return json.dumps({"score": score_kind, "predictions": records}, ensure_ascii=False) + "\n"
+    if fmt == Format.jsonl:
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if fmt == Format.csv:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        header = ["path", "prediction", "score"]
+        for i in range(2, k + 1):
+            header += [f"top{i}", f"top{i}_score"]
+        if all_scores:
+            header += [f"score_{c}" for c in classes]
+        w.writerow(header)
+        for r in records:
+            row = [r["path"], r["prediction"], f"{r['score']:.6g}"]
+            for t in r.get("top_k", [])[1:]:
+                row += [t["class"], f"{t['score']:.6g}"]
+            if all_scores:
+                row += [f"{r['scores'][c]:.6g}" for c in classes]
+            w.writerow(row)
+        return buf.getvalue()
+    table = Table(title=f"predictions (score: {score_kind})")
+    table.add_column("path", overflow="fold")
+    table.add_column("prediction")
+    table.add_column("score", justify="right")
+    if k > 1:
+        table.add_column(f"top {k}")
+    for r in records:
+        row = [r["path"], r["prediction"], f"{r['score']:.3f}"]
+        if k > 1:
+            row.append(", ".join(f"{t['class']} {t['score']:.3f}" for t in r["top_k"]))
+        table.add_row(*row)
+    console = Console(file=io.StringIO(), width=out.width, force_terminal=out.is_terminal)
+    console.print(table)
+    return console.file.getvalue()
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@app.command("evaluate")
+@handle_errors
+def evaluate_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory from tlearn fit.")],
+    data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a features CSV.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write metrics.json + confusion.csv here.")
+    ] = None,
+    labels: LabelsOpt = None,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    quiet: QuietOpt = False,
+):
+    """Accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix.
+
+    Example: tlearn evaluate roads-model sample_data/roads/val --json
+    """
+    from .evaluate import write_reports
+    from .pipeline import evaluate
+
+    with _Bars(quiet) as bars:
+        res = evaluate(
+            model_dir,
+            data,
+            labels_csv=labels,
+            run=_run_options(batch_size, device, workers, quiet, bars),
+        )
+    _report_skips(res.skipped, res.warnings, quiet)
+    m = res.metrics
+    if output is not None:
+        written = write_reports(output, m)
+        if not quiet:
+            err.print(f"wrote {', '.join(map(str, written))}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps(m))
+        return
+    out.print(_metrics_table(m, f"{m['n_images']} images"))
+    out.print(_confusion_table(m))
+    out.print(
+        f"accuracy {_pct(m['accuracy'])}, balanced accuracy {_pct(m['balanced_accuracy'])}",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

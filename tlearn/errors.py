@@ -1,0 +1,47 @@
+"""Errors the library raises. Only cli.py turns them into exit codes and messages."""
+
+from __future__ import annotations
+
+
+class TlearnError(Exception):
+    """Base class: a problem the user can fix. The message is one line that says
+    what was wrong, what is allowed and how to fix it."""
+
+    exit_code = 1
+
+
+class UsageError(TlearnError):
+    """A bad option value or combination that the parser could not catch."""
+
+    exit_code = 2
+
+
+class DataError(TlearnError):
+    """Image folders, label files or feature files that cannot be used."""
+
+
+class ImageLoadError(DataError):
+    """One image could not be read. `reason` is short, for skipped.csv."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class StrictModeError(DataError):
+    """--strict and some images could not be read."""
+
+    exit_code = 3
+
+
+class ModelError(TlearnError):
+    """Unknown architecture, unknown layer, or weights that cannot be had."""
+
+
+class WeightsError(ModelError):
+    """Pretrained weights are unavailable or do not match the architecture."""
+
+
+class ArtifactError(TlearnError):
+    """A model directory that is missing, invalid, or would be overwritten."""

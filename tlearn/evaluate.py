@@ -1,0 +1,70 @@
+"""Metrics for a fitted model on labelled images: accuracy, balanced accuracy,
+per-class precision/recall/F1/support and the confusion matrix."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from .fsutil import atomic_file, write_json
+
+
+def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        precision_recall_fscore_support,
+    )
+
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    labels = list(range(len(classes)))
+    if len(y_true) == 0:
+        return {"accuracy": None, "balanced_accuracy": None, "n_images": 0, "per_class": {}}
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    present = np.unique(y_true)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        # Only classes that occur in y_true count, so a class missing from the
+        # evaluation folder does not drag the score down.
+        "balanced_accuracy": float(
+            balanced_accuracy_score(y_true, y_pred)
+            if len(present) > 1
+            else accuracy_score(y_true, y_pred)
+        ),
+        "n_images": int(len(y_true)),
+        "per_class": {
+            c: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(s[i]),
+            }
+            for i, c in enumerate(classes)
+        },
+        "confusion": {
+            "labels": list(classes),
+            "matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        },
+    }
+
+
+def write_reports(out_dir: str | Path, metrics: dict) -> list[Path]:
+    """metrics.json and confusion.csv (rows = true class, columns = predicted)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "metrics.json"]
+    write_json(written[0], metrics)
+    conf = metrics.get("confusion")
+    if conf:
+        path = out_dir / "confusion.csv"
+        with atomic_file(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["true\\predicted", *conf["labels"]])
+            for label, row in zip(conf["labels"], conf["matrix"], strict=True):
+                w.writerow([label, *row])
+        written.append(path)
+    return written

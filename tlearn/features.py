@@ -1,0 +1,270 @@
+"""Feature extraction: decode images in worker processes, run the cut network, pool,
+and stream (paths, vectors) batches to memory or to a CSV file.
+
+A skipped image is never replaced by another sample: each batch carries the indices
+of the images it actually holds, and unreadable ones are reported separately.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import __version__
+from .data import Skipped, load_image
+from .errors import DataError, ImageLoadError
+from .fsutil import atomic_file
+from .preprocess import eval_transform, resize_target
+
+Progress = Callable[[int, int], None]  # (images done, images total)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise DataError(f"unknown --device '{device}'; allowed: auto, cpu, cuda, cuda:N, mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise DataError("--device mps: MPS is not available here; use --device cpu")
+    return torch.device(device)
+
+
+def default_workers(n_images: int, batch_size: int) -> int:
+    """Decode in worker processes so decoding overlaps the forward pass; on small machines
+    one worker leaves the other cores to torch."""
+    if n_images <= batch_size:
+        return 0
+    cores = os.cpu_count() or 1
+    return max(1, min(4, cores // 2))
+
+
+class ImageDataset(Dataset):
+    """(index, tensor | None, reason | None) per image; never raises for a bad image."""
+
+    def __init__(self, paths: Sequence[str], transform, min_size: int | None = None):
+        self.paths = list(paths)
+        self.transform = transform
+        self.min_size = min_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = load_image(self.paths[i], min_size=self.min_size)
+            return i, self.transform(img), None
+        except ImageLoadError as e:
+            return i, None, e.reason
+        except Exception as e:  # a transform failing on a strange image: skip, say why
+            return i, None, f"cannot preprocess ({type(e).__name__}: {e})"
+
+
+def collate_skipping(batch):
+    ok = [(i, t) for i, t, _ in batch if t is not None]
+    bad = [(i, r) for i, _, r in batch if r is not None]
+    idx = [i for i, _ in ok]
+    x = torch.stack([t for _, t in ok]) if ok else None
+    return idx, x, bad
+
+
+@dataclass
+class FeatureBatch:
+    indices: list[int]  # positions in the input list
+    features: np.ndarray  # (len(indices), D) float32
+
+
+@dataclass
+class Features:
+    """Features of the images that could be read, in input order."""
+
+    indices: np.ndarray  # positions in the input list
+    X: np.ndarray  # (n, D) float32
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def iter_features(
+    net: torch.nn.Module,
+    paths: Sequence[str],
+    data_config: dict,
+    *,
+    batch_size: int = 32,
+    device: str = "auto",
+    workers: int | None = None,
+    skipped: list[Skipped] | None = None,
+    progress: Progress | None = None,
+) -> Iterator[FeatureBatch]:
+    """Yield feature batches in input order; unreadable images go to `skipped`."""
+    if batch_size < 1:
+        raise DataError(f"--batch-size {batch_size}: must be at least 1")
+    dev = resolve_device(device)
+    net = net.to(dev).eval()
+    ds = ImageDataset(paths, eval_transform(data_config), min_size=resize_target(data_config))
+    n_workers = default_workers(len(paths), batch_size) if workers is None else workers
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=n_workers,
+        collate_fn=collate_skipping,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+    )
+    done = 0
+    with torch.inference_mode():
+        for idx, x, bad in loader:
+            for i, reason in bad:
+                if skipped is not None:
+                    skipped.append(Skipped(str(paths[i]), reason))
+            if x is not None:
+                feats = net(x.to(dev, non_blocking=True)).float().cpu().numpy()
+                yield FeatureBatch(indices=idx, features=feats)
+            done += len(idx) + len(bad)
+            if progress is not None:
+                progress(done, len(paths))
+
+
+def extract_array(net, paths: Sequence[str], data_config: dict, **kwargs) -> Features:
+    skipped: list[Skipped] = []
+    idx: list[int] = []
+    parts: list[np.ndarray] = []
+    for b in iter_features(net, paths, data_config, skipped=skipped, **kwargs):
+        idx.extend(b.indices)
+        parts.append(b.features)
+    X = np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+    return Features(indices=np.asarray(idx, dtype=np.int64), X=X, skipped=skipped)
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def feature_columns(dim: int) -> list[str]:
+    return [f"f{i}" for i in range(dim)]
+
+
+def write_features_csv(
+    batches: Iterator[FeatureBatch],
+    paths: Sequence[str],
+    labels: Sequence[str | None] | None,
+    out: str | Path,
+    meta: dict,
+) -> int:
+    """Stream batches to CSV `out` (atomically) or to stdout when out is "-". Writes the
+    sidecar `<out>.json` with `meta`. Returns the number of rows."""
+    if str(out) == "-":
+        return _write_rows(sys.stdout, batches, paths, labels, meta)
+    out = Path(out)
+    with atomic_file(out, "w", newline="", encoding="utf-8") as f:
+        rows = _write_rows(f, batches, paths, labels, meta)
+    from .fsutil import write_json
+
+    write_json(sidecar_path(out), {**meta, "rows": rows})
+    return rows
+
+
+def _write_rows(f, batches, paths, labels, meta) -> int:
+    writer = csv.writer(f)
+    rows = 0
+    header_written = False
+    for b in batches:
+        if not header_written:
+            writer.writerow(["path", "label", *feature_columns(b.features.shape[1])])
+            header_written = True
+        # float32 -> shortest string that reads back to the same float32.
+        text = b.features.astype(str)
+        for i, row in zip(b.indices, text, strict=True):
+            label = labels[i] if labels is not None else None
+            writer.writerow([paths[i], "" if label is None else label, *row])
+        rows += len(b.indices)
+    if not header_written:
+        dim = int(meta.get("feature_dim", 0))
+        writer.writerow(["path", "label", *feature_columns(dim)])
+    return rows
+
+
+def sidecar_path(csv_path: str | Path) -> Path:
+    return Path(f"{csv_path}.json")
+
+
+def feature_meta(spec, data_config: dict, dim: int) -> dict:
+    import timm
+
+    return {
+        "format": "tlearn-features",
+        "format_version": 1,
+        "cut": spec.to_dict(),
+        "data_config": data_config,
+        "feature_dim": dim,
+        "versions": {"tlearn": __version__, "timm": timm.__version__, "torch": torch.__version__},
+    }
+
+
+@dataclass
+class FeatureTable:
+    paths: list[str]
+    labels: list[str | None]
+    X: np.ndarray
+    meta: dict
+
+
+def read_features_csv(path: str | Path) -> FeatureTable:
+    """Read a CSV written by `tlearn extract` (and its sidecar JSON)."""
+    import pandas as pd
+
+    path = Path(path)
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise DataError(
+            f"{path} has no sidecar {side.name}; features CSVs must come from `tlearn extract` "
+            "(the sidecar records the backbone, layer and preprocessing)"
+        )
+    try:
+        meta = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{side}: not valid JSON ({e})") from None
+    if meta.get("format") != "tlearn-features":
+        raise DataError(f"{side}: not a tlearn features sidecar (format={meta.get('format')!r})")
+    try:
+        df = pd.read_csv(path, dtype={"path": str, "label": str}, keep_default_na=False)
+    except Exception as e:
+        raise DataError(f"cannot read features CSV {path}: {e}") from None
+    cols = list(df.columns)
+    if cols[:2] != ["path", "label"] or any(not c.startswith("f") for c in cols[2:]):
+        raise DataError(f"{path}: header must be path,label,f0..fN (got {','.join(cols[:4])}...)")
+    if len(cols) - 2 != int(meta.get("feature_dim", len(cols) - 2)):
+        raise DataError(
+            f"{path}: {len(cols) - 2} feature columns but the sidecar says "
+            f"{meta.get('feature_dim')}"
+        )
+    try:
+        X = df.iloc[:, 2:].to_numpy(dtype=np.float32)
+    except ValueError as e:
+        raise DataError(f"{path}: non-numeric feature value ({e})") from None
+    labels = [lab if lab != "" else None for lab in df["label"].tolist()]
+    return FeatureTable(paths=df["path"].tolist(), labels=labels, X=X, meta=meta)
+
+
+def is_features_csv(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_file() and p.suffix.lower() == ".csv" and sidecar_path(p).is_file()
+
+
+def csv_to_string(rows: list[list]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    return buf.getvalue()

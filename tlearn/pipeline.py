@@ -1,0 +1,528 @@
+"""The jobs behind each command: image folder -> features -> head -> model directory,
+and model directory -> predictions / metrics. cli.py calls exactly one of these per
+command and renders what it returns; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import backbone as bb
+from .artifacts import SavedModel, build_config, load_model, save_model
+from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
+from .data import scan_inputs as scan_unlabeled
+from .errors import ArtifactError, DataError, UsageError, WeightsError
+from .evaluate import classification_metrics
+from .features import (
+    extract_array,
+    feature_meta,
+    is_features_csv,
+    iter_features,
+    read_features_csv,
+    write_features_csv,
+)
+from .heads import LinearHead, parse_C
+
+# progress(stage, done, total): the CLI draws bars from it; None = silent.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class RunOptions:
+    """How to run the backbone (not what it computes)."""
+
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int | None = None
+    progress: Progress | None = None
+
+    def bar(self, stage: str):
+        if self.progress is None:
+            return None
+        return lambda done, total: self.progress(stage, done, total)
+
+
+# ----------------------------------------------------------------------------- backbone
+
+
+def open_backbone(model: str, weights: str, seed: int = 0) -> bb.Backbone:
+    # Random init (--weights none) must be the same in fit and predict.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return bb.load_backbone(model, weights)
+
+
+def backbone_for_spec(spec: bb.CutSpec) -> bb.Backbone:
+    """Rebuild the exact backbone a model was fitted with, checking the weights hash."""
+    src = spec.weights_source
+    if src.startswith(("bundled:", "timm:")):
+        weights = "auto"
+    elif src == "none":
+        weights = "none"
+    else:
+        weights = src
+        if not Path(src).is_file():
+            raise WeightsError(
+                f"the model was fitted with weights file {src}, which is no longer there"
+            )
+    backbone = open_backbone(spec.model, weights)
+    if spec.weights_sha256 and backbone.weights.sha256 != spec.weights_sha256:
+        raise WeightsError(
+            f"weights for {spec.model} ({backbone.weights.source}) differ from those the model "
+            f"was fitted with (sha256 {backbone.weights.sha256[:12]}... != "
+            f"{spec.weights_sha256[:12]}...); refit the model"
+        )
+    return backbone
+
+
+# ----------------------------------------------------------------------------- extract
+
+
+@dataclass
+class ExtractResult:
+    rows: int
+    feature_dim: int
+    out: str
+    skipped: list[Skipped]
+    warnings: list[str]
+    seconds: float
+
+
+def load_images(data: Sequence[str | Path], labels_csv: str | Path | None = None) -> ImageSet:
+    """Labelled when possible: a labels CSV, or one folder of class sub-folders;
+    otherwise the named files/folders without labels."""
+    if labels_csv is not None:
+        return read_labels_csv(labels_csv)
+    if len(data) == 1 and Path(data[0]).is_dir() and _has_class_folders(Path(data[0])):
+        train, val = resolve_dataset(data[0])
+        if val is None:
+            return train
+        return _concat(train, val)
+    return scan_unlabeled(list(data))
+
+
+def _has_class_folders(root: Path) -> bool:
+    return any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+
+
+def _concat(a: ImageSet, b: ImageSet) -> ImageSet:
+    return ImageSet(
+        paths=a.paths + b.paths,
+        labels=(a.labels or []) + (b.labels or []),
+        classes=a.classes,
+        skipped=a.skipped + b.skipped,
+        warnings=a.warnings + b.warnings,
+    )
+
+
+def extract(
+    data: Sequence[str | Path],
+    out: str | Path,
+    *,
+    model: str = bb.DEFAULT_MODEL,
+    weights: str = "auto",
+    layers: str | Sequence[str] | None = None,
+    pool: str = "avg",
+    labels_csv: str | Path | None = None,
+    run: RunOptions | None = None,
+) -> ExtractResult:
+    run = run or RunOptions()
+    t0 = time.perf_counter()
+    images = load_images(data, labels_csv)
+    if len(images) == 0:
+        raise DataError(f"no images found in {', '.join(map(str, data))}")
+    backbone = open_backbone(model, weights)
+    net, spec = bb.feature_network(backbone, layers, pool)
+    dim = bb.feature_dim(net, backbone.data_config)
+    warnings = list(images.warnings)
+    if pool == "flatten" and dim > bb.FLATTEN_WARN_DIM:
+        warnings.append(
+            f"--pool flatten gives {dim} features per image; the CSV will be large "
+            "(avg or catavgmax pooling keep it small)"
+        )
+    skipped = list(images.skipped)
+    batches = iter_features(
+        net,
+        images.paths,
+        backbone.data_config,
+        batch_size=run.batch_size,
+        device=run.device,
+        workers=run.workers,
+        skipped=skipped,
+        progress=run.bar("extract"),
+    )
+    meta = feature_meta(spec, backbone.data_config, dim)
+    labels = images.label_names if images.labels is not None else None
+    rows = write_features_csv(batches, images.paths, labels, out, meta)
+    return ExtractResult(
+        rows=rows,
+        feature_dim=dim,
+        out=str(out),
+        skipped=skipped,
+        warnings=warnings,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+@dataclass
+class LabelledFeatures:
+    paths: list[str]
+    X: np.ndarray
+    y: np.ndarray
+    classes: list[str]
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FitResult:
+    out_dir: str
+    head: LinearHead
+    classes: list[str]
+    n_train: int
+    n_val: int
+    val_metrics: dict | None
+    cut: bb.CutSpec
+    feature_dim: int
+    skipped: list[Skipped]
+    warnings: list[str]
+    seconds: float
+
+
+class _FeatureSource:
+    """Features for images or for a features CSV, with the backbone opened at most once."""
+
+    def __init__(self, model, weights, layers, pool, run: RunOptions, seed: int):
+        self.model, self.weights, self.layers, self.pool = model, weights, layers, pool
+        self.run, self.seed = run, seed
+        self.net = None
+        self.spec: bb.CutSpec | None = None
+        self.data_config: dict | None = None
+
+    def _open(self):
+        if self.net is None:
+            backbone = open_backbone(self.model, self.weights, self.seed)
+            self.net, self.spec = bb.feature_network(backbone, self.layers, self.pool)
+            self.data_config = backbone.data_config
+
+    def from_images(self, images: ImageSet, classes: list[str], stage: str) -> LabelledFeatures:
+        self._open()
+        feats = extract_array(
+            self.net,
+            images.paths,
+            self.data_config,
+            batch_size=self.run.batch_size,
+            device=self.run.device,
+            workers=self.run.workers,
+            progress=self.run.bar(stage),
+        )
+        y_all = np.asarray(images.labels, dtype=np.int64)
+        # Re-map labels by name: `images` may list classes in another order.
+        remap = np.asarray([classes.index(c) for c in images.classes], dtype=np.int64)
+        return LabelledFeatures(
+            paths=[images.paths[i] for i in feats.indices],
+            X=feats.X,
+            y=remap[y_all[feats.indices]] if len(feats.indices) else np.zeros(0, np.int64),
+            classes=classes,
+            skipped=list(images.skipped) + feats.skipped,
+            warnings=list(images.warnings),
+        )
+
+    def from_csv(self, path) -> LabelledFeatures:
+        table = read_features_csv(path)
+        spec = bb.CutSpec.from_dict(table.meta["cut"])
+        if self.spec is not None and self.spec != spec:
+            raise DataError(f"{path} was extracted with another backbone/layer/pool than the rest")
+        self.spec, self.data_config = spec, table.meta["data_config"]
+        unlabeled = [i for i, lab in enumerate(table.labels) if lab is None]
+        if unlabeled:
+            raise DataError(
+                f"{path}: row {unlabeled[0] + 2} has no label; fit needs a label on every row"
+            )
+        classes = sorted(set(table.labels))
+        return LabelledFeatures(
+            paths=table.paths,
+            X=table.X,
+            y=np.asarray([classes.index(lab) for lab in table.labels], dtype=np.int64),
+            classes=classes,
+        )
+
+
+def _drop_empty_classes(train: LabelledFeatures) -> LabelledFeatures:
+    counts = np.bincount(train.y, minlength=len(train.classes))
+    keep = [i for i, n in enumerate(counts) if n > 0]
+    if len(keep) == len(train.classes):
+        return train
+    gone = [train.classes[i] for i, n in enumerate(counts) if n == 0]
+    new_index = {old: new for new, old in enumerate(keep)}
+    train.warnings.append(f"no usable images in class(es) {', '.join(gone)}: left out")
+    train.classes = [train.classes[i] for i in keep]
+    train.y = np.asarray([new_index[v] for v in train.y], dtype=np.int64)
+    return train
+
+
+def _split(train: LabelledFeatures, fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise UsageError(f"--val-split {fraction}: must be between 0 and 1, e.g. 0.2")
+    idx = np.arange(len(train.y))
+    counts = np.bincount(train.y)
+    stratify = train.y if counts[counts > 0].min() >= 2 else None
+    try:
+        tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError as e:
+        raise DataError(f"--val-split {fraction}: cannot split {len(idx)} images ({e})") from None
+    pick = lambda ix: LabelledFeatures(  # noqa: E731
+        paths=[train.paths[i] for i in ix], X=train.X[ix], y=train.y[ix], classes=train.classes
+    )
+    return pick(np.sort(tr)), pick(np.sort(va))
+
+
+def fit(
+    data: str | Path,
+    out_dir: str | Path,
+    *,
+    head: str = "svm",
+    C: str | float = "auto",
+    val: str | Path | None = None,
+    val_split: float | None = None,
+    seed: int = 0,
+    model: str = bb.DEFAULT_MODEL,
+    weights: str = "auto",
+    layers: str | Sequence[str] | None = None,
+    pool: str = "avg",
+    labels_csv: str | Path | None = None,
+    force: bool = False,
+    run: RunOptions | None = None,
+) -> FitResult:
+    t0 = time.perf_counter()
+    run = run or RunOptions()
+    C_value = parse_C(C)
+    estimator = LinearHead(kind=head, C=C_value, seed=seed)  # validates --head early
+    if val is not None and val_split is not None:
+        raise UsageError("use either --val DIR or --val-split, not both")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
+    source = _FeatureSource(model, weights, layers, pool, run, seed)
+
+    val_images: ImageSet | None = None
+    if is_features_csv(data):
+        train = source.from_csv(data)
+    else:
+        if labels_csv is not None:
+            train_images = read_labels_csv(labels_csv)
+        else:
+            if not Path(data).is_dir():
+                raise DataError(
+                    f"{data} is not a folder of class sub-folders or a features CSV from "
+                    "tlearn extract"
+                )
+            train_images, val_images = resolve_dataset(data)
+        if len(train_images) == 0:
+            raise DataError(f"no images found in {data}")
+        train = source.from_images(train_images, train_images.classes, "extract train")
+    train = _drop_empty_classes(train)
+    if len(train.classes) < 2:
+        raise DataError(
+            f"fit needs at least two classes with usable images; found "
+            f"{len(train.classes)} ({', '.join(train.classes) or 'none'})"
+        )
+
+    valid: LabelledFeatures | None = None
+    if val is not None:
+        valid = _val_features(source, val, train.classes)
+    elif val_split is not None:
+        train, valid = _split(train, val_split, seed)
+    elif val_images is not None:
+        valid = _val_from_images(source, val_images, train.classes)
+
+    estimator.fit(train.X, train.y, train.classes)
+    val_metrics = None
+    if valid is not None and len(valid.y):
+        val_metrics = classification_metrics(valid.y, estimator.predict(valid.X), train.classes)
+
+    spec, data_config = source.spec, source.data_config
+    config = build_config(
+        cut=spec,
+        data_config=data_config,
+        classes=train.classes,
+        head=estimator.hyperparameters(),
+        feature_dim=int(train.X.shape[1]),
+        train={"n_images": int(len(train.y)), "n_val": int(len(valid.y)) if valid else 0},
+    )
+    metrics = {"validation": val_metrics, "cv": config["head"]["cv"]}
+    save_model(out_dir, config, estimator.tensors(), metrics=metrics, force=force)
+    skipped = train.skipped + (valid.skipped if valid else [])
+    return FitResult(
+        out_dir=str(out_dir),
+        head=estimator,
+        classes=train.classes,
+        n_train=int(len(train.y)),
+        n_val=int(len(valid.y)) if valid else 0,
+        val_metrics=val_metrics,
+        cut=spec,
+        feature_dim=int(train.X.shape[1]),
+        skipped=skipped,
+        warnings=train.warnings + estimator.notes_ + (valid.warnings if valid else []),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _val_from_images(source, images: ImageSet, classes: list[str]) -> LabelledFeatures:
+    unknown = [c for c in images.classes if c not in classes]
+    if unknown:
+        raise DataError(
+            f"validation class(es) {', '.join(unknown)} are not among the training classes "
+            f"({', '.join(classes)})"
+        )
+    return source.from_images(images, classes, "extract val")
+
+
+def _val_features(source, val, classes: list[str]) -> LabelledFeatures:
+    if is_features_csv(val):
+        table = source.from_csv(val)
+        unknown = [c for c in table.classes if c not in classes]
+        if unknown:
+            raise DataError(f"{val}: class(es) {', '.join(unknown)} not in training classes")
+        table.y = np.asarray([classes.index(table.classes[v]) for v in table.y], np.int64)
+        table.classes = classes
+        return table
+    if not Path(val).is_dir():
+        raise DataError(f"--val {val}: not a folder of class sub-folders or a features CSV")
+    return _val_from_images(source, scan_class_folders(val), classes)
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+@dataclass
+class PredictResult:
+    predictions: list[Prediction]
+    classes: list[str]
+    score_kind: str  # "probability" or "svm margin"
+    skipped: list[Skipped]
+    warnings: list[str]
+
+
+def _saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage: str):
+    backbone = backbone_for_spec(saved.cut)
+    net = bb.FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval()
+    return extract_array(
+        net,
+        images.paths,
+        saved.data_config,  # preprocessing exactly as in fit
+        batch_size=run.batch_size,
+        device=run.device,
+        workers=run.workers,
+        progress=run.bar(stage),
+    )
+
+
+def _head(saved: SavedModel) -> LinearHead:
+    return LinearHead.from_saved(saved.config["head"], saved.tensors, saved.classes)
+
+
+def predict(
+    model_dir: str | Path, inputs: Sequence[str | Path], *, run: RunOptions | None = None
+) -> PredictResult:
+    run = run or RunOptions()
+    saved = load_model(model_dir)
+    head = _head(saved)
+    if len(inputs) == 1 and is_features_csv(inputs[0]):
+        table = read_features_csv(inputs[0])
+        if bb.CutSpec.from_dict(table.meta["cut"]) != saved.cut:
+            raise DataError(f"{inputs[0]} was extracted with another cut than the model's")
+        paths, X, skipped, warnings = table.paths, table.X, [], []
+    else:
+        images = scan_unlabeled(list(inputs))
+        if len(images) == 0 and not images.skipped:
+            raise DataError(f"no images found in {', '.join(map(str, inputs))}")
+        feats = _saved_features(saved, images, run, "predict")
+        paths = [images.paths[i] for i in feats.indices]
+        X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
+    scores = head.scores(X) if len(paths) else np.zeros((0, len(saved.classes)))
+    preds = [
+        Prediction(
+            path=p,
+            label=saved.classes[int(s.argmax())],
+            score=float(s.max()),
+            scores={c: float(v) for c, v in zip(saved.classes, s, strict=True)},
+        )
+        for p, s in zip(paths, scores, strict=True)
+    ]
+    return PredictResult(
+        predictions=preds,
+        classes=saved.classes,
+        score_kind="probability" if head.kind == "logreg" else "svm margin",
+        skipped=skipped,
+        warnings=list(warnings),
+    )
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+
+@dataclass
+class EvaluateResult:
+    metrics: dict
+    skipped: list[Skipped]
+    warnings: list[str]
+
+
+def evaluate(
+    model_dir: str | Path,
+    data: str | Path,
+    *,
+    labels_csv: str | Path | None = None,
+    run: RunOptions | None = None,
+) -> EvaluateResult:
+    run = run or RunOptions()
+    saved = load_model(model_dir)
+    head = _head(saved)
+    classes = saved.classes
+    if is_features_csv(data):
+        table = read_features_csv(data)
+        missing = [i for i, lab in enumerate(table.labels) if lab is None]
+        if missing:
+            raise DataError(f"{data}: row {missing[0] + 2} has no label; evaluate needs labels")
+        unknown = sorted({lab for lab in table.labels if lab not in classes})
+        if unknown:
+            raise DataError(f"{data}: class(es) {', '.join(unknown)} are not in the model")
+        y = np.asarray([classes.index(lab) for lab in table.labels], dtype=np.int64)
+        X, skipped, warnings = table.X, [], []
+    else:
+        if labels_csv is not None:
+            images = read_labels_csv(labels_csv, classes=classes)
+        else:
+            if not Path(data).is_dir():
+                raise DataError(f"{data}: not a folder of class sub-folders or a features CSV")
+            images = scan_class_folders(data, classes=classes)
+        if len(images) == 0:
+            raise DataError(f"no images found in {data}")
+        feats = _saved_features(saved, images, run, "evaluate")
+        remap = np.asarray([classes.index(c) for c in images.classes], dtype=np.int64)
+        y = remap[np.asarray(images.labels, dtype=np.int64)[feats.indices]]
+        X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
+    metrics = classification_metrics(y, head.predict(X), classes)
+    metrics["model"] = str(model_dir)
+    metrics["skipped"] = len(skipped)
+    return EvaluateResult(metrics=metrics, skipped=skipped, warnings=list(warnings))
