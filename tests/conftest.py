@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny generated image folders and a CLI runner.
+
+Tests never touch the network: they use timm's tiny `test_*` models with random
+weights (`--weights none`), and images generated here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+# Keep torch from oversubscribing the 2 CI cores when tests run decoding workers.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+TINY = ["--model", "test_efficientnet", "--weights", "none"]
+CLASS_COLORS = {
+    "asphalt": (60, 60, 65),
+    "gravel": (170, 160, 140),
+    "grass": (40, 150, 40),
+    "sky": (90, 140, 230),
+}
+
+
+def draw(path: Path, color, seed: int, size=(48, 36), fmt: str | None = None) -> Path:
+    """A class-coloured image with per-image noise and a gradient, so classes are
+    separable but no two images are identical."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = np.asarray(color, dtype=np.float32)
+    grad = np.linspace(-30, 30, w, dtype=np.float32)[None, :, None]
+    noise = rng.normal(0, 18, (h, w, 3)).astype(np.float32)
+    pixels = np.clip(base + grad * rng.uniform(-1, 1) + noise, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format=fmt)
+    return path
+
+
+def make_dataset(root: Path, classes=("asphalt", "gravel", "grass"), n: int = 6, seed: int = 0):
+    """root/<class>/<i>.{jpg,png}: n images per class, half JPEG, half PNG."""
+    paths = []
+    for k, name in enumerate(classes):
+        for i in range(n):
+            ext = "jpg" if i % 2 == 0 else "png"
+            p = root / name / f"{name}_{i:02d}.{ext}"
+            paths.append(draw(p, CLASS_COLORS[name], seed=seed * 1000 + k * 100 + i))
+    return paths
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """Three classes x 6 images in class sub-folders."""
+    root = tmp_path / "data"
+    make_dataset(root)
+    return root
+
+
+@pytest.fixture
+def split_folder(tmp_path) -> Path:
+    """DATA/train and DATA/val, three classes."""
+    root = tmp_path / "split"
+    make_dataset(root / "train", n=6, seed=1)
+    make_dataset(root / "val", n=3, seed=2)
+    return root
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture
+def fitted_model(tmp_path, image_folder, runner) -> Path:
+    """A linear SVM model directory fitted on `image_folder` with the tiny test model."""
+    from tlearn.cli import app
+
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["fit", str(image_folder), "-o", str(out), "-q", *TINY])
+    assert result.exit_code == 0, result.output
+    return out
