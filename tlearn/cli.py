@@ -33,7 +33,7 @@ app = typer.Typer(
 )
 # Wide when piped, so tables in logs are not folded into 80 columns.
 out = Console() if sys.stdout.isatty() else Console(width=200)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable logs
 DEBUG = {"on": False}
 
 
