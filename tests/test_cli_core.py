@@ -201,7 +201,7 @@ def test_models_marks_bundled_weights(runner):
 
 def test_fit_writes_model_directory(runner, fitted_model):
     files = sorted(p.name for p in fitted_model.iterdir())
-    assert files == ["config.json", "head.safetensors", "metrics.json"]
+    assert files == ["config.json", "head.safetensors", "metrics.json", "skipped.csv"]
     cfg = json.loads((fitted_model / "config.json").read_text())
     assert cfg["classes"] == ["asphalt", "grass", "gravel"]
     assert cfg["head"]["type"] == "svm"

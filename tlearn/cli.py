@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -64,11 +65,23 @@ def handle_errors(fn):
         except TlearnError as e:
             if DEBUG["on"]:
                 raise
-            err.print(f"[red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:  # a bug or an environment problem: still one line
+            if DEBUG["on"]:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            err.print(
+                f"[red]error:[/] unexpected {type(e).__name__}: {escape(first)} "
+                "(rerun with tlearn --debug ... for the traceback)",
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -128,6 +141,10 @@ WorkersOpt = Annotated[
     int | None, typer.Option("--workers", min=0, help="Decoding processes (default: auto).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Fail (exit 3) if any image cannot be read; nothing is written."),
+]
 LabelsOpt = Annotated[
     Path | None, typer.Option("--labels", help="CSV with header path,label instead of folders.")
 ]
@@ -184,11 +201,13 @@ class _Bars:
 
 def _report_skips(skipped, warnings, quiet: bool) -> None:
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     if skipped:
         if not quiet:
             for s in skipped[:20]:
-                err.print(f"[yellow]skipped[/] {s.path}: {s.reason}", highlight=False)
+                err.print(
+                    f"[yellow]skipped[/] {escape(s.path)}: {escape(s.reason)}", highlight=False
+                )
             if len(skipped) > 20:
                 err.print(f"... and {len(skipped) - 20} more", highlight=False)
         err.print(f"[yellow]{len(skipped)} image(s) skipped[/]", highlight=False)
@@ -319,6 +338,13 @@ def extract_cmd(
     layer: LayerOpt = None,
     pool: PoolOpt = Pool.avg,
     labels: LabelsOpt = None,
+    strict: StrictOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue an interrupted run: keep rows already in OUTPUT.partial."
+        ),
+    ] = False,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -340,6 +366,8 @@ def extract_cmd(
             layers=layer,
             pool=pool.value,
             labels_csv=labels,
+            strict=strict,
+            resume=resume,
             run=_run_options(batch_size, device, workers, quiet, bars),
         )
     _report_skips(res.skipped, res.warnings, quiet)
@@ -360,7 +388,7 @@ def _metrics_table(metrics: dict, title: str) -> Table:
         table.add_column(col, justify="left" if col == "class" else "right")
     for cls, m in metrics["per_class"].items():
         table.add_row(
-            cls, _pct(m["precision"]), _pct(m["recall"]), _pct(m["f1"]), str(m["support"])
+            escape(cls), _pct(m["precision"]), _pct(m["recall"]), _pct(m["f1"]), str(m["support"])
         )
     return table
 
@@ -370,9 +398,9 @@ def _confusion_table(metrics: dict) -> Table:
     table = Table(title="confusion (rows: true, columns: predicted)")
     table.add_column("true \\ pred")
     for lab in labels:
-        table.add_column(lab, justify="right")
+        table.add_column(escape(lab), justify="right")
     for lab, row in zip(labels, metrics["confusion"]["matrix"], strict=True):
-        table.add_row(lab, *[str(v) for v in row])
+        table.add_row(escape(lab), *[str(v) for v in row])
     return table
 
 
@@ -405,6 +433,7 @@ def fit_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing model directory.")
     ] = False,
+    strict: StrictOpt = False,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -432,6 +461,7 @@ def fit_cmd(
             pool=pool.value,
             labels_csv=labels,
             force=force,
+            strict=strict,
             run=_run_options(batch_size, device, workers, quiet, bars),
         )
     _report_skips(res.skipped, res.warnings, quiet)
@@ -494,6 +524,7 @@ def predict_cmd(
         bool, typer.Option("--all-scores", help="Add every class's score.")
     ] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file.")] = None,
+    strict: StrictOpt = False,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -506,7 +537,12 @@ def predict_cmd(
     from .pipeline import predict
 
     with _Bars(quiet) as bars:
-        res = predict(model_dir, paths, run=_run_options(batch_size, device, workers, quiet, bars))
+        res = predict(
+            model_dir,
+            paths,
+            strict=strict,
+            run=_run_options(batch_size, device, workers, quiet, bars),
+        )
     _report_skips(res.skipped, res.warnings, quiet)
     if fmt is None:
         fmt = Format.table if (output is None and out.is_terminal) else Format.csv
@@ -522,14 +558,14 @@ def predict_cmd(
         records.append(rec)
     text = _render_predictions(records, fmt, res.classes, k, all_scores, res.score_kind)
     if output is not None:
+        from .features import write_skipped_csv
         from .fsutil import atomic_file
 
         with atomic_file(output, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+        write_skipped_csv(output.parent / "skipped.csv", res.skipped)
         if not quiet:
             err.print(f"wrote {len(records)} predictions to {output}", highlight=False)
-    elif fmt == Format.table:
-        out.print(text)
     else:
         sys.stdout.write(text)
 
@@ -565,9 +601,9 @@ def _render_predictions(records, fmt: Format, classes, k, all_scores, score_kind
     if k > 1:
         table.add_column(f"top {k}")
     for r in records:
-        row = [r["path"], r["prediction"], f"{r['score']:.3f}"]
+        row = [escape(r["path"]), escape(r["prediction"]), f"{r['score']:.3f}"]
         if k > 1:
-            row.append(", ".join(f"{t['class']} {t['score']:.3f}" for t in r["top_k"]))
+            row.append(escape(", ".join(f"{t['class']} {t['score']:.3f}" for t in r["top_k"])))
         table.add_row(*row)
     console = Console(file=io.StringIO(), width=out.width, force_terminal=out.is_terminal)
     console.print(table)
@@ -587,6 +623,7 @@ def evaluate_cmd(
         Path | None, typer.Option("--output", "-o", help="Write metrics.json + confusion.csv here.")
     ] = None,
     labels: LabelsOpt = None,
+    strict: StrictOpt = False,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -604,12 +641,13 @@ def evaluate_cmd(
             model_dir,
             data,
             labels_csv=labels,
+            strict=strict,
             run=_run_options(batch_size, device, workers, quiet, bars),
         )
     _report_skips(res.skipped, res.warnings, quiet)
     m = res.metrics
     if output is not None:
-        written = write_reports(output, m)
+        written = write_reports(output, m, res.skipped)
         if not quiet:
             err.print(f"wrote {', '.join(map(str, written))}", highlight=False)
     if as_json:

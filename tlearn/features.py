@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .data import Skipped, load_image
 from .errors import DataError, ImageLoadError
-from .fsutil import atomic_file
+from .fsutil import atomic_file, write_json
 from .preprocess import eval_transform, resize_target
 
 Progress = Callable[[int, int], None]  # (images done, images total)
@@ -163,37 +163,115 @@ def write_features_csv(
     labels: Sequence[str | None] | None,
     out: str | Path,
     meta: dict,
+    *,
+    resume: bool = False,
+    before_commit: Callable[[], None] | None = None,
 ) -> int:
-    """Stream batches to CSV `out` (atomically) or to stdout when out is "-". Writes the
-    sidecar `<out>.json` with `meta`. Returns the number of rows."""
+    """Stream batches to CSV `out`, or to stdout when out is "-". Returns rows written.
+
+    A file is written as `<out>.partial` (flushed batch by batch) and renamed into place
+    only when complete, so a killed run never leaves a half-written `out`; with `resume`
+    the rows already in the partial file are kept and `batches` must hold the rest.
+    `before_commit` runs just before the rename and may raise to abandon the output.
+    Writes the sidecar `<out>.json` with `meta`.
+    """
     if str(out) == "-":
-        return _write_rows(sys.stdout, batches, paths, labels, meta)
+        writer = csv.writer(sys.stdout)
+        return _write_rows(writer, batches, paths, labels, meta, header=True)
     out = Path(out)
-    with atomic_file(out, "w", newline="", encoding="utf-8") as f:
-        rows = _write_rows(f, batches, paths, labels, meta)
-    from .fsutil import write_json
+    partial = partial_path(out)
+    kept = len(partial_rows(out, meta)) if resume else 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(Path(f"{partial}.json"), meta)
+    try:
+        with open(partial, "a" if kept else "w", newline="", encoding="utf-8") as f:
+            rows = _write_rows(csv.writer(f), batches, paths, labels, meta, header=not kept, f=f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_commit is not None:
+            before_commit()
+    except BaseException as e:
+        # Interrupted: keep the partial file for --resume. Abandoned on purpose: remove it.
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            discard_partial(out)
+        raise
+    os.replace(partial, out)
+    write_json(sidecar_path(out), {**meta, "rows": kept + rows})
+    Path(f"{partial}.json").unlink(missing_ok=True)
+    return kept + rows
 
-    write_json(sidecar_path(out), {**meta, "rows": rows})
-    return rows
+
+def partial_path(out: str | Path) -> Path:
+    return Path(f"{out}.partial")
 
 
-def _write_rows(f, batches, paths, labels, meta) -> int:
-    writer = csv.writer(f)
+def discard_partial(out: str | Path) -> None:
+    partial = partial_path(out)
+    partial.unlink(missing_ok=True)
+    Path(f"{partial}.json").unlink(missing_ok=True)
+
+
+def partial_rows(out: str | Path, meta: dict) -> list[str]:
+    """Paths already written to `<out>.partial` by an interrupted run, after cutting off a
+    last row that was only half written. Checks the partial run used the same cut."""
+    partial = partial_path(out)
+    if not partial.is_file():
+        return []
+    side = Path(f"{partial}.json")
+    try:
+        old = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if (
+        old is None
+        or old.get("cut") != meta.get("cut")
+        or old.get("data_config") != meta.get("data_config")
+    ):
+        raise DataError(
+            f"{partial} was written with another model, layer, pool or preprocessing; "
+            "run without --resume to start over"
+        )
+    ncols = 2 + int(meta["feature_dim"])
+    data = partial.read_bytes()
+    good_end, done = 0, []
+    reader_input = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
+    # Walk complete lines; csv handles quoted paths. Stop at the first damaged row.
+    offset = 0
+    for line in reader_input:
+        offset += len(line.encode("utf-8"))
+        if not line.endswith("\n"):
+            break
+        row = next(csv.reader([line]), [])
+        if not row:
+            break
+        if row[0] == "path" and good_end == 0:
+            if len(row) != ncols:
+                break
+            good_end = offset
+            continue
+        if len(row) != ncols:
+            break
+        done.append(row[0])
+        good_end = offset
+    with open(partial, "r+b") as f:
+        f.truncate(good_end)
+    return done
+
+
+def _write_rows(writer, batches, paths, labels, meta, header: bool, f=None) -> int:
     rows = 0
-    header_written = False
+    dim = int(meta.get("feature_dim", 0))
+    if header:
+        writer.writerow(["path", "label", *feature_columns(dim)])
     for b in batches:
-        if not header_written:
-            writer.writerow(["path", "label", *feature_columns(b.features.shape[1])])
-            header_written = True
         # float32 -> shortest string that reads back to the same float32.
         text = b.features.astype(str)
         for i, row in zip(b.indices, text, strict=True):
             label = labels[i] if labels is not None else None
             writer.writerow([paths[i], "" if label is None else label, *row])
         rows += len(b.indices)
-    if not header_written:
-        dim = int(meta.get("feature_dim", 0))
-        writer.writerow(["path", "label", *feature_columns(dim)])
+        if f is not None:
+            f.flush()  # a killed run keeps every finished batch for --resume
     return rows
 
 
@@ -264,7 +342,12 @@ def is_features_csv(path: str | Path) -> bool:
     return p.is_file() and p.suffix.lower() == ".csv" and sidecar_path(p).is_file()
 
 
-def csv_to_string(rows: list[list]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    return buf.getvalue()
+def write_skipped_csv(path: str | Path, skipped: Sequence[Skipped]) -> Path:
+    """skipped.csv: one row per image that could not be used, with the reason."""
+    path = Path(path)
+    with atomic_file(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        for s in skipped:
+            w.writerow([s.path, s.reason])
+    return path

@@ -17,15 +17,18 @@ from . import backbone as bb
 from .artifacts import SavedModel, build_config, load_model, save_model
 from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
 from .data import scan_inputs as scan_unlabeled
-from .errors import ArtifactError, DataError, UsageError, WeightsError
+from .errors import ArtifactError, DataError, StrictModeError, UsageError, WeightsError
 from .evaluate import classification_metrics
 from .features import (
+    FeatureBatch,
     extract_array,
     feature_meta,
     is_features_csv,
     iter_features,
+    partial_rows,
     read_features_csv,
     write_features_csv,
+    write_skipped_csv,
 )
 from .heads import LinearHead, parse_C
 
@@ -130,13 +133,21 @@ def extract(
     layers: str | Sequence[str] | None = None,
     pool: str = "avg",
     labels_csv: str | Path | None = None,
+    strict: bool = False,
+    resume: bool = False,
     run: RunOptions | None = None,
 ) -> ExtractResult:
+    """Features of every readable image to CSV. Unreadable images are listed in
+    skipped.csv beside the output; with `strict` any of them fails the run and nothing
+    is written. With `resume`, rows of an interrupted run's partial file are kept."""
     run = run or RunOptions()
     t0 = time.perf_counter()
     images = load_images(data, labels_csv)
     if len(images) == 0:
         raise DataError(f"no images found in {', '.join(map(str, data))}")
+    to_stdout = str(out) == "-"
+    if resume and to_stdout:
+        raise UsageError("--resume needs an output file, not -o -")
     backbone = open_backbone(model, weights)
     net, spec = bb.feature_network(backbone, layers, pool)
     dim = bb.feature_dim(net, backbone.data_config)
@@ -146,10 +157,13 @@ def extract(
             f"--pool flatten gives {dim} features per image; the CSV will be large "
             "(avg or catavgmax pooling keep it small)"
         )
+    meta = feature_meta(spec, backbone.data_config, dim)
+    done = set(partial_rows(out, meta)) if resume and not to_stdout else set()
+    todo = [i for i, p in enumerate(images.paths) if p not in done]
     skipped = list(images.skipped)
     batches = iter_features(
         net,
-        images.paths,
+        [images.paths[i] for i in todo],
         backbone.data_config,
         batch_size=run.batch_size,
         device=run.device,
@@ -157,9 +171,21 @@ def extract(
         skipped=skipped,
         progress=run.bar("extract"),
     )
-    meta = feature_meta(spec, backbone.data_config, dim)
+    # iter_features numbers images within `todo`; map back to positions in `images`.
+    batches = (FeatureBatch([todo[i] for i in b.indices], b.features) for b in batches)
+
+    def check_strict():
+        if strict and skipped:
+            raise strict_failure(skipped)
+
     labels = images.label_names if images.labels is not None else None
-    rows = write_features_csv(batches, images.paths, labels, out, meta)
+    rows = write_features_csv(
+        batches, images.paths, labels, out, meta, resume=bool(done), before_commit=check_strict
+    )
+    if to_stdout:
+        check_strict()
+    else:
+        write_skipped_csv(Path(out).parent / SKIPPED_CSV, skipped)
     return ExtractResult(
         rows=rows,
         feature_dim=dim,
@@ -167,6 +193,28 @@ def extract(
         skipped=skipped,
         warnings=warnings,
         seconds=time.perf_counter() - t0,
+    )
+
+
+SKIPPED_CSV = "skipped.csv"
+
+
+def skipped_csv_bytes(skipped: Sequence[Skipped]) -> bytes:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "reason"])
+    w.writerows([s.path, s.reason] for s in skipped)
+    return buf.getvalue().encode("utf-8")
+
+
+def strict_failure(skipped: Sequence[Skipped]) -> StrictModeError:
+    listed = "; ".join(f"{s.path} ({s.reason})" for s in skipped[:10])
+    more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    return StrictModeError(
+        f"--strict: {len(skipped)} unreadable image(s), nothing written: {listed}{more}"
     )
 
 
@@ -282,10 +330,18 @@ def _split(train: LabelledFeatures, fraction: float, seed: int):
         tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
     except ValueError as e:
         raise DataError(f"--val-split {fraction}: cannot split {len(idx)} images ({e})") from None
-    pick = lambda ix: LabelledFeatures(  # noqa: E731
-        paths=[train.paths[i] for i in ix], X=train.X[ix], y=train.y[ix], classes=train.classes
-    )
-    return pick(np.sort(tr)), pick(np.sort(va))
+
+    def pick(ix, skipped, warnings):
+        return LabelledFeatures(
+            paths=[train.paths[i] for i in ix],
+            X=train.X[ix],
+            y=train.y[ix],
+            classes=train.classes,
+            skipped=skipped,
+            warnings=warnings,
+        )
+
+    return pick(np.sort(tr), train.skipped, train.warnings), pick(np.sort(va), [], [])
 
 
 def fit(
@@ -303,6 +359,7 @@ def fit(
     pool: str = "avg",
     labels_csv: str | Path | None = None,
     force: bool = False,
+    strict: bool = False,
     run: RunOptions | None = None,
 ) -> FitResult:
     t0 = time.perf_counter()
@@ -347,6 +404,9 @@ def fit(
     elif val_images is not None:
         valid = _val_from_images(source, val_images, train.classes)
 
+    skipped = train.skipped + (valid.skipped if valid else [])
+    if strict and skipped:
+        raise strict_failure(skipped)
     estimator.fit(train.X, train.y, train.classes)
     val_metrics = None
     if valid is not None and len(valid.y):
@@ -362,8 +422,14 @@ def fit(
         train={"n_images": int(len(train.y)), "n_val": int(len(valid.y)) if valid else 0},
     )
     metrics = {"validation": val_metrics, "cv": config["head"]["cv"]}
-    save_model(out_dir, config, estimator.tensors(), metrics=metrics, force=force)
-    skipped = train.skipped + (valid.skipped if valid else [])
+    save_model(
+        out_dir,
+        config,
+        estimator.tensors(),
+        metrics=metrics,
+        force=force,
+        extra_files={SKIPPED_CSV: skipped_csv_bytes(skipped)},
+    )
     return FitResult(
         out_dir=str(out_dir),
         head=estimator,
@@ -442,7 +508,11 @@ def _head(saved: SavedModel) -> LinearHead:
 
 
 def predict(
-    model_dir: str | Path, inputs: Sequence[str | Path], *, run: RunOptions | None = None
+    model_dir: str | Path,
+    inputs: Sequence[str | Path],
+    *,
+    strict: bool = False,
+    run: RunOptions | None = None,
 ) -> PredictResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
@@ -459,6 +529,8 @@ def predict(
         feats = _saved_features(saved, images, run, "predict")
         paths = [images.paths[i] for i in feats.indices]
         X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
+    if strict and skipped:
+        raise strict_failure(skipped)
     scores = head.scores(X) if len(paths) else np.zeros((0, len(saved.classes)))
     preds = [
         Prediction(
@@ -493,6 +565,7 @@ def evaluate(
     data: str | Path,
     *,
     labels_csv: str | Path | None = None,
+    strict: bool = False,
     run: RunOptions | None = None,
 ) -> EvaluateResult:
     run = run or RunOptions()
@@ -522,6 +595,8 @@ def evaluate(
         remap = np.asarray([classes.index(c) for c in images.classes], dtype=np.int64)
         y = remap[np.asarray(images.labels, dtype=np.int64)[feats.indices]]
         X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
+    if strict and skipped:
+        raise strict_failure(skipped)
     metrics = classification_metrics(y, head.predict(X), classes)
     metrics["model"] = str(model_dir)
     metrics["skipped"] = len(skipped)
