@@ -196,6 +196,7 @@ class FitResult:
     skipped: list[Skipped]
     warnings: list[str]
     seconds: float
+    sweep: object | None = None  # sweep.SweepResult when fitted with --layer auto
 
 
 class _FeatureSource:
@@ -314,7 +315,13 @@ def fit(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
-    source = _FeatureSource(model, weights, layers, pool, run, seed)
+    from .sweep import AutoLayerSource, is_auto
+
+    auto = is_auto(layers)
+    if auto:  # one pass extracts every candidate layer; `choose` keeps the best (CV on train)
+        source = AutoLayerSource(model, weights, pool, run, seed, head=head, C=C_value)
+    else:
+        source = _FeatureSource(model, weights, layers, pool, run, seed)
 
     val_images: ImageSet | None = None
     if is_features_csv(data):
@@ -347,6 +354,9 @@ def fit(
     elif val_images is not None:
         valid = _val_from_images(source, val_images, train.classes)
 
+    sweep_result = None
+    if auto:
+        train, valid, sweep_result = source.choose(train, valid)
     estimator.fit(train.X, train.y, train.classes)
     val_metrics = None
     if valid is not None and len(valid.y):
@@ -360,9 +370,13 @@ def fit(
         head=estimator.hyperparameters(),
         feature_dim=int(train.X.shape[1]),
         train={"n_images": int(len(train.y)), "n_val": int(len(valid.y)) if valid else 0},
+        **({"layer_auto": sweep_result.summary()} if sweep_result else {}),
     )
     metrics = {"validation": val_metrics, "cv": config["head"]["cv"]}
-    save_model(out_dir, config, estimator.tensors(), metrics=metrics, force=force)
+    extra = {"sweep.json": sweep_result.json_bytes()} if sweep_result else None
+    save_model(
+        out_dir, config, estimator.tensors(), metrics=metrics, force=force, extra_files=extra
+    )
     skipped = train.skipped + (valid.skipped if valid else [])
     return FitResult(
         out_dir=str(out_dir),
@@ -376,6 +390,7 @@ def fit(
         skipped=skipped,
         warnings=train.warnings + estimator.notes_ + (valid.warnings if valid else []),
         seconds=time.perf_counter() - t0,
+        sweep=sweep_result,
     )
 
 
