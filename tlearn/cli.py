@@ -758,6 +758,70 @@ def sweep_cmd(
         )
 
 
+# ----------------------------------------------------------------------------- heatmap
+
+
+@app.command("heatmap")
+@handle_errors
+def heatmap_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory from tlearn fit.")],
+    paths: Annotated[list[Path], typer.Argument(help="Images and/or folders.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNGs.")],
+    class_name: Annotated[
+        str | None,
+        typer.Option("--class", help="Show this class's map (default: the predicted class)."),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option("--alpha", min=0.0, max=1.0, help="Opacity of the overlay.")
+    ] = 0.5,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    quiet: QuietOpt = False,
+):
+    """Class heatmaps: the linear head applied as a 1x1 convolution over the feature map at
+    the cut, so each map's mean is exactly the model's score. One overlay PNG per image
+    (red: evidence for the class, blue: against). Needs a linear head (svm, logreg) at a
+    single layer with avg pooling.
+
+    Example: tlearn heatmap roads-model photo1.jpg photos/ -o heatmaps --class gravel
+    """
+    from .heatmap import heatmaps, write_heatmaps
+
+    with _Bars(quiet) as bars:
+        res = heatmaps(
+            model_dir,
+            paths,
+            class_name=class_name,
+            run=_run_options(batch_size, device, workers, quiet, bars),
+        )
+        write_heatmaps(res, output, alpha=alpha)
+    _report_skips(res.skipped, res.warnings, quiet)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "layer": res.layer,
+                    "map_size": list(res.map_size),
+                    "score": res.score_kind,
+                    "maps": res.decision_kind,
+                    "heatmaps": [it.to_dict(res.classes) for it in res.items],
+                }
+            )
+        )
+        return
+    h, w = res.map_size
+    table = Table(title=f"heatmaps at {res.layer} ({h}x{w} map; score: {res.score_kind})")
+    for col in ("path", "prediction", "score", "map of", "png"):
+        table.add_column(col, overflow="fold", justify="right" if col == "score" else "left")
+    for it in res.items:
+        table.add_row(it.path, it.predicted, f"{it.score:.3f}", it.shown, str(it.png))
+    out.print(table)
+    if not quiet:
+        err.print(f"wrote {len(res.items)} PNG(s) to {output}", highlight=False)
+
+
 def main() -> None:
     app()
 
