@@ -240,6 +240,10 @@ def layers_cmd(
         typer.Option("--input-size", min=8, help="Input side in pixels (default: the model's)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Also draw output shapes and parameters per block to a PNG."),
+    ] = None,
 ):
     """Every place the network can be cut: output shape C x H x W, reduction, cumulative
     parameters and GFLOPs per image. Stages from timm's feature_info are marked.
@@ -255,6 +259,12 @@ def layers_cmd(
     net = _create(model, pretrained=False)
     size = input_size or data_config_for(net)["input_size"][1]
     layers = list_layers(net, size)
+    if plot is not None:
+        from .plots import plot_layers
+        from .sweep import overview_layers
+
+        plot_layers(overview_layers(net, layers), plot, f"{model} at {size}x{size}")
+        err.print(f"wrote {plot}", highlight=False)
     if as_json:
         typer.echo(
             json.dumps(
@@ -591,7 +601,12 @@ def evaluate_cmd(
     data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a features CSV.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write metrics.json + confusion.csv here.")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write metrics.json, confusion.csv, confusion.png and worst.png here.",
+        ),
     ] = None,
     labels: LabelsOpt = None,
     batch_size: BatchOpt = 32,
@@ -617,6 +632,9 @@ def evaluate_cmd(
     m = res.metrics
     if output is not None:
         written = write_reports(output, m)
+        from .plots import write_evaluation_plots
+
+        written += write_evaluation_plots(output, res)
         if not quiet:
             err.print(f"wrote {', '.join(map(str, written))}", highlight=False)
     if as_json:

@@ -501,6 +501,12 @@ class EvaluateResult:
     metrics: dict
     skipped: list[Skipped]
     warnings: list[str]
+    # Per image, for plots (worst mistakes): paths, true and predicted class ids, scores.
+    paths: list[str] = field(default_factory=list)
+    y_true: np.ndarray | None = None
+    y_pred: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    score_kind: str = "svm margin"
 
 
 def evaluate(
@@ -524,6 +530,7 @@ def evaluate(
             raise DataError(f"{data}: class(es) {', '.join(unknown)} are not in the model")
         y = np.asarray([classes.index(lab) for lab in table.labels], dtype=np.int64)
         X, skipped, warnings = table.X, [], []
+        paths = list(table.paths)
     else:
         if labels_csv is not None:
             images = read_labels_csv(labels_csv, classes=classes)
@@ -537,7 +544,18 @@ def evaluate(
         remap = np.asarray([classes.index(c) for c in images.classes], dtype=np.int64)
         y = remap[np.asarray(images.labels, dtype=np.int64)[feats.indices]]
         X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
-    metrics = classification_metrics(y, head.predict(X), classes)
+        paths = [images.paths[i] for i in feats.indices]
+    y_pred = head.predict(X)
+    metrics = classification_metrics(y, y_pred, classes)
     metrics["model"] = str(model_dir)
     metrics["skipped"] = len(skipped)
-    return EvaluateResult(metrics=metrics, skipped=skipped, warnings=list(warnings))
+    return EvaluateResult(
+        metrics=metrics,
+        skipped=skipped,
+        warnings=list(warnings),
+        paths=paths,
+        y_true=y,
+        y_pred=y_pred,
+        scores=head.scores(X) if len(y) else np.zeros((0, len(classes))),
+        score_kind="probability" if head.kind == "logreg" else "svm margin",
+    )

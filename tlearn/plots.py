@@ -109,7 +109,6 @@ def plot_sweep(sweep: dict, out_png: str | Path) -> Path:
 def plot_layers(layers: Sequence, out_png: str | Path, title: str = "") -> Path:
     """Output shape (channels and spatial size) and parameters per layer, with cumulative
     GFLOPs. `layers` are backbone.LayerInfo (or objects with the same attributes)."""
-    names = [li.name for li in layers]
     x = np.arange(len(layers))
     channels = [li.shape[0] if li.shape else 0 for li in layers]
     spatial = [li.shape[-1] if len(li.shape) == 3 else np.nan for li in layers]
@@ -122,32 +121,25 @@ def plot_layers(layers: Sequence, out_png: str | Path, title: str = "") -> Path:
     top, bottom = fig.subplots(2, 1, sharex=True)
     colors = ["tab:blue" if s else "tab:gray" for s in stage]
     top.bar(x, channels, color=colors)
-    for i, li in enumerate(layers):
-        top.annotate(
-            " x ".join(map(str, li.shape)),
-            (i, channels[i]),
-            ha="center",
-            va="bottom",
-            fontsize=7,
-            rotation=90,
-            xytext=(0, 2),
-            textcoords="offset points",
-        )
     top.set_ylabel("output channels (bars)")
-    top.set_ylim(0, max(channels + [1]) * 1.45)
+    top.set_ylim(0, max(channels + [1]) * 1.1)
     side = top.twinx()
     side.plot(x, spatial, marker="o", color="tab:red")
     side.set_ylabel("output height = width", color="tab:red")
     side.set_yscale("log", base=2)
-    top.set_title(title or "output shape per layer (stages in blue)", fontsize=10)
+    top.set_title(
+        (title + ": " if title else "") + "output shape per layer (blue: timm feature stage)",
+        fontsize=10,
+    )
 
     bottom.bar(x, own_params, color=colors)
-    bottom.set_ylabel("parameters in this layer")
+    bottom.set_ylabel("parameters added since the previous bar")
     bottom.yaxis.set_major_formatter(_count_formatter())
     flops = bottom.twinx()
     flops.plot(x, gflops, marker=".", color="tab:green")
     flops.set_ylabel("cumulative GFLOPs", color="tab:green")
-    bottom.set_xticks(x, names, rotation=60, ha="right", fontsize=8)
+    ticks = [f"{li.name}\n{'x'.join(map(str, li.shape))}" for li in layers]
+    bottom.set_xticks(x, ticks, rotation=60, ha="right", fontsize=8)
     return _save(fig, out_png)
 
 

@@ -101,6 +101,14 @@ def candidate_layers(
     return out
 
 
+def overview_layers(model, infos: list[bb.LayerInfo]) -> list[bb.LayerInfo]:
+    """The stem, every block at the stages' level, and the last layer: one row per block
+    for a picture of the network (sub-blocks would crowd it)."""
+    keep = {c.name for c in candidate_layers(model, "all", infos)}
+    last = len(infos) - 1
+    return [li for i, li in enumerate(infos) if li.name in keep or i in (0, last)]
+
+
 # ----------------------------------------------------------------------------- extraction
 
 
