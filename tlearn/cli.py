@@ -105,7 +105,8 @@ LayerOpt = Annotated[
         "--layer",
         "-l",
         help="Where to cut: a name from `tlearn layers MODEL` (e.g. blocks.4), a feature stage "
-        "index like -1, or several joined by commas. Default: the final pooled features.",
+        "index like -1, or several joined by commas. Default: the final pooled features. "
+        "fit also takes auto: sweep the layers on the training data (CV) and pick the best.",
     ),
 ]
 
@@ -258,6 +259,10 @@ def layers_cmd(
         typer.Option("--input-size", min=8, help="Input side in pixels (default: the model's)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Also draw output shapes and parameters per block to a PNG."),
+    ] = None,
 ):
     """Every place the network can be cut: output shape C x H x W, reduction, cumulative
     parameters and GFLOPs per image. Stages from timm's feature_info are marked.
@@ -273,6 +278,12 @@ def layers_cmd(
     net = _create(model, pretrained=False)
     size = input_size or data_config_for(net)["input_size"][1]
     layers = list_layers(net, size)
+    if plot is not None:
+        from .plots import plot_layers
+        from .sweep import overview_layers
+
+        plot_layers(overview_layers(net, layers), plot, f"{model} at {size}x{size}")
+        err.print(f"wrote {plot}", highlight=False)
     if as_json:
         typer.echo(
             json.dumps(
@@ -477,10 +488,16 @@ def fit_cmd(
                     "cv": [r.__dict__ for r in res.head.cv_results_],
                     "validation": res.val_metrics,
                     "skipped": len(res.skipped),
+                    "layers": list(res.cut.layers),
+                    "layer_auto": res.sweep.summary() if res.sweep else None,
                 }
             )
         )
         return
+    if res.sweep is not None and not quiet:
+        wide = err if err.is_terminal else Console(stderr=True, width=200)  # logs: no folding
+        wide.print(_sweep_table(res.sweep, "--layer auto: CV accuracy per cut on training data"))
+        err.print(f"{res.sweep.method}; table saved as sweep.json", highlight=False)
     if res.head.cv_results_ and not quiet:
         t = Table(title=f"C chosen by {res.head.folds}-fold cross-validation")
         for col in ("C", "CV accuracy", "std", "seconds"):
@@ -620,7 +637,12 @@ def evaluate_cmd(
     data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a features CSV.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write metrics.json + confusion.csv here.")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write metrics.json, confusion.csv, confusion.png and worst.png here.",
+        ),
     ] = None,
     labels: LabelsOpt = None,
     strict: StrictOpt = False,
@@ -648,6 +670,9 @@ def evaluate_cmd(
     m = res.metrics
     if output is not None:
         written = write_reports(output, m, res.skipped)
+        from .plots import write_evaluation_plots
+
+        written += write_evaluation_plots(output, res)
         if not quiet:
             err.print(f"wrote {', '.join(map(str, written))}", highlight=False)
     if as_json:
@@ -659,6 +684,198 @@ def evaluate_cmd(
         f"accuracy {_pct(m['accuracy'])}, balanced accuracy {_pct(m['balanced_accuracy'])}",
         highlight=False,
     )
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def _sweep_table(res, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("layer", "dim", "output C x H x W", "GFLOPs", "CV accuracy", "C", "fit s"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for r in res.rows:
+        mark = " *" if r.layers == res.best.layers else ""
+        table.add_row(
+            f"{r.name}{mark}",
+            str(r.feature_dim),
+            " x ".join(map(str, r.shape)) if r.shape else "",
+            f"{r.gflops:.3f}",
+            f"{r.cv_mean:.3f} +- {r.cv_std:.3f}",
+            f"{r.C:g}",
+            f"{r.fit_seconds:.2f}",
+        )
+    for r in res.pairs:
+        table.add_row(
+            f"{r.name}{' (best pair)' if r is res.best_pair else ''}",
+            str(r.feature_dim),
+            "pair",
+            f"{r.gflops:.3f}",
+            f"{r.cv_mean:.3f} +- {r.cv_std:.3f}",
+            f"{r.C:g}",
+            f"{r.fit_seconds:.2f}",
+        )
+    return table
+
+
+def _sweep_summary(res) -> list[str]:
+    b = res.best
+    lines = [
+        f"recommended cut: --layer {b.name} (CV accuracy {b.cv_mean:.3f} +- {b.cv_std:.3f}, "
+        f"{b.feature_dim} features, {b.gflops:.3f} GFLOPs)"
+    ]
+    p = res.best_pair
+    if p is not None:
+        gain = p.cv_mean - b.cv_mean
+        lines.append(
+            f"best pair: --layer {p.name} (CV accuracy {p.cv_mean:.3f} +- {p.cv_std:.3f}, "
+            f"{gain:+.3f} vs the recommended single layer, {p.feature_dim} features)"
+        )
+    return lines
+
+
+@app.command("sweep")
+@handle_errors
+def sweep_cmd(
+    data: Annotated[
+        Path,
+        typer.Argument(help="Folder of class sub-folders (only its train/ part if it has one)."),
+    ],
+    model: ModelOpt = "tf_efficientnet_lite0",
+    weights: WeightsOpt = "auto",
+    layers: Annotated[
+        str,
+        typer.Option(
+            "--layers",
+            "--layer",
+            "-l",
+            help="stages (timm's feature stages + final), all (also every block in between), "
+            "or NAME,NAME,... from `tlearn layers MODEL`.",
+        ),
+    ] = "stages",
+    pool: PoolOpt = Pool.avg,
+    head: Annotated[Head, typer.Option("--head", help="Linear head to score each cut.")] = Head.svm,
+    C: Annotated[
+        str, typer.Option("--C", help="auto (searched per cut by CV) or a number like 0.01.")
+    ] = "auto",
+    folds: Annotated[int, typer.Option("--folds", min=2, help="Cross-validation folds.")] = 5,
+    pairs: Annotated[
+        bool, typer.Option("--pairs/--no-pairs", help="Also score pairs of the best layers.")
+    ] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for folds and solvers.")] = 0,
+    labels: LabelsOpt = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write sweep.json + sweep.png here.")
+    ] = None,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sweep as JSON.")] = False,
+    quiet: QuietOpt = False,
+):
+    """Where to cut: one forward pass per image collects pooled features at every candidate
+    layer, then a cross-validated linear head scores each layer (and pairs of the best).
+    Uses the training images only; recommends the most accurate cut (ties: the cheaper).
+
+    Example: tlearn sweep sample_data/roads/train --layers all -o sweep-roads
+    """
+    from .sweep import sweep, write_sweep
+
+    with _Bars(quiet) as bars:
+        res = sweep(
+            data,
+            model=model,
+            weights=weights,
+            layers=layers,
+            pool=pool.value,
+            head=head.value,
+            C=C,
+            folds=folds,
+            seed=seed,
+            pairs=pairs,
+            labels_csv=labels,
+            run=_run_options(batch_size, device, workers, quiet, bars),
+        )
+    _report_skips(res.skipped, res.warnings, quiet)
+    if output is not None:
+        written = write_sweep(res, output)
+        if not quiet:
+            err.print(f"wrote {', '.join(map(str, written))}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps(res.to_dict()))
+        return
+    title = f"{res.model}: CV accuracy per cut on {res.n_images} images (* = recommended)"
+    out.print(_sweep_table(res, title))
+    for line in _sweep_summary(res):
+        out.print(line, highlight=False)
+    if not quiet:
+        err.print(
+            f"{res.method}; features in {res.extract_seconds:.1f}s, total {res.seconds:.1f}s",
+            highlight=False,
+        )
+
+
+# ----------------------------------------------------------------------------- heatmap
+
+
+@app.command("heatmap")
+@handle_errors
+def heatmap_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory from tlearn fit.")],
+    paths: Annotated[list[Path], typer.Argument(help="Images and/or folders.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNGs.")],
+    class_name: Annotated[
+        str | None,
+        typer.Option("--class", help="Show this class's map (default: the predicted class)."),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option("--alpha", min=0.0, max=1.0, help="Opacity of the overlay.")
+    ] = 0.5,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    quiet: QuietOpt = False,
+):
+    """Class heatmaps: the linear head applied as a 1x1 convolution over the feature map at
+    the cut, so each map's mean is exactly the model's score. One overlay PNG per image
+    (red: evidence for the class, blue: against). Needs a linear head (svm, logreg) at a
+    single layer with avg pooling.
+
+    Example: tlearn heatmap roads-model photo1.jpg photos/ -o heatmaps --class gravel
+    """
+    from .heatmap import heatmaps, write_heatmaps
+
+    with _Bars(quiet) as bars:
+        res = heatmaps(
+            model_dir,
+            paths,
+            class_name=class_name,
+            run=_run_options(batch_size, device, workers, quiet, bars),
+        )
+        write_heatmaps(res, output, alpha=alpha)
+    _report_skips(res.skipped, res.warnings, quiet)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "layer": res.layer,
+                    "map_size": list(res.map_size),
+                    "score": res.score_kind,
+                    "maps": res.decision_kind,
+                    "heatmaps": [it.to_dict(res.classes) for it in res.items],
+                }
+            )
+        )
+        return
+    h, w = res.map_size
+    table = Table(title=f"heatmaps at {res.layer} ({h}x{w} map; score: {res.score_kind})")
+    for col in ("path", "prediction", "score", "map of", "png"):
+        table.add_column(col, overflow="fold", justify="right" if col == "score" else "left")
+    for it in res.items:
+        table.add_row(it.path, it.predicted, f"{it.score:.3f}", it.shown, str(it.png))
+    out.print(table)
+    if not quiet:
+        err.print(f"wrote {len(res.items)} PNG(s) to {output}", highlight=False)
 
 
 def main() -> None:

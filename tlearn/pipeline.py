@@ -244,6 +244,7 @@ class FitResult:
     skipped: list[Skipped]
     warnings: list[str]
     seconds: float
+    sweep: object | None = None  # sweep.SweepResult when fitted with --layer auto
 
 
 class _FeatureSource:
@@ -371,7 +372,13 @@ def fit(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
-    source = _FeatureSource(model, weights, layers, pool, run, seed)
+    from .sweep import AutoLayerSource, is_auto
+
+    auto = is_auto(layers)
+    if auto:  # one pass extracts every candidate layer; `choose` keeps the best (CV on train)
+        source = AutoLayerSource(model, weights, pool, run, seed, head=head, C=C_value)
+    else:
+        source = _FeatureSource(model, weights, layers, pool, run, seed)
 
     val_images: ImageSet | None = None
     if is_features_csv(data):
@@ -407,6 +414,9 @@ def fit(
     skipped = train.skipped + (valid.skipped if valid else [])
     if strict and skipped:
         raise strict_failure(skipped)
+    sweep_result = None
+    if auto:
+        train, valid, sweep_result = source.choose(train, valid)
     estimator.fit(train.X, train.y, train.classes)
     val_metrics = None
     if valid is not None and len(valid.y):
@@ -420,15 +430,14 @@ def fit(
         head=estimator.hyperparameters(),
         feature_dim=int(train.X.shape[1]),
         train={"n_images": int(len(train.y)), "n_val": int(len(valid.y)) if valid else 0},
+        **({"layer_auto": sweep_result.summary()} if sweep_result else {}),
     )
     metrics = {"validation": val_metrics, "cv": config["head"]["cv"]}
+    extra = {SKIPPED_CSV: skipped_csv_bytes(skipped)}
+    if sweep_result:
+        extra["sweep.json"] = sweep_result.json_bytes()
     save_model(
-        out_dir,
-        config,
-        estimator.tensors(),
-        metrics=metrics,
-        force=force,
-        extra_files={SKIPPED_CSV: skipped_csv_bytes(skipped)},
+        out_dir, config, estimator.tensors(), metrics=metrics, force=force, extra_files=extra
     )
     return FitResult(
         out_dir=str(out_dir),
@@ -442,6 +451,7 @@ def fit(
         skipped=skipped,
         warnings=train.warnings + estimator.notes_ + (valid.warnings if valid else []),
         seconds=time.perf_counter() - t0,
+        sweep=sweep_result,
     )
 
 
@@ -558,6 +568,12 @@ class EvaluateResult:
     metrics: dict
     skipped: list[Skipped]
     warnings: list[str]
+    # Per image, for plots (worst mistakes): paths, true and predicted class ids, scores.
+    paths: list[str] = field(default_factory=list)
+    y_true: np.ndarray | None = None
+    y_pred: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    score_kind: str = "svm margin"
 
 
 def evaluate(
@@ -582,6 +598,7 @@ def evaluate(
             raise DataError(f"{data}: class(es) {', '.join(unknown)} are not in the model")
         y = np.asarray([classes.index(lab) for lab in table.labels], dtype=np.int64)
         X, skipped, warnings = table.X, [], []
+        paths = list(table.paths)
     else:
         if labels_csv is not None:
             images = read_labels_csv(labels_csv, classes=classes)
@@ -595,9 +612,20 @@ def evaluate(
         remap = np.asarray([classes.index(c) for c in images.classes], dtype=np.int64)
         y = remap[np.asarray(images.labels, dtype=np.int64)[feats.indices]]
         X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
+        paths = [images.paths[i] for i in feats.indices]
     if strict and skipped:
         raise strict_failure(skipped)
-    metrics = classification_metrics(y, head.predict(X), classes)
+    y_pred = head.predict(X)
+    metrics = classification_metrics(y, y_pred, classes)
     metrics["model"] = str(model_dir)
     metrics["skipped"] = len(skipped)
-    return EvaluateResult(metrics=metrics, skipped=skipped, warnings=list(warnings))
+    return EvaluateResult(
+        metrics=metrics,
+        skipped=skipped,
+        warnings=list(warnings),
+        paths=paths,
+        y_true=y,
+        y_pred=y_pred,
+        scores=head.scores(X) if len(y) else np.zeros((0, len(classes))),
+        score_kind="probability" if head.kind == "logreg" else "svm margin",
+    )
