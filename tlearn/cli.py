@@ -725,7 +725,7 @@ def merge_cmd(
         if res.skipped:
             err.print(f"[yellow]{len(res.skipped)} image(s) skipped[/]", highlight=False)
         err.print(
-            f"merged {res.parts} parts: {res.rows} {res.kind} rows to {res.out}", highlight=False
+            f"merged {res.parts} {res.kind} parts into {res.out}: {res.rows} rows", highlight=False
         )
 
 

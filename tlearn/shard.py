@@ -547,16 +547,18 @@ def threads_per_rank(env: DistEnv, environ: dict | None = None) -> int:
 
 
 class ProcessGroup:
-    """torch.distributed for one tlearn command: pins the rank to its GPU (LOCAL_RANK) when
+    """torch.distributed for tlearn commands: pins the rank to its GPU (LOCAL_RANK) when
     CUDA is there, sets its thread count, initialises the process group (gloo for CPU
     tensors, nccl for CUDA tensors) unless the caller already did, and exchanges small
-    JSON messages between ranks (no pickle)."""
+    JSON messages between ranks (no pickle).
+
+    The group lives until the process exits: under torchrun a second init_process_group
+    after destroy_process_group hangs, and a script may run several commands."""
 
     TIMEOUT_S = 24 * 3600  # ranks wait for the slowest shard; torchrun reaps crashed ranks
 
     def __init__(self, env: DistEnv):
         self.env = env
-        self.owned = False
         self.device: str | None = None
 
     def __enter__(self) -> ProcessGroup:
@@ -573,17 +575,16 @@ class ProcessGroup:
             self.device = f"cuda:{self.env.local_rank % n}"
             backend = "cpu:gloo,cuda:nccl"
         if not dist.is_initialized():
+            import atexit
+
             dist.init_process_group(
                 backend=backend, timeout=datetime.timedelta(seconds=self.TIMEOUT_S)
             )
-            self.owned = True
+            atexit.register(_destroy_process_group)
         return self
 
     def __exit__(self, *exc) -> None:
-        import torch.distributed as dist
-
-        if self.owned and dist.is_initialized():
-            dist.destroy_process_group()
+        pass
 
     def run_options(self, run):
         """`run` with the device pinned to this rank's GPU when it would pick CUDA."""
@@ -612,6 +613,13 @@ class ProcessGroup:
             json.loads(bytes(b[: int(s.item())].tolist()).decode("utf-8"))
             for b, s in zip(bufs, sizes, strict=True)
         ]
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _status(error: BaseException | None) -> dict:
