@@ -485,6 +485,15 @@ def test_dist_env_refuses_nonsense(environ):
         sh.dist_env(environ)
 
 
+@pytest.mark.parametrize("command", ["fit", "evaluate", "merge", "layers"])
+def test_commands_that_do_not_shard_refuse_torchrun(runner, tmp_path, command):
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    r = runner.invoke(app, [command, str(tmp_path), "-o", str(tmp_path / "x")], env=env)
+    assert r.exit_code == 2, r.output
+    assert f"tlearn {command} does not run under torchrun" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_threads_per_rank():
     env = sh.DistEnv(0, 4, 0, 2)
     assert sh.threads_per_rank(env, {"TLEARN_NUM_THREADS": "3"}) == 3

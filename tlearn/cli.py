@@ -46,6 +46,7 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Show version and exit."),
@@ -53,10 +54,11 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ):
     DEBUG["on"] = debug
-    from .shard import is_secondary_rank
+    from .shard import check_torchrun_command, is_secondary_rank
 
     if is_secondary_rank():  # under torchrun only rank 0 prints
         out.quiet = err.quiet = True
+    handle_errors(check_torchrun_command)(ctx.invoked_subcommand)
 
 
 def handle_errors(fn):

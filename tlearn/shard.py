@@ -524,6 +524,19 @@ def is_secondary_rank() -> bool:
     return env is not None and env.rank != 0
 
 
+TORCHRUN_COMMANDS = ("extract", "predict")
+
+
+def check_torchrun_command(command: str | None) -> None:
+    """Under torchrun, refuse commands that would only run N times side by side."""
+    env = dist_env()
+    if env is not None and command not in TORCHRUN_COMMANDS:
+        raise UsageError(
+            f"tlearn {command} does not run under torchrun (WORLD_SIZE={env.world_size}); "
+            f"only {' and '.join(TORCHRUN_COMMANDS)} do: run it as one process"
+        )
+
+
 def threads_per_rank(env: DistEnv, environ: dict | None = None) -> int:
     """torch threads for one rank: TLEARN_NUM_THREADS if set, else the CPU cores this
     process may use divided by the ranks on this machine (at least 1)."""
