@@ -159,8 +159,9 @@ ShardOpt = Annotated[
     typer.Option(
         "--shard",
         metavar="I/N",
-        help="Do only shard I of N (0-based) and write OUTPUT.part-0000I-of-0000N; join the "
-        "parts with `tlearn merge`. Under torchrun the ranks shard and merge by themselves.",
+        help="Do only shard I of N (0-based) and write OUTPUT.part-I-of-N (5 digits each); "
+        "join the parts with `tlearn merge`. Under torchrun the ranks shard and merge by "
+        "themselves.",
     ),
 ]
 
