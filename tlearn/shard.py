@@ -609,22 +609,37 @@ class ProcessGroup:
 
     def all_gather_json(self, obj) -> list:
         """Every rank's `obj`, in rank order, on every rank."""
+        return self._gather_json(obj, everyone=True)
+
+    def gather_json(self, obj) -> list | None:
+        """Every rank's `obj`, in rank order, on rank 0; None on the other ranks."""
+        return self._gather_json(obj, everyone=False)
+
+    def _gather_json(self, obj, everyone: bool) -> list | None:
         import torch
         import torch.distributed as dist
 
+        world = self.env.world_size
         data = json.dumps(obj).encode("utf-8")
-        size = torch.tensor([len(data)], dtype=torch.int64)
-        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.env.world_size)]
-        dist.all_gather(sizes, size)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64))
         longest = max(int(s.item()) for s in sizes)
         buf = torch.zeros(longest, dtype=torch.uint8)
         if data:
             buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        bufs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.env.world_size)]
-        dist.all_gather(bufs, buf)
+        if everyone or self.env.rank == 0:
+            bufs = [torch.zeros(longest, dtype=torch.uint8) for _ in range(world)]
+        else:
+            bufs = None
+        if everyone:
+            dist.all_gather(bufs, buf)
+        else:
+            dist.gather(buf, bufs, dst=0)
+        if bufs is None:
+            return None
         return [
-            json.loads(bytes(b[: int(s.item())].tolist()).decode("utf-8"))
-            for b, s in zip(bufs, sizes, strict=True)
+            json.loads(b[: int(n.item())].numpy().tobytes().decode("utf-8"))
+            for b, n in zip(bufs, sizes, strict=True)
         ]
 
 
@@ -753,13 +768,13 @@ def predict(model_dir, inputs, *, shard: Shard | None = None, **kwargs):
             own = e
         statuses = group.all_gather_json(_status(own))
         _raise_first_failure(statuses, env.rank, own)
-        # Predictions are small next to features: gather them instead of writing parts,
-        # so predict needs no shared filesystem. Rank 0 renders them like a single run.
+        # Predictions are small next to features: gather them on rank 0 instead of writing
+        # parts, so predict needs no shared filesystem. Rank 0 renders them like a single run.
         payload = {
             "predictions": [[p.path, p.label, p.score, p.scores] for p in res.predictions],
             "skipped": res.part["skipped"],
         }
-        gathered = group.all_gather_json(payload)
+        gathered = group.gather_json(payload)
     if env.rank != 0:
         return None
     from .data import Skipped
