@@ -46,6 +46,7 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Show version and exit."),
@@ -53,6 +54,11 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ):
     DEBUG["on"] = debug
+    from .shard import check_torchrun_command, is_secondary_rank
+
+    if is_secondary_rank():  # under torchrun only rank 0 prints
+        out.quiet = err.quiet = True
+    handle_errors(check_torchrun_command)(ctx.invoked_subcommand)
 
 
 def handle_errors(fn):
@@ -149,6 +155,16 @@ StrictOpt = Annotated[
 LabelsOpt = Annotated[
     Path | None, typer.Option("--labels", help="CSV with header path,label instead of folders.")
 ]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        metavar="I/N",
+        help="Do only shard I of N (0-based) and write OUTPUT.part-I-of-N (5 digits each); "
+        "join the parts with `tlearn merge`. Under torchrun the ranks shard and merge by "
+        "themselves.",
+    ),
+]
 
 
 def _run_options(batch_size, device, workers, quiet, progress=None):
@@ -161,7 +177,7 @@ class _Bars:
     """rich progress bars on stderr, only when it is a terminal and not --quiet."""
 
     def __init__(self, quiet: bool):
-        self.enabled = not quiet and err.is_terminal
+        self.enabled = not quiet and err.is_terminal and not err.quiet
         self.progress = None
         self.tasks: dict[str, int] = {}
 
@@ -360,13 +376,14 @@ def extract_cmd(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
     quiet: QuietOpt = False,
+    shard: ShardOpt = None,
 ):
     """Extract pooled features at the cut and write CSV columns path,label,f0..fN, plus a
     sidecar OUTPUT.json recording the backbone, layer, pool and preprocessing.
 
     Example: tlearn extract sample_data/roads/train -o features.csv --layer blocks.5
     """
-    from .pipeline import extract
+    from .shard import Shard, extract
 
     with _Bars(quiet) as bars:
         res = extract(
@@ -380,10 +397,13 @@ def extract_cmd(
             strict=strict,
             resume=resume,
             run=_run_options(batch_size, device, workers, quiet, bars),
+            shard=None if shard is None else Shard.parse(shard),
         )
+    if res is None:  # a torchrun rank other than 0: rank 0 merged and reports
+        return
     _report_skips(res.skipped, res.warnings, quiet)
     if not quiet:
-        dest = "stdout" if output == "-" else output
+        dest = "stdout" if output == "-" else res.out
         err.print(
             f"wrote {res.rows} rows x {res.feature_dim} features to {dest} in {res.seconds:.1f}s",
             highlight=False,
@@ -546,20 +566,28 @@ def predict_cmd(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
     quiet: QuietOpt = False,
+    shard: ShardOpt = None,
 ):
     """Predict the class of each image: path, predicted class, score.
 
     Example: tlearn predict roads-model photo1.jpg more_photos/ --format jsonl
     """
-    from .pipeline import predict
+    from .errors import UsageError
+    from .shard import Shard, predict
 
+    part = None if shard is None else Shard.parse(shard)
+    if part is not None and (output is None or fmt == Format.table):
+        raise UsageError("--shard writes a part file: add -o FILE, with --format csv/json/jsonl")
     with _Bars(quiet) as bars:
         res = predict(
             model_dir,
             paths,
             strict=strict,
             run=_run_options(batch_size, device, workers, quiet, bars),
+            shard=part,
         )
+    if res is None:  # a torchrun rank other than 0: rank 0 writes the predictions
+        return
     _report_skips(res.skipped, res.warnings, quiet)
     if fmt is None:
         fmt = Format.table if (output is None and out.is_terminal) else Format.csv
@@ -574,7 +602,21 @@ def predict_cmd(
             rec["scores"] = p.scores
         records.append(rec)
     text = _render_predictions(records, fmt, res.classes, k, all_scores, res.score_kind)
-    if output is not None:
+    if output is not None and res.part is not None:
+        from .shard import write_predictions_part
+
+        written = write_predictions_part(
+            output,
+            text,
+            res.part,
+            rows=len(records),
+            output_format=fmt.value,
+            model_dir=model_dir,
+            options={"top_k": k, "all_scores": all_scores},
+        )
+        if not quiet:
+            err.print(f"wrote {len(records)} predictions to {written}", highlight=False)
+    elif output is not None:
         from .features import write_skipped_csv
         from .fsutil import atomic_file
 
@@ -876,6 +918,35 @@ def heatmap_cmd(
     out.print(table)
     if not quiet:
         err.print(f"wrote {len(res.items)} PNG(s) to {output}", highlight=False)
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+@app.command("merge")
+@handle_errors
+def merge_cmd(
+    parts: Annotated[
+        list[Path], typer.Argument(help="Every part OUT.part-I-of-N of one run (any order).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The merged file to write.")],
+    quiet: QuietOpt = False,
+):
+    """Join the parts written by extract/predict --shard I/N into the output a single
+    process would have written (and skipped.csv beside it). Refuses a missing, duplicated
+    or foreign part.
+
+    Example: tlearn merge features.csv.part-* -o features.csv
+    """
+    from .shard import merge_parts
+
+    res = merge_parts(parts, output)
+    if not quiet:
+        if res.skipped:
+            err.print(f"[yellow]{len(res.skipped)} image(s) skipped[/]", highlight=False)
+        err.print(
+            f"merged {res.parts} {res.kind} parts into {res.out}: {res.rows} rows", highlight=False
+        )
 
 
 def main() -> None:

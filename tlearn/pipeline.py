@@ -31,6 +31,7 @@ from .features import (
     write_skipped_csv,
 )
 from .heads import LinearHead, parse_C
+from .shard import Shard, finish_features_part, plan_part, score_by_batch
 
 # progress(stage, done, total): the CLI draws bars from it; None = silent.
 Progress = Callable[[str, int, int], None]
@@ -136,10 +137,13 @@ def extract(
     strict: bool = False,
     resume: bool = False,
     run: RunOptions | None = None,
+    shard: Shard | None = None,
 ) -> ExtractResult:
     """Features of every readable image to CSV. Unreadable images are listed in
     skipped.csv beside the output; with `strict` any of them fails the run and nothing
-    is written. With `resume`, rows of an interrupted run's partial file are kept."""
+    is written. With `resume`, rows of an interrupted run's partial file are kept.
+    With `shard`, only that shard's images go to the part file OUT.part-I-of-N, whose
+    sidecar lists its unreadable images (see tlearn.shard; `merge` joins the parts)."""
     run = run or RunOptions()
     t0 = time.perf_counter()
     images = load_images(data, labels_csv)
@@ -148,6 +152,8 @@ def extract(
     to_stdout = str(out) == "-"
     if resume and to_stdout:
         raise UsageError("--resume needs an output file, not -o -")
+    if shard is not None and to_stdout:
+        raise UsageError("--shard needs an output file, not -o -: each shard writes a part")
     backbone = open_backbone(model, weights)
     net, spec = bb.feature_network(backbone, layers, pool)
     dim = bb.feature_dim(net, backbone.data_config)
@@ -158,8 +164,15 @@ def extract(
             "(avg or catavgmax pooling keep it small)"
         )
     meta = feature_meta(spec, backbone.data_config, dim)
+    labels = images.label_names if images.labels is not None else None
+    part, lo, hi = None, 0, len(images)
+    if shard is not None:
+        part = plan_part(shard, images.paths, labels, images.skipped, run.batch_size)
+        out, lo, hi, meta = part.path(out), part.start, part.stop, {**meta, "shard": part.info()}
     done = set(partial_rows(out, meta)) if resume and not to_stdout else set()
-    todo = [i for i, p in enumerate(images.paths) if p not in done]
+    if part is not None:
+        part.check_resume(done, images.paths)
+    todo = [i for i in range(lo, hi) if images.paths[i] not in done]
     skipped = list(images.skipped)
     batches = iter_features(
         net,
@@ -178,12 +191,13 @@ def extract(
         if strict and skipped:
             raise strict_failure(skipped)
 
-    labels = images.label_names if images.labels is not None else None
     rows = write_features_csv(
         batches, images.paths, labels, out, meta, resume=bool(done), before_commit=check_strict
     )
     if to_stdout:
         check_strict()
+    elif part is not None:
+        finish_features_part(out, skipped[len(images.skipped) :])
     else:
         write_skipped_csv(Path(out).parent / SKIPPED_CSV, skipped)
     return ExtractResult(
@@ -497,6 +511,7 @@ class PredictResult:
     score_kind: str  # "probability" or "svm margin"
     skipped: list[Skipped]
     warnings: list[str]
+    part: dict | None = None  # with a shard: what tlearn.shard writes in the part's sidecar
 
 
 def _saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage: str):
@@ -523,25 +538,37 @@ def predict(
     *,
     strict: bool = False,
     run: RunOptions | None = None,
+    shard: Shard | None = None,
 ) -> PredictResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
     head = _head(saved)
+    part, n_scan_skipped = None, 0
     if len(inputs) == 1 and is_features_csv(inputs[0]):
         table = read_features_csv(inputs[0])
         if bb.CutSpec.from_dict(table.meta["cut"]) != saved.cut:
             raise DataError(f"{inputs[0]} was extracted with another cut than the model's")
         paths, X, skipped, warnings = table.paths, table.X, [], []
+        if shard is not None:
+            part = plan_part(shard, paths, None, [], run.batch_size)
+            paths, X = paths[part.start : part.stop], X[part.start : part.stop]
+        positions = np.arange(len(paths))
     else:
         images = scan_unlabeled(list(inputs))
         if len(images) == 0 and not images.skipped:
             raise DataError(f"no images found in {', '.join(map(str, inputs))}")
+        n_scan_skipped = len(images.skipped)
+        if shard is not None:
+            part = plan_part(shard, images.paths, None, images.skipped, run.batch_size)
+            images = images.subset(range(part.start, part.stop))
         feats = _saved_features(saved, images, run, "predict")
         paths = [images.paths[i] for i in feats.indices]
         X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
+        positions = feats.indices
     if strict and skipped:
         raise strict_failure(skipped)
-    scores = head.scores(X) if len(paths) else np.zeros((0, len(saved.classes)))
+    batch_of = positions // max(1, run.batch_size)
+    scores = score_by_batch(head.scores, X, batch_of, len(saved.classes))
     preds = [
         Prediction(
             path=p,
@@ -557,6 +584,7 @@ def predict(
         score_kind="probability" if head.kind == "logreg" else "svm margin",
         skipped=skipped,
         warnings=list(warnings),
+        part=None if part is None else part.info(skipped[n_scan_skipped:]),
     )
 
 
