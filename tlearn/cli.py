@@ -20,7 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import TlearnError
+from . import cli_train as ct
+from .errors import TlearnError, UsageError
 
 app = typer.Typer(
     name="tlearn",
@@ -108,6 +109,8 @@ class Pool(str, Enum):
 class Head(str, Enum):
     svm = "svm"
     logreg = "logreg"
+    linear = "linear"
+    mlp = "mlp"
 
 
 class Format(str, Enum):
@@ -379,14 +382,24 @@ def _confusion_table(metrics: dict) -> Table:
 @app.command("fit")
 @handle_errors
 def fit_cmd(
+    ctx: typer.Context,
     data: Annotated[
         Path,
         typer.Argument(
             help="Folder of class sub-folders (or with train/ and val/), or a features CSV."
         ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to create.")],
-    head: Annotated[Head, typer.Option("--head", help="Linear head on the features.")] = Head.svm,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Model directory to create.")
+    ] = None,
+    head: Annotated[
+        Head,
+        typer.Option(
+            "--head",
+            help="svm/logreg: linear model on extracted features; linear/mlp: a new neural "
+            "head trained with the (partly) frozen network.",
+        ),
+    ] = Head.svm,
     C: Annotated[
         str, typer.Option("--C", help="Regularisation: a number, or auto (cross-validated).")
     ] = "auto",
@@ -410,11 +423,41 @@ def fit_cmd(
     workers: WorkersOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOpt = False,
+    hidden: ct.HiddenOpt = None,
+    dropout: ct.DropoutOpt = None,
+    head_bn: ct.HeadBNOpt = False,
+    freeze: ct.FreezeOpt = None,
+    freeze_to: ct.FreezeToOpt = None,
+    freeze_epochs: ct.FreezeEpochsOpt = 0,
+    bn: ct.BNOpt = ct.BN.frozen,
+    lr: ct.LROpt = None,
+    layer_decay: ct.LayerDecayOpt = None,
+    lr_groups: ct.LRGroupsOpt = None,
+    optimizer: ct.OptimizerOpt = ct.Optimizer.adamw,
+    momentum: ct.MomentumOpt = 0.9,
+    weight_decay: ct.WeightDecayOpt = 0.01,
+    warmup_epochs: ct.WarmupOpt = 1.0,
+    label_smoothing: ct.SmoothingOpt = 0.1,
+    class_weight: ct.ClassWeightOpt = None,
+    epochs: ct.EpochsOpt = 10,
+    patience: ct.PatienceOpt = None,
+    augment: ct.AugmentOpt = None,
+    cache: ct.CacheOpt = ct.Cache.memory,
+    cache_dir: ct.CacheDirOpt = None,
+    resume: ct.ResumeOpt = None,
 ):
-    """Extract features and fit a linear SVM (or logistic regression) on them.
+    """Fit a linear SVM (or logistic regression) on extracted features, or train a new
+    neural head (--head linear|mlp), optionally fine-tuning part of the network.
 
     Example: tlearn fit sample_data/roads/train --val sample_data/roads/val -o roads-model
+
+    Example: tlearn fit hymenoptera --head linear --freeze-to auto --layer-decay 0.5 -o bees
     """
+    if resume is not None or head in (Head.linear, Head.mlp):
+        return ct.fit_nn_command(ctx, err, out)
+    ct.check_not_nn(ctx)
+    if output is None:
+        raise UsageError("missing -o/--output: the model directory to create")
     from .pipeline import fit
 
     with _Bars(quiet) as bars:
@@ -494,6 +537,7 @@ def predict_cmd(
         bool, typer.Option("--all-scores", help="Add every class's score.")
     ] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file.")] = None,
+    tta: ct.TTAOpt = ct.TTA.none,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -506,7 +550,12 @@ def predict_cmd(
     from .pipeline import predict
 
     with _Bars(quiet) as bars:
-        res = predict(model_dir, paths, run=_run_options(batch_size, device, workers, quiet, bars))
+        res = predict(
+            model_dir,
+            paths,
+            tta=tta.value,
+            run=_run_options(batch_size, device, workers, quiet, bars),
+        )
     _report_skips(res.skipped, res.warnings, quiet)
     if fmt is None:
         fmt = Format.table if (output is None and out.is_terminal) else Format.csv
@@ -587,6 +636,7 @@ def evaluate_cmd(
         Path | None, typer.Option("--output", "-o", help="Write metrics.json + confusion.csv here.")
     ] = None,
     labels: LabelsOpt = None,
+    tta: ct.TTAOpt = ct.TTA.none,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -604,6 +654,7 @@ def evaluate_cmd(
             model_dir,
             data,
             labels_csv=labels,
+            tta=tta.value,
             run=_run_options(batch_size, device, workers, quiet, bars),
         )
     _report_skips(res.skipped, res.warnings, quiet)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import backbone as bb
+from . import infer
 from .artifacts import SavedModel, build_config, load_model, save_model
 from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
 from .data import scan_inputs as scan_unlabeled
@@ -442,24 +443,38 @@ def _head(saved: SavedModel) -> LinearHead:
 
 
 def predict(
-    model_dir: str | Path, inputs: Sequence[str | Path], *, run: RunOptions | None = None
+    model_dir: str | Path,
+    inputs: Sequence[str | Path],
+    *,
+    tta: str = "none",
+    run: RunOptions | None = None,
 ) -> PredictResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
-    head = _head(saved)
+    nn_model = infer.is_nn(saved)
+    head = None if nn_model else _head(saved)
+    score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
     if len(inputs) == 1 and is_features_csv(inputs[0]):
         table = read_features_csv(inputs[0])
         if bb.CutSpec.from_dict(table.meta["cut"]) != saved.cut:
             raise DataError(f"{inputs[0]} was extracted with another cut than the model's")
+        _no_tta_on_features(tta)
         paths, X, skipped, warnings = table.paths, table.X, [], []
+        scores = _feature_scores(saved, head, X)
     else:
         images = scan_unlabeled(list(inputs))
         if len(images) == 0 and not images.skipped:
             raise DataError(f"no images found in {', '.join(map(str, inputs))}")
-        feats = _saved_features(saved, images, run, "predict")
-        paths = [images.paths[i] for i in feats.indices]
-        X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
-    scores = head.scores(X) if len(paths) else np.zeros((0, len(saved.classes)))
+        if nn_model or tta != "none":
+            scored = _scored(saved, images.paths, tta, run, "predict")
+            paths = [images.paths[i] for i in scored.indices]
+            scores, skipped = scored.scores, images.skipped + scored.skipped
+            warnings = images.warnings
+        else:
+            feats = _saved_features(saved, images, run, "predict")
+            paths = [images.paths[i] for i in feats.indices]
+            X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
+            scores = head.scores(X) if len(paths) else np.zeros((0, len(saved.classes)))
     preds = [
         Prediction(
             path=p,
@@ -472,9 +487,32 @@ def predict(
     return PredictResult(
         predictions=preds,
         classes=saved.classes,
-        score_kind="probability" if head.kind == "logreg" else "svm margin",
+        score_kind=score_kind,
         skipped=skipped,
         warnings=list(warnings),
+    )
+
+
+def _no_tta_on_features(tta: str) -> None:
+    if tta != "none":
+        raise UsageError(f"--tta {tta} needs images, not a features CSV; use --tta none")
+
+
+def _feature_scores(saved: SavedModel, head: LinearHead | None, X: np.ndarray) -> np.ndarray:
+    if len(X) == 0:
+        return np.zeros((0, len(saved.classes)))
+    return infer.nn_scores_from_features(saved, X) if head is None else head.scores(X)
+
+
+def _scored(saved: SavedModel, paths, tta: str, run: RunOptions, stage: str):
+    return infer.score_images(
+        saved,
+        paths,
+        tta=tta,
+        batch_size=run.batch_size,
+        device=run.device,
+        workers=run.workers,
+        progress=run.bar(stage),
     )
 
 
@@ -493,11 +531,13 @@ def evaluate(
     data: str | Path,
     *,
     labels_csv: str | Path | None = None,
+    tta: str = "none",
     run: RunOptions | None = None,
 ) -> EvaluateResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
-    head = _head(saved)
+    nn_model = infer.is_nn(saved)
+    head = None if nn_model else _head(saved)
     classes = saved.classes
     if is_features_csv(data):
         table = read_features_csv(data)
@@ -507,8 +547,10 @@ def evaluate(
         unknown = sorted({lab for lab in table.labels if lab not in classes})
         if unknown:
             raise DataError(f"{data}: class(es) {', '.join(unknown)} are not in the model")
+        _no_tta_on_features(tta)
         y = np.asarray([classes.index(lab) for lab in table.labels], dtype=np.int64)
-        X, skipped, warnings = table.X, [], []
+        pred = _feature_scores(saved, head, table.X).argmax(axis=1)
+        skipped, warnings = [], []
     else:
         if labels_csv is not None:
             images = read_labels_csv(labels_csv, classes=classes)
@@ -518,11 +560,20 @@ def evaluate(
             images = scan_class_folders(data, classes=classes)
         if len(images) == 0:
             raise DataError(f"no images found in {data}")
-        feats = _saved_features(saved, images, run, "evaluate")
         remap = np.asarray([classes.index(c) for c in images.classes], dtype=np.int64)
-        y = remap[np.asarray(images.labels, dtype=np.int64)[feats.indices]]
-        X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
-    metrics = classification_metrics(y, head.predict(X), classes)
+        if nn_model or tta != "none":
+            scored = _scored(saved, images.paths, tta, run, "evaluate")
+            indices, pred = scored.indices, scored.scores.argmax(axis=1)
+            skipped = images.skipped + scored.skipped
+        else:
+            feats = _saved_features(saved, images, run, "evaluate")
+            indices, pred = feats.indices, head.predict(feats.X)
+            skipped = images.skipped + feats.skipped
+        y = remap[np.asarray(images.labels, dtype=np.int64)[indices]]
+        warnings = images.warnings
+    metrics = classification_metrics(y, pred, classes)
     metrics["model"] = str(model_dir)
     metrics["skipped"] = len(skipped)
+    if tta != "none":
+        metrics["tta"] = tta
     return EvaluateResult(metrics=metrics, skipped=skipped, warnings=list(warnings))
