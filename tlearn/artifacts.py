@@ -96,7 +96,9 @@ def save_model(
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, force=force) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / HEAD_FILE))
+        # reshape: ascontiguousarray turns 0-d arrays (e.g. num_batches_tracked) into 1-d.
+        arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}
+        save_file(arrays, str(tmp / HEAD_FILE))
         write_json(tmp / CONFIG, config)
         if metrics is not None:
             write_json(tmp / METRICS, metrics)

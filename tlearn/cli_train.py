@@ -68,9 +68,14 @@ HiddenOpt = Annotated[
 ]
 DropoutOpt = Annotated[
     float | None,
-    _opt("--dropout", help="Dropout: before the linear layer (default 0.2), or after each mlp "
-         "hidden layer (default 0.5).", min=0.0, max=0.99),
-]  # fmt: skip
+    _opt(
+        "--dropout",
+        help="Dropout: before the linear layer (default 0.2), or after each mlp "
+        "hidden layer (default 0.5).",
+        min=0.0,
+        max=0.99,
+    ),
+]
 HeadBNOpt = Annotated[bool, _opt("--head-bn", help="mlp: batch norm after each hidden layer.")]
 FreezeOpt = Annotated[
     Freeze | None,
@@ -78,32 +83,53 @@ FreezeOpt = Annotated[
 ]
 FreezeToOpt = Annotated[
     str | None,
-    _opt("--freeze-to", help="Freeze everything up to and including LAYER (a name from "
-         "`tlearn layers`), train the rest; auto: the stage before the last one (e.g. blocks.4). "
-         "The default when --layer-decay is given.", metavar="LAYER"),
-]  # fmt: skip
+    _opt(
+        "--freeze-to",
+        help="Freeze everything up to and including LAYER (a name from "
+        "`tlearn layers`), train the rest; auto: the stage before the last one (e.g. blocks.4). "
+        "The default when --layer-decay is given.",
+        metavar="LAYER",
+    ),
+]
 FreezeEpochsOpt = Annotated[
-    int, _opt("--freeze-epochs", help="Train the head alone for N epochs first, then unfreeze "
-              "as requested (fastai's fine_tune).", min=0)
-]  # fmt: skip
+    int,
+    _opt(
+        "--freeze-epochs",
+        help="Train the head alone for N epochs first, then unfreeze "
+        "as requested (fastai's fine_tune).",
+        min=0,
+    ),
+]
 BNOpt = Annotated[
-    BN, _opt("--bn", help="BatchNorm in frozen parts: frozen (eval mode, fixed statistics) or "
-             "train (statistics update; disables caching).")
-]  # fmt: skip
+    BN,
+    _opt(
+        "--bn",
+        help="BatchNorm in frozen parts: frozen (eval mode, fixed statistics) or "
+        "train (statistics update; disables caching).",
+    ),
+]
 LROpt = Annotated[
     float | None, _opt("--lr", help="The head's learning rate (default 1e-3 adamw, 1e-2 sgd).")
 ]
 LayerDecayOpt = Annotated[
     float | None,
-    _opt("--layer-decay", help="Each layer group below the head learns D times slower than the "
-         "one above (timm's layer-wise decay; default 0.5 when the backbone trains).", metavar="D"),
-]  # fmt: skip
+    _opt(
+        "--layer-decay",
+        help="Each layer group below the head learns D times slower than the "
+        "one above (timm's layer-wise decay; default 0.5 when the backbone trains).",
+        metavar="D",
+    ),
+]
 LRGroupsOpt = Annotated[
     str | None,
-    _opt("--lr-groups", help="Explicit rates, 0 = frozen, e.g. "
-         "'conv_stem,bn1,blocks.0-1=0;blocks.2-4=1e-4;blocks.5-6=3e-4;head=1e-3'. Modules not "
-         "named join the group of the nearest module before them.", metavar="SPEC"),
-]  # fmt: skip
+    _opt(
+        "--lr-groups",
+        help="Explicit rates, 0 = frozen, e.g. "
+        "'conv_stem,bn1,blocks.0-1=0;blocks.2-4=1e-4;blocks.5-6=3e-4;head=1e-3'. Modules not "
+        "named join the group of the nearest module before them.",
+        metavar="SPEC",
+    ),
+]
 OptimizerOpt = Annotated[Optimizer, _opt("--optimizer", help="AdamW, or SGD with momentum.")]
 MomentumOpt = Annotated[float, _opt("--momentum", help="SGD momentum.")]
 WeightDecayOpt = Annotated[
@@ -120,33 +146,50 @@ ClassWeightOpt = Annotated[
 EpochsOpt = Annotated[int, _opt("--epochs", help="Epochs to train.", min=1)]
 PatienceOpt = Annotated[
     int | None,
-    _opt("--patience", help="Stop after N epochs without a better validation accuracy "
-         "(default: never); the best epoch's weights are kept either way.", min=1),
-]  # fmt: skip
+    _opt(
+        "--patience",
+        help="Stop after N epochs without a better validation accuracy "
+        "(default: never); the best epoch's weights are kept either way.",
+        min=1,
+    ),
+]
 AugmentOpt = Annotated[
     Augment | None,
-    _opt("--augment", help="none; flip; light: random-resized crop + flip (AlexNet's recipe); "
-         "standard: light + colour jitter. Default flip. With none or flip, frozen layers run "
-         "once and are cached; flip then mirrors the cached feature maps of a partly frozen "
-         "network, a cheap approximation of mirroring the image."),
-]  # fmt: skip
+    _opt(
+        "--augment",
+        help="none; flip; light: random-resized crop + flip (AlexNet's recipe); "
+        "standard: light + colour jitter. Default flip. With none or flip, frozen layers run "
+        "once and are cached; flip then mirrors the cached feature maps of a partly frozen "
+        "network, a cheap approximation of mirroring the image.",
+    ),
+]
 CacheOpt = Annotated[
-    Cache, _opt("--cache", help="Where cached outputs of frozen layers live: memory (fp16 maps), "
-                "disk (memory-mapped, under --cache-dir), or off (run every layer every epoch).")
-]  # fmt: skip
+    Cache,
+    _opt(
+        "--cache",
+        help="Where cached outputs of frozen layers live: memory (fp16 maps), "
+        "disk (memory-mapped, under --cache-dir), or off (run every layer every epoch).",
+    ),
+]
 CacheDirOpt = Annotated[
     Path | None, _opt("--cache-dir", help="Folder for --cache disk (default: system temp).")
 ]
 ResumeOpt = Annotated[
     Path | None,
-    _opt("--resume", help="Continue the interrupted run in MODEL_DIR from its last checkpoint "
-         "(same settings).", metavar="MODEL_DIR"),
-]  # fmt: skip
+    _opt(
+        "--resume",
+        help="Continue the interrupted run in MODEL_DIR from its last checkpoint (same settings).",
+        metavar="MODEL_DIR",
+    ),
+]
 TTAOpt = Annotated[
     TTA,
-    typer.Option("--tta", help="Test-time augmentation: none, flip, or 10crop (four corners + "
-                 "centre and their mirrors); scores are averaged."),
-]  # fmt: skip
+    typer.Option(
+        "--tta",
+        help="Test-time augmentation: none, flip, or 10crop (four corners + "
+        "centre and their mirrors); scores are averaged.",
+    ),
+]
 
 # fit options that only mean something for neural heads (CLI name -> TrainOptions field)
 NN_ONLY = {
@@ -223,9 +266,11 @@ def fit_nn_command(ctx: typer.Context, err, out) -> None:
     view = TrainView(err, quiet)
     with view:
         run = RunOptions(
-            batch_size=p["batch_size"], device=p["device"], workers=p["workers"],
+            batch_size=p["batch_size"],
+            device=p["device"],
+            workers=p["workers"],
             progress=view.progress_cb,
-        )  # fmt: skip
+        )
         if p["resume"] is not None:
             same = p["output"] is None or Path(p["output"]).resolve() == Path(p["resume"]).resolve()
             if not same:
@@ -318,14 +363,22 @@ def groups_table(info: dict) -> Table:
         "images": "every layer runs every epoch",
     }[info["mode"]]
     t = Table(title=f"parameter groups ({where}; augment {info['augment']})")
-    for col, just in (("#", "right"), ("modules", "left"), ("params", "right"),
-                      ("lr", "right"), ("trains", "left")):  # fmt: skip
+    for col, just in (
+        ("#", "right"),
+        ("modules", "left"),
+        ("params", "right"),
+        ("lr", "right"),
+        ("trains", "left"),
+    ):
         t.add_column(col, justify=just, overflow="fold")
     for i, r in enumerate(info["rows"]):
         t.add_row(
-            str(i), ", ".join(r["modules"]), f"{r['n_params']:,}", _lr(r["lr"]),
+            str(i),
+            ", ".join(r["modules"]),
+            f"{r['n_params']:,}",
+            _lr(r["lr"]),
             "no" if r["frozen"] else "yes",
-        )  # fmt: skip
+        )
     return t
 
 

@@ -24,29 +24,28 @@ def _is_plain_sequential(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
 
-def _top_level_order(model: nn.Module, size: int) -> list[str] | None:
-    """Top-level children in the order forward_features runs them (each exactly once)."""
+def chain_modules(model: nn.Module, size: int) -> list[tuple[str, nn.Module]] | None:
+    """forward_features as an ordered list of (name, module) with plain Sequential containers
+    opened, or None when the model is not such a chain (checked numerically)."""
     calls: list[str] = []
     handles = [
         child.register_forward_hook(lambda m, i, o, n=name: calls.append(n))
         for name, child in model.named_children()
     ]
+    was_training = model.training
+    model.eval()
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.inference_mode():
-            model.forward_features(torch.zeros(1, 3, size, size))
+            want = model.forward_features(x)
     except Exception:
         return None
     finally:
+        model.train(was_training)
         for h in handles:
             h.remove()
-    return calls if len(set(calls)) == len(calls) else None
-
-
-def chain_modules(model: nn.Module, size: int) -> list[tuple[str, nn.Module]] | None:
-    """forward_features as an ordered list of (name, module) with plain Sequential containers
-    opened, or None when the model is not such a chain (checked numerically)."""
-    order = _top_level_order(model, size)
-    if not order:
+    # Top-level children in the order forward_features runs them, each exactly once.
+    if not calls or len(set(calls)) != len(calls) or not isinstance(want, torch.Tensor):
         return None
     children = dict(model.named_children())
     chain: list[tuple[str, nn.Module]] = []
@@ -58,22 +57,15 @@ def chain_modules(model: nn.Module, size: int) -> list[tuple[str, nn.Module]] | 
         else:
             chain.append((name, module))
 
-    for name in order:
+    for name in calls:
         add(name, children[name])
-    was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-            want = model.forward_features(x)
             got = x
             for _, m in chain:
                 got = m(got)
-        ok = (
-            isinstance(want, torch.Tensor)
-            and got.shape == want.shape
-            and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
-        )
+        ok = got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-5)
     except Exception:
         ok = False
     finally:
@@ -184,7 +176,10 @@ def feature_dim(net: TransferNet) -> int:
 def execution_order(net: TransferNet) -> list[str]:
     """Names of the backbone modules (model.*) that own parameters or buffers, in the
     order their forward finishes when computing the features; modules after the cut
-    never run and are not listed."""
+    never run and are not listed. Computed once per network."""
+    cached = getattr(net, "_execution_order", None)
+    if cached is not None:
+        return list(cached)
     order: list[str] = []
     seen: set[str] = set()
 
@@ -213,4 +208,5 @@ def execution_order(net: TransferNet) -> list[str]:
             h.remove()
     if "model" not in seen and any(True for _ in net.model.parameters(recurse=False)):
         order.insert(0, "model")  # tokens / position embeddings owned by the model itself
+    object.__setattr__(net, "_execution_order", tuple(order))
     return order

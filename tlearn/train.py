@@ -54,8 +54,15 @@ OPTIMIZERS = ("adamw", "sgd")
 CACHE_MODES = ("memory", "disk", "off")
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
 HISTORY_COLUMNS = (
-    "epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "seconds", "images_per_s",
-)  # fmt: skip
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "seconds",
+    "images_per_s",
+)
 
 
 @dataclass
@@ -255,9 +262,16 @@ class TensorCache:
 
 
 def _loader(
-    paths, transform, *, batch_size, workers, order=None, generator=None, min_size=None,
+    paths,
+    transform,
+    *,
+    batch_size,
+    workers,
+    order=None,
+    generator=None,
+    min_size=None,
     device=None,
-):  # fmt: skip
+):
     ds = ImageDataset(paths, transform, min_size=min_size)
     n_workers = default_workers(len(paths), batch_size) if workers is None else workers
     return DataLoader(
@@ -291,9 +305,13 @@ def compute_cache(
     """fn(images) for every readable image (eval preprocessing), and for the mirrored
     images too when `flip`."""
     loader = _loader(
-        paths, eval_transform(data_config), batch_size=batch_size, workers=workers,
-        min_size=resize_target(data_config), device=device,
-    )  # fmt: skip
+        paths,
+        eval_transform(data_config),
+        batch_size=batch_size,
+        workers=workers,
+        min_size=resize_target(data_config),
+        device=device,
+    )
     idx: list[int] = []
     parts: list[torch.Tensor] = []
     flipped: list[torch.Tensor] = []
@@ -464,9 +482,12 @@ class _Run:
             self.mode = "images"
         net.to(self.device)
         self.optimizer = build_optimizer(
-            net, self.plan, optimizer=o.optimizer, weight_decay=o.weight_decay,
+            net,
+            self.plan,
+            optimizer=o.optimizer,
+            weight_decay=o.weight_decay,
             momentum=o.momentum,
-        )  # fmt: skip
+        )
         self._amp()
         n = len(self.train_set)
         self.drop_lone = n % self.batch_size == 1 and n > 1
@@ -538,9 +559,11 @@ class _Run:
         net = self.net
         net.eval()
         if self.mode == "features" or (
-            self.mode == "images" and not self.plan.backbone_trains and self.o.bn == "frozen"
+            self.mode == "images"
+            and not self.plan.backbone_trains
+            and self.o.bn == "frozen"
             and self.o.cache != "off"
-        ):  # fmt: skip
+        ):
             level_fn, dtype = net.features, torch.float32
         elif self.split > 0 and self.o.cache != "off":
             level_fn, dtype = net.forward_prefix, torch.float16
@@ -627,10 +650,15 @@ class _Run:
         if self.drop_lone:
             order = order[:-1]
         loader = _loader(
-            self.train_set.paths, self.transform, batch_size=self.batch_size,
-            workers=self.run.workers, order=order, generator=g,
-            min_size=resize_target(self.data_config), device=self.device,
-        )  # fmt: skip
+            self.train_set.paths,
+            self.transform,
+            batch_size=self.batch_size,
+            workers=self.run.workers,
+            order=order,
+            generator=g,
+            min_size=resize_target(self.data_config),
+            device=self.device,
+        )
         seen = {s.path for s in self.skipped}
         for idx, x, bad in loader:
             for i, r in bad:
@@ -738,10 +766,13 @@ class _Run:
                     ys.append(y)
             else:
                 loader = _loader(
-                    self.val_set.paths, eval_transform(self.data_config),
-                    batch_size=self.run.batch_size, workers=self.run.workers,
-                    min_size=resize_target(self.data_config), device=self.device,
-                )  # fmt: skip
+                    self.val_set.paths,
+                    eval_transform(self.data_config),
+                    batch_size=self.run.batch_size,
+                    workers=self.run.workers,
+                    min_size=resize_target(self.data_config),
+                    device=self.device,
+                )
                 for idx, x, _bad in loader:
                     if x is None:
                         continue
@@ -778,9 +809,12 @@ class _Run:
 
     def save_checkpoint(self, epoch_done: int) -> None:
         ckpt.save_checkpoint(
-            self.out_dir, self.state(epoch_done), self.mutable_state(), self.best_weights,
+            self.out_dir,
+            self.state(epoch_done),
+            self.mutable_state(),
+            self.best_weights,
             self.optimizer,
-        )  # fmt: skip
+        )
         from .fsutil import atomic_file
 
         with atomic_file(self.out_dir / ckpt.CHECKPOINT_DIR / "history.csv", "w") as f:
@@ -834,8 +868,11 @@ class _Run:
             ):
                 improved = True
             if improved:
-                self.best = {"epoch": epoch + 1, "val_acc": row["val_acc"],
-                             "val_loss": row["val_loss"]}  # fmt: skip
+                self.best = {
+                    "epoch": epoch + 1,
+                    "val_acc": row["val_acc"],
+                    "val_loss": row["val_loss"],
+                }
                 self.best_weights = self.mutable_state()
                 since_best = 0
             else:
@@ -849,8 +886,10 @@ class _Run:
             ):
                 self.stopped_early = True
             self.save_checkpoint(epoch + 1)
-            self.emit("epoch_end", {**row, "best": improved and v is not None,
-                                    "stopped_early": self.stopped_early})  # fmt: skip
+            self.emit(
+                "epoch_end",
+                {**row, "best": improved and v is not None, "stopped_early": self.stopped_early},
+            )
 
     # ------------------------------------------------------------------ final model
 
@@ -870,8 +909,10 @@ class _Run:
         if backbone_changed:
             from safetensors.numpy import save
 
-            sd = {k: v.detach().cpu().contiguous().numpy()
-                  for k, v in self.net.model.state_dict().items()}  # fmt: skip
+            sd = {
+                k: v.detach().cpu().contiguous().numpy()
+                for k, v in self.net.model.state_dict().items()
+            }
             extra[BACKBONE_FILE] = save(sd)
         train_info = {
             "n_images": len(self.train_set),
@@ -896,12 +937,13 @@ class _Run:
             backbone={
                 "trained": backbone_changed,
                 "file": BACKBONE_FILE if backbone_changed else None,
-            },  # fmt: skip
+            },
             train=train_info,
         )
         metrics = {"validation": val_metrics, "history": self.history}
-        save_model(self.out_dir, config, head_tensors, metrics=metrics, force=True,
-                   extra_files=extra)  # fmt: skip
+        save_model(
+            self.out_dir, config, head_tensors, metrics=metrics, force=True, extra_files=extra
+        )
         return NNFitResult(
             out_dir=str(self.out_dir),
             classes=self.classes,
