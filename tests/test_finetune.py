@@ -111,7 +111,7 @@ def test_layer_decay_rates_follow_the_group_matcher_and_match_the_optimizer():
 
 def test_explicit_lr_groups_with_inheritance_match_the_optimizer():
     net = tiny_net()
-    spec = "conv_stem,bn1,blocks.0-1=0;blocks.2-3=1e-4;blocks.4=3e-4;head=1e-3"
+    spec = "conv_stem, bn1, blocks.0-1=0; blocks.2-3=1e-4; blocks.4=3e-4; head=1e-3"
     plan = plan_groups(net, lr=5e-2, lr_groups=spec)
     m = net.model
     rows = {r.name: r for r in plan.rows}
@@ -306,12 +306,13 @@ def test_early_stopping_keeps_the_best_epoch(split_folder, tmp_path):
 
 
 def test_interrupt_and_resume_give_the_same_weights_as_an_uninterrupted_run(split_folder, tmp_path):
+    # Random crops, flips and dropout, AdamW state and the schedule must all carry over.
     kw = dict(
         head="mlp",
         hidden="16",
         freeze_to="blocks.2",
         augment="light",
-        epochs=3,
+        epochs=2,
         cache="off",
         class_weight="balanced",
     )
@@ -321,18 +322,16 @@ def test_interrupt_and_resume_give_the_same_weights_as_an_uninterrupted_run(spli
     cut = tmp_path / "cut"
 
     def interrupt(name, data):
-        if name == "epoch_start" and data["epoch"] == 3:
+        if name == "epoch_start" and data["epoch"] == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         fit(split_folder, cut, events=interrupt, **kw)
     state = ckpt.read_state(cut)
-    assert state["epoch"] == 2
+    assert state["epoch"] == 1 and state["settings"]["options"]["freeze_to"] == "blocks.2"
     # Frozen parameters have no optimiser state; every trainable one has.
     opt_state = load_file(str(cut / ckpt.CHECKPOINT_DIR / ckpt.OPTIMIZER))
     n_with_state = len({k.split(".")[1] for k in opt_state})
-    plan_rows = state["settings"]  # settings saved for resume
-    assert plan_rows["options"]["freeze_to"] == "blocks.2"
     n_trainable = sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
     assert n_with_state == n_trainable
     with pytest.raises(ArtifactError, match="unfinished training run"):
@@ -343,7 +342,8 @@ def test_interrupt_and_resume_give_the_same_weights_as_an_uninterrupted_run(spli
         a, b = load_file(str(full / name)), load_file(str(cut / name))
         assert a.keys() == b.keys()
         assert all(np.array_equal(a[k], b[k]) for k in a), name
-    assert len((cut / "history.csv").read_text().splitlines()) == 1 + 3
+    learned = lambda d: [r.split(",")[:6] for r in (d / "history.csv").read_text().splitlines()]  # noqa: E731
+    assert learned(cut) == learned(full) and len(learned(cut)) == 1 + 2  # all but timings
     assert not (cut / ckpt.CHECKPOINT_DIR).exists()
 
 
@@ -359,7 +359,7 @@ def test_cli_resume_errors(split_folder, tmp_path, runner):
     base = ["fit", str(split_folder), "-q"]
     changed = runner.invoke(app, [*base, "--resume", str(out), "--lr", "0.5"])
     assert changed.exit_code == 2
-    assert "--lr 0.5 differs from the checkpoint's None" in changed.output
+    assert "--lr 0.5 differs from the checkpoint's default" in changed.output
     again = runner.invoke(app, [*base, "--head", "linear", "-o", str(out), *TINY])
     assert again.exit_code == 1 and "--resume" in again.output
     predict = runner.invoke(app, ["predict", str(out), str(split_folder / "val")])
@@ -469,24 +469,21 @@ def nn_model(tmp_path_factory, split_folder) -> Path:
     return out
 
 
-@pytest.mark.parametrize("tta", ["none", "flip", "10crop"])
-def test_predict_and_evaluate_nn_models(nn_model, split_folder, runner, tta):
-    result = runner.invoke(
-        app, ["predict", str(nn_model), str(split_folder / "val"), "--all-scores", "--tta", tta]
-    )
-    assert result.exit_code == 0, result.output
-    lines = result.output.strip().splitlines()
-    assert lines[0].startswith("path,prediction,score,score_asphalt")
-    assert len(lines) == 1 + N_VAL
-    for line in lines[1:]:
-        probs = [float(v) for v in line.split(",")[-3:]]
-        assert sum(probs) == pytest.approx(1, abs=1e-4)  # softmax probabilities
-    ev = runner.invoke(
-        app, ["evaluate", str(nn_model), str(split_folder / "val"), "--json", "--tta", tta]
-    )
+def test_predict_and_evaluate_nn_models(nn_model, split_folder, runner):
+    val = str(split_folder / "val")
+    for tta in ("none", "10crop"):
+        result = runner.invoke(app, ["predict", str(nn_model), val, "--all-scores", "--tta", tta])
+        assert result.exit_code == 0, result.output
+        lines = result.output.strip().splitlines()
+        assert lines[0].startswith("path,prediction,score,score_asphalt")
+        assert len(lines) == 1 + N_VAL
+        for line in lines[1:]:
+            probs = [float(v) for v in line.split(",")[-3:]]
+            assert sum(probs) == pytest.approx(1, abs=1e-4)  # softmax probabilities
+    ev = runner.invoke(app, ["evaluate", str(nn_model), val, "--json", "--tta", "flip"])
     assert ev.exit_code == 0, ev.output
     m = json.loads(ev.output)
-    assert m["n_images"] == N_VAL and 0 <= m["accuracy"] <= 1
+    assert m["n_images"] == N_VAL and m["tta"] == "flip" and 0 <= m["accuracy"] <= 1
 
 
 def _mirror_copies(folder: Path, dest: Path) -> tuple[list[Path], list[Path]]:

@@ -124,9 +124,9 @@ LRGroupsOpt = Annotated[
     str | None,
     _opt(
         "--lr-groups",
-        help="Explicit rates, 0 = frozen, e.g. "
-        "'conv_stem,bn1,blocks.0-1=0;blocks.2-4=1e-4;blocks.5-6=3e-4;head=1e-3'. Modules not "
-        "named join the group of the nearest module before them.",
+        help="Explicit rates per module group, 0 = frozen, e.g. 'conv_stem,bn1,blocks.0-1=0; "
+        "blocks.2-4=1e-4; blocks.5-6=3e-4; head=1e-3'. Modules not named join the group of "
+        "the nearest module before them (here conv_head and bn2 join blocks.5-6).",
         metavar="SPEC",
     ),
 ]
@@ -158,7 +158,8 @@ AugmentOpt = Annotated[
     _opt(
         "--augment",
         help="none; flip; light: random-resized crop + flip (AlexNet's recipe); "
-        "standard: light + colour jitter. Default flip. With none or flip, frozen layers run "
+        "standard: light + colour jitter. Default: light when the backbone trains, else flip. "
+        "With none or flip, frozen layers run "
         "once and are cached; flip then mirrors the cached feature maps of a partly frozen "
         "network, a cheap approximation of mirroring the image.",
     ),

@@ -266,10 +266,11 @@ def parse_lr_groups(text: str) -> list[tuple[str, list[str], float]]:
             raise UsageError(f"--lr-groups: '{rhs}' in '{part}' is not a number") from None
         if not lr >= 0 or lr == float("inf"):
             raise UsageError(f"--lr-groups: rate {rhs} in '{part}' must be 0 (frozen) or positive")
-        names = [n for item in lhs.split(",") if item.strip() for n in _expand(item.strip())]
+        items = [item.strip() for item in lhs.split(",") if item.strip()]
+        names = [n for item in items for n in _expand(item)]
         if not names:
             raise UsageError(f"--lr-groups: '{part}' names no modules")
-        specs.append((lhs, names, lr))
+        specs.append((",".join(items), names, lr))
     if not specs:
         raise UsageError(
             "--lr-groups is empty; write e.g. 'blocks.0-4=0;blocks.5-6=1e-4;head=1e-3'"

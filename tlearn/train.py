@@ -157,9 +157,10 @@ def check_options(o: TrainOptions) -> None:
 
 
 def default_augment(backbone_trains: bool) -> str:
-    """flip: exact and cheap on cached features for a frozen backbone, and cheap on the
-    cached prefix maps when fine-tuning the top of the network."""
-    return "flip"
+    """light (random-resized crop + flip) when the backbone trains: fine-tuning on a small
+    folder overfits without it. flip for a frozen backbone: exact and cheap there, since
+    the features of each image and of its mirror image are computed once."""
+    return "light" if backbone_trains else "flip"
 
 
 # ----------------------------------------------------------------------------- data
@@ -1082,7 +1083,8 @@ def resume_nn(
         if value != have:
             raise UsageError(
                 f"--resume continues the same run: --{key.replace('_', '-')} {value} differs "
-                f"from the checkpoint's {have}; drop the option or start a new run"
+                f"from the checkpoint's {'default' if have is None else have}; drop the "
+                "option or start a new run"
             )
     run = run or RunOptions()
     run = dataclasses.replace(run, batch_size=saved.batch_size)
@@ -1094,11 +1096,16 @@ def resume_nn(
 
 def _execute(r: _Run, t0: float) -> NNFitResult:
     r.emit("groups", r.describe())
+    py_state = random.getstate()
     try:
-        r.build_caches()
-        r.loop()
-        return r.finish(t0)
+        # Training reseeds the global generators every epoch (for --resume); put the
+        # caller's state back afterwards.
+        with torch.random.fork_rng(devices=[]):
+            r.build_caches()
+            r.loop()
+            return r.finish(t0)
     finally:
+        random.setstate(py_state)
         r.cleanup()
 
 
