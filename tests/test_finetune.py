@@ -347,15 +347,23 @@ def test_interrupt_and_resume_give_the_same_weights_as_an_uninterrupted_run(spli
     assert not (cut / ckpt.CHECKPOINT_DIR).exists()
 
 
-def test_cli_resume_errors(split_folder, tmp_path, runner):
+def test_cli_interrupt_then_resume(split_folder, tmp_path, runner, monkeypatch):
+    import tlearn.train as train
+
     out = tmp_path / "m"
+    real = train._Run.train_epoch
 
-    def interrupt(name, data):
-        if name == "epoch_start" and data["epoch"] == 2:
+    def ctrl_c_in_epoch_2(self, epoch):
+        if epoch == 1:
             raise KeyboardInterrupt
+        return real(self, epoch)
 
-    with pytest.raises(KeyboardInterrupt):
-        fit(split_folder, out, epochs=2, augment="none", events=interrupt)
+    monkeypatch.setattr(train._Run, "train_epoch", ctrl_c_in_epoch_2)
+    args = ["--head", "linear", "--epochs", "2", "--augment", "none", "-o", str(out), *TINY]
+    stopped = runner.invoke(app, ["fit", str(split_folder), *args])
+    assert stopped.exit_code == 130
+    assert f"epoch 1 is saved in {out}; continue with: tlearn fit" in stopped.output
+    monkeypatch.setattr(train._Run, "train_epoch", real)
     base = ["fit", str(split_folder), "-q"]
     changed = runner.invoke(app, [*base, "--resume", str(out), "--lr", "0.5"])
     assert changed.exit_code == 2
@@ -366,6 +374,7 @@ def test_cli_resume_errors(split_folder, tmp_path, runner):
     assert predict.exit_code == 1 and "unfinished training run" in predict.output
     ok = runner.invoke(app, [*base, "--resume", str(out), "--epochs", "2"])
     assert ok.exit_code == 0, ok.output
+    assert len((out / "history.csv").read_text().splitlines()) == 1 + 2  # epochs 1 and 2
     nothing = runner.invoke(app, [*base, "--resume", str(out)])
     assert nothing.exit_code == 1 and "no training checkpoint" in nothing.output
 

@@ -265,47 +265,56 @@ def fit_nn_command(ctx: typer.Context, err, out) -> None:
     if p.get("C") is not None and given(ctx, "C"):
         raise UsageError("--C applies to --head svm|logreg; neural heads use --lr and --epochs")
     view = TrainView(err, quiet)
-    with view:
-        run = RunOptions(
-            batch_size=p["batch_size"],
-            device=p["device"],
-            workers=p["workers"],
-            progress=view.progress_cb,
-        )
-        if p["resume"] is not None:
-            same = p["output"] is None or Path(p["output"]).resolve() == Path(p["resume"]).resolve()
-            if not same:
-                raise UsageError("--resume continues MODEL_DIR in place; drop -o or repeat it")
-            changed = {}
-            for name, key in {**NN_ONLY, **RUN_KEYS}.items():
-                if given(ctx, name):
-                    changed[key] = _value(p[name])
-            if "layers" in changed and isinstance(changed["layers"], str):
-                changed["layers"] = [s.strip() for s in changed["layers"].split(",") if s.strip()]
-            res = resume_nn(p["resume"], p["data"], changed=changed, run=run, events=view.event)
-        else:
-            if p["output"] is None:
-                raise UsageError("missing -o/--output: the model directory to create")
-            options = TrainOptions(
-                head=p["head"].value,
-                **{field: _value(p[name]) for name, field in NN_ONLY.items()},
+    try:
+        with view:
+            run = RunOptions(
+                batch_size=p["batch_size"],
+                device=p["device"],
+                workers=p["workers"],
+                progress=view.progress_cb,
             )
-            res = fit_nn(
-                p["data"],
-                p["output"],
-                options=options,
-                model=p["model"],
-                weights=p["weights"],
-                layers=p["layer"],
-                pool=p["pool"].value,
-                val=p["val"],
-                val_split=p["val_split"],
-                labels_csv=p["labels"],
-                seed=p["seed"],
-                force=p["force"],
-                run=run,
-                events=view.event,
-            )
+            if p["resume"] is not None:
+                same = (
+                    p["output"] is None
+                    or Path(p["output"]).resolve() == Path(p["resume"]).resolve()
+                )
+                if not same:
+                    raise UsageError("--resume continues MODEL_DIR in place; drop -o or repeat it")
+                changed = {}
+                for name, key in {**NN_ONLY, **RUN_KEYS}.items():
+                    if given(ctx, name):
+                        changed[key] = _value(p[name])
+                if "layers" in changed and isinstance(changed["layers"], str):
+                    changed["layers"] = [
+                        s.strip() for s in changed["layers"].split(",") if s.strip()
+                    ]
+                res = resume_nn(p["resume"], p["data"], changed=changed, run=run, events=view.event)
+            else:
+                if p["output"] is None:
+                    raise UsageError("missing -o/--output: the model directory to create")
+                options = TrainOptions(
+                    head=p["head"].value,
+                    **{field: _value(p[name]) for name, field in NN_ONLY.items()},
+                )
+                res = fit_nn(
+                    p["data"],
+                    p["output"],
+                    options=options,
+                    model=p["model"],
+                    weights=p["weights"],
+                    layers=p["layer"],
+                    pool=p["pool"].value,
+                    val=p["val"],
+                    val_split=p["val_split"],
+                    labels_csv=p["labels"],
+                    seed=p["seed"],
+                    force=p["force"],
+                    run=run,
+                    events=view.event,
+                )
+    except KeyboardInterrupt:
+        _interrupted_hint(err, p)
+        raise
     from .cli import _metrics_table, _report_skips
 
     _report_skips(res.skipped, res.warnings, quiet)
@@ -345,6 +354,20 @@ def fit_nn_command(ctx: typer.Context, err, out) -> None:
             f"validation accuracy {res.val_metrics['accuracy']:.3f}, balanced "
             f"{res.val_metrics['balanced_accuracy']:.3f}",
             highlight=False,
+        )
+
+
+def _interrupted_hint(err, p) -> None:
+    from .checkpoint import has_checkpoint, read_state
+
+    target = p["resume"] or p["output"]
+    if target is not None and has_checkpoint(target):
+        epoch = read_state(target).get("epoch")
+        err.print(
+            f"epoch {epoch} is saved in {target}; continue with: tlearn fit {p['data']} "
+            f"--resume {target}",
+            highlight=False,
+            soft_wrap=True,
         )
 
 
