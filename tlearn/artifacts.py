@@ -25,7 +25,8 @@ CONFIG = "config.json"
 HEAD_FILE = "head.safetensors"
 METRICS = "metrics.json"
 REQUIRED_KEYS = ("format", "format_version", "head", "cut", "data_config", "classes", "feature_dim")
-HEAD_FAMILIES = {"svm": "linear", "logreg": "linear"}
+HEAD_FAMILIES = {"svm": "linear", "logreg": "linear", "linear": "nn", "mlp": "nn"}
+BACKBONE_FILE = "backbone.safetensors"  # nn heads whose backbone was (partly) trained
 
 
 @dataclass
@@ -33,6 +34,7 @@ class SavedModel:
     path: Path
     config: dict
     tensors: dict[str, np.ndarray]
+    backbone: dict[str, np.ndarray] | None = None  # fine-tuned backbone weights, if any
 
     @property
     def classes(self) -> list[str]:
@@ -94,7 +96,9 @@ def save_model(
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, force=force) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / HEAD_FILE))
+        # reshape: ascontiguousarray turns 0-d arrays (e.g. num_batches_tracked) into 1-d.
+        arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}
+        save_file(arrays, str(tmp / HEAD_FILE))
         write_json(tmp / CONFIG, config)
         if metrics is not None:
             write_json(tmp / METRICS, metrics)
@@ -112,6 +116,11 @@ def load_model(model_dir: str | Path) -> SavedModel:
             f"model directory {model_dir} does not exist (make one with tlearn fit)"
         )
     cfg_path = model_dir / CONFIG
+    if not cfg_path.is_file() and (model_dir / "checkpoint" / "state.json").is_file():
+        raise ArtifactError(
+            f"{model_dir} holds an unfinished training run (no {CONFIG} yet); finish it with "
+            f"tlearn fit DATA --resume {model_dir}"
+        )
     if not cfg_path.is_file():
         raise ArtifactError(f"{model_dir} has no {CONFIG}: not a tlearn model directory")
     try:
@@ -129,7 +138,60 @@ def load_model(model_dir: str | Path) -> SavedModel:
             f"{head_path}: unreadable or truncated safetensors file ({e})"
         ) from None
     validate_tensors(config, tensors, head_path)
-    return SavedModel(path=model_dir, config=config, tensors=tensors)
+    backbone = None
+    if HEAD_FAMILIES[config["head"]["type"]] == "nn":
+        backbone = _load_backbone_tensors(model_dir, config)
+    return SavedModel(path=model_dir, config=config, tensors=tensors, backbone=backbone)
+
+
+def _load_backbone_tensors(model_dir: Path, config: dict) -> dict[str, np.ndarray] | None:
+    """The fine-tuned backbone of an nn model, checked by name and shape against the
+    architecture named in the config; None when the backbone was not trained."""
+    from safetensors.numpy import load_file
+
+    info = config.get("backbone")
+    if not isinstance(info, dict) or not isinstance(info.get("trained"), bool):
+        raise ArtifactError(f"{model_dir / CONFIG}: 'backbone' must say whether it was trained")
+    if not info["trained"]:
+        return None
+    path = model_dir / BACKBONE_FILE
+    if not path.is_file():
+        raise ArtifactError(
+            f"{model_dir} has no {BACKBONE_FILE}, but its config says the backbone was trained"
+        )
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise ArtifactError(f"{path}: unreadable or truncated safetensors file ({e})") from None
+    expected = _architecture_shapes(config["cut"]["model"], path)
+    names, want = set(tensors), set(expected)
+    if names != want:
+        raise ArtifactError(
+            f"{path}: tensors do not match {config['cut']['model']} (missing: "
+            f"{sorted(want - names)[:3] or 'none'}, unexpected: "
+            f"{sorted(names - want)[:3] or 'none'})"
+        )
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ArtifactError(
+                f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
+                f"{config['cut']['model']} needs {shape}"
+            )
+        if tensors[name].dtype.kind == "f" and not np.all(np.isfinite(tensors[name])):
+            raise ArtifactError(f"{path}: tensor {name} holds NaN or infinite values")
+    return tensors
+
+
+def _architecture_shapes(model_name: str, where) -> dict[str, tuple[int, ...]]:
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(model_name, pretrained=False)
+    except Exception:
+        raise ArtifactError(f"{where}: unknown model architecture {model_name!r}") from None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def validate_config(config: dict, where) -> None:
@@ -172,6 +234,12 @@ def validate_config(config: dict, where) -> None:
 
 def validate_tensors(config: dict, tensors: dict, where) -> None:
     from .heads import LinearHead
+
+    if HEAD_FAMILIES[config["head"]["type"]] == "nn":
+        from .nnhead import validate_head_tensors
+
+        validate_head_tensors(config, tensors, where)
+        return
 
     expected = LinearHead.expected_shapes(len(config["classes"]), config["feature_dim"])
     names, want = set(tensors), set(expected)

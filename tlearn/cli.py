@@ -21,7 +21,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import TlearnError
+from . import cli_train as ct
+from .errors import TlearnError, UsageError
 
 app = typer.Typer(
     name="tlearn",
@@ -128,6 +129,8 @@ class Pool(str, Enum):
 class Head(str, Enum):
     svm = "svm"
     logreg = "logreg"
+    linear = "linear"
+    mlp = "mlp"
 
 
 class Format(str, Enum):
@@ -438,14 +441,24 @@ def _confusion_table(metrics: dict) -> Table:
 @app.command("fit")
 @handle_errors
 def fit_cmd(
+    ctx: typer.Context,
     data: Annotated[
         Path,
         typer.Argument(
             help="Folder of class sub-folders (or with train/ and val/), or a features CSV."
         ),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model directory to create.")],
-    head: Annotated[Head, typer.Option("--head", help="Linear head on the features.")] = Head.svm,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Model directory to create.")
+    ] = None,
+    head: Annotated[
+        Head,
+        typer.Option(
+            "--head",
+            help="svm/logreg: linear model on extracted features; linear/mlp: a new neural "
+            "head trained with the (partly) frozen network.",
+        ),
+    ] = Head.svm,
     C: Annotated[
         str, typer.Option("--C", help="Regularisation: a number, or auto (cross-validated).")
     ] = "auto",
@@ -470,11 +483,41 @@ def fit_cmd(
     workers: WorkersOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOpt = False,
+    hidden: ct.HiddenOpt = None,
+    dropout: ct.DropoutOpt = None,
+    head_bn: ct.HeadBNOpt = False,
+    freeze: ct.FreezeOpt = None,
+    freeze_to: ct.FreezeToOpt = None,
+    freeze_epochs: ct.FreezeEpochsOpt = 0,
+    bn: ct.BNOpt = ct.BN.frozen,
+    lr: ct.LROpt = None,
+    layer_decay: ct.LayerDecayOpt = None,
+    lr_groups: ct.LRGroupsOpt = None,
+    optimizer: ct.OptimizerOpt = ct.Optimizer.adamw,
+    momentum: ct.MomentumOpt = 0.9,
+    weight_decay: ct.WeightDecayOpt = 0.01,
+    warmup_epochs: ct.WarmupOpt = 1.0,
+    label_smoothing: ct.SmoothingOpt = 0.1,
+    class_weight: ct.ClassWeightOpt = None,
+    epochs: ct.EpochsOpt = 10,
+    patience: ct.PatienceOpt = None,
+    augment: ct.AugmentOpt = None,
+    cache: ct.CacheOpt = ct.Cache.memory,
+    cache_dir: ct.CacheDirOpt = None,
+    resume: ct.ResumeOpt = None,
 ):
-    """Extract features and fit a linear SVM (or logistic regression) on them.
+    """Fit a linear SVM (or logistic regression) on extracted features, or train a new
+    neural head (--head linear|mlp), optionally fine-tuning part of the network.
 
     Example: tlearn fit sample_data/roads/train --val sample_data/roads/val -o roads-model
+
+    Example: tlearn fit hymenoptera --head linear --freeze-to auto --layer-decay 0.5 -o bees
     """
+    if resume is not None or head in (Head.linear, Head.mlp):
+        return ct.fit_nn_command(ctx, err, out)
+    ct.check_not_nn(ctx)
+    if output is None:
+        raise UsageError("missing -o/--output: the model directory to create")
     from .pipeline import fit
 
     with _Bars(quiet) as bars:
@@ -562,6 +605,7 @@ def predict_cmd(
     ] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file.")] = None,
     strict: StrictOpt = False,
+    tta: ct.TTAOpt = ct.TTA.none,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -583,6 +627,7 @@ def predict_cmd(
             model_dir,
             paths,
             strict=strict,
+            tta=tta.value,
             run=_run_options(batch_size, device, workers, quiet, bars),
             shard=part,
         )
@@ -688,6 +733,7 @@ def evaluate_cmd(
     ] = None,
     labels: LabelsOpt = None,
     strict: StrictOpt = False,
+    tta: ct.TTAOpt = ct.TTA.none,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -706,6 +752,7 @@ def evaluate_cmd(
             data,
             labels_csv=labels,
             strict=strict,
+            tta=tta.value,
             run=_run_options(batch_size, device, workers, quiet, bars),
         )
     _report_skips(res.skipped, res.warnings, quiet)

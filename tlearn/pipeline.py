@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import backbone as bb
+from . import infer
 from .artifacts import SavedModel, build_config, load_model, save_model
 from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
 from .data import scan_inputs as scan_unlabeled
@@ -537,22 +538,29 @@ def predict(
     inputs: Sequence[str | Path],
     *,
     strict: bool = False,
+    tta: str = "none",
     run: RunOptions | None = None,
     shard: Shard | None = None,
 ) -> PredictResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
-    head = _head(saved)
+    nn_model = infer.is_nn(saved)
+    head = None if nn_model else _head(saved)
+    score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
     part, n_scan_skipped = None, 0
     if len(inputs) == 1 and is_features_csv(inputs[0]):
         table = read_features_csv(inputs[0])
         if bb.CutSpec.from_dict(table.meta["cut"]) != saved.cut:
             raise DataError(f"{inputs[0]} was extracted with another cut than the model's")
+        _no_tta_on_features(tta)
         paths, X, skipped, warnings = table.paths, table.X, [], []
         if shard is not None:
             part = plan_part(shard, paths, None, [], run.batch_size)
             paths, X = paths[part.start : part.stop], X[part.start : part.stop]
-        positions = np.arange(len(paths))
+        batch_of = np.arange(len(paths)) // max(1, run.batch_size)
+        scores = score_by_batch(
+            lambda x: _feature_scores(saved, head, x), X, batch_of, len(saved.classes)
+        )
     else:
         images = scan_unlabeled(list(inputs))
         if len(images) == 0 and not images.skipped:
@@ -561,14 +569,19 @@ def predict(
         if shard is not None:
             part = plan_part(shard, images.paths, None, images.skipped, run.batch_size)
             images = images.subset(range(part.start, part.stop))
-        feats = _saved_features(saved, images, run, "predict")
-        paths = [images.paths[i] for i in feats.indices]
-        X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
-        positions = feats.indices
+        if nn_model or tta != "none":
+            scored = _scored(saved, images.paths, tta, run, "predict")
+            paths = [images.paths[i] for i in scored.indices]
+            scores, skipped = scored.scores, images.skipped + scored.skipped
+            warnings = images.warnings
+        else:
+            feats = _saved_features(saved, images, run, "predict")
+            paths = [images.paths[i] for i in feats.indices]
+            X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
+            batch_of = np.asarray(feats.indices) // max(1, run.batch_size)
+            scores = score_by_batch(head.scores, X, batch_of, len(saved.classes))
     if strict and skipped:
         raise strict_failure(skipped)
-    batch_of = positions // max(1, run.batch_size)
-    scores = score_by_batch(head.scores, X, batch_of, len(saved.classes))
     preds = [
         Prediction(
             path=p,
@@ -581,10 +594,33 @@ def predict(
     return PredictResult(
         predictions=preds,
         classes=saved.classes,
-        score_kind="probability" if head.kind == "logreg" else "svm margin",
+        score_kind=score_kind,
         skipped=skipped,
         warnings=list(warnings),
         part=None if part is None else part.info(skipped[n_scan_skipped:]),
+    )
+
+
+def _no_tta_on_features(tta: str) -> None:
+    if tta != "none":
+        raise UsageError(f"--tta {tta} needs images, not a features CSV; use --tta none")
+
+
+def _feature_scores(saved: SavedModel, head: LinearHead | None, X: np.ndarray) -> np.ndarray:
+    if len(X) == 0:
+        return np.zeros((0, len(saved.classes)))
+    return infer.nn_scores_from_features(saved, X) if head is None else head.scores(X)
+
+
+def _scored(saved: SavedModel, paths, tta: str, run: RunOptions, stage: str):
+    return infer.score_images(
+        saved,
+        paths,
+        tta=tta,
+        batch_size=run.batch_size,
+        device=run.device,
+        workers=run.workers,
+        progress=run.bar(stage),
     )
 
 
@@ -610,11 +646,14 @@ def evaluate(
     *,
     labels_csv: str | Path | None = None,
     strict: bool = False,
+    tta: str = "none",
     run: RunOptions | None = None,
 ) -> EvaluateResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
-    head = _head(saved)
+    nn_model = infer.is_nn(saved)
+    head = None if nn_model else _head(saved)
+    score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
     classes = saved.classes
     if is_features_csv(data):
         table = read_features_csv(data)
@@ -624,8 +663,10 @@ def evaluate(
         unknown = sorted({lab for lab in table.labels if lab not in classes})
         if unknown:
             raise DataError(f"{data}: class(es) {', '.join(unknown)} are not in the model")
+        _no_tta_on_features(tta)
         y = np.asarray([classes.index(lab) for lab in table.labels], dtype=np.int64)
-        X, skipped, warnings = table.X, [], []
+        scores = _feature_scores(saved, head, table.X)
+        skipped, warnings = [], []
         paths = list(table.paths)
     else:
         if labels_csv is not None:
@@ -636,17 +677,27 @@ def evaluate(
             images = scan_class_folders(data, classes=classes)
         if len(images) == 0:
             raise DataError(f"no images found in {data}")
-        feats = _saved_features(saved, images, run, "evaluate")
         remap = np.asarray([classes.index(c) for c in images.classes], dtype=np.int64)
-        y = remap[np.asarray(images.labels, dtype=np.int64)[feats.indices]]
-        X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
-        paths = [images.paths[i] for i in feats.indices]
+        if nn_model or tta != "none":
+            scored = _scored(saved, images.paths, tta, run, "evaluate")
+            indices, scores = scored.indices, scored.scores
+            skipped = images.skipped + scored.skipped
+        else:
+            feats = _saved_features(saved, images, run, "evaluate")
+            indices = feats.indices
+            scores = head.scores(feats.X) if len(indices) else np.zeros((0, len(classes)))
+            skipped = images.skipped + feats.skipped
+        y = remap[np.asarray(images.labels, dtype=np.int64)[indices]]
+        warnings = images.warnings
+        paths = [images.paths[i] for i in indices]
     if strict and skipped:
         raise strict_failure(skipped)
-    y_pred = head.predict(X)
+    y_pred = scores.argmax(axis=1) if len(scores) else np.zeros(0, dtype=np.int64)
     metrics = classification_metrics(y, y_pred, classes)
     metrics["model"] = str(model_dir)
     metrics["skipped"] = len(skipped)
+    if tta != "none":
+        metrics["tta"] = tta
     return EvaluateResult(
         metrics=metrics,
         skipped=skipped,
@@ -654,6 +705,6 @@ def evaluate(
         paths=paths,
         y_true=y,
         y_pred=y_pred,
-        scores=head.scores(X) if len(y) else np.zeros((0, len(classes))),
-        score_kind="probability" if head.kind == "logreg" else "svm margin",
+        scores=scores,
+        score_kind=score_kind,
     )

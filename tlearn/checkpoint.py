@@ -1,0 +1,123 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint is a folder MODEL_DIR/checkpoint/ holding
+  state.json            epoch, step, settings, history, early-stopping state, scaler state
+  weights.safetensors   the tensors training can change (trainable parameters, their
+                        modules' BatchNorm statistics, the head)
+  best.safetensors      the same tensors at the best epoch so far
+  optimizer.safetensors the optimiser's per-parameter state, flattened to
+                        "state.<index>.<key>"; its param groups' scalars live in state.json
+It is rewritten as a whole at the end of every epoch (atomic_dir), so an interrupted run
+leaves the previous epoch's checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import ArtifactError
+from .fsutil import atomic_dir, write_json
+
+CHECKPOINT_DIR = "checkpoint"
+STATE = "state.json"
+WEIGHTS = "weights.safetensors"
+BEST = "best.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, json) that together hold `opt.state_dict()`."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+            elif value is None or isinstance(value, (int, float, bool, str)):
+                scalars.setdefault(str(idx), {})[key] = value
+            else:
+                raise TypeError(f"cannot store optimiser state {key} of type {type(value)}")
+    groups = []
+    for g in sd["param_groups"]:
+        groups.append({k: list(v) if isinstance(v, tuple) else v for k, v in g.items()})
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def optimizer_from_flat(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
+    state: dict[int, dict] = {}
+    for name, t in tensors.items():
+        _, idx, key = name.split(".", 2)
+        state.setdefault(int(idx), {})[key] = t
+    for idx, d in meta.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(d)
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    current = opt.state_dict()["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in current]:
+        raise ArtifactError(
+            "the checkpoint's optimiser groups do not match this network; start a new run"
+        )
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(
+    model_dir: str | Path,
+    state: dict,
+    weights: dict[str, torch.Tensor],
+    best: dict[str, torch.Tensor] | None,
+    opt: torch.optim.Optimizer,
+) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(model_dir) / CHECKPOINT_DIR
+    opt_tensors, opt_meta = optimizer_to_flat(opt)
+    with atomic_dir(path, force=True) as tmp:
+        save_file(_cpu(weights), str(tmp / WEIGHTS))
+        if best is not None:
+            save_file(_cpu(best), str(tmp / BEST))
+        save_file(opt_tensors, str(tmp / OPTIMIZER))
+        write_json(tmp / STATE, {**state, "optimizer": opt_meta})
+    return path
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+
+def has_checkpoint(model_dir: str | Path) -> bool:
+    return (Path(model_dir) / CHECKPOINT_DIR / STATE).is_file()
+
+
+def read_state(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / CHECKPOINT_DIR / STATE
+    if not path.is_file():
+        raise ArtifactError(
+            f"{model_dir} has no training checkpoint to resume ({CHECKPOINT_DIR}/{STATE}); "
+            "start a new run with -o (and --force to replace it)"
+        )
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}); start a new run") from None
+
+
+def load_tensors(model_dir: str | Path, name: str) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    path = Path(model_dir) / CHECKPOINT_DIR / name
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise ArtifactError(f"{path}: unreadable checkpoint file ({e}); start a new run") from None

@@ -1,0 +1,505 @@
+"""Command-line side of `tlearn fit --head linear|mlp`: the options (shown in their own
+help panel), one call to train.fit_nn / train.resume_nn, and the rendering: the
+parameter-group table, one progress bar per epoch, and the summary table.
+
+Part of the CLI layer (typer and rich live here), kept apart from cli.py so the neural
+head's many options do not crowd the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .errors import UsageError
+
+PANEL = "Neural head and fine-tuning (--head linear|mlp)"
+
+
+class Freeze(str, Enum):
+    all = "all"
+    none = "none"
+
+
+class BN(str, Enum):
+    frozen = "frozen"
+    train = "train"
+
+
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Augment(str, Enum):
+    none = "none"
+    flip = "flip"
+    light = "light"
+    standard = "standard"
+
+
+class ClassWeight(str, Enum):
+    balanced = "balanced"
+
+
+class Cache(str, Enum):
+    memory = "memory"
+    disk = "disk"
+    off = "off"
+
+
+class TTA(str, Enum):
+    none = "none"
+    flip = "flip"
+    tencrop = "10crop"
+
+
+def _opt(*names, help: str, **kw):
+    return typer.Option(*names, help=help, rich_help_panel=PANEL, **kw)
+
+
+HiddenOpt = Annotated[
+    str | None, _opt("--hidden", help="mlp: hidden layer sizes, e.g. 512 or 512,256 (default 512).")
+]
+DropoutOpt = Annotated[
+    float | None,
+    _opt(
+        "--dropout",
+        help="Dropout: before the linear layer (default 0.2), or after each mlp "
+        "hidden layer (default 0.5).",
+        min=0.0,
+        max=0.99,
+    ),
+]
+HeadBNOpt = Annotated[bool, _opt("--head-bn", help="mlp: batch norm after each hidden layer.")]
+FreezeOpt = Annotated[
+    Freeze | None,
+    _opt("--freeze", help="all: only the head trains (the default); none: everything trains."),
+]
+FreezeToOpt = Annotated[
+    str | None,
+    _opt(
+        "--freeze-to",
+        help="Freeze everything up to and including LAYER (a name from "
+        "`tlearn layers`), train the rest; auto: the stage before the last one (e.g. blocks.4). "
+        "The default when --layer-decay is given.",
+        metavar="LAYER",
+    ),
+]
+FreezeEpochsOpt = Annotated[
+    int,
+    _opt(
+        "--freeze-epochs",
+        help="Train the head alone for N epochs first, then unfreeze "
+        "as requested (fastai's fine_tune).",
+        min=0,
+    ),
+]
+BNOpt = Annotated[
+    BN,
+    _opt(
+        "--bn",
+        help="BatchNorm in frozen parts: frozen (eval mode, fixed statistics) or "
+        "train (statistics update; disables caching).",
+    ),
+]
+LROpt = Annotated[
+    float | None, _opt("--lr", help="The head's learning rate (default 1e-3 adamw, 1e-2 sgd).")
+]
+LayerDecayOpt = Annotated[
+    float | None,
+    _opt(
+        "--layer-decay",
+        help="Each layer group below the head learns D times slower than the "
+        "one above (timm's layer-wise decay; default 0.5 when the backbone trains).",
+        metavar="D",
+    ),
+]
+LRGroupsOpt = Annotated[
+    str | None,
+    _opt(
+        "--lr-groups",
+        help="Explicit rates per module group, 0 = frozen, e.g. 'conv_stem,bn1,blocks.0-1=0; "
+        "blocks.2-4=1e-4; blocks.5-6=3e-4; head=1e-3'. Modules not named join the group of "
+        "the nearest module before them (here conv_head and bn2 join blocks.5-6).",
+        metavar="SPEC",
+    ),
+]
+OptimizerOpt = Annotated[Optimizer, _opt("--optimizer", help="AdamW, or SGD with momentum.")]
+MomentumOpt = Annotated[float, _opt("--momentum", help="SGD momentum.")]
+WeightDecayOpt = Annotated[
+    float, _opt("--weight-decay", help="Weight decay (never on norms and biases).")
+]
+WarmupOpt = Annotated[
+    float, _opt("--warmup-epochs", help="Linear warm-up before the cosine schedule.")
+]
+SmoothingOpt = Annotated[float, _opt("--label-smoothing", help="Label smoothing.")]
+ClassWeightOpt = Annotated[
+    ClassWeight | None,
+    _opt("--class-weight", help="balanced: weight the loss by inverse class frequency."),
+]
+EpochsOpt = Annotated[int, _opt("--epochs", help="Epochs to train.", min=1)]
+PatienceOpt = Annotated[
+    int | None,
+    _opt(
+        "--patience",
+        help="Stop after N epochs without a better validation accuracy "
+        "(default: never); the best epoch's weights are kept either way.",
+        min=1,
+    ),
+]
+AugmentOpt = Annotated[
+    Augment | None,
+    _opt(
+        "--augment",
+        help="none; flip; light: random-resized crop + flip (AlexNet's recipe); "
+        "standard: light + colour jitter. Default: light when the backbone trains, else flip. "
+        "With none or flip, frozen layers run "
+        "once and are cached; flip then mirrors the cached feature maps of a partly frozen "
+        "network, a cheap approximation of mirroring the image.",
+    ),
+]
+CacheOpt = Annotated[
+    Cache,
+    _opt(
+        "--cache",
+        help="Where cached outputs of frozen layers live: memory (fp16 maps), "
+        "disk (memory-mapped, under --cache-dir), or off (run every layer every epoch).",
+    ),
+]
+CacheDirOpt = Annotated[
+    Path | None, _opt("--cache-dir", help="Folder for --cache disk (default: system temp).")
+]
+ResumeOpt = Annotated[
+    Path | None,
+    _opt(
+        "--resume",
+        help="Continue the interrupted run in MODEL_DIR from its last checkpoint (same settings).",
+        metavar="MODEL_DIR",
+    ),
+]
+TTAOpt = Annotated[
+    TTA,
+    typer.Option(
+        "--tta",
+        help="Test-time augmentation: none, flip, or 10crop (four corners + "
+        "centre and their mirrors); scores are averaged.",
+    ),
+]
+
+# fit options that only mean something for neural heads (CLI name -> TrainOptions field)
+NN_ONLY = {
+    "hidden": "hidden",
+    "dropout": "dropout",
+    "head_bn": "head_bn",
+    "freeze": "freeze",
+    "freeze_to": "freeze_to",
+    "freeze_epochs": "freeze_epochs",
+    "bn": "bn",
+    "lr": "lr",
+    "layer_decay": "layer_decay",
+    "lr_groups": "lr_groups",
+    "optimizer": "optimizer",
+    "momentum": "momentum",
+    "weight_decay": "weight_decay",
+    "warmup_epochs": "warmup_epochs",
+    "label_smoothing": "label_smoothing",
+    "class_weight": "class_weight",
+    "epochs": "epochs",
+    "patience": "patience",
+    "augment": "augment",
+    "cache": "cache",
+    "cache_dir": "cache_dir",
+}
+# other fit options that change a run (CLI name -> Settings / TrainOptions key)
+RUN_KEYS = {
+    "head": "head",
+    "model": "model",
+    "weights": "weights",
+    "layer": "layers",
+    "pool": "pool",
+    "seed": "seed",
+    "val": "val",
+    "val_split": "val_split",
+    "labels": "labels_csv",
+    "batch_size": "batch_size",
+}
+
+
+def _value(v):
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def given(ctx: typer.Context, name: str) -> bool:
+    # Compared by name: typer may ship its own copy of click's ParameterSource enum.
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def check_not_nn(ctx: typer.Context) -> None:
+    """Neural-head options given with --head svm|logreg are a mistake: say so."""
+    for name in NN_ONLY:
+        if given(ctx, name):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{flag} applies to neural heads only; add --head linear or --head mlp "
+                "(the default --head svm has no epochs or learning rates)"
+            )
+
+
+def fit_nn_command(ctx: typer.Context, err, out) -> None:
+    from .pipeline import RunOptions
+    from .train import TrainOptions, fit_nn, resume_nn
+
+    p = ctx.params
+    quiet = p["quiet"]
+    if p.get("C") is not None and given(ctx, "C"):
+        raise UsageError("--C applies to --head svm|logreg; neural heads use --lr and --epochs")
+    view = TrainView(err, quiet)
+    try:
+        with view:
+            run = RunOptions(
+                batch_size=p["batch_size"],
+                device=p["device"],
+                workers=p["workers"],
+                progress=view.progress_cb,
+            )
+            if p["resume"] is not None:
+                same = (
+                    p["output"] is None
+                    or Path(p["output"]).resolve() == Path(p["resume"]).resolve()
+                )
+                if not same:
+                    raise UsageError("--resume continues MODEL_DIR in place; drop -o or repeat it")
+                changed = {}
+                for name, key in {**NN_ONLY, **RUN_KEYS}.items():
+                    if given(ctx, name):
+                        changed[key] = _value(p[name])
+                if "layers" in changed and isinstance(changed["layers"], str):
+                    changed["layers"] = [
+                        s.strip() for s in changed["layers"].split(",") if s.strip()
+                    ]
+                res = resume_nn(p["resume"], p["data"], changed=changed, run=run, events=view.event)
+            else:
+                if p["output"] is None:
+                    raise UsageError("missing -o/--output: the model directory to create")
+                options = TrainOptions(
+                    head=p["head"].value,
+                    **{field: _value(p[name]) for name, field in NN_ONLY.items()},
+                )
+                res = fit_nn(
+                    p["data"],
+                    p["output"],
+                    options=options,
+                    model=p["model"],
+                    weights=p["weights"],
+                    layers=p["layer"],
+                    pool=p["pool"].value,
+                    val=p["val"],
+                    val_split=p["val_split"],
+                    labels_csv=p["labels"],
+                    seed=p["seed"],
+                    force=p["force"],
+                    run=run,
+                    events=view.event,
+                )
+    except KeyboardInterrupt:
+        _interrupted_hint(err, p)
+        raise
+    from .cli import _metrics_table, _report_skips
+
+    _report_skips(res.skipped, res.warnings, quiet)
+    if p["as_json"]:
+        typer.echo(
+            json.dumps(
+                {
+                    "model_dir": res.out_dir,
+                    "classes": res.classes,
+                    "n_train": res.n_train,
+                    "n_val": res.n_val,
+                    "mode": res.mode,
+                    "groups": res.groups,
+                    "history": res.history,
+                    "best_epoch": res.best_epoch,
+                    "stopped_early": res.stopped_early,
+                    "validation": res.val_metrics,
+                    "skipped": len(res.skipped),
+                    "seconds": res.seconds,
+                }
+            )
+        )
+        return
+    if not quiet:
+        out.print(history_table(res.history, res.best_epoch))
+    best = f", best epoch {res.best_epoch}" if res.best_epoch and res.n_val else ""
+    stop = " (stopped early)" if res.stopped_early else ""
+    out.print(
+        f"trained {res.settings['options']['head']} head on {res.n_train} images, "
+        f"{len(res.classes)} classes, {len(res.history)} epochs{stop}{best} in "
+        f"{res.seconds:.1f}s -> {res.out_dir}",
+        highlight=False,
+    )
+    if res.val_metrics:
+        out.print(_metrics_table(res.val_metrics, f"validation on {res.n_val} images"))
+        out.print(
+            f"validation accuracy {res.val_metrics['accuracy']:.3f}, balanced "
+            f"{res.val_metrics['balanced_accuracy']:.3f}",
+            highlight=False,
+        )
+
+
+def _interrupted_hint(err, p) -> None:
+    from .checkpoint import has_checkpoint, read_state
+
+    target = p["resume"] or p["output"]
+    if target is not None and has_checkpoint(target):
+        epoch = read_state(target).get("epoch")
+        err.print(
+            f"epoch {epoch} is saved in {target}; continue with: tlearn fit {p['data']} "
+            f"--resume {target}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _lr(v) -> str:
+    return "frozen" if v is None else f"{v:.3g}"
+
+
+def groups_table(info: dict) -> Table:
+    where = {
+        "features": "backbone frozen: features computed once",
+        "prefix": f"frozen prefix up to {info['split'][0].removeprefix('model.')} cached"
+        if info.get("split")
+        else "frozen prefix cached",
+        "images": "every layer runs every epoch",
+    }[info["mode"]]
+    t = Table(title=f"parameter groups ({where}; augment {info['augment']})")
+    for col, just in (
+        ("#", "right"),
+        ("modules", "left"),
+        ("params", "right"),
+        ("lr", "right"),
+        ("trains", "left"),
+    ):
+        t.add_column(col, justify=just, overflow="fold")
+    for i, r in enumerate(info["rows"]):
+        t.add_row(
+            str(i),
+            ", ".join(r["modules"]),
+            f"{r['n_params']:,}",
+            _lr(r["lr"]),
+            "no" if r["frozen"] else "yes",
+        )
+    return t
+
+
+def history_table(history: list[dict], best: int | None) -> Table:
+    t = Table(title="training history (* = best epoch, kept)")
+    for col in ("epoch", "lr", "train loss", "train acc", "val loss", "val acc", "s", "img/s"):
+        t.add_column(col, justify="right")
+    for r in history:
+        mark = " *" if r["epoch"] == best else ""
+        t.add_row(
+            f"{r['epoch']}{mark}",
+            f"{r['lr']:.2e}",
+            f"{r['train_loss']:.3f}",
+            f"{r['train_acc']:.3f}",
+            "-" if r.get("val_loss") is None else f"{r['val_loss']:.3f}",
+            "-" if r.get("val_acc") is None else f"{r['val_acc']:.3f}",
+            f"{r['seconds']:.1f}",
+            f"{r['images_per_s']:.0f}",
+        )
+    return t
+
+
+class TrainView:
+    """Progress for a training run on stderr: bars on a terminal, one line per epoch
+    otherwise; nothing with --quiet (errors still show)."""
+
+    def __init__(self, err, quiet: bool):
+        self.err = err
+        self.quiet = quiet
+        self.live = not quiet and err.is_terminal
+        self.progress = None
+        self.tasks: dict[str, int] = {}
+        self.epoch_task = None
+
+    def __enter__(self):
+        if self.live:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=self.err,
+                transient=False,
+            )
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def progress_cb(self, stage: str, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(stage, total=total, info="")
+        self.progress.update(self.tasks[stage], completed=done, total=total)
+
+    def event(self, name: str, data: dict) -> None:
+        if self.quiet:
+            return
+        if name == "groups":
+            self.err.print(groups_table(data))
+        elif name == "epoch_start" and self.progress is not None:
+            self.epoch_task = self.progress.add_task(
+                f"epoch {data['epoch']}/{data['epochs']}", total=data["total"], info=""
+            )
+        elif name == "batch" and self.progress is not None and self.epoch_task is not None:
+            self.progress.update(
+                self.epoch_task,
+                completed=data["done"],
+                info=f"loss {data['loss']:.3f} acc {data['acc']:.3f} "
+                f"{data['images_per_s']:.0f} img/s",
+            )
+        elif name == "epoch_end":
+            val = (
+                ""
+                if data.get("val_acc") is None
+                else f" | val loss {data['val_loss']:.3f} acc {data['val_acc']:.3f}"
+                + (" *" if data.get("best") else "")
+            )
+            line = (
+                f"loss {data['train_loss']:.3f} acc {data['train_acc']:.3f}{val} "
+                f"({data['seconds']:.1f}s, {data['images_per_s']:.0f} img/s)"
+            )
+            if self.progress is not None and self.epoch_task is not None:
+                self.progress.update(self.epoch_task, info=line)
+            else:
+                self.err.print(f"epoch {data['epoch']}: {line}", highlight=False)
+            if data.get("stopped_early"):
+                self.err.print("stopping early: no better validation accuracy", highlight=False)

@@ -1,0 +1,156 @@
+"""Scores for images from a saved model: neural-head models (with their fine-tuned
+backbone when one was trained) and linear models, with optional test-time augmentation.
+
+TTA averages over the views of each image (augment.tta_transform): softmax probabilities
+for neural heads and logistic regression, decision scores (margins) for SVMs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import backbone as bb
+from .augment import check_tta, tta_transform
+from .data import Skipped
+from .errors import ArtifactError, DataError, UsageError
+from .features import ImageDataset, collate_skipping, default_workers, resolve_device
+from .preprocess import resize_target
+
+
+def is_nn(saved) -> bool:
+    from .nnhead import NN_HEADS
+
+    return saved.head_type in NN_HEADS
+
+
+@dataclass
+class Scored:
+    indices: np.ndarray  # positions in the input list of the images that could be read
+    scores: np.ndarray  # (n, K)
+    score_kind: str
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def build_backbone(saved):
+    """The backbone a model predicts with: the fine-tuned weights saved in the model
+    directory, or (frozen backbone) the original weights, checked by sha256."""
+    from .pipeline import backbone_for_spec, open_backbone
+
+    if saved.backbone is None:
+        return backbone_for_spec(saved.cut).model
+    model = open_backbone(saved.cut.model, "none").model
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in saved.backbone.items()}
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ArtifactError(
+            f"{saved.path}: backbone weights do not fit the model ({first})"
+        ) from None
+    return model.eval()
+
+
+def load_nn_net(saved):
+    """The TransferNet of a saved neural-head model, in eval mode."""
+    from .network import TransferNet
+    from .nnhead import NNHead
+
+    cfg = saved.config
+    model = build_backbone(saved)
+    size = int(saved.data_config["input_size"][1])
+    head = NNHead(cfg["head"], int(cfg["feature_dim"]), len(saved.classes))
+    head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in saved.tensors.items()})
+    net = TransferNet(model, saved.cut.layers, saved.cut.pool, head, size)
+    return net.eval()
+
+
+def nn_scores_from_features(saved, X: np.ndarray) -> np.ndarray:
+    """Probabilities from pooled features (a features CSV) for a model whose backbone
+    was not trained."""
+    from .nnhead import NNHead
+
+    if saved.backbone is not None:
+        raise UsageError(
+            "this model fine-tuned its backbone, so features extracted with the original "
+            "weights do not fit it; give images instead of a features CSV"
+        )
+    head = NNHead(saved.config["head"], int(saved.config["feature_dim"]), len(saved.classes))
+    head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in saved.tensors.items()})
+    head.eval()
+    with torch.inference_mode():
+        return torch.softmax(head(torch.as_tensor(X, dtype=torch.float32)), 1).numpy()
+
+
+def score_images(
+    saved,
+    paths: Sequence[str],
+    *,
+    tta: str = "none",
+    batch_size: int = 32,
+    device: str = "auto",
+    workers: int | None = None,
+    progress=None,
+) -> Scored:
+    """Per-class scores for every readable image; unreadable ones go to `skipped`."""
+    from .heads import LinearHead
+
+    check_tta(tta)
+    if batch_size < 1:
+        raise DataError(f"--batch-size {batch_size}: must be at least 1")
+    dev = resolve_device(device)
+    if is_nn(saved):
+        net = load_nn_net(saved).to(dev)
+        kind = "probability"
+
+        def score(x: torch.Tensor) -> torch.Tensor:
+            return torch.softmax(net(x).float(), 1)
+
+    else:
+        head = LinearHead.from_saved(saved.config["head"], saved.tensors, saved.classes)
+        backbone = _linear_backbone(saved)
+        fnet = bb.FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval().to(dev)
+        kind = "probability" if head.kind == "logreg" else "svm margin"
+
+        def score(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(head.scores(fnet(x).float().cpu().numpy())))
+
+    ds = ImageDataset(
+        paths, tta_transform(saved.data_config, tta), min_size=resize_target(saved.data_config)
+    )
+    n_workers = default_workers(len(paths), batch_size) if workers is None else workers
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=n_workers,
+        collate_fn=collate_skipping,
+        pin_memory=dev.type == "cuda",
+    )
+    skipped: list[Skipped] = []
+    idx: list[int] = []
+    parts: list[np.ndarray] = []
+    done = 0
+    with torch.inference_mode():
+        for batch_idx, x, bad in loader:
+            skipped.extend(Skipped(str(paths[i]), r) for i, r in bad)
+            if x is not None:
+                b, v = x.shape[:2]
+                s = score(x.flatten(0, 1).to(dev, non_blocking=True)).cpu()
+                parts.append(s.reshape(b, v, -1).mean(1).numpy())
+                idx.extend(batch_idx)
+            done += len(batch_idx) + len(bad)
+            if progress is not None:
+                progress(done, len(paths))
+    K = len(saved.classes)
+    scores = np.concatenate(parts) if parts else np.zeros((0, K), dtype=np.float32)
+    return Scored(np.asarray(idx, dtype=np.int64), scores, kind, skipped)
+
+
+def _linear_backbone(saved):
+    from .pipeline import backbone_for_spec
+
+    return backbone_for_spec(saved.cut)

@@ -1,0 +1,1113 @@
+"""Fine-tuning: a new neural head on the cut network, freezing, learning rates per layer
+group, augmentation, validation every epoch, early stopping, checkpoints and resume.
+
+How an epoch runs depends on what is frozen (`mode`):
+- features: the backbone never trains and augmentation is none/flip: pooled features are
+  computed once (and once more for the mirrored images with flip) and the head trains on
+  them; no backbone pass per epoch.
+- prefix:   everything below a block boundary (--freeze-to) is frozen and augmentation is
+  none/flip: the frozen prefix's output maps are computed once (fp16, in memory or on
+  disk) and each epoch runs only the trainable suffix and the head. With flip the cached
+  maps are mirrored, a cheap stand-in for mirroring the image (not exact).
+- images:   every epoch decodes and augments the images and runs the network (the frozen
+  prefix without autograd).
+Validation images are never augmented, so their frozen prefix is computed once too.
+
+Nothing here prints: progress and results go through the `events` callback as
+(name, dict) pairs, and the CLI renders them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from . import backbone as bb
+from . import checkpoint as ckpt
+from .augment import CACHEABLE_AUGMENTS, check_augment, train_transform
+from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
+from .errors import ArtifactError, DataError, UsageError
+from .features import ImageDataset, collate_skipping, default_workers, resolve_device
+from .groups import GroupPlan, apply_freeze, build_optimizer, plan_groups, set_train_mode
+from .network import TransferNet, feature_dim
+from .nnhead import NN_HEADS, NNHead, head_config
+from .preprocess import eval_transform, resize_target
+
+Events = Callable[[str, dict], None]
+BN_MODES = ("frozen", "train")
+OPTIMIZERS = ("adamw", "sgd")
+CACHE_MODES = ("memory", "disk", "off")
+DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
+HISTORY_COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "seconds",
+    "images_per_s",
+)
+
+
+@dataclass
+class TrainOptions:
+    """Settings that change what is learned. None = the documented default."""
+
+    head: str = "linear"
+    hidden: str | None = None
+    dropout: float | None = None
+    head_bn: bool = False
+    freeze: str | None = None
+    freeze_to: str | None = None
+    freeze_epochs: int = 0
+    bn: str = "frozen"
+    lr: float | None = None
+    layer_decay: float | None = None
+    lr_groups: str | None = None
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    class_weight: str | None = None
+    epochs: int = 10
+    patience: int | None = None
+    augment: str | None = None
+    cache: str = "memory"
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class NNFitResult:
+    out_dir: str
+    classes: list[str]
+    n_train: int
+    n_val: int
+    groups: list[dict]
+    mode: str
+    history: list[dict]
+    best_epoch: int | None
+    val_metrics: dict | None
+    stopped_early: bool
+    skipped: list[Skipped]
+    warnings: list[str]
+    seconds: float
+    settings: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def check_options(o: TrainOptions) -> None:
+    if o.head not in NN_HEADS:
+        raise UsageError(f"unknown neural head '{o.head}'; allowed: {', '.join(NN_HEADS)}")
+    head_config(o.head, hidden=o.hidden, dropout=o.dropout, batchnorm=o.head_bn)
+    if o.augment is not None:
+        check_augment(o.augment)
+    if o.epochs < 1:
+        raise UsageError(f"--epochs {o.epochs}: must be at least 1")
+    if not 0 <= o.freeze_epochs < o.epochs:
+        raise UsageError(
+            f"--freeze-epochs {o.freeze_epochs}: must be at least 0 and below --epochs "
+            f"({o.epochs}); the head trains alone for that many epochs, then the rest"
+        )
+    if o.bn not in BN_MODES:
+        raise UsageError(f"unknown --bn '{o.bn}'; allowed: {', '.join(BN_MODES)}")
+    if o.optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown --optimizer '{o.optimizer}'; allowed: {', '.join(OPTIMIZERS)}")
+    if o.lr is not None and not o.lr > 0:
+        raise UsageError(f"--lr {o.lr}: must be positive, e.g. 1e-3")
+    if not o.weight_decay >= 0:
+        raise UsageError(f"--weight-decay {o.weight_decay}: must be 0 or positive")
+    if not 0 <= o.momentum < 1:
+        raise UsageError(f"--momentum {o.momentum}: must be in [0, 1), e.g. 0.9")
+    if not o.warmup_epochs >= 0:
+        raise UsageError(f"--warmup-epochs {o.warmup_epochs}: must be 0 or positive")
+    if not 0 <= o.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing {o.label_smoothing}: must be in [0, 1), e.g. 0.1")
+    if o.class_weight not in (None, "balanced"):
+        raise UsageError(f"--class-weight '{o.class_weight}': the only choice is balanced")
+    if o.patience is not None and o.patience < 1:
+        raise UsageError(f"--patience {o.patience}: must be at least 1 epoch")
+    if o.cache not in CACHE_MODES:
+        raise UsageError(f"unknown --cache '{o.cache}'; allowed: {', '.join(CACHE_MODES)}")
+    if o.freeze_epochs and o.freeze == "all":
+        raise UsageError(
+            "--freeze-epochs with --freeze all: the head trains alone anyway; drop one"
+        )
+
+
+def default_augment(backbone_trains: bool) -> str:
+    """light (random-resized crop + flip) when the backbone trains: fine-tuning on a small
+    folder overfits without it. flip for a frozen backbone: exact and cheap there, since
+    the features of each image and of its mirror image are computed once."""
+    return "light" if backbone_trains else "flip"
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _fingerprint(train: ImageSet, val: ImageSet | None) -> str:
+    h = hashlib.sha256()
+    for s in (train, val):
+        if s is not None:
+            h.update(json.dumps([s.paths, s.labels, s.classes]).encode())
+    return h.hexdigest()
+
+
+def _split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise UsageError(f"--val-split {fraction}: must be between 0 and 1, e.g. 0.2")
+    y = np.asarray(images.labels)
+    counts = np.bincount(y)
+    stratify = y if counts[counts > 0].min() >= 2 else None
+    try:
+        tr, va = train_test_split(
+            np.arange(len(y)), test_size=fraction, random_state=seed, stratify=stratify
+        )
+    except ValueError as e:
+        raise DataError(f"--val-split {fraction}: cannot split {len(y)} images ({e})") from None
+    return images.subset(sorted(tr.tolist())), images.subset(sorted(va.tolist()))
+
+
+def load_datasets(
+    data, *, val=None, val_split=None, labels_csv=None, seed: int = 0
+) -> tuple[ImageSet, ImageSet | None]:
+    """Training images and (optional) validation images, labels on the train classes."""
+    if val is not None and val_split is not None:
+        raise UsageError("use either --val DIR or --val-split, not both")
+    from .features import is_features_csv
+
+    if data is not None and is_features_csv(data):
+        raise UsageError(
+            f"{data} is a features CSV: neural heads train from images (their backbone may "
+            "train); use --head svm|logreg for features CSVs"
+        )
+    found_val = None
+    if labels_csv is not None:
+        train = read_labels_csv(labels_csv)
+    else:
+        if data is None or not Path(data).is_dir():
+            raise DataError(f"{data} is not a folder of class sub-folders")
+        train, found_val = resolve_dataset(data)
+    if len(train) == 0:
+        raise DataError(f"no images found in {data}")
+    if len(train.classes) < 2:
+        raise DataError(
+            f"fit needs at least two classes with images; found {len(train.classes)} "
+            f"({', '.join(train.classes) or 'none'})"
+        )
+    valid = None
+    if val is not None:
+        if not Path(val).is_dir():
+            raise DataError(f"--val {val}: not a folder of class sub-folders")
+        valid = scan_class_folders(val, classes=train.classes)
+    elif val_split is not None:
+        if found_val is not None:
+            train = _concat(train, found_val)
+        train, valid = _split_images(train, val_split, seed)
+    else:
+        valid = found_val
+    return train, valid
+
+
+def _concat(a: ImageSet, b: ImageSet) -> ImageSet:
+    return ImageSet(
+        paths=a.paths + b.paths,
+        labels=(a.labels or []) + (b.labels or []),
+        classes=a.classes,
+        skipped=a.skipped + b.skipped,
+        warnings=a.warnings + b.warnings,
+    )
+
+
+# ----------------------------------------------------------------------------- caches
+
+
+class TensorCache:
+    """Per-image tensors (pooled features or prefix maps) for the images that could be
+    read, in input order: in memory, or in a memory-mapped file on disk."""
+
+    def __init__(self, indices: np.ndarray, tensors: torch.Tensor | np.ndarray):
+        self.indices = indices
+        self.data = tensors
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get(self, rows: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.data, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(self.data[rows.numpy()]))
+        return self.data[rows]
+
+
+def _loader(
+    paths,
+    transform,
+    *,
+    batch_size,
+    workers,
+    order=None,
+    generator=None,
+    min_size=None,
+    device=None,
+):
+    ds = ImageDataset(paths, transform, min_size=min_size)
+    n_workers = default_workers(len(paths), batch_size) if workers is None else workers
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=order,
+        shuffle=False,
+        num_workers=n_workers,
+        collate_fn=collate_skipping,
+        generator=generator,
+        pin_memory=device is not None and device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def compute_cache(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    paths: Sequence[str],
+    data_config: dict,
+    *,
+    device: torch.device,
+    batch_size: int,
+    workers: int | None,
+    skipped: list[Skipped],
+    dtype: torch.dtype,
+    flip: bool = False,
+    disk_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    autocast=None,
+) -> tuple[TensorCache, TensorCache | None]:
+    """fn(images) for every readable image (eval preprocessing), and for the mirrored
+    images too when `flip`."""
+    loader = _loader(
+        paths,
+        eval_transform(data_config),
+        batch_size=batch_size,
+        workers=workers,
+        min_size=resize_target(data_config),
+        device=device,
+    )
+    idx: list[int] = []
+    parts: list[torch.Tensor] = []
+    flipped: list[torch.Tensor] = []
+    done = 0
+    with torch.inference_mode():
+        for batch_idx, x, bad in loader:
+            skipped.extend(Skipped(str(paths[i]), r) for i, r in bad)
+            if x is not None:
+                x = x.to(device, non_blocking=True)
+                with autocast():
+                    parts.append(fn(x).to("cpu", dtype))
+                    if flip:
+                        flipped.append(fn(x.flip(-1)).to("cpu", dtype))
+                idx.extend(batch_idx)
+            done += len(batch_idx) + len(bad)
+            if progress is not None:
+                progress(done, len(paths))
+    if not parts:
+        raise DataError("no readable images to train on")
+    indices = np.asarray(idx, dtype=np.int64)
+
+    def store(chunks, name):
+        t = torch.cat(chunks)
+        if disk_dir is None:
+            return TensorCache(indices, t)
+        arr = np.lib.format.open_memmap(
+            disk_dir / f"{name}.npy", mode="w+", dtype=np.float16, shape=tuple(t.shape)
+        )
+        arr[:] = t.to(torch.float16).numpy()
+        arr.flush()
+        return TensorCache(indices, arr)
+
+    return store(parts, "x"), (store(flipped, "x_flip") if flip else None)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, phases: Sequence[tuple[int, int]], warmup: int) -> float:
+    """Linear warm-up then cosine decay to zero, restarted at each phase (the head-only
+    --freeze-epochs phase, then the rest), as fastai's fine_tune does."""
+    for start, end in phases:
+        if start <= step < end:
+            s, n = step - start, end - start
+            w = min(warmup, max(n - 1, 0))
+            if s < w:
+                return (s + 1) / (w + 1)
+            return 0.5 * (1 + math.cos(math.pi * (s - w) / max(n - w, 1)))
+    return 0.0
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**31 - 1)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Settings:
+    """Everything that determines a run; saved in the checkpoint for --resume."""
+
+    data: str | None
+    val: str | None
+    val_split: float | None
+    labels_csv: str | None
+    model: str
+    weights: str
+    layers: list[str] | None
+    pool: str
+    seed: int
+    batch_size: int
+    options: dict
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class _Run:
+    def __init__(self, settings: Settings, out_dir: Path, run, events: Events | None):
+        from .pipeline import RunOptions
+
+        self.s = settings
+        self.o = TrainOptions(**settings.options)
+        self.out_dir = out_dir
+        self.run = run or RunOptions()
+        self.emit = events or (lambda name, data: None)
+        self.skipped: list[Skipped] = []
+        self.warnings: list[str] = []
+        self.history: list[dict] = []
+        self.best: dict | None = None  # {"epoch", "val_acc", "val_loss"}
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.stopped_early = False
+        self.start_epoch = 0
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        from .pipeline import open_backbone
+
+        s, o = self.s, self.o
+        check_options(o)
+        self.train_set, self.val_set = load_datasets(
+            s.data, val=s.val, val_split=s.val_split, labels_csv=s.labels_csv, seed=s.seed
+        )
+        self.warnings += self.train_set.warnings + (self.val_set.warnings if self.val_set else [])
+        self.skipped += self.train_set.skipped + (self.val_set.skipped if self.val_set else [])
+        self.classes = list(self.train_set.classes)
+        self.fingerprint = _fingerprint(self.train_set, self.val_set)
+        self.device = resolve_device(self.run.device)
+        if self.run.batch_size < 1:
+            raise UsageError(f"--batch-size {self.run.batch_size}: must be at least 1")
+        self.batch_size = s.batch_size
+
+        backbone = open_backbone(s.model, s.weights, s.seed)
+        self.backbone = backbone
+        layers = bb.resolve_layers(backbone.model, s.layers)
+        self.spec = bb.CutSpec(
+            model=backbone.name,
+            weights_source=backbone.weights.source,
+            weights_sha256=backbone.weights.sha256,
+            layers=layers,
+            pool=s.pool,
+        )
+        self.data_config = backbone.data_config
+        size = int(self.data_config["input_size"][1])
+        net = TransferNet(backbone.model, layers, s.pool, None, size)
+        self.feature_dim = feature_dim(net)
+        self.head_cfg = head_config(o.head, hidden=o.hidden, dropout=o.dropout, batchnorm=o.head_bn)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s.seed)
+            net.head = NNHead(self.head_cfg, self.feature_dim, len(self.classes))
+        self.net = net
+        self.lr = o.lr if o.lr is not None else DEFAULT_LR[o.optimizer]
+        self.plan: GroupPlan = plan_groups(
+            net,
+            lr=self.lr,
+            freeze=o.freeze,
+            freeze_to=o.freeze_to,
+            layer_decay=o.layer_decay,
+            lr_groups=o.lr_groups,
+        )
+        self.warnings += self.plan.notes
+        if o.freeze_epochs and not self.plan.backbone_trains:
+            raise UsageError(
+                "--freeze-epochs: nothing in the backbone trains after the head-only epochs; "
+                "add --freeze-to LAYER, --freeze none or --layer-decay"
+            )
+        self.augment = o.augment or default_augment(self.plan.backbone_trains)
+        apply_freeze(net, self.plan)
+        self.mutable = self._mutable_names()
+        # Largest chain prefix whose parameters are all frozen for the whole run.
+        self.split = 0
+        if net.chain is not None and o.bn == "frozen":
+            trainable = self.plan.trainable_params
+            for i, (name, m) in enumerate(net.chain):
+                if any(f"model.{name}.{p}" in trainable for p, _ in m.named_parameters()):
+                    break
+                self.split = i + 1
+        net.split = self.split
+        cacheable = o.cache != "off" and o.bn == "frozen"
+        if not self.plan.backbone_trains and cacheable and self.augment in CACHEABLE_AUGMENTS:
+            self.mode = "features"
+        elif cacheable and 0 < self.split and self.augment in CACHEABLE_AUGMENTS:
+            self.mode = "prefix"
+        else:
+            self.mode = "images"
+        net.to(self.device)
+        self.optimizer = build_optimizer(
+            net,
+            self.plan,
+            optimizer=o.optimizer,
+            weight_decay=o.weight_decay,
+            momentum=o.momentum,
+        )
+        self._amp()
+        n = len(self.train_set)
+        self.drop_lone = n % self.batch_size == 1 and n > 1
+        self.steps_per_epoch = n // self.batch_size if self.drop_lone else -(-n // self.batch_size)
+        spe = self.steps_per_epoch
+        f = o.freeze_epochs
+        self.phases = [(0, f * spe), (f * spe, o.epochs * spe)] if f else [(0, o.epochs * spe)]
+        self.warmup_steps = int(round(o.warmup_epochs * spe))
+
+    def _amp(self) -> None:
+        self.scaler = None
+        if self.device.type == "cuda":
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            if dtype == torch.float16:
+                self.scaler = torch.amp.GradScaler("cuda")
+            self.autocast = lambda: torch.autocast("cuda", dtype=dtype)
+        else:
+            import contextlib
+
+            self.autocast = contextlib.nullcontext
+
+    def _mutable_names(self) -> set[str]:
+        """state_dict keys training can change: trainable parameters, the head, and the
+        buffers (BatchNorm statistics) of used modules that run in train mode."""
+        from .groups import frozen_modules
+        from .network import execution_order
+
+        frozen_ids = {id(m) for m in frozen_modules(self.net)} if self.o.bn == "frozen" else set()
+        frozen = [n for n, m in self.net.named_modules() if id(m) in frozen_ids]
+        used = set(execution_order(self.net))
+        out = set(self.plan.trainable_params)
+        for name, m in self.net.named_modules():
+            in_frozen = any(name == f or name.startswith(f + ".") for f in frozen)
+            is_head = name == "head" or name.startswith("head.")
+            if is_head or (name in used and not in_frozen):
+                prefix = f"{name}." if name else ""
+                out.update(prefix + b for b, _ in m.named_buffers(recurse=False))
+        return out
+
+    def mutable_state(self) -> dict[str, torch.Tensor]:
+        sd = self.net.state_dict()
+        return {k: v.detach().clone() for k, v in sd.items() if k in self.mutable}
+
+    def load_mutable(self, tensors: dict[str, torch.Tensor]) -> None:
+        want = set(self.mutable)
+        if set(tensors) != want:
+            raise ArtifactError(
+                "the checkpoint's tensors do not match this network (settings changed?); "
+                "start a new run"
+            )
+        sd = self.net.state_dict()
+        for k, v in tensors.items():
+            if tuple(sd[k].shape) != tuple(v.shape):
+                raise ArtifactError(f"checkpoint tensor {k} has the wrong shape; start a new run")
+        self.net.load_state_dict(tensors, strict=False)
+
+    # ------------------------------------------------------------------ caches
+
+    def build_caches(self) -> None:
+        self.train_cache = self.train_flip = self.val_cache = None
+        self.cache_tmp: Path | None = None
+        disk = None
+        if self.o.cache == "disk" and self.mode != "images":
+            base = self.o.cache_dir or None
+            if base:
+                Path(base).mkdir(parents=True, exist_ok=True)
+            self.cache_tmp = Path(tempfile.mkdtemp(prefix="tlearn-cache-", dir=base))
+            disk = self.cache_tmp
+        net = self.net
+        net.eval()
+        if self.mode == "features" or (
+            self.mode == "images"
+            and not self.plan.backbone_trains
+            and self.o.bn == "frozen"
+            and self.o.cache != "off"
+        ):
+            level_fn, dtype = net.features, torch.float32
+        elif self.split > 0 and self.o.cache != "off":
+            level_fn, dtype = net.forward_prefix, torch.float16
+        else:
+            level_fn = None
+        self.val_level = None
+        if self.mode in ("features", "prefix"):
+            self.train_cache, self.train_flip = compute_cache(
+                level_fn,
+                self.train_set.paths,
+                self.data_config,
+                device=self.device,
+                batch_size=self.run.batch_size,
+                workers=self.run.workers,
+                skipped=self.skipped,
+                dtype=dtype,
+                flip=self.augment == "flip" and self.mode == "features",
+                disk_dir=disk,
+                progress=self.run.bar("cache train"),
+                autocast=self.autocast,
+            )
+        if self.val_set is not None and len(self.val_set) and level_fn is not None:
+            self.val_level = "features" if level_fn == net.features else "prefix"
+            self.val_cache, _ = compute_cache(
+                level_fn,
+                self.val_set.paths,
+                self.data_config,
+                device=self.device,
+                batch_size=self.run.batch_size,
+                workers=self.run.workers,
+                skipped=self.skipped,
+                dtype=dtype,
+                disk_dir=None,
+                progress=self.run.bar("cache val"),
+                autocast=self.autocast,
+            )
+        self.y_train = torch.as_tensor(self.train_set.labels, dtype=torch.long)
+        if self.val_set is not None:
+            self.y_val = torch.as_tensor(self.val_set.labels, dtype=torch.long)
+
+    def cleanup(self) -> None:
+        if getattr(self, "cache_tmp", None) is not None:
+            shutil.rmtree(self.cache_tmp, ignore_errors=True)
+
+    # ------------------------------------------------------------------ loss
+
+    def _criterion(self) -> nn.Module:
+        weight = None
+        if self.o.class_weight == "balanced":
+            counts = np.bincount(np.asarray(self.train_set.labels), minlength=len(self.classes))
+            w = len(self.train_set.labels) / (len(self.classes) * np.maximum(counts, 1))
+            weight = torch.as_tensor(w, dtype=torch.float32, device=self.device)
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=self.o.label_smoothing)
+
+    # ------------------------------------------------------------------ epochs
+
+    def _set_lr(self) -> float:
+        f = lr_factor(self.step, self.phases, self.warmup_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * f
+        return self.lr * f
+
+    def _batches_cached(self, g: torch.Generator):
+        cache = self.train_cache
+        n = len(cache)
+        order = torch.randperm(n, generator=g)
+        flip_pick = torch.rand(n, generator=g) < 0.5
+        stop = n - 1 if n % self.batch_size == 1 and n > 1 else n
+        for i in range(0, stop, self.batch_size):
+            rows = order[i : i + self.batch_size]
+            x = cache.get(rows)
+            if self.augment == "flip":
+                pick = flip_pick[rows]
+                if self.train_flip is not None:  # features of the mirrored images: exact
+                    x = torch.where(pick[:, None], self.train_flip.get(rows), x)
+                else:  # mirrored prefix maps: approximate
+                    x = torch.where(pick.view(-1, *([1] * (x.ndim - 1))), x.flip(-1), x)
+            y = self.y_train[torch.as_tensor(cache.indices[rows.numpy()])]
+            yield x, y
+
+    def _batches_images(self, g: torch.Generator):
+        n = len(self.train_set)
+        order = torch.randperm(n, generator=g).tolist()
+        if self.drop_lone:
+            order = order[:-1]
+        loader = _loader(
+            self.train_set.paths,
+            self.transform,
+            batch_size=self.batch_size,
+            workers=self.run.workers,
+            order=order,
+            generator=g,
+            min_size=resize_target(self.data_config),
+            device=self.device,
+        )
+        seen = {s.path for s in self.skipped}
+        for idx, x, bad in loader:
+            for i, r in bad:
+                if str(self.train_set.paths[i]) not in seen:
+                    seen.add(str(self.train_set.paths[i]))
+                    self.skipped.append(Skipped(str(self.train_set.paths[i]), r))
+            if x is None:
+                continue
+            yield x, self.y_train[torch.as_tensor(idx)]
+
+    def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        if self.mode == "features":
+            return net.head(x.float())
+        if self.mode == "prefix":
+            return net.forward_from_prefix(x.float())
+        if self.split > 0:
+            with torch.no_grad():
+                h = net.forward_prefix(x)
+            return net.forward_from_prefix(h)
+        return net(x)
+
+    def train_epoch(self, epoch: int) -> dict:
+        o = self.o
+        head_only = epoch < o.freeze_epochs
+        apply_freeze(self.net, self.plan, head_only=head_only)
+        set_train_mode(self.net, o.bn)
+        seed = _epoch_seed(self.s.seed, epoch)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        g = torch.Generator().manual_seed(seed)
+        batches = self._batches_images(g) if self.mode == "images" else self._batches_cached(g)
+        criterion = self._criterion()
+        total_loss, correct, seen = 0.0, 0, 0
+        t0 = time.perf_counter()
+        n_total = len(self.train_set)
+        self.emit("epoch_start", {"epoch": epoch + 1, "epochs": o.epochs, "total": n_total})
+        lr_now = self.lr
+        for x, y in batches:
+            lr_now = self._set_lr()
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with self.autocast():
+                logits = self._forward_train(x)
+                loss = criterion(logits.float(), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            self.step += 1
+            b = len(y)
+            total_loss += float(loss.detach()) * b
+            correct += int((logits.detach().argmax(1) == y).sum())
+            seen += b
+            dt = time.perf_counter() - t0
+            self.emit(
+                "batch",
+                {
+                    "epoch": epoch + 1,
+                    "done": seen,
+                    "total": n_total,
+                    "loss": total_loss / seen,
+                    "acc": correct / seen,
+                    "images_per_s": seen / dt if dt > 0 else 0.0,
+                },
+            )
+        # Keep the step count exact even when images were skipped.
+        self.step = (epoch + 1) * self.steps_per_epoch
+        dt = time.perf_counter() - t0
+        return {
+            "epoch": epoch + 1,
+            "lr": lr_now,
+            "train_loss": total_loss / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "seconds": dt,
+            "images_per_s": seen / dt if dt > 0 else 0.0,
+        }
+
+    def validate(self) -> tuple[float, float, np.ndarray, np.ndarray] | None:
+        if self.val_set is None or len(self.val_set) == 0:
+            return None
+        net = self.net
+        net.eval()
+        losses, preds, ys = [], [], []
+        with torch.inference_mode():
+            if self.val_cache is not None:
+                cache = self.val_cache
+                for i in range(0, len(cache), self.run.batch_size):
+                    rows = torch.arange(i, min(i + self.run.batch_size, len(cache)))
+                    x = cache.get(rows).to(self.device).float()
+                    y = self.y_val[torch.as_tensor(cache.indices[rows.numpy()])]
+                    with self.autocast():
+                        if self.val_level == "features":
+                            logits = net.head(x)
+                        else:
+                            logits = net.forward_from_prefix(x)
+                    losses.append(
+                        nn.functional.cross_entropy(logits.float().cpu(), y, reduction="sum")
+                    )
+                    preds.append(logits.argmax(1).cpu())
+                    ys.append(y)
+            else:
+                loader = _loader(
+                    self.val_set.paths,
+                    eval_transform(self.data_config),
+                    batch_size=self.run.batch_size,
+                    workers=self.run.workers,
+                    min_size=resize_target(self.data_config),
+                    device=self.device,
+                )
+                for idx, x, _bad in loader:
+                    if x is None:
+                        continue
+                    y = self.y_val[torch.as_tensor(idx)]
+                    with self.autocast():
+                        logits = net(x.to(self.device))
+                    losses.append(
+                        nn.functional.cross_entropy(logits.float().cpu(), y, reduction="sum")
+                    )
+                    preds.append(logits.argmax(1).cpu())
+                    ys.append(y)
+        if not ys:
+            return None
+        y = torch.cat(ys)
+        p = torch.cat(preds)
+        loss = float(torch.stack(losses).sum()) / len(y)
+        return loss, float((p == y).float().mean()), y.numpy(), p.numpy()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self, epoch_done: int) -> dict:
+        return {
+            "format": "tlearn-checkpoint",
+            "format_version": 1,
+            "epoch": epoch_done,
+            "step": self.step,
+            "settings": self.s.to_dict(),
+            "fingerprint": self.fingerprint,
+            "history": self.history,
+            "best": self.best,
+            "stopped_early": self.stopped_early,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def save_checkpoint(self, epoch_done: int) -> None:
+        ckpt.save_checkpoint(
+            self.out_dir,
+            self.state(epoch_done),
+            self.mutable_state(),
+            self.best_weights,
+            self.optimizer,
+        )
+        from .fsutil import atomic_file
+
+        with atomic_file(self.out_dir / ckpt.CHECKPOINT_DIR / "history.csv", "w") as f:
+            f.write(history_csv(self.history))
+
+    def restore(self, state: dict) -> None:
+        if state.get("fingerprint") != self.fingerprint:
+            raise UsageError(
+                "the images differ from those the checkpoint was trained on (files added, "
+                "removed or relabelled); resume with the same data, or start a new run"
+            )
+        weights = ckpt.load_tensors(self.out_dir, ckpt.WEIGHTS)
+        if weights is None:
+            raise ArtifactError(
+                f"{self.out_dir}: checkpoint has no {ckpt.WEIGHTS}; start a new run"
+            )
+        self.load_mutable(weights)
+        self.best_weights = ckpt.load_tensors(self.out_dir, ckpt.BEST)
+        opt_tensors = ckpt.load_tensors(self.out_dir, ckpt.OPTIMIZER) or {}
+        ckpt.optimizer_from_flat(self.optimizer, opt_tensors, state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.best = state.get("best")
+        self.stopped_early = bool(state.get("stopped_early"))
+
+    # ------------------------------------------------------------------ loop
+
+    def loop(self) -> None:
+        o = self.o
+        self.transform = train_transform(self.data_config, self.augment)
+        since_best = 0
+        if self.best is not None and self.history:
+            since_best = self.history[-1]["epoch"] - self.best["epoch"]
+        for epoch in range(self.start_epoch, o.epochs):
+            if self.stopped_early:
+                break
+            row = self.train_epoch(epoch)
+            v = self.validate()
+            row["val_loss"], row["val_acc"] = (v[0], v[1]) if v else (None, None)
+            self.history.append(row)
+            improved = False
+            if v is None:
+                improved = True  # without validation the last epoch is kept
+            elif (
+                self.best is None
+                or v[1] > self.best["val_acc"]
+                or (v[1] == self.best["val_acc"] and v[0] < self.best["val_loss"])
+            ):
+                improved = True
+            if improved:
+                self.best = {
+                    "epoch": epoch + 1,
+                    "val_acc": row["val_acc"],
+                    "val_loss": row["val_loss"],
+                }
+                self.best_weights = self.mutable_state()
+                since_best = 0
+            else:
+                since_best += 1
+            if (
+                o.patience is not None
+                and v is not None
+                and epoch >= o.freeze_epochs
+                and since_best >= o.patience
+                and epoch + 1 < o.epochs
+            ):
+                self.stopped_early = True
+            self.save_checkpoint(epoch + 1)
+            self.emit(
+                "epoch_end",
+                {**row, "best": improved and v is not None, "stopped_early": self.stopped_early},
+            )
+
+    # ------------------------------------------------------------------ final model
+
+    def finish(self, t0: float) -> NNFitResult:
+        from .artifacts import build_config, save_model
+        from .evaluate import classification_metrics
+
+        if self.best_weights is not None:
+            self.net.load_state_dict(self.best_weights, strict=False)
+        v = self.validate()
+        val_metrics = None
+        if v is not None:
+            val_metrics = classification_metrics(v[2], v[3], self.classes)
+        backbone_changed = any(k.startswith("model.") for k in self.mutable)
+        head_tensors = {k: v.detach().cpu().numpy() for k, v in self.net.head.state_dict().items()}
+        extra = {"history.csv": history_csv(self.history).encode()}
+        if backbone_changed:
+            from safetensors.numpy import save
+
+            sd = {
+                k: v.detach().cpu().contiguous().numpy()
+                for k, v in self.net.model.state_dict().items()
+            }
+            extra[BACKBONE_FILE] = save(sd)
+        train_info = {
+            "n_images": len(self.train_set),
+            "n_val": len(self.val_set) if self.val_set else 0,
+            "settings": self.s.to_dict(),
+            "augment": self.augment,
+            "mode": self.mode,
+            "lr": self.lr,
+            "freeze_to": self.plan.freeze_to,
+            "layer_decay": self.plan.layer_decay,
+            "groups": [r.to_dict() for r in self.plan.rows],
+            "epochs_run": len(self.history),
+            "best_epoch": self.best["epoch"] if self.best else None,
+            "stopped_early": self.stopped_early,
+        }
+        config = build_config(
+            cut=self.spec,
+            data_config=self.data_config,
+            classes=self.classes,
+            head=self.head_cfg,
+            feature_dim=self.feature_dim,
+            backbone={
+                "trained": backbone_changed,
+                "file": BACKBONE_FILE if backbone_changed else None,
+            },
+            train=train_info,
+        )
+        metrics = {"validation": val_metrics, "history": self.history}
+        save_model(
+            self.out_dir, config, head_tensors, metrics=metrics, force=True, extra_files=extra
+        )
+        return NNFitResult(
+            out_dir=str(self.out_dir),
+            classes=self.classes,
+            n_train=len(self.train_set),
+            n_val=len(self.val_set) if self.val_set else 0,
+            groups=[r.to_dict() for r in self.plan.rows],
+            mode=self.mode,
+            history=self.history,
+            best_epoch=self.best["epoch"] if self.best else None,
+            val_metrics=val_metrics,
+            stopped_early=self.stopped_early,
+            skipped=self.skipped,
+            warnings=self.warnings,
+            seconds=time.perf_counter() - t0,
+            settings={**self.s.to_dict(), "augment": self.augment},
+        )
+
+    def describe(self) -> dict:
+        return {
+            "rows": [r.to_dict() for r in self.plan.rows],
+            "mode": self.mode,
+            "augment": self.augment,
+            "split": (
+                [f"model.{self.plan.freeze_to}"]
+                if self.plan.freeze_to and self.mode != "images"
+                else self.net.prefix_module_names()[-1:]
+            )
+            if self.split
+            else [],
+            "optimizer": self.o.optimizer,
+            "epochs": self.o.epochs,
+            "device": str(self.device),
+        }
+
+
+BACKBONE_FILE = "backbone.safetensors"
+
+
+def history_csv(history: list[dict]) -> str:
+    lines = [",".join(HISTORY_COLUMNS)]
+    for row in history:
+        vals = []
+        for c in HISTORY_COLUMNS:
+            v = row.get(c)
+            vals.append("" if v is None else (str(v) if c == "epoch" else f"{v:.6g}"))
+        lines.append(",".join(vals))
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def fit_nn(
+    data,
+    out_dir,
+    *,
+    options: TrainOptions | None = None,
+    model: str = bb.DEFAULT_MODEL,
+    weights: str = "auto",
+    layers: str | Sequence[str] | None = None,
+    pool: str = "avg",
+    val=None,
+    val_split: float | None = None,
+    labels_csv=None,
+    seed: int = 0,
+    force: bool = False,
+    run=None,
+    events: Events | None = None,
+) -> NNFitResult:
+    """Train a new neural head (and optionally part of the backbone) on an image folder and
+    write the model directory `out_dir`. A checkpoint in out_dir/checkpoint/ is written at
+    the end of every epoch; `resume_nn` continues from it."""
+    from .pipeline import RunOptions
+
+    t0 = time.perf_counter()
+    options = options or TrainOptions()
+    check_options(options)
+    run = run or RunOptions()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        if ckpt.has_checkpoint(out_dir):
+            raise ArtifactError(
+                f"{out_dir} holds an unfinished training run; continue it with --resume "
+                f"{out_dir}, or pass --force to start over"
+            )
+        raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
+    if isinstance(layers, str):
+        layers = [p.strip() for p in layers.split(",") if p.strip()]
+    settings = Settings(
+        data=_abs(data),
+        val=_abs(val),
+        val_split=val_split,
+        labels_csv=_abs(labels_csv),
+        model=model,
+        weights=weights if weights in ("auto", "none") else _abs(weights),
+        layers=list(layers) if layers else None,
+        pool=pool,
+        seed=seed,
+        batch_size=run.batch_size,
+        options=options.to_dict(),
+    )
+    r = _Run(settings, out_dir, run, events)
+    r.setup()
+    if force and out_dir.exists() and ckpt.has_checkpoint(out_dir):
+        shutil.rmtree(out_dir / ckpt.CHECKPOINT_DIR)
+    return _execute(r, t0)
+
+
+def resume_nn(
+    model_dir,
+    data=None,
+    *,
+    changed: dict | None = None,
+    run=None,
+    events: Events | None = None,
+) -> NNFitResult:
+    """Continue an interrupted run from its last checkpoint, with its saved settings.
+    `changed`: settings the caller asked for explicitly; they must equal the saved ones."""
+    from .pipeline import RunOptions
+
+    t0 = time.perf_counter()
+    model_dir = Path(model_dir)
+    state = ckpt.read_state(model_dir)
+    saved = Settings(**state["settings"])
+    if data is not None and _abs(data) != saved.data:
+        raise UsageError(
+            f"--resume: the run was trained on {saved.data}, not {_abs(data)}; give the same "
+            "data or start a new run"
+        )
+    for key, value in (changed or {}).items():
+        have = saved.options.get(key, getattr(saved, key, None))
+        if key in ("val", "labels_csv", "weights") and value is not None:
+            value = _abs(value) if value not in ("auto", "none") else value
+        if isinstance(value, (list, tuple)):
+            value = list(value)
+        if value != have:
+            raise UsageError(
+                f"--resume continues the same run: --{key.replace('_', '-')} {value} differs "
+                f"from the checkpoint's {'default' if have is None else have}; drop the "
+                "option or start a new run"
+            )
+    run = run or RunOptions()
+    run = dataclasses.replace(run, batch_size=saved.batch_size)
+    r = _Run(saved, model_dir, run, events)
+    r.setup()
+    r.restore(state)
+    return _execute(r, t0)
+
+
+def _execute(r: _Run, t0: float) -> NNFitResult:
+    r.emit("groups", r.describe())
+    py_state = random.getstate()
+    try:
+        # Training reseeds the global generators every epoch (for --resume); put the
+        # caller's state back afterwards.
+        with torch.random.fork_rng(devices=[]):
+            r.build_caches()
+            r.loop()
+            return r.finish(t0)
+    finally:
+        random.setstate(py_state)
+        r.cleanup()
+
+
+def _abs(p) -> str | None:
+    return None if p is None else os.path.abspath(os.fspath(p))
