@@ -26,13 +26,16 @@ from .data import scan_inputs as scan_unlabeled
 from .errors import ArtifactError, DataError, UsageError
 from .features import extract_array
 from .heads import HEAD_KINDS, LinearHead
-from .pipeline import RunOptions, backbone_for_spec
+from .pipeline import RunOptions
 from .preprocess import eval_transform, resize_target
 
 # Heads saved as a torch nn.Linear on the pooled features (weight (K, D), bias (K,)):
 # head type -> (weight tensor name, bias tensor name) in head.safetensors. The fine-tuning
 # issue's `--head linear` plugs in here; an MLP is not linear and is refused.
-TORCH_LINEAR_TENSORS: dict[str, tuple[str, str]] = {"linear": ("weight", "bias")}
+# nnhead.NNHead("linear") is Sequential(Dropout, Linear): the Linear is layers.1.
+TORCH_LINEAR_TENSORS: dict[str, tuple[str, str]] = {
+    "linear": ("layers.1.weight", "layers.1.bias")
+}
 
 
 @dataclass
@@ -189,12 +192,15 @@ def heatmaps(
         raise UsageError(
             f"--class '{class_name}' is not in the model; classes: {', '.join(classes)}"
         )
-    backbone = backbone_for_spec(saved.cut)
-    size = check_spatial(backbone.model, layer, saved.data_config)
+    # The weights the model predicts with: fine-tuned ones from the model directory if any.
+    from .infer import build_backbone
+
+    model = build_backbone(saved)
+    size = check_spatial(model, layer, saved.data_config)
     images = scan_unlabeled(list(inputs))
     if len(images) == 0 and not images.skipped:
         raise DataError(f"no images found in {', '.join(map(str, inputs))}")
-    net = ScoreMapNetwork(backbone.model, layer, lmap).eval()
+    net = ScoreMapNetwork(model, layer, lmap).eval()
     feats = extract_array(
         net,
         images.paths,
