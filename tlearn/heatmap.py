@@ -33,9 +33,7 @@ from .preprocess import eval_transform, resize_target
 # head type -> (weight tensor name, bias tensor name) in head.safetensors. The fine-tuning
 # issue's `--head linear` plugs in here; an MLP is not linear and is refused.
 # nnhead.NNHead("linear") is Sequential(Dropout, Linear): the Linear is layers.1.
-TORCH_LINEAR_TENSORS: dict[str, tuple[str, str]] = {
-    "linear": ("layers.1.weight", "layers.1.bias")
-}
+TORCH_LINEAR_TENSORS: dict[str, tuple[str, str]] = {"linear": ("layers.1.weight", "layers.1.bias")}
 
 
 @dataclass
