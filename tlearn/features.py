@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -83,6 +84,50 @@ def collate_skipping(batch):
     return idx, x, bad
 
 
+class KeyedImageDataset(ImageDataset):
+    """Like ImageDataset, and hashes each file's bytes (the feature cache key) from the very
+    bytes it decodes. Images whose key is in `known` are not decoded at all.
+    Items: (index, tensor | None, reason | None, key | None, cached)."""
+
+    def __init__(self, paths, transform, min_size=None, known=None):
+        super().__init__(paths, transform, min_size)
+        self.known = known
+
+    def __getitem__(self, i: int):
+        from .cache import content_key
+
+        path = self.paths[i]
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                raise OSError("not a regular non-empty file")
+            with open(path, "rb") as f:
+                content = f.read()
+        except OSError:
+            # load_image words the reason (missing, permission, FIFO, ...); a file that
+            # became readable in between is decoded without a key and not cached.
+            return (*super().__getitem__(i), None, False)
+        key = content_key(content)
+        if self.known is not None and key in self.known:
+            return i, None, None, key, True
+        try:
+            img = load_image(path, min_size=self.min_size, content=content)
+            return i, self.transform(img), None, key, False
+        except ImageLoadError as e:
+            return i, None, e.reason, None, False
+        except Exception as e:
+            return i, None, f"cannot preprocess ({type(e).__name__}: {e})", None, False
+
+
+def collate_keyed(batch):
+    """(indices, stacked tensors, bad, keys of the decoded ones, [(index, key)] cached)."""
+    ok = [(i, t, k) for i, t, _, k, hit in batch if t is not None and not hit]
+    bad = [(i, r) for i, _, r, _, _ in batch if r is not None]
+    hits = [(i, k) for i, _, _, k, hit in batch if hit]
+    x = torch.stack([t for _, t, _ in ok]) if ok else None
+    return [i for i, _, _ in ok], x, bad, [k for _, _, k in ok], hits
+
+
 @dataclass
 class FeatureBatch:
     indices: list[int]  # positions in the input list
@@ -96,6 +141,7 @@ class Features:
     indices: np.ndarray  # positions in the input list
     X: np.ndarray  # (n, D) float32
     skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a backend fallback
 
 
 def iter_features(
@@ -108,35 +154,78 @@ def iter_features(
     workers: int | None = None,
     skipped: list[Skipped] | None = None,
     progress: Progress | None = None,
+    runtime=None,
+    cache=None,
+    draft: bool = True,
 ) -> Iterator[FeatureBatch]:
-    """Yield feature batches in input order; unreadable images go to `skipped`."""
+    """Yield feature batches in input order; unreadable images go to `skipped`.
+
+    `runtime`: a callable (NCHW float32 tensor -> (B, D) numpy) with a `.device`, e.g. from
+    tlearn.runtime; default: `net` in torch on `device`. `cache`: a tlearn.cache.FeatureStore;
+    cached images are read from it, new features written to it. `draft`: let JPEGs decode at
+    a reduced scale (see data.load_image)."""
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be at least 1")
-    dev = resolve_device(device)
-    net = net.to(dev).eval()
-    ds = ImageDataset(paths, eval_transform(data_config), min_size=resize_target(data_config))
+    if runtime is None:
+        from .runtime import TorchRuntime
+
+        runtime = TorchRuntime(net, resolve_device(device))
+    dev = runtime.device
+    min_size = resize_target(data_config) if draft else None
+    transform = eval_transform(data_config)
+    if cache is not None:
+        ds = KeyedImageDataset(paths, transform, min_size=min_size, known=cache.known)
+        collate = collate_keyed
+    else:
+        ds = ImageDataset(paths, transform, min_size=min_size)
+        collate = collate_skipping
     n_workers = default_workers(len(paths), batch_size) if workers is None else workers
     loader = DataLoader(
         ds,
         batch_size=batch_size,
         shuffle=False,
         num_workers=n_workers,
-        collate_fn=collate_skipping,
+        collate_fn=collate,
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )
     done = 0
-    with torch.inference_mode():
-        for idx, x, bad in loader:
-            for i, reason in bad:
-                if skipped is not None:
-                    skipped.append(Skipped(str(paths[i]), reason))
-            if x is not None:
-                feats = net(x.to(dev, non_blocking=True)).float().cpu().numpy()
-                yield FeatureBatch(indices=idx, features=feats)
-            done += len(idx) + len(bad)
-            if progress is not None:
-                progress(done, len(paths))
+    try:
+        with torch.inference_mode():
+            for item in loader:
+                if cache is not None:
+                    idx, x, bad, keys, hits = item
+                else:
+                    (idx, x, bad), keys, hits = item, None, []
+                for i, reason in bad:
+                    if skipped is not None:
+                        skipped.append(Skipped(str(paths[i]), reason))
+                feats = runtime(x) if x is not None else None
+                if cache is not None and feats is not None:
+                    known = [k is not None for k in keys]
+                    if all(known):
+                        cache.put(keys, feats)
+                    elif any(known):
+                        sel = np.nonzero(known)[0]
+                        cache.put([keys[j] for j in sel], feats[sel])
+                if hits:
+                    hit_idx = [i for i, _ in hits]
+                    hit_feats = cache.get([k for _, k in hits])
+                    if feats is None:
+                        idx, feats = hit_idx, hit_feats
+                    else:
+                        all_idx = np.asarray(idx + hit_idx)
+                        order = np.argsort(all_idx, kind="stable")
+                        idx = all_idx[order].tolist()
+                        feats = np.concatenate([feats, hit_feats])[order]
+                if feats is not None:
+                    yield FeatureBatch(indices=list(idx), features=feats)
+                done += len(idx) + len(bad)
+                if progress is not None:
+                    progress(done, len(paths))
+    finally:
+        if cache is not None:
+            cache.close()
 
 
 def extract_array(net, paths: Sequence[str], data_config: dict, **kwargs) -> Features:
