@@ -46,6 +46,7 @@ class RunOptions:
     progress: Progress | None = None
     backend: str = "auto"  # auto | torch | onnx (tlearn.runtime)
     cache: bool = True  # read and write the on-disk feature cache (tlearn.cache)
+    draft: bool = True  # JPEGs may decode at a reduced scale (data.load_image's min_size)
 
     def bar(self, stage: str):
         if self.progress is None:
@@ -57,7 +58,13 @@ class RunOptions:
         from .runtime import feature_engine
 
         return feature_engine(
-            net, spec, data_config, backend=self.backend, device=self.device, cache=self.cache
+            net,
+            spec,
+            data_config,
+            backend=self.backend,
+            device=self.device,
+            cache=self.cache,
+            draft=self.draft,
         )
 
 
