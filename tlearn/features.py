@@ -46,12 +46,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def default_workers(n_images: int, batch_size: int) -> int:
+def default_workers(n_images: int, batch_size: int, device_type: str = "cpu") -> int:
     """Decode in worker processes so decoding overlaps the forward pass; on small machines
-    one worker leaves the other cores to torch."""
+    one worker leaves the other cores to torch. A GPU computes by itself: then all cores
+    but the one feeding it decode."""
     if n_images <= batch_size:
         return 0
     cores = os.cpu_count() or 1
+    if device_type == "cuda":
+        return max(1, min(8, cores - 1))
     return max(1, min(4, cores // 2))
 
 
@@ -179,7 +182,7 @@ def iter_features(
     else:
         ds = ImageDataset(paths, transform, min_size=min_size)
         collate = collate_skipping
-    n_workers = default_workers(len(paths), batch_size) if workers is None else workers
+    n_workers = default_workers(len(paths), batch_size, dev.type) if workers is None else workers
     loader = DataLoader(
         ds,
         batch_size=batch_size,

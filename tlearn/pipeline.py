@@ -168,7 +168,8 @@ def extract(
         raise UsageError("--resume needs an output file, not -o -")
     backbone = open_backbone(model, weights)
     net, spec = bb.feature_network(backbone, layers, pool)
-    dim = bb.feature_dim(net, backbone.data_config)
+    engine = run.engine(net, spec, backbone.data_config)
+    dim = engine.feature_dim()
     warnings = list(images.warnings)
     if pool == "flatten" and dim > bb.FLATTEN_WARN_DIM:
         warnings.append(
@@ -179,7 +180,6 @@ def extract(
     done = set(partial_rows(out, meta)) if resume and not to_stdout else set()
     todo = [i for i, p in enumerate(images.paths) if p not in done]
     skipped = list(images.skipped)
-    engine = run.engine(net, spec, backbone.data_config)
     batches = iter_features(
         net,
         [images.paths[i] for i in todo],

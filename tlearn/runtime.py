@@ -96,6 +96,8 @@ class TorchRuntime:
         self.device = device
         self.channels_last = device.type in ("cpu", "cuda")
         self.amp = device.type == "cuda"
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
         net = net.to(device).eval()
         if self.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -160,11 +162,15 @@ class LazyRuntime:
     def name(self) -> str | None:
         return self._runtime.name if self._runtime is not None else None
 
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
+    def open(self) -> TorchRuntime | OnnxRuntime:
         if self._runtime is None:
             self._runtime = self._opener()
+        return self._runtime
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        runtime = self.open()
         self.images += len(x)
-        return self._runtime(x)
+        return runtime(x)
 
 
 # ----------------------------------------------------------------------------- ONNX export
@@ -195,11 +201,11 @@ def export_onnx(net: torch.nn.Module, data_config: dict, path: str | Path) -> No
 
     size = tuple(data_config["input_size"])
     net = net.cpu().eval()
-    # Batch 1 everywhere torch runs: the same shape as feature_dim's probe, so the CPU
-    # kernels are already set up (a new shape's first forward costs seconds).
     example = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        ref = net(example).float().numpy()
+    # Tracing runs the real forward pass once: keep its output as the reference instead of
+    # paying for another forward (a first forward in torch costs seconds on a small CPU).
+    outputs: list[torch.Tensor] = []
+    hook = net.register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -213,6 +219,12 @@ def export_onnx(net: torch.nn.Module, data_config: dict, path: str | Path) -> No
             do_constant_folding=True,
             dynamo=False,
         )
+    hook.remove()
+    if outputs:
+        ref = outputs[0].float().numpy()
+    else:  # an exporter that did not call forward: compute the reference
+        with torch.inference_mode():
+            ref = net(example).float().numpy()
     # Check at another batch size than the export's, so a batch size baked into the graph
     # (e.g. by a reshape) is caught here.
     got = OnnxRuntime(path, torch.device("cpu"), threads=1)(torch.cat([example, example]))
@@ -336,6 +348,24 @@ class Engine:
             store.notes = self.notes
             self.stores.append(store)
         return {"runtime": self.runtime, "cache": store, "draft": self.draft}
+
+    def feature_dim(self) -> int:
+        """Length of one feature vector: from the cache when it has this cut, else one
+        zero image through the runtime (which a cold run opens anyway)."""
+        if self.cache_root is not None and not self.runtime.opened:
+            from .cache import FeatureStore
+
+            store = FeatureStore.open(
+                self.cache_root,
+                self.spec,
+                self.data_config,
+                draft=self.draft,
+                precision=self.precision,
+            )
+            if store.dim is not None:
+                return store.dim
+        x = torch.zeros(1, *self.data_config["input_size"])
+        return int(self.runtime.open()(x).shape[1])
 
     def summary(self) -> dict:
         """backend that ran (None if every image came from the cache), images read from the

@@ -1,0 +1,270 @@
+"""`tlearn extract` against the plain reference loop, on the same images, in one run.
+
+    python benchmarks/extract_speed.py DATA [--rounds 2] [--mid-layer 2]
+
+Each round runs, as separate processes on a cold feature cache (a fresh, empty
+TLEARN_CACHE_DIR, so the ONNX export is included):
+  1. the plain loop (benchlib.plain_loop: timm + PIL + torch.stack + forward, batch 32),
+  2. `tlearn extract DATA -o out.csv` with default options (full depth),
+  3. `tlearn extract DATA -o out.csv --layer MID` (the middle stage of the backbone).
+Rounds alternate the order. Two figures per run: the whole command (interpreter start,
+imports, model load, export, extraction, CSV) and the part after imports (what each
+program reports itself). Then, in one more process with the exported model ready, the
+extraction phase is timed against the backend's forward-only images/s on random batches
+of the same size (decoding hidden behind compute?), and converted to GFLOP/s.
+
+Targets (issue 5, 2-core CPU): extract >= 3x the plain loop's images/s; extraction >= 80%
+of forward-only images/s; middle-stage cut <= 0.6x the time of full depth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as bl  # noqa: E402
+
+MODEL = "tf_efficientnet_lite0"
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def child_plain(data: str, batch_size: int, save: str | None) -> None:
+    import numpy as np
+
+    paths = bl.list_images(data)
+    t0 = time.perf_counter()
+    X = bl.plain_loop(paths, batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    if save:
+        np.save(save, X)
+    print(json.dumps({"seconds": seconds, "images": len(paths)}))
+
+
+def child_phase(data: str, layers: list[str], batch_size: int, backend: str, reps: int) -> None:
+    """Extraction phase vs forward-only, per cut, with the runtime already open."""
+    import torch
+
+    from tlearn import backbone as bb
+    from tlearn import cache as fc
+    from tlearn import runtime as rt
+    from tlearn.features import iter_features
+
+    paths = bl.list_images(data)
+    backbone = bb.load_backbone(MODEL, "auto")
+    table = {li.name: li.gflops for li in bb.list_layers(backbone.model)}
+    full_gflops = max(table.values())
+    cfg = backbone.data_config
+    results = {}
+    for layer in layers:
+        net, spec = bb.feature_network(backbone, None if layer == "final" else layer, "avg")
+        name = spec.layers[0]
+        gflops = full_gflops if name == bb.FINAL_LAYER else table[name]
+        engine = rt.feature_engine(net, spec, cfg, backend=backend, device="cpu", cache=True)
+        x = torch.randn(batch_size, *cfg["input_size"])
+        engine.runtime(x)  # export (or load) and warm up
+        n_batches = max(1, math.ceil(len(paths) / batch_size))
+        fwd, e2e = [], []
+        for _ in range(reps):
+            fwd.append(_forward_only(engine.runtime, x, n_batches))
+            with tempfile.TemporaryDirectory() as tmp:  # cold features every time
+                store = fc.FeatureStore.open(
+                    Path(tmp), spec, cfg, draft=engine.draft, precision=engine.precision
+                )
+                t = time.perf_counter()
+                n = 0
+                for b in iter_features(
+                    net, paths, cfg, batch_size=batch_size, runtime=engine.runtime, cache=store
+                ):
+                    n += len(b.indices)
+                e2e.append(n / (time.perf_counter() - t))
+            fwd.append(_forward_only(engine.runtime, x, n_batches))
+        results[name] = {
+            "backend": engine.runtime.name,
+            "gflops_per_image": gflops,
+            "forward_ips": bl.median(fwd),
+            "extract_ips": bl.median(e2e),
+            "forward_all": fwd,
+            "extract_all": e2e,
+        }
+    print(json.dumps(results))
+
+
+def _forward_only(runtime, x, n_batches: int) -> float:
+    """images/s of the runtime alone on one random batch, run n_batches times."""
+    t = time.perf_counter()
+    for _ in range(n_batches):
+        runtime(x)
+    return n_batches * len(x) / (time.perf_counter() - t)
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+_SECONDS = re.compile(r"in ([\d.]+)s")
+
+
+def run_tlearn(data: str, out: Path, cache: Path, extra: list[str]) -> dict:
+    res = bl.check(
+        bl.run_measured(
+            bl.tlearn_cmd("extract", data, "-o", str(out), *extra),
+            env=bl.child_env(TLEARN_CACHE_DIR=str(cache)),
+        ),
+        "tlearn extract",
+    )
+    m = _SECONDS.search(res["stderr"].split("wrote", 1)[-1])
+    res["seconds"] = float(m.group(1)) if m else float("nan")
+    return res
+
+
+def run_plain(data: str, batch_size: int, save: Path | None) -> dict:
+    cmd = [sys.executable, __file__, "--child", "plain", data, "--batch-size", str(batch_size)]
+    if save:
+        cmd += ["--save", str(save)]
+    res = bl.check(bl.run_measured(cmd, env=bl.child_env()), "plain loop")
+    res["seconds"] = bl.child_json(res)["seconds"]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", help="folder of images (searched recursively)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--mid-layer", default="2", help="the middle cut (stage index or name)")
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--phase-reps", type=int, default=2)
+    ap.add_argument("--child", choices=["plain", "phase"], help=argparse.SUPPRESS)
+    ap.add_argument("--save", help=argparse.SUPPRESS)
+    ap.add_argument("--layers", default="final", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child == "plain":
+        return child_plain(args.data, args.batch_size, args.save)
+    if args.child == "phase":
+        layers = args.layers.split(";")
+        return child_phase(args.data, layers, args.batch_size, args.backend, args.phase_reps)
+
+    info = bl.machine()
+    bl.print_machine(info)
+    n = len(bl.list_images(args.data))
+    print(f"data: {args.data} ({n} images), batch size {args.batch_size}, model {MODEL}")
+    common = ["--batch-size", str(args.batch_size), "--backend", args.backend]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tlearn-bench-") as tmp:
+        tmp = Path(tmp)
+        plain_npy = tmp / "plain.npy"
+        for r in range(args.rounds):
+            order = ["plain", "full", "mid"] if r % 2 == 0 else ["mid", "full", "plain"]
+            got = {}
+            for what in order:
+                cache = tmp / f"cache-{r}-{what}"  # fresh: cold features and cold export
+                if what == "plain":
+                    got[what] = run_plain(args.data, args.batch_size, plain_npy if r == 0 else None)
+                elif what == "full":
+                    got[what] = run_tlearn(args.data, tmp / "full.csv", cache, common)
+                else:
+                    extra = [*common, "--layer", args.mid_layer]
+                    got[what] = run_tlearn(args.data, tmp / "mid.csv", cache, extra)
+            rows.append(got)
+            p, f, m = got["plain"], got["full"], got["mid"]
+            print(
+                f"round {r + 1}: whole command  plain {p['wall']:.1f}s  tlearn {f['wall']:.1f}s  "
+                f"tlearn mid {m['wall']:.1f}s | after imports  plain {p['seconds']:.1f}s  "
+                f"tlearn {f['seconds']:.1f}s  tlearn mid {m['seconds']:.1f}s",
+                flush=True,
+            )
+        agreement = _agreement(plain_npy, tmp / "full.csv")
+        phase_cmd = [sys.executable, __file__, "--child", "phase", args.data]
+        phase_cmd += ["--layers", f"final;{args.mid_layer}", "--batch-size", str(args.batch_size)]
+        phase_cmd += ["--backend", args.backend, "--phase-reps", str(args.phase_reps)]
+        env = bl.child_env(TLEARN_CACHE_DIR=str(tmp / "cache-0-full"))  # export is there
+        phase_res = bl.check(bl.run_measured(phase_cmd, env=env), "phase measurement")
+        phase = bl.child_json(phase_res)
+
+    def med(key, what):
+        return bl.median([r[what][key] for r in rows])
+
+    print()
+    print("== tlearn extract vs plain loop (median of rounds; ratio = plain time / tlearn time)")
+    for key, label in (("wall", "whole command"), ("seconds", "after imports")):
+        pt, ft = med(key, "plain"), med(key, "full")
+        ratios = [r["plain"][key] / r["full"][key] for r in rows]
+        print(
+            f"  {label:14s} plain {n / pt:6.1f} img/s   tlearn {n / ft:6.1f} img/s   "
+            f"speed-up {pt / ft:.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+            f"   [target >= 3x: {'met' if pt / ft >= 3 else 'NOT met'}]"
+        )
+    print(f"  features: tlearn vs plain loop {agreement}")
+    print()
+    print("== extraction phase vs forward-only (runtime open, cold feature cache)")
+    full_name = "final"
+    mid_name = next(k for k in phase if k != full_name)
+    for name in (full_name, mid_name):
+        ph = phase[name]
+        share = ph["extract_ips"] / ph["forward_ips"]
+        gf = ph["gflops_per_image"]
+        fwd, ext = ph["forward_ips"], ph["extract_ips"]
+        print(
+            f"  {name:8s} ({ph['backend']}) forward-only {fwd:6.1f} img/s, extraction "
+            f"{ext:6.1f} img/s = {100 * share:.0f}% of forward-only"
+            f"   [target >= 80%: {'met' if share >= 0.8 else 'NOT met'}]"
+        )
+        peak = info.get("peak_gflops") or float("nan")
+        print(
+            f"           {gf:.3f} GFLOP/image -> {gf * fwd:.1f} GFLOP/s forward-only, "
+            f"{gf * ext:.1f} GFLOP/s extracting; rough fp32 peak {peak} GFLOP/s "
+            f"(forward-only at {100 * gf * fwd / peak:.0f}% of it)"
+        )
+    print()
+    print(f"== middle stage ({mid_name}) vs full depth (time ratio, lower is better)")
+    ph_ratio = phase[full_name]["extract_ips"] / phase[mid_name]["extract_ips"]
+    fwd_ratio = phase[full_name]["forward_ips"] / phase[mid_name]["forward_ips"]
+    for key, label in (("seconds", "after imports"), ("wall", "whole command")):
+        ratio = med(key, "mid") / med(key, "full")
+        print(f"  {label:14s} {ratio:.2f}x")
+    print(
+        f"  extraction phase {ph_ratio:.2f}x   [target <= 0.6x: "
+        f"{'met' if ph_ratio <= 0.6 else 'NOT met'}]   forward-only {fwd_ratio:.2f}x   "
+        f"FLOPs {phase[mid_name]['gflops_per_image'] / phase[full_name]['gflops_per_image']:.2f}x"
+    )
+    summary = {
+        "machine": info,
+        "images": n,
+        "rounds": [
+            {k: {"wall": v["wall"], "seconds": v["seconds"]} for k, v in r.items()} for r in rows
+        ],
+        "phase": phase,
+    }
+    print()
+    print("json: " + json.dumps(summary))
+
+
+def _agreement(plain_npy: Path, csv_path: Path) -> str:
+    import numpy as np
+
+    from tlearn.features import read_features_csv
+
+    if not plain_npy.is_file():
+        return "(not compared)"
+    a = np.load(plain_npy, allow_pickle=False)
+    b = read_features_csv(csv_path).X
+    if a.shape != b.shape:
+        return f"shapes differ: {a.shape} vs {b.shape}"
+    diff = np.abs(a - b).max(axis=1)
+    return (
+        f"max |diff| {diff.max():.2g} (median over images {np.median(diff):.2g}; feature scale "
+        f"{np.abs(a).max():.2g}); images differing by > 1e-3: {(diff > 1e-3).sum()}"
+    )
+
+
+if __name__ == "__main__":
+    main()
