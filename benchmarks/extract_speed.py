@@ -52,8 +52,6 @@ def child_plain(data: str, batch_size: int, save: str | None) -> None:
 
 def child_phase(data: str, layers: list[str], batch_size: int, backend: str, reps: int) -> None:
     """Extraction phase vs forward-only, per cut, with the runtime already open."""
-    import torch
-
     from tlearn import backbone as bb
     from tlearn import cache as fc
     from tlearn import runtime as rt
@@ -70,7 +68,8 @@ def child_phase(data: str, layers: list[str], batch_size: int, backend: str, rep
         name = spec.layers[0]
         gflops = full_gflops if name == bb.FINAL_LAYER else table[name]
         engine = rt.feature_engine(net, spec, cfg, backend=backend, device="cpu", cache=True)
-        x = torch.randn(batch_size, *cfg["input_size"])
+        pixels = engine.runtime.transform is not None
+        x = rt.example_input(cfg, batch_size, pixels, random=True)
         engine.runtime(x)  # export (or load) and warm up
         n_batches = max(1, math.ceil(len(paths) / batch_size))
         fwd, e2e = [], []

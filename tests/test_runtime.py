@@ -25,12 +25,19 @@ def _paths(folder):
     return sorted(str(p) for p in folder.rglob("*") if p.is_file())
 
 
-def _features(backend, net, spec, cfg, paths, cache_root, **kw):
+def _features(backend, net, spec, cfg, paths, cache_root, pixels=None):
     runtime = rt.open_runtime(
-        net, spec, cfg, backend=backend, device=torch.device("cpu"), cache_root=cache_root
+        net,
+        spec,
+        cfg,
+        backend=backend,
+        device=torch.device("cpu"),
+        cache_root=cache_root,
+        pixels=pixels,
     )
     assert runtime.name == backend
-    return extract_array(net, paths, cfg, runtime=runtime, workers=0, **kw).X
+    assert (runtime.transform is None) == (pixels is None)
+    return extract_array(net, paths, cfg, runtime=runtime, workers=0).X
 
 
 def assert_close(a, b, tol=1e-4):
@@ -46,11 +53,13 @@ def assert_close(a, b, tol=1e-4):
 def test_onnx_and_torch_features_agree(tmp_path, image_folder, layers, pool):
     net, spec, cfg = _tiny(layers, pool)
     paths = _paths(image_folder)
-    a = _features("onnx", net, spec, cfg, paths, tmp_path)
-    b = _features("torch", net, spec, cfg, paths, tmp_path)
-    assert a.shape == (len(paths), bb.feature_dim(net, cfg))
-    assert np.abs(b).max() > 0
-    assert_close(a, b)
+    pixels = rt.pixel_path(cfg)
+    ref = extract_array(net, paths, cfg, workers=0).X  # plain torch, float32 transform
+    assert ref.shape == (len(paths), bb.feature_dim(net, cfg))
+    assert np.abs(ref).max() > 0
+    for backend in ("onnx", "torch"):
+        for px in (None, pixels):
+            assert_close(_features(backend, net, spec, cfg, paths, tmp_path, px), ref)
 
 
 def test_onnx_matches_torch_with_real_weights(tmp_path, image_folder):
@@ -61,8 +70,8 @@ def test_onnx_matches_torch_with_real_weights(tmp_path, image_folder):
     net, spec = bb.feature_network(backbone, None, "avg")
     paths = _paths(image_folder)[:6]
     cfg = backbone.data_config
-    a = _features("onnx", net, spec, cfg, paths, tmp_path)
     b = _features("torch", net, spec, cfg, paths, tmp_path)
+    a = _features("onnx", net, spec, cfg, paths, tmp_path, rt.pixel_path(cfg))
     assert np.abs(b).max() > 1.0
     assert np.abs(a - b).max() <= 1e-4
 
@@ -81,16 +90,33 @@ def test_exported_model_is_cached_and_keyed_by_cut(tmp_path, monkeypatch):
     assert not list((tmp_path / "onnx").glob("*.tmp")), "no temporary files left behind"
 
 
-def test_dynamic_batch_axis(tmp_path):
+@pytest.mark.parametrize("streams", [1, 2])
+def test_dynamic_batch_axis(tmp_path, streams):
     net, spec, cfg = _tiny()
-    runtime = rt.open_runtime(
-        net, spec, cfg, backend="onnx", device=torch.device("cpu"), cache_root=tmp_path
-    )
+    path = rt.cached_onnx(net, spec, cfg, tmp_path)
+    runtime = rt.OnnxRuntime(path, torch.device("cpu"), streams=streams)
     for n in (1, 5):
         x = torch.randn(n, *cfg["input_size"])
         with torch.inference_mode():
             ref = net(x).numpy()
         assert_close(runtime(x), ref)
+
+
+def test_pixel_input_is_the_same_arithmetic_as_the_eval_transform(image_folder):
+    """uint8 pixels normalised by the runtime give bit-identical input to the network."""
+    from tlearn.data import load_image
+    from tlearn.preprocess import eval_transform, split_eval_transform
+
+    _, _, cfg = _tiny()
+    pixel_tf, mean, std = split_eval_transform(cfg)
+    seen = []
+    capture = torch.nn.Module()
+    capture.forward = lambda x: seen.append(x) or x.flatten(1)[:, :4]
+    wrapper = rt.PixelInput(capture, mean, std)
+    for p in _paths(image_folder)[:4]:
+        img = load_image(p)
+        wrapper(pixel_tf(img)[None])
+        assert torch.equal(seen[-1], eval_transform(cfg)(img)[None])
 
 
 def test_failed_export_falls_back_to_torch_with_a_note(tmp_path, monkeypatch):

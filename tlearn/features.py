@@ -175,7 +175,8 @@ def iter_features(
         runtime = TorchRuntime(net, resolve_device(device))
     dev = runtime.device
     min_size = resize_target(data_config) if draft else None
-    transform = eval_transform(data_config)
+    # A runtime may take uint8 pixels and normalise them itself (tlearn.runtime).
+    transform = getattr(runtime, "transform", None) or eval_transform(data_config)
     if cache is not None:
         ds = KeyedImageDataset(paths, transform, min_size=min_size, known=cache.known)
         collate = collate_keyed
