@@ -68,9 +68,11 @@ def main() -> None:
         cache = tmp / "cache"
         first = cli_fit(args.data, tmp / "m1", args.C1, cache)
         second = cli_fit(args.data, tmp / "m2", args.C2, cache)
+        val = Path(args.data) / "val"
+        ev_data = str(val) if val.is_dir() else args.data  # images the fits already saw
         ev = bl.check(
             bl.run_measured(
-                bl.tlearn_cmd("evaluate", str(tmp / "m2"), args.data, "--json", "-q"),
+                bl.tlearn_cmd("evaluate", str(tmp / "m2"), ev_data, "--json", "-q"),
                 env=bl.child_env(TLEARN_CACHE_DIR=str(cache)),
             ),
             "tlearn evaluate",

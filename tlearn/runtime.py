@@ -69,7 +69,14 @@ def choose_backend(backend: str, device: torch.device) -> str:
             f"--backend onnx runs on the CPU here (onnxruntime has no {device.type} provider); "
             "use --device cpu, or --backend torch/auto for the GPU"
         )
-    return "onnx" if device.type == "cpu" and _ort_providers() else "torch"
+    return "onnx" if device.type == "cpu" and _ort_installed() else "torch"
+
+
+def _ort_installed() -> bool:
+    # Without importing it: a run served wholly from the cache never needs it.
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def _ort_providers() -> list[str]:
