@@ -163,10 +163,12 @@ def iter_features(
 ) -> Iterator[FeatureBatch]:
     """Yield feature batches in input order; unreadable images go to `skipped`.
 
-    `runtime`: a callable (NCHW float32 tensor -> (B, D) numpy) with a `.device`, e.g. from
-    tlearn.runtime; default: `net` in torch on `device`. `cache`: a tlearn.cache.FeatureStore;
-    cached images are read from it, new features written to it. `draft`: let JPEGs decode at
-    a reduced scale (see data.load_image)."""
+    `runtime`: a callable (batch tensor -> (B, D) numpy) with a `.device`, from
+    tlearn.runtime; default: `net` in torch on `device`. When it has a `transform`, the
+    workers apply that one (uint8 pixels) instead of the eval transform. `cache`: a
+    tlearn.cache.FeatureStore; cached images are read from it (and not decoded), new
+    features written to it. `draft`: let JPEGs decode at a reduced scale (see
+    data.load_image)."""
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be at least 1")
     if runtime is None:
