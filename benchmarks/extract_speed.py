@@ -40,6 +40,11 @@ MODEL = "tf_efficientnet_lite0"
 
 def child_plain(data: str, batch_size: int, save: str | None) -> None:
     import numpy as np
+    import PIL.Image  # noqa: F401  (imports outside the timed part, as for tlearn)
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+
+    import tlearn.backbone  # noqa: F401
 
     paths = bl.list_images(data)
     t0 = time.perf_counter()
