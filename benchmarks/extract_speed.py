@@ -56,7 +56,13 @@ def child_plain(data: str, batch_size: int, save: str | None) -> None:
 
 
 def child_phase(
-    data: str, layers: list[str], batch_size: int, backend: str, reps: int, n_images: int
+    data: str,
+    layers: list[str],
+    batch_size: int,
+    backend: str,
+    reps: int,
+    n_images: int,
+    workers: int | None = None,
 ) -> None:
     """Extraction phase vs forward-only, per cut, with the runtime already open. The image
     list is cycled to `n_images` (a repeat is computed again: the cache is read only
@@ -92,7 +98,13 @@ def child_phase(
                 t = time.perf_counter()
                 n = 0
                 for b in iter_features(
-                    net, paths, cfg, batch_size=batch_size, runtime=engine.runtime, cache=store
+                    net,
+                    paths,
+                    cfg,
+                    batch_size=batch_size,
+                    runtime=engine.runtime,
+                    cache=store,
+                    workers=workers,
                 ):
                     n += len(b.indices)
                 e2e.append(n / (time.perf_counter() - t))
@@ -151,6 +163,7 @@ def main() -> None:
     ap.add_argument("--backend", default="auto")
     ap.add_argument("--phase-reps", type=int, default=3)
     ap.add_argument("--phase-images", type=int, default=800, help="images per phase run")
+    ap.add_argument("--workers", type=int, help="decoding processes (default: tlearn's)")
     ap.add_argument("--child", choices=["plain", "phase"], help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     ap.add_argument("--layers", default="final", help=argparse.SUPPRESS)
@@ -160,7 +173,13 @@ def main() -> None:
     if args.child == "phase":
         layers = args.layers.split(";")
         return child_phase(
-            args.data, layers, args.batch_size, args.backend, args.phase_reps, args.phase_images
+            args.data,
+            layers,
+            args.batch_size,
+            args.backend,
+            args.phase_reps,
+            args.phase_images,
+            args.workers,
         )
 
     info = bl.machine()
@@ -168,6 +187,8 @@ def main() -> None:
     n = len(bl.list_images(args.data))
     print(f"data: {args.data} ({n} images), batch size {args.batch_size}, model {MODEL}")
     common = ["--batch-size", str(args.batch_size), "--backend", args.backend]
+    if args.workers is not None:
+        common += ["--workers", str(args.workers)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="tlearn-bench-") as tmp:
         tmp = Path(tmp)
@@ -197,6 +218,8 @@ def main() -> None:
         phase_cmd += ["--layers", f"final;{args.mid_layer}", "--batch-size", str(args.batch_size)]
         phase_cmd += ["--backend", args.backend, "--phase-reps", str(args.phase_reps)]
         phase_cmd += ["--phase-images", str(args.phase_images)]
+        if args.workers is not None:
+            phase_cmd += ["--workers", str(args.workers)]
         env = bl.child_env(TLEARN_CACHE_DIR=str(tmp / "cache-0-full"))  # export is there
         phase_res = bl.check(bl.run_measured(phase_cmd, env=env), "phase measurement")
         phase = bl.child_json(phase_res)
