@@ -76,7 +76,7 @@ def test_second_run_is_served_from_the_cache(cache_dir, image_folder, tiny, monk
 
 def test_partly_cached_batches_keep_input_order(cache_dir, image_folder, tiny):
     net, spec, cfg = tiny
-    paths = sorted(str(p) for p in image_folder.rglob("*.*"))
+    paths = sorted(str(p) for p in image_folder.rglob("*.*"))[:10]
     fresh, _ = _extract(net, spec, cfg, paths, cache=False)
     _extract(net, spec, cfg, paths[::3])  # every third image cached
     mixed, s = _extract(net, spec, cfg, paths)
