@@ -68,6 +68,12 @@ def test_second_run_is_served_from_the_cache(cache_dir, image_folder, tiny, monk
     first, s1 = _extract(net, spec, cfg, paths)
     assert s1["computed"] == len(paths) and s1["cached"] == 0
     _no_backbone(monkeypatch)
+    import tlearn.features
+
+    def no_workers(*a, **k):
+        raise AssertionError("a fully cached run needs no decoding workers")
+
+    monkeypatch.setattr(tlearn.features, "DataLoader", no_workers)
     second, s2 = _extract(net, spec, cfg, paths)
     assert s2 == {"backend": None, "device": "cpu", "cached": len(paths), "computed": 0}
     np.testing.assert_array_equal(second.X, first.X)
@@ -261,3 +267,19 @@ def test_cache_info_and_clear(cache_dir, image_folder, runner, tmp_path):
     info = json.loads(runner.invoke(app, ["cache", "info", "--json"]).stdout)
     assert info["cuts"] == [] and info["onnx_models"] == 0
     assert unrelated.exists()
+
+
+def test_hash_files_marks_unreadable_entries(tmp_path):
+    files = [tmp_path / f"f{i}.bin" for i in range(70)]  # enough to use the thread pool
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * (i + 1))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "dir.jpg").mkdir()
+    os.mkfifo(tmp_path / "fifo.jpg")  # must not be opened: that would block
+    paths = [str(f) for f in files] + [
+        str(tmp_path / n) for n in ("empty.jpg", "dir.jpg", "fifo.jpg", "missing.jpg")
+    ]
+    keys = fc.hash_files(paths)
+    assert keys[:70] == [fc.file_key(f) for f in files]
+    assert len(set(keys[:70])) == 70
+    assert keys[70:] == [None] * 4

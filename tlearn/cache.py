@@ -11,6 +11,11 @@ and it keeps hitting when images are moved or renamed between class folders. Its
 reading each file once, which a cache miss needs anyway for decoding and which is small
 next to decoding + forward (see docs/benchmarks.md).
 
+Lookups: when the cache already holds entries for the cut, the files are hashed first
+(a few threads), so cached images are read from the cache without starting decoding
+workers, and only the others are decoded. For a cut with no entries yet that pass is
+skipped, so a cold run reads each file once.
+
 Layout: <root>/features/<cut key>/{cut.json, <shard>.feats.npy, <shard>.keys.npy}.
 A shard is committed by writing its features, then its keys, each atomically (temporary
 name + rename), so readers only ever see complete shards; concurrent runs simply add
@@ -26,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Sequence
@@ -62,6 +68,26 @@ def file_key(path: str | os.PathLike) -> bytes:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.digest()
+
+
+def hash_files(paths: Sequence[str], threads: int = 4) -> list[bytes | None]:
+    """file_key of each path (None where it cannot be read), hashed by a few threads:
+    reading and sha256 release the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path):
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                return None  # FIFOs and devices must not be opened; decoding says why
+            return file_key(path)
+        except OSError:
+            return None
+
+    if len(paths) < 64:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(threads, thread_name_prefix="tlearn-hash") as pool:
+        return list(pool.map(one, paths, chunksize=32))
 
 
 def cut_key(spec, data_config: dict, *, draft: bool, precision: str) -> tuple[str, dict]:

@@ -89,12 +89,8 @@ def collate_skipping(batch):
 
 class KeyedImageDataset(ImageDataset):
     """Like ImageDataset, and hashes each file's bytes (the feature cache key) from the very
-    bytes it decodes. Images whose key is in `known` are not decoded at all.
-    Items: (index, tensor | None, reason | None, key | None, cached)."""
-
-    def __init__(self, paths, transform, min_size=None, known=None):
-        super().__init__(paths, transform, min_size)
-        self.known = known
+    bytes it decodes, so a key can never name features of other content.
+    Items: (index, tensor | None, reason | None, key | None)."""
 
     def __getitem__(self, i: int):
         from .cache import content_key
@@ -109,26 +105,22 @@ class KeyedImageDataset(ImageDataset):
         except OSError:
             # load_image words the reason (missing, permission, FIFO, ...); a file that
             # became readable in between is decoded without a key and not cached.
-            return (*super().__getitem__(i), None, False)
-        key = content_key(content)
-        if self.known is not None and key in self.known:
-            return i, None, None, key, True
+            return (*super().__getitem__(i), None)
         try:
             img = load_image(path, min_size=self.min_size, content=content)
-            return i, self.transform(img), None, key, False
+            return i, self.transform(img), None, content_key(content)
         except ImageLoadError as e:
-            return i, None, e.reason, None, False
+            return i, None, e.reason, None
         except Exception as e:
-            return i, None, f"cannot preprocess ({type(e).__name__}: {e})", None, False
+            return i, None, f"cannot preprocess ({type(e).__name__}: {e})", None
 
 
 def collate_keyed(batch):
-    """(indices, stacked tensors, bad, keys of the decoded ones, [(index, key)] cached)."""
-    ok = [(i, t, k) for i, t, _, k, hit in batch if t is not None and not hit]
-    bad = [(i, r) for i, _, r, _, _ in batch if r is not None]
-    hits = [(i, k) for i, _, _, k, hit in batch if hit]
+    """(indices, stacked tensors, bad, content keys of the decoded ones)."""
+    ok = [(i, t, k) for i, t, _, k in batch if t is not None]
+    bad = [(i, r) for i, _, r, _ in batch if r is not None]
     x = torch.stack([t for _, t, _ in ok]) if ok else None
-    return [i for i, _, _ in ok], x, bad, [k for _, _, k in ok], hits
+    return [i for i, _, _ in ok], x, bad, [k for _, _, k in ok]
 
 
 @dataclass
@@ -175,12 +167,94 @@ def iter_features(
         from .runtime import TorchRuntime
 
         runtime = TorchRuntime(net, resolve_device(device))
+    n = len(paths)
+    todo = list(range(n))  # what the decoding workers get
+    hits: list[int] = []  # known from the pre-pass to be cached
+    hit_keys: list[bytes] = []
+    if cache is not None and len(cache.known):
+        # The cache has this cut already: hash every file first (threads; cheap next to
+        # decoding) so cached images never reach the workers, and a fully cached run starts
+        # none. A cold cut skips this, so each file is read once. Workers hash the bytes they
+        # decode again: features are always stored under the key of what was decoded.
+        from .cache import hash_files
+
+        keys = hash_files(paths)
+        found = cache.known.positions([k or b"" for k in keys]) >= 0
+        todo = [i for i in range(n) if not found[i]]
+        hits = [i for i in range(n) if found[i]]
+        hit_keys = [keys[i] for i in hits]
+    done = 0
+    h = 0  # next entry of `hits` to emit
+    try:
+        with torch.inference_mode():
+            batches = _computed_batches(
+                runtime,
+                [paths[i] for i in todo],
+                data_config,
+                batch_size=batch_size,
+                workers=workers,
+                cache=cache,
+                draft=draft,
+            )
+            for sub_idx, feats, bad in batches:
+                for j, reason in bad:
+                    if skipped is not None:
+                        skipped.append(Skipped(str(paths[todo[j]]), reason))
+                idx = [todo[j] for j in sub_idx]
+                last = max([*idx, *(todo[j] for j, _ in bad)])
+                # cached images before this batch, in whole batches first
+                while len(hits) - h >= batch_size and hits[h + batch_size - 1] < last:
+                    yield _cached_batch(cache, hits[h : h + batch_size], hit_keys, h)
+                    done, h = done + batch_size, h + batch_size
+                    _report(progress, done, n)
+                k = h
+                while k < len(hits) and hits[k] < last:
+                    k += 1
+                if k > h:  # merge the remaining few into this batch, in input order
+                    cached = _cached_batch(cache, hits[h:k], hit_keys, h)
+                    done, h = done + (k - h), k
+                    if feats is None:
+                        idx, feats = cached.indices, cached.features
+                    else:
+                        all_idx = np.asarray(idx + cached.indices)
+                        order = np.argsort(all_idx, kind="stable")
+                        idx = all_idx[order].tolist()
+                        feats = np.concatenate([feats, cached.features])[order]
+                if feats is not None:
+                    yield FeatureBatch(indices=list(idx), features=feats)
+                done += len(sub_idx) + len(bad)
+                _report(progress, done, n)
+            while h < len(hits):
+                chunk = hits[h : h + batch_size]
+                yield _cached_batch(cache, chunk, hit_keys, h)
+                done, h = done + len(chunk), h + len(chunk)
+                _report(progress, done, n)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _report(progress: Progress | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
+
+
+def _cached_batch(cache, indices: list[int], hit_keys: list[bytes], start: int) -> FeatureBatch:
+    keys = hit_keys[start : start + len(indices)]
+    return FeatureBatch(indices=list(indices), features=cache.get(keys))
+
+
+def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache, draft):
+    """(indices into `paths`, features or None, [(index, reason)]) per decoded batch, in
+    order; new features go to the cache."""
+    if not paths:
+        return
     dev = runtime.device
     min_size = resize_target(data_config) if draft else None
     # A runtime may take uint8 pixels and normalise them itself (tlearn.runtime).
     transform = getattr(runtime, "transform", None) or eval_transform(data_config)
     if cache is not None:
-        ds = KeyedImageDataset(paths, transform, min_size=min_size, known=cache.known)
+        ds = KeyedImageDataset(paths, transform, min_size=min_size)
         collate = collate_keyed
     else:
         ds = ImageDataset(paths, transform, min_size=min_size)
@@ -195,43 +269,20 @@ def iter_features(
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )
-    done = 0
-    try:
-        with torch.inference_mode():
-            for item in loader:
-                if cache is not None:
-                    idx, x, bad, keys, hits = item
-                else:
-                    (idx, x, bad), keys, hits = item, None, []
-                for i, reason in bad:
-                    if skipped is not None:
-                        skipped.append(Skipped(str(paths[i]), reason))
-                feats = runtime(x) if x is not None else None
-                if cache is not None and feats is not None:
-                    known = [k is not None for k in keys]
-                    if all(known):
-                        cache.put(keys, feats)
-                    elif any(known):
-                        sel = np.nonzero(known)[0]
-                        cache.put([keys[j] for j in sel], feats[sel])
-                if hits:
-                    hit_idx = [i for i, _ in hits]
-                    hit_feats = cache.get([k for _, k in hits])
-                    if feats is None:
-                        idx, feats = hit_idx, hit_feats
-                    else:
-                        all_idx = np.asarray(idx + hit_idx)
-                        order = np.argsort(all_idx, kind="stable")
-                        idx = all_idx[order].tolist()
-                        feats = np.concatenate([feats, hit_feats])[order]
-                if feats is not None:
-                    yield FeatureBatch(indices=list(idx), features=feats)
-                done += len(idx) + len(bad)
-                if progress is not None:
-                    progress(done, len(paths))
-    finally:
+    for item in loader:
         if cache is not None:
-            cache.close()
+            idx, x, bad, keys = item
+        else:
+            (idx, x, bad), keys = item, None
+        feats = runtime(x) if x is not None else None
+        if cache is not None and feats is not None:
+            known = [k is not None for k in keys]
+            if all(known):
+                cache.put(keys, feats)
+            elif any(known):
+                sel = np.nonzero(known)[0]
+                cache.put([keys[j] for j in sel], feats[sel])
+        yield idx, feats, bad
 
 
 def extract_array(net, paths: Sequence[str], data_config: dict, **kwargs) -> Features:
