@@ -170,10 +170,41 @@ ShardOpt = Annotated[
 ]
 
 
-def _run_options(batch_size, device, workers, quiet, progress=None):
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+
+
+BackendOpt = Annotated[
+    Backend,
+    typer.Option(
+        "--backend",
+        help="Inference backend: auto (ONNX Runtime on CPU, torch on GPU), torch or onnx.",
+    ),
+]
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache",
+        help="Neither read nor write the feature cache (see `tlearn cache info`).",
+    ),
+]
+
+
+def _run_options(
+    batch_size, device, workers, quiet, progress=None, backend=Backend.auto, no_cache=False
+):
     from .pipeline import RunOptions
 
-    return RunOptions(batch_size=batch_size, device=device, workers=workers, progress=progress)
+    return RunOptions(
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        progress=progress,
+        backend=Backend(backend).value,
+        cache=not no_cache,
+    )
 
 
 class _Bars:
@@ -378,6 +409,8 @@ def extract_cmd(
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    backend: BackendOpt = Backend.auto,
+    no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
 ):
@@ -399,7 +432,7 @@ def extract_cmd(
             labels_csv=labels,
             strict=strict,
             resume=resume,
-            run=_run_options(batch_size, device, workers, quiet, bars),
+            run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
             shard=None if shard is None else Shard.parse(shard),
         )
     if res is None:  # a torchrun rank other than 0: rank 0 merged and reports
@@ -408,9 +441,21 @@ def extract_cmd(
     if not quiet:
         dest = "stdout" if output == "-" else res.out
         err.print(
-            f"wrote {res.rows} rows x {res.feature_dim} features to {dest} in {res.seconds:.1f}s",
+            f"wrote {res.rows} rows x {res.feature_dim} features to {dest} in {res.seconds:.1f}s"
+            f"{_engine_note(res.engine)}",
             highlight=False,
         )
+
+
+def _engine_note(engine: dict) -> str:
+    if not engine:
+        return ""
+    if not engine.get("backend"):
+        return f" (all {engine.get('cached', 0)} from the feature cache)"
+    return (
+        f" ({engine['backend']}; {engine.get('computed', 0)} computed, "
+        f"{engine.get('cached', 0)} from the feature cache)"
+    )
 
 
 # ----------------------------------------------------------------------------- fit
@@ -481,6 +526,8 @@ def fit_cmd(
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    backend: BackendOpt = Backend.auto,
+    no_cache: NoCacheOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOpt = False,
     hidden: ct.HiddenOpt = None,
@@ -536,7 +583,7 @@ def fit_cmd(
             labels_csv=labels,
             force=force,
             strict=strict,
-            run=_run_options(batch_size, device, workers, quiet, bars),
+            run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
         )
     _report_skips(res.skipped, res.warnings, quiet)
     if as_json:
@@ -609,6 +656,8 @@ def predict_cmd(
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    backend: BackendOpt = Backend.auto,
+    no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
 ):
@@ -628,7 +677,7 @@ def predict_cmd(
             paths,
             strict=strict,
             tta=tta.value,
-            run=_run_options(batch_size, device, workers, quiet, bars),
+            run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
             shard=part,
         )
     if res is None:  # a torchrun rank other than 0: rank 0 writes the predictions
@@ -737,6 +786,8 @@ def evaluate_cmd(
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    backend: BackendOpt = Backend.auto,
+    no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
 ):
     """Accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix.
@@ -753,7 +804,7 @@ def evaluate_cmd(
             labels_csv=labels,
             strict=strict,
             tta=tta.value,
-            run=_run_options(batch_size, device, workers, quiet, bars),
+            run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
         )
     _report_skips(res.skipped, res.warnings, quiet)
     m = res.metrics
@@ -994,6 +1045,75 @@ def merge_cmd(
         err.print(
             f"merged {res.parts} {res.kind} parts into {res.out}: {res.rows} rows", highlight=False
         )
+
+
+# ----------------------------------------------------------------------------- cache
+
+cache_app = typer.Typer(
+    help="The feature cache: features of images already seen, and exported ONNX models.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@cache_app.command("info")
+@handle_errors
+def cache_info_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """Where the cache is ($TLEARN_CACHE_DIR, else $XDG_CACHE_HOME/tlearn, else
+    ~/.cache/tlearn), and what it holds per backbone/layer/pool.
+
+    Example: tlearn cache info
+    """
+    from dataclasses import asdict
+
+    from .cache import cache_info
+
+    info = cache_info()
+    if as_json:
+        typer.echo(json.dumps(asdict(info)))
+        return
+    table = Table(title=f"feature cache in {info.root}")
+    for col in ("model", "layers", "pool", "images", "dim", "size"):
+        table.add_column(col, justify="right" if col in ("images", "dim", "size") else "left")
+    for c in info.cuts:
+        table.add_row(
+            c.model,
+            ",".join(c.layers),
+            c.pool,
+            str(c.images),
+            "" if c.dim is None else str(c.dim),
+            _size(c.bytes),
+        )
+    out.print(table)
+    out.print(
+        f"{sum(c.images for c in info.cuts)} cached feature vectors, {info.onnx_models} exported "
+        f"ONNX model(s) ({_size(info.onnx_bytes)}); {_size(info.total_bytes)} in all",
+        highlight=False,
+    )
+
+
+@cache_app.command("clear")
+@handle_errors
+def cache_clear_cmd(quiet: QuietOpt = False):
+    """Delete cached features and exported ONNX models (they are rebuilt when needed).
+
+    Example: tlearn cache clear
+    """
+    from .cache import cache_root, clear_cache
+
+    freed = clear_cache()
+    if not quiet:
+        err.print(f"cleared {cache_root()} ({_size(freed)} freed)", highlight=False)
 
 
 def main() -> None:

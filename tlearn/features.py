@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,12 +46,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def default_workers(n_images: int, batch_size: int) -> int:
+def default_workers(n_images: int, batch_size: int, device_type: str = "cpu") -> int:
     """Decode in worker processes so decoding overlaps the forward pass; on small machines
-    one worker leaves the other cores to torch."""
+    one worker leaves the other cores to torch. A GPU computes by itself: then all cores
+    but the one feeding it decode."""
     if n_images <= batch_size:
         return 0
     cores = os.cpu_count() or 1
+    if device_type == "cuda":
+        return max(1, min(8, cores - 1))
     return max(1, min(4, cores // 2))
 
 
@@ -83,6 +87,42 @@ def collate_skipping(batch):
     return idx, x, bad
 
 
+class KeyedImageDataset(ImageDataset):
+    """Like ImageDataset, and hashes each file's bytes (the feature cache key) from the very
+    bytes it decodes, so a key can never name features of other content.
+    Items: (index, tensor | None, reason | None, key | None)."""
+
+    def __getitem__(self, i: int):
+        from .cache import content_key
+
+        path = self.paths[i]
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                raise OSError("not a regular non-empty file")
+            with open(path, "rb") as f:
+                content = f.read()
+        except OSError:
+            # load_image words the reason (missing, permission, FIFO, ...); a file that
+            # became readable in between is decoded without a key and not cached.
+            return (*super().__getitem__(i), None)
+        try:
+            img = load_image(path, min_size=self.min_size, content=content)
+            return i, self.transform(img), None, content_key(content)
+        except ImageLoadError as e:
+            return i, None, e.reason, None
+        except Exception as e:
+            return i, None, f"cannot preprocess ({type(e).__name__}: {e})", None
+
+
+def collate_keyed(batch):
+    """(indices, stacked tensors, bad, content keys of the decoded ones)."""
+    ok = [(i, t, k) for i, t, _, k in batch if t is not None]
+    bad = [(i, r) for i, _, r, _ in batch if r is not None]
+    x = torch.stack([t for _, t, _ in ok]) if ok else None
+    return [i for i, _, _ in ok], x, bad, [k for _, _, k in ok]
+
+
 @dataclass
 class FeatureBatch:
     indices: list[int]  # positions in the input list
@@ -96,6 +136,7 @@ class Features:
     indices: np.ndarray  # positions in the input list
     X: np.ndarray  # (n, D) float32
     skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a backend fallback
 
 
 def iter_features(
@@ -108,35 +149,140 @@ def iter_features(
     workers: int | None = None,
     skipped: list[Skipped] | None = None,
     progress: Progress | None = None,
+    runtime=None,
+    cache=None,
+    draft: bool = True,
 ) -> Iterator[FeatureBatch]:
-    """Yield feature batches in input order; unreadable images go to `skipped`."""
+    """Yield feature batches in input order; unreadable images go to `skipped`.
+
+    `runtime`: a callable (batch tensor -> (B, D) numpy) with a `.device`, from
+    tlearn.runtime; default: `net` in torch on `device`. When it has a `transform`, the
+    workers apply that one (uint8 pixels) instead of the eval transform. `cache`: a
+    tlearn.cache.FeatureStore; cached images are read from it (and not decoded), new
+    features written to it. `draft`: let JPEGs decode at a reduced scale (see
+    data.load_image)."""
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be at least 1")
-    dev = resolve_device(device)
-    net = net.to(dev).eval()
-    ds = ImageDataset(paths, eval_transform(data_config), min_size=resize_target(data_config))
-    n_workers = default_workers(len(paths), batch_size) if workers is None else workers
+    if runtime is None:
+        from .runtime import TorchRuntime
+
+        runtime = TorchRuntime(net, resolve_device(device))
+    n = len(paths)
+    todo = list(range(n))  # what the decoding workers get
+    hits: list[int] = []  # known from the pre-pass to be cached
+    hit_keys: list[bytes] = []
+    if cache is not None and len(cache.known):
+        # The cache has this cut already: hash every file first (threads; cheap next to
+        # decoding) so cached images never reach the workers, and a fully cached run starts
+        # none. A cold cut skips this, so each file is read once. Workers hash the bytes they
+        # decode again: features are always stored under the key of what was decoded.
+        from .cache import hash_files
+
+        keys = hash_files(paths)
+        found = cache.known.positions([k or b"" for k in keys]) >= 0
+        todo = [i for i in range(n) if not found[i]]
+        hits = [i for i in range(n) if found[i]]
+        hit_keys = [keys[i] for i in hits]
+    done = 0
+    h = 0  # next entry of `hits` to emit
+    try:
+        with torch.inference_mode():
+            batches = _computed_batches(
+                runtime,
+                [paths[i] for i in todo],
+                data_config,
+                batch_size=batch_size,
+                workers=workers,
+                cache=cache,
+                draft=draft,
+            )
+            for sub_idx, feats, bad in batches:
+                for j, reason in bad:
+                    if skipped is not None:
+                        skipped.append(Skipped(str(paths[todo[j]]), reason))
+                idx = [todo[j] for j in sub_idx]
+                last = max([*idx, *(todo[j] for j, _ in bad)])
+                # cached images before this batch, in whole batches first
+                while len(hits) - h >= batch_size and hits[h + batch_size - 1] < last:
+                    yield _cached_batch(cache, hits[h : h + batch_size], hit_keys, h)
+                    done, h = done + batch_size, h + batch_size
+                    _report(progress, done, n)
+                k = h
+                while k < len(hits) and hits[k] < last:
+                    k += 1
+                if k > h:  # merge the remaining few into this batch, in input order
+                    cached = _cached_batch(cache, hits[h:k], hit_keys, h)
+                    done, h = done + (k - h), k
+                    if feats is None:
+                        idx, feats = cached.indices, cached.features
+                    else:
+                        all_idx = np.asarray(idx + cached.indices)
+                        order = np.argsort(all_idx, kind="stable")
+                        idx = all_idx[order].tolist()
+                        feats = np.concatenate([feats, cached.features])[order]
+                if feats is not None:
+                    yield FeatureBatch(indices=list(idx), features=feats)
+                done += len(sub_idx) + len(bad)
+                _report(progress, done, n)
+            while h < len(hits):
+                chunk = hits[h : h + batch_size]
+                yield _cached_batch(cache, chunk, hit_keys, h)
+                done, h = done + len(chunk), h + len(chunk)
+                _report(progress, done, n)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _report(progress: Progress | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
+
+
+def _cached_batch(cache, indices: list[int], hit_keys: list[bytes], start: int) -> FeatureBatch:
+    keys = hit_keys[start : start + len(indices)]
+    return FeatureBatch(indices=list(indices), features=cache.get(keys))
+
+
+def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache, draft):
+    """(indices into `paths`, features or None, [(index, reason)]) per decoded batch, in
+    order; new features go to the cache."""
+    if not paths:
+        return
+    dev = runtime.device
+    min_size = resize_target(data_config) if draft else None
+    # A runtime may take uint8 pixels and normalise them itself (tlearn.runtime).
+    transform = getattr(runtime, "transform", None) or eval_transform(data_config)
+    if cache is not None:
+        ds = KeyedImageDataset(paths, transform, min_size=min_size)
+        collate = collate_keyed
+    else:
+        ds = ImageDataset(paths, transform, min_size=min_size)
+        collate = collate_skipping
+    n_workers = default_workers(len(paths), batch_size, dev.type) if workers is None else workers
     loader = DataLoader(
         ds,
         batch_size=batch_size,
         shuffle=False,
         num_workers=n_workers,
-        collate_fn=collate_skipping,
+        collate_fn=collate,
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )
-    done = 0
-    with torch.inference_mode():
-        for idx, x, bad in loader:
-            for i, reason in bad:
-                if skipped is not None:
-                    skipped.append(Skipped(str(paths[i]), reason))
-            if x is not None:
-                feats = net(x.to(dev, non_blocking=True)).float().cpu().numpy()
-                yield FeatureBatch(indices=idx, features=feats)
-            done += len(idx) + len(bad)
-            if progress is not None:
-                progress(done, len(paths))
+    for item in loader:
+        if cache is not None:
+            idx, x, bad, keys = item
+        else:
+            (idx, x, bad), keys = item, None
+        feats = runtime(x) if x is not None else None
+        if cache is not None and feats is not None:
+            known = [k is not None for k in keys]
+            if all(known):
+                cache.put(keys, feats)
+            elif any(known):
+                sel = np.nonzero(known)[0]
+                cache.put([keys[j] for j in sel], feats[sel])
+        yield idx, feats, bad
 
 
 def extract_array(net, paths: Sequence[str], data_config: dict, **kwargs) -> Features:

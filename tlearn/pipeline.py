@@ -46,11 +46,28 @@ class RunOptions:
     device: str = "auto"
     workers: int | None = None
     progress: Progress | None = None
+    backend: str = "auto"  # auto | torch | onnx (tlearn.runtime)
+    cache: bool = True  # read and write the on-disk feature cache (tlearn.cache)
+    draft: bool = True  # JPEGs may decode at a reduced scale (data.load_image's min_size)
 
     def bar(self, stage: str):
         if self.progress is None:
             return None
         return lambda done, total: self.progress(stage, done, total)
+
+    def engine(self, net, spec: bb.CutSpec, data_config: dict):
+        """How features are computed: backend + feature cache (see tlearn.runtime)."""
+        from .runtime import feature_engine
+
+        return feature_engine(
+            net,
+            spec,
+            data_config,
+            backend=self.backend,
+            device=self.device,
+            cache=self.cache,
+            draft=self.draft,
+        )
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -97,6 +114,7 @@ class ExtractResult:
     skipped: list[Skipped]
     warnings: list[str]
     seconds: float
+    engine: dict = field(default_factory=dict)  # backend, device, cached, computed
 
 
 def load_images(data: Sequence[str | Path], labels_csv: str | Path | None = None) -> ImageSet:
@@ -157,7 +175,8 @@ def extract(
         raise UsageError("--shard needs an output file, not -o -: each shard writes a part")
     backbone = open_backbone(model, weights)
     net, spec = bb.feature_network(backbone, layers, pool)
-    dim = bb.feature_dim(net, backbone.data_config)
+    engine = run.engine(net, spec, backbone.data_config)
+    dim = engine.feature_dim()
     warnings = list(images.warnings)
     if pool == "flatten" and dim > bb.FLATTEN_WARN_DIM:
         warnings.append(
@@ -184,6 +203,7 @@ def extract(
         workers=run.workers,
         skipped=skipped,
         progress=run.bar("extract"),
+        **engine.kwargs(),
     )
     # iter_features numbers images within `todo`; map back to positions in `images`.
     batches = (FeatureBatch([todo[i] for i in b.indices], b.features) for b in batches)
@@ -206,8 +226,9 @@ def extract(
         feature_dim=dim,
         out=str(out),
         skipped=skipped,
-        warnings=warnings,
+        warnings=warnings + engine.notes,
         seconds=time.perf_counter() - t0,
+        engine=engine.summary(),
     )
 
 
@@ -271,12 +292,14 @@ class _FeatureSource:
         self.net = None
         self.spec: bb.CutSpec | None = None
         self.data_config: dict | None = None
+        self.engine = None
 
     def _open(self):
         if self.net is None:
             backbone = open_backbone(self.model, self.weights, self.seed)
             self.net, self.spec = bb.feature_network(backbone, self.layers, self.pool)
             self.data_config = backbone.data_config
+            self.engine = self.run.engine(self.net, self.spec, self.data_config)
 
     def from_images(self, images: ImageSet, classes: list[str], stage: str) -> LabelledFeatures:
         self._open()
@@ -288,6 +311,7 @@ class _FeatureSource:
             device=self.run.device,
             workers=self.run.workers,
             progress=self.run.bar(stage),
+            **self.engine.kwargs(),
         )
         y_all = np.asarray(images.labels, dtype=np.int64)
         # Re-map labels by name: `images` may list classes in another order.
@@ -298,8 +322,14 @@ class _FeatureSource:
             y=remap[y_all[feats.indices]] if len(feats.indices) else np.zeros(0, np.int64),
             classes=classes,
             skipped=list(images.skipped) + feats.skipped,
-            warnings=list(images.warnings),
+            warnings=list(images.warnings) + self._new_notes(),
         )
+
+    def _new_notes(self) -> list[str]:
+        """Engine notes (e.g. a backend fallback) not yet reported by an earlier call."""
+        seen = getattr(self, "_notes_seen", 0)
+        self._notes_seen = len(self.engine.notes)
+        return self.engine.notes[seen:]
 
     def from_csv(self, path) -> LabelledFeatures:
         table = read_features_csv(path)
@@ -518,7 +548,8 @@ class PredictResult:
 def _saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage: str):
     backbone = backbone_for_spec(saved.cut)
     net = bb.FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval()
-    return extract_array(
+    engine = run.engine(net, saved.cut, saved.data_config)
+    feats = extract_array(
         net,
         images.paths,
         saved.data_config,  # preprocessing exactly as in fit
@@ -526,7 +557,10 @@ def _saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage:
         device=run.device,
         workers=run.workers,
         progress=run.bar(stage),
+        **engine.kwargs(),
     )
+    feats.notes = engine.notes
+    return feats
 
 
 def _head(saved: SavedModel) -> LinearHead:
@@ -577,7 +611,8 @@ def predict(
         else:
             feats = _saved_features(saved, images, run, "predict")
             paths = [images.paths[i] for i in feats.indices]
-            X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
+            X, skipped = feats.X, images.skipped + feats.skipped
+            warnings = list(images.warnings) + feats.notes
             batch_of = np.asarray(feats.indices) // max(1, run.batch_size)
             scores = score_by_batch(head.scores, X, batch_of, len(saved.classes))
     if strict and skipped:
@@ -681,14 +716,15 @@ def evaluate(
         if nn_model or tta != "none":
             scored = _scored(saved, images.paths, tta, run, "evaluate")
             indices, scores = scored.indices, scored.scores
-            skipped = images.skipped + scored.skipped
+            skipped, notes = images.skipped + scored.skipped, []
         else:
             feats = _saved_features(saved, images, run, "evaluate")
             indices = feats.indices
             scores = head.scores(feats.X) if len(indices) else np.zeros((0, len(classes)))
             skipped = images.skipped + feats.skipped
+            notes = feats.notes
         y = remap[np.asarray(images.labels, dtype=np.int64)[indices]]
-        warnings = images.warnings
+        warnings = list(images.warnings) + notes
         paths = [images.paths[i] for i in indices]
     if strict and skipped:
         raise strict_failure(skipped)

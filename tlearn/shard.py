@@ -812,14 +812,21 @@ class BatchExtractor:
         layers=None,
         pool: str = "avg",
         device: str = "auto",
+        backend: str = "auto",
     ):
         from . import backbone as bb
         from .pipeline import open_backbone
 
+        from .pipeline import RunOptions
+
         backbone = open_backbone(model or bb.DEFAULT_MODEL, weights)
         self.net, self.spec = bb.feature_network(backbone, layers, pool)
         self.data_config = backbone.data_config
-        self.dim = bb.feature_dim(self.net, self.data_config)
+        # The same inference backend as `tlearn extract` (ONNX Runtime on CPU by default),
+        # so features match it bit for bit; no disk cache inside a batch mapper.
+        run = RunOptions(device=device, backend=backend, cache=False)
+        self.engine = run.engine(self.net, self.spec, self.data_config)
+        self.dim = self.engine.feature_dim()
         self.device = device
 
     def __call__(self, batch: dict) -> dict:
@@ -835,6 +842,7 @@ class BatchExtractor:
             batch_size=max(1, len(paths)),
             device=self.device,
             workers=0,  # the batch mapper parallelises; no worker processes inside it
+            **self.engine.kwargs(),
         )
         X = np.full((len(paths), self.dim), np.nan, dtype=np.float32)
         if len(feats.indices):
