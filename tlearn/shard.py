@@ -815,9 +815,7 @@ class BatchExtractor:
         backend: str = "auto",
     ):
         from . import backbone as bb
-        from .pipeline import open_backbone
-
-        from .pipeline import RunOptions
+        from .pipeline import RunOptions, open_backbone
 
         backbone = open_backbone(model or bb.DEFAULT_MODEL, weights)
         self.net, self.spec = bb.feature_network(backbone, layers, pool)
