@@ -140,6 +140,19 @@ def test_layers_after_the_cut_are_neither_listed_nor_trained():
     assert [n for n, _ in net.chain][-1].startswith("blocks.3")
 
 
+def test_several_cut_layers_run_through_the_cut_network_and_stop_there():
+    backbone = open_backbone(MODEL, "none")
+    net = TransferNet(backbone.model, ["blocks.2", "blocks.3"], "avg", None, 160)
+    assert net.chain is None  # concatenated layers: the FX/hook cut network
+    channels = [backbone.model.blocks[i][-1].conv_pwl.out_channels for i in (2, 3)]
+    assert feature_dim(net) == sum(channels)
+    net.head = NNHead(head_config("linear"), sum(channels), 3)
+    plan = plan_groups(net, lr=1e-3, freeze="none")
+    listed = {p for r in plan.rows for p in r.params}
+    assert any(p.startswith("model.blocks.3.") for p in listed)
+    assert not any(p.startswith(("model.blocks.4.", "model.conv_head")) for p in listed)
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
@@ -550,6 +563,8 @@ def test_tta_needs_images_not_features_csv(fitted_model, image_folder, tmp_path,
     assert r.exit_code == 0, r.output
     result = runner.invoke(app, ["evaluate", str(fitted_model), str(csv), "--tta", "flip"])
     assert result.exit_code == 2 and "needs images" in result.output
+    nn_fit = runner.invoke(app, ["fit", str(csv), "--head", "linear", "-o", str(tmp_path / "m")])
+    assert nn_fit.exit_code == 2 and "neural heads train from images" in nn_fit.output
 
 
 # ----------------------------------------------------------------------------- validation

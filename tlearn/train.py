@@ -338,10 +338,11 @@ def compute_cache(
         t = torch.cat(chunks)
         if disk_dir is None:
             return TensorCache(indices, t)
+        np_dtype = np.float16 if dtype == torch.float16 else np.float32
         arr = np.lib.format.open_memmap(
-            disk_dir / f"{name}.npy", mode="w+", dtype=np.float16, shape=tuple(t.shape)
+            disk_dir / f"{name}.npy", mode="w+", dtype=np_dtype, shape=tuple(t.shape)
         )
-        arr[:] = t.to(torch.float16).numpy()
+        arr[:] = t.numpy()
         arr.flush()
         return TensorCache(indices, arr)
 
