@@ -107,6 +107,9 @@ def test_layer_decay_rates_follow_the_group_matcher_and_match_the_optimizer():
     # Weight decay only on weights with more than one dimension.
     for g in opt.param_groups:
         assert (g["weight_decay"] > 0) == all(p.ndim > 1 for p in g["params"])
+    sgd = build_optimizer(net, plan, optimizer="sgd", momentum=0.8)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
+    assert optimizer_summary(sgd) == optimizer_summary(opt)
 
 
 def test_explicit_lr_groups_with_inheritance_match_the_optimizer():
@@ -607,3 +610,19 @@ def test_load_model_refuses_tampered_nn_models(nn_model, tmp_path, tamper, messa
     tamper(d)
     with pytest.raises(ArtifactError, match=re.escape(message)):
         load_model(d)
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"format": "something-else"}', "not a tlearn checkpoint"),
+        ('{"format": "tlearn-checkpoint", "format_version": 9}', "format_version 9"),
+        ('{"format": "tlearn-checkpoint", "format_version": 1}', "incomplete or unknown"),
+    ],
+)
+def test_resume_refuses_a_broken_checkpoint(tmp_path, state, message):
+    (tmp_path / "m" / ckpt.CHECKPOINT_DIR).mkdir(parents=True)
+    (tmp_path / "m" / ckpt.CHECKPOINT_DIR / ckpt.STATE).write_text(state)
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        resume_nn(tmp_path / "m")

@@ -1069,7 +1069,13 @@ def resume_nn(
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     state = ckpt.read_state(model_dir)
-    saved = Settings(**state["settings"])
+    try:
+        saved = Settings(**state["settings"])
+        TrainOptions(**saved.options)
+    except (KeyError, TypeError) as e:
+        raise ArtifactError(
+            f"{model_dir}: checkpoint settings are incomplete or unknown ({e}); start a new run"
+        ) from None
     if data is not None and _abs(data) != saved.data:
         raise UsageError(
             f"--resume: the run was trained on {saved.data}, not {_abs(data)}; give the same "
