@@ -1,8 +1,8 @@
 """Time per epoch of tlearn's fine-tuning against a plain hand-written timm training loop
-with the same settings, measured in one run (alternating rounds, so both see the same
-machine load), plus tlearn with its caches on.
+with the same settings, measured in one run: each tlearn epoch is followed by one epoch of
+the plain loop, so both see the same machine load (which matters on a shared machine).
 
-    python benchmarks/bench_finetune.py ../shared/data/hymenoptera --epochs 3 --rounds 2
+    python benchmarks/bench_finetune.py ../shared/data/hymenoptera --epochs 3
 
 Settings (both loops): tf_efficientnet_lite0 with its bundled ImageNet weights, a new
 linear head, everything up to and including --freeze-to frozen (BatchNorm in eval mode),
@@ -11,9 +11,10 @@ AdamW (weight decay 0.01, not on norms and biases), learning rates --lr for the 
 cosine, label smoothing 0.1, --augment (timm's training transform), batch size 32,
 validation every epoch. The plain loop decodes with PIL, tlearn with its own loader.
 
-Prints one table: variant, fastest and median seconds per epoch (train + validation, and
-tlearn's checkpoint), the ratio of fastest epochs to the plain loop's, the one-off setup
-(caches) and the best validation accuracy.
+Variants: tlearn with --cache off (the same work as the plain loop), with its default
+cache (validation's frozen prefix computed once), and with --augment flip (the training
+images' frozen prefix cached too). Prints per-epoch times, then a table of medians, the
+median ratio of paired epochs, the one-off setup (caches) and best validation accuracy.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ def plain_loop(
     batch_size: int,
     workers: int,
     seed: int,
-) -> list[dict]:
+):
     """What a user would write with timm and torchvision, no tlearn code involved except
-    fetching the same bundled weights file."""
+    fetching the same bundled weights file. A generator: one epoch per next()."""
     import timm
     from PIL import Image
     from timm.models._manipulate import group_with_matcher
@@ -134,7 +135,7 @@ def plain_loop(
     ]
     steps, warm = epochs * len(train), len(train)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    out, step = [], 0
+    step = 0
     for epoch in range(epochs):
         t0 = time.perf_counter()
         model.train()
@@ -159,35 +160,31 @@ def plain_loop(
             for x, y in val:
                 correct += int((model(x).argmax(1) == y).sum())
                 n += len(y)
-        out.append(
-            {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "val_acc": correct / n}
-        )
-    return out
+        yield {"epoch": epoch + 1, "seconds": time.perf_counter() - t0, "val_acc": correct / n}
 
 
 # ----------------------------------------------------------------------------- tlearn
 
 
-def tlearn_run(
-    data: Path,
-    epochs: int,
-    freeze_to: str,
-    lr: float,
-    decay: float,
-    augment: str,
-    batch_size: int,
-    workers: int,
-    seed: int,
-    cache: str,
-) -> tuple[list[dict], float]:
+def paired_run(
+    data: Path, plain, *, epochs, freeze_to, lr, decay, augment, batch_size, workers, seed, cache
+) -> tuple[list[dict], list[dict], float]:
+    """tlearn's fit_nn, with one epoch of the plain loop run right after each of its epochs
+    (from the epoch_end callback, outside tlearn's timing), so that every pair of epochs
+    sees the same machine load."""
     from tlearn.pipeline import RunOptions
     from tlearn.train import TrainOptions, fit_nn
 
-    marks: list[float] = []
+    starts: list[float] = []
+    ends: list[float] = []
+    plain_rows: list[dict] = []
 
     def events(name, d):
-        if name in ("epoch_start", "epoch_end"):
-            marks.append(time.perf_counter())
+        if name == "epoch_start":
+            starts.append(time.perf_counter())
+        elif name == "epoch_end":
+            ends.append(time.perf_counter())
+            plain_rows.append(next(plain))
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -208,20 +205,20 @@ def tlearn_run(
             events=events,
         )
     total = time.perf_counter() - t0
-    # epoch k: from its start to its end (train, validation, checkpoint)
-    per = [marks[2 * i + 1] - marks[2 * i] for i in range(len(res.history))]
+    # a tlearn epoch: from its start to its end (train, validation, checkpoint)
+    per = [e - s for s, e in zip(starts, ends, strict=True)]
     rows = [
-        {"epoch": h["epoch"], "seconds": s, "val_acc": h["val_acc"]}
-        for h, s in zip(res.history, per, strict=True)
+        {"epoch": h["epoch"], "seconds": sec, "val_acc": h["val_acc"]}
+        for h, sec in zip(res.history, per, strict=True)
     ]
-    return rows, total - sum(per)
+    setup = total - sum(per) - sum(r["seconds"] for r in plain_rows)
+    return rows, plain_rows, setup
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("data", type=Path, help="folder with train/ and val/ class folders")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2, help="alternating repetitions")
     ap.add_argument("--freeze-to", default="blocks.4")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--layer-decay", type=float, default=0.5)
@@ -240,47 +237,48 @@ def main(argv=None) -> int:
         seed=a.seed,
     )
     variants = {
-        "plain timm loop": lambda: (plain_loop(a.data, augment=a.augment, **common), 0.0),
-        "tlearn --cache off": lambda: tlearn_run(a.data, augment=a.augment, cache="off", **common),
-        "tlearn (default cache)": lambda: tlearn_run(
-            a.data, augment=a.augment, cache="memory", **common
-        ),
-        "tlearn --augment flip": lambda: tlearn_run(
-            a.data, augment="flip", cache="memory", **common
-        ),
+        "tlearn --cache off": dict(augment=a.augment, cache="off"),
+        "tlearn (default cache)": dict(augment=a.augment, cache="memory"),
+        "tlearn --augment flip": dict(augment="flip", cache="memory"),
     }
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    setup: dict[str, list[float]] = {k: [] for k in variants}
-    accs: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(a.rounds):
-        for name, fn in variants.items():
-            rows, once = fn()
-            times[name] += [row["seconds"] for row in rows]
-            setup[name].append(once)
-            accs[name].append(max(row["val_acc"] for row in rows))
-            print(
-                f"round {r + 1} {name}: "
-                + ", ".join(f"{row['seconds']:.1f}s" for row in rows)
-                + f" (setup {once:.1f}s, best val acc {accs[name][-1]:.3f})",
-                flush=True,
-            )
-    # Other processes on the machine inflate some epochs a lot; the fastest epoch of each
-    # variant is the steadiest estimate, the median is shown too.
-    base = min(times["plain timm loop"])
     print(
-        f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"load average {os.getloadavg()[0]:.1f}, epochs {a.epochs} x rounds {a.rounds}, "
-        f"augment {a.augment}, freeze-to {a.freeze_to}, layer-decay {a.layer_decay}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, "
+        f"epochs {a.epochs}, augment {a.augment} (plain loop always), freeze-to {a.freeze_to}, "
+        f"layer-decay {a.layer_decay}, batch {a.batch_size}, workers {a.workers}",
+        flush=True,
     )
-    print(
-        f"{'variant':26} {'min s/ep':>9} {'median':>7} {'ratio':>6} {'setup s':>8} {'best acc':>9}"
-    )
-    for name in variants:
-        best, med = min(times[name]), statistics.median(times[name])
+    table = []
+    for name, v in variants.items():
+        plain = plain_loop(a.data, augment=a.augment, **common)
+        rows, plain_rows, setup = paired_run(a.data, plain, **v, **common)
+        ratios = [r["seconds"] / p["seconds"] for r, p in zip(rows, plain_rows, strict=True)]
         print(
-            f"{name:26} {best:9.1f} {med:7.1f} {best / base:6.2f} "
-            f"{min(setup[name]):8.1f} {max(accs[name]):9.3f}"
+            f"{name}: "
+            + ", ".join(
+                f"{r['seconds']:.1f}s vs {p['seconds']:.1f}s"
+                for r, p in zip(rows, plain_rows, strict=True)
+            )
+            + f" (load {os.getloadavg()[0]:.1f})",
+            flush=True,
         )
+        table.append(
+            (
+                name,
+                statistics.median(r["seconds"] for r in rows),
+                statistics.median(p["seconds"] for p in plain_rows),
+                statistics.median(ratios),
+                setup,
+                max(r["val_acc"] for r in rows),
+                max(p["val_acc"] for p in plain_rows),
+            )
+        )
+    print(
+        f"\n{'variant':24} {'tlearn s/ep':>11} {'plain s/ep':>10} {'ratio':>6} {'setup s':>8} "
+        f"{'acc tlearn':>10} {'acc plain':>9}"
+    )
+    for name, t, p, ratio, setup, acc_t, acc_p in table:
+        print(f"{name:24} {t:11.1f} {p:10.1f} {ratio:6.2f} {setup:8.1f} {acc_t:10.3f} {acc_p:9.3f}")
+    print("(medians over epochs; ratio = median of tlearn epoch / the plain epoch run right after)")
     return 0
 
 

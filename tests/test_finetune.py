@@ -107,6 +107,9 @@ def test_layer_decay_rates_follow_the_group_matcher_and_match_the_optimizer():
     # Weight decay only on weights with more than one dimension.
     for g in opt.param_groups:
         assert (g["weight_decay"] > 0) == all(p.ndim > 1 for p in g["params"])
+    sgd = build_optimizer(net, plan, optimizer="sgd", momentum=0.8)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.8
+    assert optimizer_summary(sgd) == optimizer_summary(opt)
 
 
 def test_explicit_lr_groups_with_inheritance_match_the_optimizer():
@@ -138,6 +141,19 @@ def test_layers_after_the_cut_are_neither_listed_nor_trained():
     assert plan.rows[-2].name == "blocks.3"
     # The chained network really stops at the cut.
     assert [n for n, _ in net.chain][-1].startswith("blocks.3")
+
+
+def test_several_cut_layers_run_through_the_cut_network_and_stop_there():
+    backbone = open_backbone(MODEL, "none")
+    net = TransferNet(backbone.model, ["blocks.2", "blocks.3"], "avg", None, 160)
+    assert net.chain is None  # concatenated layers: the FX/hook cut network
+    channels = [backbone.model.blocks[i][-1].conv_pwl.out_channels for i in (2, 3)]
+    assert feature_dim(net) == sum(channels)
+    net.head = NNHead(head_config("linear"), sum(channels), 3)
+    plan = plan_groups(net, lr=1e-3, freeze="none")
+    listed = {p for r in plan.rows for p in r.params}
+    assert any(p.startswith("model.blocks.3.") for p in listed)
+    assert not any(p.startswith(("model.blocks.4.", "model.conv_head")) for p in listed)
 
 
 @pytest.mark.parametrize(
@@ -550,6 +566,8 @@ def test_tta_needs_images_not_features_csv(fitted_model, image_folder, tmp_path,
     assert r.exit_code == 0, r.output
     result = runner.invoke(app, ["evaluate", str(fitted_model), str(csv), "--tta", "flip"])
     assert result.exit_code == 2 and "needs images" in result.output
+    nn_fit = runner.invoke(app, ["fit", str(csv), "--head", "linear", "-o", str(tmp_path / "m")])
+    assert nn_fit.exit_code == 2 and "neural heads train from images" in nn_fit.output
 
 
 # ----------------------------------------------------------------------------- validation
@@ -592,3 +610,19 @@ def test_load_model_refuses_tampered_nn_models(nn_model, tmp_path, tamper, messa
     tamper(d)
     with pytest.raises(ArtifactError, match=re.escape(message)):
         load_model(d)
+
+
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"format": "something-else"}', "not a tlearn checkpoint"),
+        ('{"format": "tlearn-checkpoint", "format_version": 9}', "format_version 9"),
+        ('{"format": "tlearn-checkpoint", "format_version": 1}', "incomplete or unknown"),
+    ],
+)
+def test_resume_refuses_a_broken_checkpoint(tmp_path, state, message):
+    (tmp_path / "m" / ckpt.CHECKPOINT_DIR).mkdir(parents=True)
+    (tmp_path / "m" / ckpt.CHECKPOINT_DIR / ckpt.STATE).write_text(state)
+    with pytest.raises(ArtifactError, match=re.escape(message)):
+        resume_nn(tmp_path / "m")

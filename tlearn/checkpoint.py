@@ -106,9 +106,17 @@ def read_state(model_dir: str | Path) -> dict:
             "start a new run with -o (and --force to replace it)"
         )
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path}: not valid JSON ({e}); start a new run") from None
+    if not isinstance(state, dict) or state.get("format") != "tlearn-checkpoint":
+        raise ArtifactError(f"{path}: not a tlearn checkpoint; start a new run")
+    if state.get("format_version") != 1:
+        raise ArtifactError(
+            f"{path}: checkpoint format_version {state.get('format_version')} is not "
+            "supported by this tlearn (supports 1); finish it with the tlearn that wrote it"
+        )
+    return state
 
 
 def load_tensors(model_dir: str | Path, name: str) -> dict[str, torch.Tensor] | None:

@@ -338,10 +338,11 @@ def compute_cache(
         t = torch.cat(chunks)
         if disk_dir is None:
             return TensorCache(indices, t)
+        np_dtype = np.float16 if dtype == torch.float16 else np.float32
         arr = np.lib.format.open_memmap(
-            disk_dir / f"{name}.npy", mode="w+", dtype=np.float16, shape=tuple(t.shape)
+            disk_dir / f"{name}.npy", mode="w+", dtype=np_dtype, shape=tuple(t.shape)
         )
-        arr[:] = t.to(torch.float16).numpy()
+        arr[:] = t.numpy()
         arr.flush()
         return TensorCache(indices, arr)
 
@@ -1083,7 +1084,13 @@ def resume_nn(
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
     state = ckpt.read_state(model_dir)
-    saved = Settings(**state["settings"])
+    try:
+        saved = Settings(**state["settings"])
+        TrainOptions(**saved.options)
+    except (KeyError, TypeError) as e:
+        raise ArtifactError(
+            f"{model_dir}: checkpoint settings are incomplete or unknown ({e}); start a new run"
+        ) from None
     if data is not None and _abs(data) != saved.data:
         raise UsageError(
             f"--resume: the run was trained on {saved.data}, not {_abs(data)}; give the same "
