@@ -254,3 +254,21 @@ def test_sweep_logreg_head(image_folder, kind):
     )
     assert res.head == "logreg" and "LogisticRegression" in res.method
     assert res.best.name == "blocks.4" and res.best_pair is None
+
+
+def test_second_sweep_comes_from_the_feature_cache(runner, image_folder, tmp_path, monkeypatch):
+    import tlearn.runtime as rt
+
+    monkeypatch.setenv("TLEARN_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["sweep", str(image_folder), "--json", "--no-pairs", "--C", "0.01", *TINY]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+
+    def refuse(*a, **k):
+        raise AssertionError("the backbone ran although every image was cached")
+
+    monkeypatch.setattr(rt, "open_runtime", refuse)
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    a, b = json.loads(first.stdout), json.loads(second.stdout)
+    assert [r["cv_accuracy"] for r in a["layers"]] == [r["cv_accuracy"] for r in b["layers"]]

@@ -910,6 +910,8 @@ def sweep_cmd(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sweep as JSON.")] = False,
+    backend: BackendOpt = Backend.auto,
+    no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
 ):
     """Where to cut: one forward pass per image collects pooled features at every candidate
@@ -933,7 +935,7 @@ def sweep_cmd(
             seed=seed,
             pairs=pairs,
             labels_csv=labels,
-            run=_run_options(batch_size, device, workers, quiet, bars),
+            run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
         )
     _report_skips(res.skipped, res.warnings, quiet)
     if output is not None:

@@ -161,12 +161,14 @@ def extract_layers(
 ) -> LayerFeatures:
     """One forward pass per image, pooled features at every layer in `layers`.
 
-    This is the one place the sweep touches the backbone: a feature cache keyed by the
-    CutSpec of all `layers` (see backbone.feature_network) can wrap it unchanged.
+    This is the one place the sweep touches the backbone. It runs through the same engine
+    as extract (backend + on-disk feature cache keyed by the CutSpec of all `layers`), so
+    a second sweep over the same images and candidates does not run the backbone again.
     """
     run = run or RunOptions()
     net, spec = bb.feature_network(backbone, list(layers), pool)
     dims = layer_dims(net, backbone.data_config)
+    engine = run.engine(net, spec, backbone.data_config)
     feats = extract_array(
         net,
         list(paths),
@@ -175,6 +177,7 @@ def extract_layers(
         device=run.device,
         workers=run.workers,
         progress=run.bar("extract"),
+        **engine.kwargs(),
     )
     X = feats.X if len(feats.indices) else np.zeros((0, sum(dims)), np.float32)
     return LayerFeatures(spec.layers, dims, feats.indices, X, feats.skipped)
