@@ -545,6 +545,7 @@ class AutoLayerSource(_FeatureSource):
             self.net, self.spec = bb.feature_network(self.backbone, names, self.pool)
             self.data_config = self.backbone.data_config
             self.dims = layer_dims(self.net, self.data_config)
+            self.engine = self.run.engine(self.net, self.spec, self.data_config)
 
     def from_csv(self, path) -> LabelledFeatures:
         raise UsageError(
