@@ -68,6 +68,20 @@ def split_folder(tmp_path) -> Path:
     return root
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_cache_dir(tmp_path_factory):
+    """Tests never touch the user's ~/.cache: one fresh feature cache per session. Sharing it
+    between tests is safe (features are keyed by file content and cut) and lets exported
+    ONNX models be reused; tests about the cache itself use their own folder."""
+    old = os.environ.get("TLEARN_CACHE_DIR")
+    os.environ["TLEARN_CACHE_DIR"] = str(tmp_path_factory.mktemp("tlearn-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TLEARN_CACHE_DIR", None)
+    else:
+        os.environ["TLEARN_CACHE_DIR"] = old
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()

@@ -494,9 +494,9 @@ class CutNetwork(nn.Module):
         if self.graph is not None and FINAL_LAYER not in self.layers:
             out = self.graph(x)
             return [out[n] for n in self.layers]
-        return self._forward_hooks(x)
+        return self._forward_with_hooks(x)
 
-    def _forward_hooks(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _forward_with_hooks(self, x: torch.Tensor) -> list[torch.Tensor]:
         modules = dict(self.model.named_modules())
         wanted = [n for n in self.layers if n != FINAL_LAYER]
         got: dict[str, torch.Tensor] = {}

@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -34,7 +35,7 @@ app = typer.Typer(
 )
 # Wide when piped, so tables in logs are not folded into 80 columns.
 out = Console() if sys.stdout.isatty() else Console(width=200)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable logs
 DEBUG = {"on": False}
 
 
@@ -46,6 +47,7 @@ def _version(value: bool):
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Show version and exit."),
@@ -53,6 +55,11 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ):
     DEBUG["on"] = debug
+    from .shard import check_torchrun_command, is_secondary_rank
+
+    if is_secondary_rank():  # under torchrun only rank 0 prints
+        out.quiet = err.quiet = True
+    handle_errors(check_torchrun_command)(ctx.invoked_subcommand)
 
 
 def handle_errors(fn):
@@ -65,11 +72,23 @@ def handle_errors(fn):
         except TlearnError as e:
             if DEBUG["on"]:
                 raise
-            err.print(f"[red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:  # a bug or an environment problem: still one line
+            if DEBUG["on"]:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            err.print(
+                f"[red]error:[/] unexpected {type(e).__name__}: {escape(first)} "
+                "(rerun with tlearn --debug ... for the traceback)",
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -93,7 +112,8 @@ LayerOpt = Annotated[
         "--layer",
         "-l",
         help="Where to cut: a name from `tlearn layers MODEL` (e.g. blocks.4), a feature stage "
-        "index like -1, or several joined by commas. Default: the final pooled features.",
+        "index like -1, or several joined by commas. Default: the final pooled features. "
+        "fit also takes auto: sweep the layers on the training data (CV) and pick the best.",
     ),
 ]
 
@@ -131,22 +151,67 @@ WorkersOpt = Annotated[
     int | None, typer.Option("--workers", min=0, help="Decoding processes (default: auto).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Fail (exit 3) if any image cannot be read; nothing is written."),
+]
 LabelsOpt = Annotated[
     Path | None, typer.Option("--labels", help="CSV with header path,label instead of folders.")
 ]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        metavar="I/N",
+        help="Do only shard I of N (0-based) and write OUTPUT.part-I-of-N (5 digits each); "
+        "join the parts with `tlearn merge`. Under torchrun the ranks shard and merge by "
+        "themselves.",
+    ),
+]
 
 
-def _run_options(batch_size, device, workers, quiet, progress=None):
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+
+
+BackendOpt = Annotated[
+    Backend,
+    typer.Option(
+        "--backend",
+        help="Inference backend: auto (ONNX Runtime on CPU, torch on GPU), torch or onnx.",
+    ),
+]
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache",
+        help="Neither read nor write the feature cache (see `tlearn cache info`).",
+    ),
+]
+
+
+def _run_options(
+    batch_size, device, workers, quiet, progress=None, backend=Backend.auto, no_cache=False
+):
     from .pipeline import RunOptions
 
-    return RunOptions(batch_size=batch_size, device=device, workers=workers, progress=progress)
+    return RunOptions(
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        progress=progress,
+        backend=Backend(backend).value,
+        cache=not no_cache,
+    )
 
 
 class _Bars:
     """rich progress bars on stderr, only when it is a terminal and not --quiet."""
 
     def __init__(self, quiet: bool):
-        self.enabled = not quiet and err.is_terminal
+        self.enabled = not quiet and err.is_terminal and not err.quiet
         self.progress = None
         self.tasks: dict[str, int] = {}
 
@@ -187,11 +252,13 @@ class _Bars:
 
 def _report_skips(skipped, warnings, quiet: bool) -> None:
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
     if skipped:
         if not quiet:
             for s in skipped[:20]:
-                err.print(f"[yellow]skipped[/] {s.path}: {s.reason}", highlight=False)
+                err.print(
+                    f"[yellow]skipped[/] {escape(s.path)}: {escape(s.reason)}", highlight=False
+                )
             if len(skipped) > 20:
                 err.print(f"... and {len(skipped) - 20} more", highlight=False)
         err.print(f"[yellow]{len(skipped)} image(s) skipped[/]", highlight=False)
@@ -242,6 +309,10 @@ def layers_cmd(
         typer.Option("--input-size", min=8, help="Input side in pixels (default: the model's)."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Also draw output shapes and parameters per block to a PNG."),
+    ] = None,
 ):
     """Every place the network can be cut: output shape C x H x W, reduction, cumulative
     parameters and GFLOPs per image. Stages from timm's feature_info are marked.
@@ -257,6 +328,12 @@ def layers_cmd(
     net = _create(model, pretrained=False)
     size = input_size or data_config_for(net)["input_size"][1]
     layers = list_layers(net, size)
+    if plot is not None:
+        from .plots import plot_layers
+        from .sweep import overview_layers
+
+        plot_layers(overview_layers(net, layers), plot, f"{model} at {size}x{size}")
+        err.print(f"wrote {plot}", highlight=False)
     if as_json:
         typer.echo(
             json.dumps(
@@ -322,17 +399,27 @@ def extract_cmd(
     layer: LayerOpt = None,
     pool: PoolOpt = Pool.avg,
     labels: LabelsOpt = None,
+    strict: StrictOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue an interrupted run: keep rows already in OUTPUT.partial."
+        ),
+    ] = False,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    backend: BackendOpt = Backend.auto,
+    no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
+    shard: ShardOpt = None,
 ):
     """Extract pooled features at the cut and write CSV columns path,label,f0..fN, plus a
     sidecar OUTPUT.json recording the backbone, layer, pool and preprocessing.
 
     Example: tlearn extract sample_data/roads/train -o features.csv --layer blocks.5
     """
-    from .pipeline import extract
+    from .shard import Shard, extract
 
     with _Bars(quiet) as bars:
         res = extract(
@@ -343,15 +430,32 @@ def extract_cmd(
             layers=layer,
             pool=pool.value,
             labels_csv=labels,
-            run=_run_options(batch_size, device, workers, quiet, bars),
+            strict=strict,
+            resume=resume,
+            run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            shard=None if shard is None else Shard.parse(shard),
         )
+    if res is None:  # a torchrun rank other than 0: rank 0 merged and reports
+        return
     _report_skips(res.skipped, res.warnings, quiet)
     if not quiet:
-        dest = "stdout" if output == "-" else output
+        dest = "stdout" if output == "-" else res.out
         err.print(
-            f"wrote {res.rows} rows x {res.feature_dim} features to {dest} in {res.seconds:.1f}s",
+            f"wrote {res.rows} rows x {res.feature_dim} features to {dest} in {res.seconds:.1f}s"
+            f"{_engine_note(res.engine)}",
             highlight=False,
         )
+
+
+def _engine_note(engine: dict) -> str:
+    if not engine:
+        return ""
+    if not engine.get("backend"):
+        return f" (all {engine.get('cached', 0)} from the feature cache)"
+    return (
+        f" ({engine['backend']}; {engine.get('computed', 0)} computed, "
+        f"{engine.get('cached', 0)} from the feature cache)"
+    )
 
 
 # ----------------------------------------------------------------------------- fit
@@ -363,7 +467,7 @@ def _metrics_table(metrics: dict, title: str) -> Table:
         table.add_column(col, justify="left" if col == "class" else "right")
     for cls, m in metrics["per_class"].items():
         table.add_row(
-            cls, _pct(m["precision"]), _pct(m["recall"]), _pct(m["f1"]), str(m["support"])
+            escape(cls), _pct(m["precision"]), _pct(m["recall"]), _pct(m["f1"]), str(m["support"])
         )
     return table
 
@@ -373,9 +477,9 @@ def _confusion_table(metrics: dict) -> Table:
     table = Table(title="confusion (rows: true, columns: predicted)")
     table.add_column("true \\ pred")
     for lab in labels:
-        table.add_column(lab, justify="right")
+        table.add_column(escape(lab), justify="right")
     for lab, row in zip(labels, metrics["confusion"]["matrix"], strict=True):
-        table.add_row(lab, *[str(v) for v in row])
+        table.add_row(escape(lab), *[str(v) for v in row])
     return table
 
 
@@ -418,9 +522,12 @@ def fit_cmd(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing model directory.")
     ] = False,
+    strict: StrictOpt = False,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    backend: BackendOpt = Backend.auto,
+    no_cache: NoCacheOpt = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOpt = False,
     hidden: ct.HiddenOpt = None,
@@ -475,7 +582,8 @@ def fit_cmd(
             pool=pool.value,
             labels_csv=labels,
             force=force,
-            run=_run_options(batch_size, device, workers, quiet, bars),
+            strict=strict,
+            run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
         )
     _report_skips(res.skipped, res.warnings, quiet)
     if as_json:
@@ -490,10 +598,16 @@ def fit_cmd(
                     "cv": [r.__dict__ for r in res.head.cv_results_],
                     "validation": res.val_metrics,
                     "skipped": len(res.skipped),
+                    "layers": list(res.cut.layers),
+                    "layer_auto": res.sweep.summary() if res.sweep else None,
                 }
             )
         )
         return
+    if res.sweep is not None and not quiet:
+        wide = err if err.is_terminal else Console(stderr=True, width=200)  # logs: no folding
+        wide.print(_sweep_table(res.sweep, "--layer auto: CV accuracy per cut on training data"))
+        err.print(f"{res.sweep.method}; table saved as sweep.json", highlight=False)
     if res.head.cv_results_ and not quiet:
         t = Table(title=f"C chosen by {res.head.folds}-fold cross-validation")
         for col in ("C", "CV accuracy", "std", "seconds"):
@@ -537,25 +651,37 @@ def predict_cmd(
         bool, typer.Option("--all-scores", help="Add every class's score.")
     ] = False,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file.")] = None,
+    strict: StrictOpt = False,
     tta: ct.TTAOpt = ct.TTA.none,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    backend: BackendOpt = Backend.auto,
+    no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
+    shard: ShardOpt = None,
 ):
     """Predict the class of each image: path, predicted class, score.
 
     Example: tlearn predict roads-model photo1.jpg more_photos/ --format jsonl
     """
-    from .pipeline import predict
+    from .errors import UsageError
+    from .shard import Shard, predict
 
+    part = None if shard is None else Shard.parse(shard)
+    if part is not None and (output is None or fmt == Format.table):
+        raise UsageError("--shard writes a part file: add -o FILE, with --format csv/json/jsonl")
     with _Bars(quiet) as bars:
         res = predict(
             model_dir,
             paths,
+            strict=strict,
             tta=tta.value,
-            run=_run_options(batch_size, device, workers, quiet, bars),
+            run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            shard=part,
         )
+    if res is None:  # a torchrun rank other than 0: rank 0 writes the predictions
+        return
     _report_skips(res.skipped, res.warnings, quiet)
     if fmt is None:
         fmt = Format.table if (output is None and out.is_terminal) else Format.csv
@@ -570,15 +696,29 @@ def predict_cmd(
             rec["scores"] = p.scores
         records.append(rec)
     text = _render_predictions(records, fmt, res.classes, k, all_scores, res.score_kind)
-    if output is not None:
+    if output is not None and res.part is not None:
+        from .shard import write_predictions_part
+
+        written = write_predictions_part(
+            output,
+            text,
+            res.part,
+            rows=len(records),
+            output_format=fmt.value,
+            model_dir=model_dir,
+            options={"top_k": k, "all_scores": all_scores},
+        )
+        if not quiet:
+            err.print(f"wrote {len(records)} predictions to {written}", highlight=False)
+    elif output is not None:
+        from .features import write_skipped_csv
         from .fsutil import atomic_file
 
         with atomic_file(output, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+        write_skipped_csv(output.parent / "skipped.csv", res.skipped)
         if not quiet:
             err.print(f"wrote {len(records)} predictions to {output}", highlight=False)
-    elif fmt == Format.table:
-        out.print(text)
     else:
         sys.stdout.write(text)
 
@@ -614,9 +754,9 @@ def _render_predictions(records, fmt: Format, classes, k, all_scores, score_kind
     if k > 1:
         table.add_column(f"top {k}")
     for r in records:
-        row = [r["path"], r["prediction"], f"{r['score']:.3f}"]
+        row = [escape(r["path"]), escape(r["prediction"]), f"{r['score']:.3f}"]
         if k > 1:
-            row.append(", ".join(f"{t['class']} {t['score']:.3f}" for t in r["top_k"]))
+            row.append(escape(", ".join(f"{t['class']} {t['score']:.3f}" for t in r["top_k"])))
         table.add_row(*row)
     console = Console(file=io.StringIO(), width=out.width, force_terminal=out.is_terminal)
     console.print(table)
@@ -633,13 +773,21 @@ def evaluate_cmd(
     data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a features CSV.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write metrics.json + confusion.csv here.")
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write metrics.json, confusion.csv, confusion.png and worst.png here.",
+        ),
     ] = None,
     labels: LabelsOpt = None,
+    strict: StrictOpt = False,
     tta: ct.TTAOpt = ct.TTA.none,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    backend: BackendOpt = Backend.auto,
+    no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
 ):
     """Accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix.
@@ -654,13 +802,17 @@ def evaluate_cmd(
             model_dir,
             data,
             labels_csv=labels,
+            strict=strict,
             tta=tta.value,
-            run=_run_options(batch_size, device, workers, quiet, bars),
+            run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
         )
     _report_skips(res.skipped, res.warnings, quiet)
     m = res.metrics
     if output is not None:
-        written = write_reports(output, m)
+        written = write_reports(output, m, res.skipped)
+        from .plots import write_evaluation_plots
+
+        written += write_evaluation_plots(output, res)
         if not quiet:
             err.print(f"wrote {', '.join(map(str, written))}", highlight=False)
     if as_json:
@@ -672,6 +824,298 @@ def evaluate_cmd(
         f"accuracy {_pct(m['accuracy'])}, balanced accuracy {_pct(m['balanced_accuracy'])}",
         highlight=False,
     )
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def _sweep_table(res, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("layer", "dim", "output C x H x W", "GFLOPs", "CV accuracy", "C", "fit s"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for r in res.rows:
+        mark = " *" if r.layers == res.best.layers else ""
+        table.add_row(
+            f"{r.name}{mark}",
+            str(r.feature_dim),
+            " x ".join(map(str, r.shape)) if r.shape else "",
+            f"{r.gflops:.3f}",
+            f"{r.cv_mean:.3f} +- {r.cv_std:.3f}",
+            f"{r.C:g}",
+            f"{r.fit_seconds:.2f}",
+        )
+    for r in res.pairs:
+        table.add_row(
+            f"{r.name}{' (best pair)' if r is res.best_pair else ''}",
+            str(r.feature_dim),
+            "pair",
+            f"{r.gflops:.3f}",
+            f"{r.cv_mean:.3f} +- {r.cv_std:.3f}",
+            f"{r.C:g}",
+            f"{r.fit_seconds:.2f}",
+        )
+    return table
+
+
+def _sweep_summary(res) -> list[str]:
+    b = res.best
+    lines = [
+        f"recommended cut: --layer {b.name} (CV accuracy {b.cv_mean:.3f} +- {b.cv_std:.3f}, "
+        f"{b.feature_dim} features, {b.gflops:.3f} GFLOPs)"
+    ]
+    p = res.best_pair
+    if p is not None:
+        gain = p.cv_mean - b.cv_mean
+        lines.append(
+            f"best pair: --layer {p.name} (CV accuracy {p.cv_mean:.3f} +- {p.cv_std:.3f}, "
+            f"{gain:+.3f} vs the recommended single layer, {p.feature_dim} features)"
+        )
+    return lines
+
+
+@app.command("sweep")
+@handle_errors
+def sweep_cmd(
+    data: Annotated[
+        Path,
+        typer.Argument(help="Folder of class sub-folders (only its train/ part if it has one)."),
+    ],
+    model: ModelOpt = "tf_efficientnet_lite0",
+    weights: WeightsOpt = "auto",
+    layers: Annotated[
+        str,
+        typer.Option(
+            "--layers",
+            "--layer",
+            "-l",
+            help="stages (timm's feature stages + final), all (also every block in between), "
+            "or NAME,NAME,... from `tlearn layers MODEL`.",
+        ),
+    ] = "stages",
+    pool: PoolOpt = Pool.avg,
+    head: Annotated[Head, typer.Option("--head", help="Linear head to score each cut.")] = Head.svm,
+    C: Annotated[
+        str, typer.Option("--C", help="auto (searched per cut by CV) or a number like 0.01.")
+    ] = "auto",
+    folds: Annotated[int, typer.Option("--folds", min=2, help="Cross-validation folds.")] = 5,
+    pairs: Annotated[
+        bool, typer.Option("--pairs/--no-pairs", help="Also score pairs of the best layers.")
+    ] = True,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for folds and solvers.")] = 0,
+    labels: LabelsOpt = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write sweep.json + sweep.png here.")
+    ] = None,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sweep as JSON.")] = False,
+    backend: BackendOpt = Backend.auto,
+    no_cache: NoCacheOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Where to cut: one forward pass per image collects pooled features at every candidate
+    layer, then a cross-validated linear head scores each layer (and pairs of the best).
+    Uses the training images only; recommends the most accurate cut (ties: the cheaper).
+
+    Example: tlearn sweep sample_data/roads/train --layers all -o sweep-roads
+    """
+    from .sweep import sweep, write_sweep
+
+    with _Bars(quiet) as bars:
+        res = sweep(
+            data,
+            model=model,
+            weights=weights,
+            layers=layers,
+            pool=pool.value,
+            head=head.value,
+            C=C,
+            folds=folds,
+            seed=seed,
+            pairs=pairs,
+            labels_csv=labels,
+            run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+        )
+    _report_skips(res.skipped, res.warnings, quiet)
+    if output is not None:
+        written = write_sweep(res, output)
+        if not quiet:
+            err.print(f"wrote {', '.join(map(str, written))}", highlight=False)
+    if as_json:
+        typer.echo(json.dumps(res.to_dict()))
+        return
+    title = f"{res.model}: CV accuracy per cut on {res.n_images} images (* = recommended)"
+    out.print(_sweep_table(res, title))
+    for line in _sweep_summary(res):
+        out.print(line, highlight=False)
+    if not quiet:
+        err.print(
+            f"{res.method}; features in {res.extract_seconds:.1f}s, total {res.seconds:.1f}s",
+            highlight=False,
+        )
+
+
+# ----------------------------------------------------------------------------- heatmap
+
+
+@app.command("heatmap")
+@handle_errors
+def heatmap_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Model directory from tlearn fit.")],
+    paths: Annotated[list[Path], typer.Argument(help="Images and/or folders.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNGs.")],
+    class_name: Annotated[
+        str | None,
+        typer.Option("--class", help="Show this class's map (default: the predicted class)."),
+    ] = None,
+    alpha: Annotated[
+        float, typer.Option("--alpha", min=0.0, max=1.0, help="Opacity of the overlay.")
+    ] = 0.5,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    quiet: QuietOpt = False,
+):
+    """Class heatmaps: the linear head applied as a 1x1 convolution over the feature map at
+    the cut, so each map's mean is exactly the model's score. One overlay PNG per image
+    (red: evidence for the class, blue: against). Needs a linear head (svm, logreg) at a
+    single layer with avg pooling.
+
+    Example: tlearn heatmap roads-model photo1.jpg photos/ -o heatmaps --class gravel
+    """
+    from .heatmap import heatmaps, write_heatmaps
+
+    with _Bars(quiet) as bars:
+        res = heatmaps(
+            model_dir,
+            paths,
+            class_name=class_name,
+            run=_run_options(batch_size, device, workers, quiet, bars),
+        )
+        write_heatmaps(res, output, alpha=alpha)
+    _report_skips(res.skipped, res.warnings, quiet)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "layer": res.layer,
+                    "map_size": list(res.map_size),
+                    "score": res.score_kind,
+                    "maps": res.decision_kind,
+                    "heatmaps": [it.to_dict(res.classes) for it in res.items],
+                }
+            )
+        )
+        return
+    h, w = res.map_size
+    table = Table(title=f"heatmaps at {res.layer} ({h}x{w} map; score: {res.score_kind})")
+    for col in ("path", "prediction", "score", "map of", "png"):
+        table.add_column(col, overflow="fold", justify="right" if col == "score" else "left")
+    for it in res.items:
+        table.add_row(it.path, it.predicted, f"{it.score:.3f}", it.shown, str(it.png))
+    out.print(table)
+    if not quiet:
+        err.print(f"wrote {len(res.items)} PNG(s) to {output}", highlight=False)
+
+
+# ----------------------------------------------------------------------------- merge
+
+
+@app.command("merge")
+@handle_errors
+def merge_cmd(
+    parts: Annotated[
+        list[Path], typer.Argument(help="Every part OUT.part-I-of-N of one run (any order).")
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The merged file to write.")],
+    quiet: QuietOpt = False,
+):
+    """Join the parts written by extract/predict --shard I/N into the output a single
+    process would have written (and skipped.csv beside it). Refuses a missing, duplicated
+    or foreign part.
+
+    Example: tlearn merge features.csv.part-* -o features.csv
+    """
+    from .shard import merge_parts
+
+    res = merge_parts(parts, output)
+    if not quiet:
+        if res.skipped:
+            err.print(f"[yellow]{len(res.skipped)} image(s) skipped[/]", highlight=False)
+        err.print(
+            f"merged {res.parts} {res.kind} parts into {res.out}: {res.rows} rows", highlight=False
+        )
+
+
+# ----------------------------------------------------------------------------- cache
+
+cache_app = typer.Typer(
+    help="The feature cache: features of images already seen, and exported ONNX models.",
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+@cache_app.command("info")
+@handle_errors
+def cache_info_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """Where the cache is ($TLEARN_CACHE_DIR, else $XDG_CACHE_HOME/tlearn, else
+    ~/.cache/tlearn), and what it holds per backbone/layer/pool.
+
+    Example: tlearn cache info
+    """
+    from dataclasses import asdict
+
+    from .cache import cache_info
+
+    info = cache_info()
+    if as_json:
+        typer.echo(json.dumps(asdict(info)))
+        return
+    table = Table(title=f"feature cache in {info.root}")
+    for col in ("model", "layers", "pool", "images", "dim", "size"):
+        table.add_column(col, justify="right" if col in ("images", "dim", "size") else "left")
+    for c in info.cuts:
+        table.add_row(
+            c.model,
+            ",".join(c.layers),
+            c.pool,
+            str(c.images),
+            "" if c.dim is None else str(c.dim),
+            _size(c.bytes),
+        )
+    out.print(table)
+    out.print(
+        f"{sum(c.images for c in info.cuts)} cached feature vectors, {info.onnx_models} exported "
+        f"ONNX model(s) ({_size(info.onnx_bytes)}); {_size(info.total_bytes)} in all",
+        highlight=False,
+    )
+
+
+@cache_app.command("clear")
+@handle_errors
+def cache_clear_cmd(quiet: QuietOpt = False):
+    """Delete cached features and exported ONNX models (they are rebuilt when needed).
+
+    Example: tlearn cache clear
+    """
+    from .cache import cache_root, clear_cache
+
+    freed = clear_cache()
+    if not quiet:
+        err.print(f"cleared {cache_root()} ({_size(freed)} freed)", highlight=False)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ No torch here, and no printing: problems come back as `Skipped` entries and warn
 from __future__ import annotations
 
 import csv
+import io
 import os
 import stat
 import warnings
@@ -429,7 +430,7 @@ def scan_inputs(inputs: Sequence) -> ImageSet:
 # --- loading --------------------------------------------------------------------------------
 
 
-def load_image(path, *, min_size: int | None = None) -> Image.Image:
+def load_image(path, *, min_size: int | None = None, content: bytes | None = None) -> Image.Image:
     """Read any supported image as a loaded RGB image, upright, or raise ImageLoadError.
 
     - Transparency (alpha, palette or colour-key) is composited onto white (`BACKGROUND`).
@@ -438,6 +439,8 @@ def load_image(path, *, min_size: int | None = None) -> Image.Image:
     - The format is taken from the content, not the extension.
     - `min_size`: let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while both sides stay
       >= min_size, which makes big photos much cheaper to read. Other formats load in full.
+    - `content`: the file's bytes, already read (e.g. to hash them for the feature cache);
+      decoded instead of opening `path`, which then only names the image in errors.
 
     Truncated files are errors (ImageFile.LOAD_TRUNCATED_IMAGES is not touched), and so are
     images over Pillow's pixel limit, including the warning zone below twice the limit.
@@ -445,7 +448,7 @@ def load_image(path, *, min_size: int | None = None) -> Image.Image:
     if min_size is not None and min_size < 1:
         raise ValueError(f"min_size must be a positive number of pixels, got {min_size}")
     path = os.fspath(path)
-    problem = _entry_problem(path)
+    problem = _entry_problem(path) if content is None else None
     if problem:
         raise ImageLoadError(path, problem)
     try:
@@ -455,7 +458,7 @@ def load_image(path, *, min_size: int | None = None) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path if content is None else io.BytesIO(content)) as img:
                 if min_size is not None:
                     img.draft("RGB", (min_size, min_size))  # a no-op for non-JPEG formats
                 img.load()  # decode now, inside the try, so lazy decode errors surface here

@@ -52,8 +52,8 @@ def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
     }
 
 
-def write_reports(out_dir: str | Path, metrics: dict) -> list[Path]:
-    """metrics.json and confusion.csv (rows = true class, columns = predicted)."""
+def write_reports(out_dir: str | Path, metrics: dict, skipped=()) -> list[Path]:
+    """metrics.json, confusion.csv (rows = true class, columns = predicted), skipped.csv."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "metrics.json"]
@@ -67,4 +67,7 @@ def write_reports(out_dir: str | Path, metrics: dict) -> list[Path]:
             for label, row in zip(conf["labels"], conf["matrix"], strict=True):
                 w.writerow([label, *row])
         written.append(path)
+    from .features import write_skipped_csv
+
+    written.append(write_skipped_csv(out_dir / "skipped.csv", skipped))
     return written

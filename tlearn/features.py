@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import __version__
 from .data import Skipped, load_image
 from .errors import DataError, ImageLoadError
-from .fsutil import atomic_file
+from .fsutil import atomic_file, write_json
 from .preprocess import eval_transform, resize_target
 
 Progress = Callable[[int, int], None]  # (images done, images total)
@@ -45,12 +46,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def default_workers(n_images: int, batch_size: int) -> int:
+def default_workers(n_images: int, batch_size: int, device_type: str = "cpu") -> int:
     """Decode in worker processes so decoding overlaps the forward pass; on small machines
-    one worker leaves the other cores to torch."""
+    one worker leaves the other cores to torch. A GPU computes by itself: then all cores
+    but the one feeding it decode."""
     if n_images <= batch_size:
         return 0
     cores = os.cpu_count() or 1
+    if device_type == "cuda":
+        return max(1, min(8, cores - 1))
     return max(1, min(4, cores // 2))
 
 
@@ -83,6 +87,42 @@ def collate_skipping(batch):
     return idx, x, bad
 
 
+class KeyedImageDataset(ImageDataset):
+    """Like ImageDataset, and hashes each file's bytes (the feature cache key) from the very
+    bytes it decodes, so a key can never name features of other content.
+    Items: (index, tensor | None, reason | None, key | None)."""
+
+    def __getitem__(self, i: int):
+        from .cache import content_key
+
+        path = self.paths[i]
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+                raise OSError("not a regular non-empty file")
+            with open(path, "rb") as f:
+                content = f.read()
+        except OSError:
+            # load_image words the reason (missing, permission, FIFO, ...); a file that
+            # became readable in between is decoded without a key and not cached.
+            return (*super().__getitem__(i), None)
+        try:
+            img = load_image(path, min_size=self.min_size, content=content)
+            return i, self.transform(img), None, content_key(content)
+        except ImageLoadError as e:
+            return i, None, e.reason, None
+        except Exception as e:
+            return i, None, f"cannot preprocess ({type(e).__name__}: {e})", None
+
+
+def collate_keyed(batch):
+    """(indices, stacked tensors, bad, content keys of the decoded ones)."""
+    ok = [(i, t, k) for i, t, _, k in batch if t is not None]
+    bad = [(i, r) for i, _, r, _ in batch if r is not None]
+    x = torch.stack([t for _, t, _ in ok]) if ok else None
+    return [i for i, _, _ in ok], x, bad, [k for _, _, k in ok]
+
+
 @dataclass
 class FeatureBatch:
     indices: list[int]  # positions in the input list
@@ -96,6 +136,7 @@ class Features:
     indices: np.ndarray  # positions in the input list
     X: np.ndarray  # (n, D) float32
     skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. a backend fallback
 
 
 def iter_features(
@@ -108,35 +149,140 @@ def iter_features(
     workers: int | None = None,
     skipped: list[Skipped] | None = None,
     progress: Progress | None = None,
+    runtime=None,
+    cache=None,
+    draft: bool = True,
 ) -> Iterator[FeatureBatch]:
-    """Yield feature batches in input order; unreadable images go to `skipped`."""
+    """Yield feature batches in input order; unreadable images go to `skipped`.
+
+    `runtime`: a callable (batch tensor -> (B, D) numpy) with a `.device`, from
+    tlearn.runtime; default: `net` in torch on `device`. When it has a `transform`, the
+    workers apply that one (uint8 pixels) instead of the eval transform. `cache`: a
+    tlearn.cache.FeatureStore; cached images are read from it (and not decoded), new
+    features written to it. `draft`: let JPEGs decode at a reduced scale (see
+    data.load_image)."""
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be at least 1")
-    dev = resolve_device(device)
-    net = net.to(dev).eval()
-    ds = ImageDataset(paths, eval_transform(data_config), min_size=resize_target(data_config))
-    n_workers = default_workers(len(paths), batch_size) if workers is None else workers
+    if runtime is None:
+        from .runtime import TorchRuntime
+
+        runtime = TorchRuntime(net, resolve_device(device))
+    n = len(paths)
+    todo = list(range(n))  # what the decoding workers get
+    hits: list[int] = []  # known from the pre-pass to be cached
+    hit_keys: list[bytes] = []
+    if cache is not None and len(cache.known):
+        # The cache has this cut already: hash every file first (threads; cheap next to
+        # decoding) so cached images never reach the workers, and a fully cached run starts
+        # none. A cold cut skips this, so each file is read once. Workers hash the bytes they
+        # decode again: features are always stored under the key of what was decoded.
+        from .cache import hash_files
+
+        keys = hash_files(paths)
+        found = cache.known.positions([k or b"" for k in keys]) >= 0
+        todo = [i for i in range(n) if not found[i]]
+        hits = [i for i in range(n) if found[i]]
+        hit_keys = [keys[i] for i in hits]
+    done = 0
+    h = 0  # next entry of `hits` to emit
+    try:
+        with torch.inference_mode():
+            batches = _computed_batches(
+                runtime,
+                [paths[i] for i in todo],
+                data_config,
+                batch_size=batch_size,
+                workers=workers,
+                cache=cache,
+                draft=draft,
+            )
+            for sub_idx, feats, bad in batches:
+                for j, reason in bad:
+                    if skipped is not None:
+                        skipped.append(Skipped(str(paths[todo[j]]), reason))
+                idx = [todo[j] for j in sub_idx]
+                last = max([*idx, *(todo[j] for j, _ in bad)])
+                # cached images before this batch, in whole batches first
+                while len(hits) - h >= batch_size and hits[h + batch_size - 1] < last:
+                    yield _cached_batch(cache, hits[h : h + batch_size], hit_keys, h)
+                    done, h = done + batch_size, h + batch_size
+                    _report(progress, done, n)
+                k = h
+                while k < len(hits) and hits[k] < last:
+                    k += 1
+                if k > h:  # merge the remaining few into this batch, in input order
+                    cached = _cached_batch(cache, hits[h:k], hit_keys, h)
+                    done, h = done + (k - h), k
+                    if feats is None:
+                        idx, feats = cached.indices, cached.features
+                    else:
+                        all_idx = np.asarray(idx + cached.indices)
+                        order = np.argsort(all_idx, kind="stable")
+                        idx = all_idx[order].tolist()
+                        feats = np.concatenate([feats, cached.features])[order]
+                if feats is not None:
+                    yield FeatureBatch(indices=list(idx), features=feats)
+                done += len(sub_idx) + len(bad)
+                _report(progress, done, n)
+            while h < len(hits):
+                chunk = hits[h : h + batch_size]
+                yield _cached_batch(cache, chunk, hit_keys, h)
+                done, h = done + len(chunk), h + len(chunk)
+                _report(progress, done, n)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+def _report(progress: Progress | None, done: int, total: int) -> None:
+    if progress is not None:
+        progress(done, total)
+
+
+def _cached_batch(cache, indices: list[int], hit_keys: list[bytes], start: int) -> FeatureBatch:
+    keys = hit_keys[start : start + len(indices)]
+    return FeatureBatch(indices=list(indices), features=cache.get(keys))
+
+
+def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache, draft):
+    """(indices into `paths`, features or None, [(index, reason)]) per decoded batch, in
+    order; new features go to the cache."""
+    if not paths:
+        return
+    dev = runtime.device
+    min_size = resize_target(data_config) if draft else None
+    # A runtime may take uint8 pixels and normalise them itself (tlearn.runtime).
+    transform = getattr(runtime, "transform", None) or eval_transform(data_config)
+    if cache is not None:
+        ds = KeyedImageDataset(paths, transform, min_size=min_size)
+        collate = collate_keyed
+    else:
+        ds = ImageDataset(paths, transform, min_size=min_size)
+        collate = collate_skipping
+    n_workers = default_workers(len(paths), batch_size, dev.type) if workers is None else workers
     loader = DataLoader(
         ds,
         batch_size=batch_size,
         shuffle=False,
         num_workers=n_workers,
-        collate_fn=collate_skipping,
+        collate_fn=collate,
         pin_memory=dev.type == "cuda",
         persistent_workers=False,
     )
-    done = 0
-    with torch.inference_mode():
-        for idx, x, bad in loader:
-            for i, reason in bad:
-                if skipped is not None:
-                    skipped.append(Skipped(str(paths[i]), reason))
-            if x is not None:
-                feats = net(x.to(dev, non_blocking=True)).float().cpu().numpy()
-                yield FeatureBatch(indices=idx, features=feats)
-            done += len(idx) + len(bad)
-            if progress is not None:
-                progress(done, len(paths))
+    for item in loader:
+        if cache is not None:
+            idx, x, bad, keys = item
+        else:
+            (idx, x, bad), keys = item, None
+        feats = runtime(x) if x is not None else None
+        if cache is not None and feats is not None:
+            known = [k is not None for k in keys]
+            if all(known):
+                cache.put(keys, feats)
+            elif any(known):
+                sel = np.nonzero(known)[0]
+                cache.put([keys[j] for j in sel], feats[sel])
+        yield idx, feats, bad
 
 
 def extract_array(net, paths: Sequence[str], data_config: dict, **kwargs) -> Features:
@@ -163,37 +309,115 @@ def write_features_csv(
     labels: Sequence[str | None] | None,
     out: str | Path,
     meta: dict,
+    *,
+    resume: bool = False,
+    before_commit: Callable[[], None] | None = None,
 ) -> int:
-    """Stream batches to CSV `out` (atomically) or to stdout when out is "-". Writes the
-    sidecar `<out>.json` with `meta`. Returns the number of rows."""
+    """Stream batches to CSV `out`, or to stdout when out is "-". Returns rows written.
+
+    A file is written as `<out>.partial` (flushed batch by batch) and renamed into place
+    only when complete, so a killed run never leaves a half-written `out`; with `resume`
+    the rows already in the partial file are kept and `batches` must hold the rest.
+    `before_commit` runs just before the rename and may raise to abandon the output.
+    Writes the sidecar `<out>.json` with `meta`.
+    """
     if str(out) == "-":
-        return _write_rows(sys.stdout, batches, paths, labels, meta)
+        writer = csv.writer(sys.stdout)
+        return _write_rows(writer, batches, paths, labels, meta, header=True)
     out = Path(out)
-    with atomic_file(out, "w", newline="", encoding="utf-8") as f:
-        rows = _write_rows(f, batches, paths, labels, meta)
-    from .fsutil import write_json
+    partial = partial_path(out)
+    kept = len(partial_rows(out, meta)) if resume else 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(Path(f"{partial}.json"), meta)
+    try:
+        with open(partial, "a" if kept else "w", newline="", encoding="utf-8") as f:
+            rows = _write_rows(csv.writer(f), batches, paths, labels, meta, header=not kept, f=f)
+            f.flush()
+            os.fsync(f.fileno())
+        if before_commit is not None:
+            before_commit()
+    except BaseException as e:
+        # Interrupted: keep the partial file for --resume. Abandoned on purpose: remove it.
+        if not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            discard_partial(out)
+        raise
+    os.replace(partial, out)
+    write_json(sidecar_path(out), {**meta, "rows": kept + rows})
+    Path(f"{partial}.json").unlink(missing_ok=True)
+    return kept + rows
 
-    write_json(sidecar_path(out), {**meta, "rows": rows})
-    return rows
+
+def partial_path(out: str | Path) -> Path:
+    return Path(f"{out}.partial")
 
 
-def _write_rows(f, batches, paths, labels, meta) -> int:
-    writer = csv.writer(f)
+def discard_partial(out: str | Path) -> None:
+    partial = partial_path(out)
+    partial.unlink(missing_ok=True)
+    Path(f"{partial}.json").unlink(missing_ok=True)
+
+
+def partial_rows(out: str | Path, meta: dict) -> list[str]:
+    """Paths already written to `<out>.partial` by an interrupted run, after cutting off a
+    last row that was only half written. Checks the partial run used the same cut."""
+    partial = partial_path(out)
+    if not partial.is_file():
+        return []
+    side = Path(f"{partial}.json")
+    try:
+        old = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if (
+        old is None
+        or old.get("cut") != meta.get("cut")
+        or old.get("data_config") != meta.get("data_config")
+    ):
+        raise DataError(
+            f"{partial} was written with another model, layer, pool or preprocessing; "
+            "run without --resume to start over"
+        )
+    ncols = 2 + int(meta["feature_dim"])
+    data = partial.read_bytes()
+    good_end, done = 0, []
+    reader_input = io.StringIO(data.decode("utf-8", errors="replace"), newline="")
+    # Walk complete lines; csv handles quoted paths. Stop at the first damaged row.
+    offset = 0
+    for line in reader_input:
+        offset += len(line.encode("utf-8"))
+        if not line.endswith("\n"):
+            break
+        row = next(csv.reader([line]), [])
+        if not row:
+            break
+        if row[0] == "path" and good_end == 0:
+            if len(row) != ncols:
+                break
+            good_end = offset
+            continue
+        if len(row) != ncols:
+            break
+        done.append(row[0])
+        good_end = offset
+    with open(partial, "r+b") as f:
+        f.truncate(good_end)
+    return done
+
+
+def _write_rows(writer, batches, paths, labels, meta, header: bool, f=None) -> int:
     rows = 0
-    header_written = False
+    dim = int(meta.get("feature_dim", 0))
+    if header:
+        writer.writerow(["path", "label", *feature_columns(dim)])
     for b in batches:
-        if not header_written:
-            writer.writerow(["path", "label", *feature_columns(b.features.shape[1])])
-            header_written = True
         # float32 -> shortest string that reads back to the same float32.
         text = b.features.astype(str)
         for i, row in zip(b.indices, text, strict=True):
             label = labels[i] if labels is not None else None
             writer.writerow([paths[i], "" if label is None else label, *row])
         rows += len(b.indices)
-    if not header_written:
-        dim = int(meta.get("feature_dim", 0))
-        writer.writerow(["path", "label", *feature_columns(dim)])
+        if f is not None:
+            f.flush()  # a killed run keeps every finished batch for --resume
     return rows
 
 
@@ -264,7 +488,12 @@ def is_features_csv(path: str | Path) -> bool:
     return p.is_file() and p.suffix.lower() == ".csv" and sidecar_path(p).is_file()
 
 
-def csv_to_string(rows: list[list]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
-    return buf.getvalue()
+def write_skipped_csv(path: str | Path, skipped: Sequence[Skipped]) -> Path:
+    """skipped.csv: one row per image that could not be used, with the reason."""
+    path = Path(path)
+    with atomic_file(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason"])
+        for s in skipped:
+            w.writerow([s.path, s.reason])
+    return path

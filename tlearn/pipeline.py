@@ -18,17 +18,21 @@ from . import infer
 from .artifacts import SavedModel, build_config, load_model, save_model
 from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
 from .data import scan_inputs as scan_unlabeled
-from .errors import ArtifactError, DataError, UsageError, WeightsError
+from .errors import ArtifactError, DataError, StrictModeError, UsageError, WeightsError
 from .evaluate import classification_metrics
 from .features import (
+    FeatureBatch,
     extract_array,
     feature_meta,
     is_features_csv,
     iter_features,
+    partial_rows,
     read_features_csv,
     write_features_csv,
+    write_skipped_csv,
 )
 from .heads import LinearHead, parse_C
+from .shard import Shard, finish_features_part, plan_part, score_by_batch
 
 # progress(stage, done, total): the CLI draws bars from it; None = silent.
 Progress = Callable[[str, int, int], None]
@@ -42,11 +46,28 @@ class RunOptions:
     device: str = "auto"
     workers: int | None = None
     progress: Progress | None = None
+    backend: str = "auto"  # auto | torch | onnx (tlearn.runtime)
+    cache: bool = True  # read and write the on-disk feature cache (tlearn.cache)
+    draft: bool = True  # JPEGs may decode at a reduced scale (data.load_image's min_size)
 
     def bar(self, stage: str):
         if self.progress is None:
             return None
         return lambda done, total: self.progress(stage, done, total)
+
+    def engine(self, net, spec: bb.CutSpec, data_config: dict):
+        """How features are computed: backend + feature cache (see tlearn.runtime)."""
+        from .runtime import feature_engine
+
+        return feature_engine(
+            net,
+            spec,
+            data_config,
+            backend=self.backend,
+            device=self.device,
+            cache=self.cache,
+            draft=self.draft,
+        )
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -93,6 +114,7 @@ class ExtractResult:
     skipped: list[Skipped]
     warnings: list[str]
     seconds: float
+    engine: dict = field(default_factory=dict)  # backend, device, cached, computed
 
 
 def load_images(data: Sequence[str | Path], labels_csv: str | Path | None = None) -> ImageSet:
@@ -131,43 +153,104 @@ def extract(
     layers: str | Sequence[str] | None = None,
     pool: str = "avg",
     labels_csv: str | Path | None = None,
+    strict: bool = False,
+    resume: bool = False,
     run: RunOptions | None = None,
+    shard: Shard | None = None,
 ) -> ExtractResult:
+    """Features of every readable image to CSV. Unreadable images are listed in
+    skipped.csv beside the output; with `strict` any of them fails the run and nothing
+    is written. With `resume`, rows of an interrupted run's partial file are kept.
+    With `shard`, only that shard's images go to the part file OUT.part-I-of-N, whose
+    sidecar lists its unreadable images (see tlearn.shard; `merge` joins the parts)."""
     run = run or RunOptions()
     t0 = time.perf_counter()
     images = load_images(data, labels_csv)
     if len(images) == 0:
         raise DataError(f"no images found in {', '.join(map(str, data))}")
+    to_stdout = str(out) == "-"
+    if resume and to_stdout:
+        raise UsageError("--resume needs an output file, not -o -")
+    if shard is not None and to_stdout:
+        raise UsageError("--shard needs an output file, not -o -: each shard writes a part")
     backbone = open_backbone(model, weights)
     net, spec = bb.feature_network(backbone, layers, pool)
-    dim = bb.feature_dim(net, backbone.data_config)
+    engine = run.engine(net, spec, backbone.data_config)
+    dim = engine.feature_dim()
     warnings = list(images.warnings)
     if pool == "flatten" and dim > bb.FLATTEN_WARN_DIM:
         warnings.append(
             f"--pool flatten gives {dim} features per image; the CSV will be large "
             "(avg or catavgmax pooling keep it small)"
         )
+    meta = feature_meta(spec, backbone.data_config, dim)
+    labels = images.label_names if images.labels is not None else None
+    part, lo, hi = None, 0, len(images)
+    if shard is not None:
+        part = plan_part(shard, images.paths, labels, images.skipped, run.batch_size)
+        out, lo, hi, meta = part.path(out), part.start, part.stop, {**meta, "shard": part.info()}
+    done = set(partial_rows(out, meta)) if resume and not to_stdout else set()
+    if part is not None:
+        part.check_resume(done, images.paths)
+    todo = [i for i in range(lo, hi) if images.paths[i] not in done]
     skipped = list(images.skipped)
     batches = iter_features(
         net,
-        images.paths,
+        [images.paths[i] for i in todo],
         backbone.data_config,
         batch_size=run.batch_size,
         device=run.device,
         workers=run.workers,
         skipped=skipped,
         progress=run.bar("extract"),
+        **engine.kwargs(),
     )
-    meta = feature_meta(spec, backbone.data_config, dim)
-    labels = images.label_names if images.labels is not None else None
-    rows = write_features_csv(batches, images.paths, labels, out, meta)
+    # iter_features numbers images within `todo`; map back to positions in `images`.
+    batches = (FeatureBatch([todo[i] for i in b.indices], b.features) for b in batches)
+
+    def check_strict():
+        if strict and skipped:
+            raise strict_failure(skipped)
+
+    rows = write_features_csv(
+        batches, images.paths, labels, out, meta, resume=bool(done), before_commit=check_strict
+    )
+    if to_stdout:
+        check_strict()
+    elif part is not None:
+        finish_features_part(out, skipped[len(images.skipped) :])
+    else:
+        write_skipped_csv(Path(out).parent / SKIPPED_CSV, skipped)
     return ExtractResult(
         rows=rows,
         feature_dim=dim,
         out=str(out),
         skipped=skipped,
-        warnings=warnings,
+        warnings=warnings + engine.notes,
         seconds=time.perf_counter() - t0,
+        engine=engine.summary(),
+    )
+
+
+SKIPPED_CSV = "skipped.csv"
+
+
+def skipped_csv_bytes(skipped: Sequence[Skipped]) -> bytes:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "reason"])
+    w.writerows([s.path, s.reason] for s in skipped)
+    return buf.getvalue().encode("utf-8")
+
+
+def strict_failure(skipped: Sequence[Skipped]) -> StrictModeError:
+    listed = "; ".join(f"{s.path} ({s.reason})" for s in skipped[:10])
+    more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    return StrictModeError(
+        f"--strict: {len(skipped)} unreadable image(s), nothing written: {listed}{more}"
     )
 
 
@@ -197,6 +280,7 @@ class FitResult:
     skipped: list[Skipped]
     warnings: list[str]
     seconds: float
+    sweep: object | None = None  # sweep.SweepResult when fitted with --layer auto
 
 
 class _FeatureSource:
@@ -208,12 +292,14 @@ class _FeatureSource:
         self.net = None
         self.spec: bb.CutSpec | None = None
         self.data_config: dict | None = None
+        self.engine = None
 
     def _open(self):
         if self.net is None:
             backbone = open_backbone(self.model, self.weights, self.seed)
             self.net, self.spec = bb.feature_network(backbone, self.layers, self.pool)
             self.data_config = backbone.data_config
+            self.engine = self.run.engine(self.net, self.spec, self.data_config)
 
     def from_images(self, images: ImageSet, classes: list[str], stage: str) -> LabelledFeatures:
         self._open()
@@ -225,6 +311,7 @@ class _FeatureSource:
             device=self.run.device,
             workers=self.run.workers,
             progress=self.run.bar(stage),
+            **self.engine.kwargs(),
         )
         y_all = np.asarray(images.labels, dtype=np.int64)
         # Re-map labels by name: `images` may list classes in another order.
@@ -235,8 +322,14 @@ class _FeatureSource:
             y=remap[y_all[feats.indices]] if len(feats.indices) else np.zeros(0, np.int64),
             classes=classes,
             skipped=list(images.skipped) + feats.skipped,
-            warnings=list(images.warnings),
+            warnings=list(images.warnings) + self._new_notes(),
         )
+
+    def _new_notes(self) -> list[str]:
+        """Engine notes (e.g. a backend fallback) not yet reported by an earlier call."""
+        seen = getattr(self, "_notes_seen", 0)
+        self._notes_seen = len(self.engine.notes)
+        return self.engine.notes[seen:]
 
     def from_csv(self, path) -> LabelledFeatures:
         table = read_features_csv(path)
@@ -283,10 +376,18 @@ def _split(train: LabelledFeatures, fraction: float, seed: int):
         tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
     except ValueError as e:
         raise DataError(f"--val-split {fraction}: cannot split {len(idx)} images ({e})") from None
-    pick = lambda ix: LabelledFeatures(  # noqa: E731
-        paths=[train.paths[i] for i in ix], X=train.X[ix], y=train.y[ix], classes=train.classes
-    )
-    return pick(np.sort(tr)), pick(np.sort(va))
+
+    def pick(ix, skipped, warnings):
+        return LabelledFeatures(
+            paths=[train.paths[i] for i in ix],
+            X=train.X[ix],
+            y=train.y[ix],
+            classes=train.classes,
+            skipped=skipped,
+            warnings=warnings,
+        )
+
+    return pick(np.sort(tr), train.skipped, train.warnings), pick(np.sort(va), [], [])
 
 
 def fit(
@@ -304,6 +405,7 @@ def fit(
     pool: str = "avg",
     labels_csv: str | Path | None = None,
     force: bool = False,
+    strict: bool = False,
     run: RunOptions | None = None,
 ) -> FitResult:
     t0 = time.perf_counter()
@@ -315,7 +417,13 @@ def fit(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
-    source = _FeatureSource(model, weights, layers, pool, run, seed)
+    from .sweep import AutoLayerSource, is_auto
+
+    auto = is_auto(layers)
+    if auto:  # one pass extracts every candidate layer; `choose` keeps the best (CV on train)
+        source = AutoLayerSource(model, weights, pool, run, seed, head=head, C=C_value)
+    else:
+        source = _FeatureSource(model, weights, layers, pool, run, seed)
 
     val_images: ImageSet | None = None
     if is_features_csv(data):
@@ -348,6 +456,12 @@ def fit(
     elif val_images is not None:
         valid = _val_from_images(source, val_images, train.classes)
 
+    skipped = train.skipped + (valid.skipped if valid else [])
+    if strict and skipped:
+        raise strict_failure(skipped)
+    sweep_result = None
+    if auto:
+        train, valid, sweep_result = source.choose(train, valid)
     estimator.fit(train.X, train.y, train.classes)
     val_metrics = None
     if valid is not None and len(valid.y):
@@ -361,10 +475,15 @@ def fit(
         head=estimator.hyperparameters(),
         feature_dim=int(train.X.shape[1]),
         train={"n_images": int(len(train.y)), "n_val": int(len(valid.y)) if valid else 0},
+        **({"layer_auto": sweep_result.summary()} if sweep_result else {}),
     )
     metrics = {"validation": val_metrics, "cv": config["head"]["cv"]}
-    save_model(out_dir, config, estimator.tensors(), metrics=metrics, force=force)
-    skipped = train.skipped + (valid.skipped if valid else [])
+    extra = {SKIPPED_CSV: skipped_csv_bytes(skipped)}
+    if sweep_result:
+        extra["sweep.json"] = sweep_result.json_bytes()
+    save_model(
+        out_dir, config, estimator.tensors(), metrics=metrics, force=force, extra_files=extra
+    )
     return FitResult(
         out_dir=str(out_dir),
         head=estimator,
@@ -377,6 +496,7 @@ def fit(
         skipped=skipped,
         warnings=train.warnings + estimator.notes_ + (valid.warnings if valid else []),
         seconds=time.perf_counter() - t0,
+        sweep=sweep_result,
     )
 
 
@@ -422,12 +542,14 @@ class PredictResult:
     score_kind: str  # "probability" or "svm margin"
     skipped: list[Skipped]
     warnings: list[str]
+    part: dict | None = None  # with a shard: what tlearn.shard writes in the part's sidecar
 
 
 def _saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage: str):
     backbone = backbone_for_spec(saved.cut)
     net = bb.FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval()
-    return extract_array(
+    engine = run.engine(net, saved.cut, saved.data_config)
+    feats = extract_array(
         net,
         images.paths,
         saved.data_config,  # preprocessing exactly as in fit
@@ -435,7 +557,10 @@ def _saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage:
         device=run.device,
         workers=run.workers,
         progress=run.bar(stage),
+        **engine.kwargs(),
     )
+    feats.notes = engine.notes
+    return feats
 
 
 def _head(saved: SavedModel) -> LinearHead:
@@ -446,25 +571,38 @@ def predict(
     model_dir: str | Path,
     inputs: Sequence[str | Path],
     *,
+    strict: bool = False,
     tta: str = "none",
     run: RunOptions | None = None,
+    shard: Shard | None = None,
 ) -> PredictResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
     nn_model = infer.is_nn(saved)
     head = None if nn_model else _head(saved)
     score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
+    part, n_scan_skipped = None, 0
     if len(inputs) == 1 and is_features_csv(inputs[0]):
         table = read_features_csv(inputs[0])
         if bb.CutSpec.from_dict(table.meta["cut"]) != saved.cut:
             raise DataError(f"{inputs[0]} was extracted with another cut than the model's")
         _no_tta_on_features(tta)
         paths, X, skipped, warnings = table.paths, table.X, [], []
-        scores = _feature_scores(saved, head, X)
+        if shard is not None:
+            part = plan_part(shard, paths, None, [], run.batch_size)
+            paths, X = paths[part.start : part.stop], X[part.start : part.stop]
+        batch_of = np.arange(len(paths)) // max(1, run.batch_size)
+        scores = score_by_batch(
+            lambda x: _feature_scores(saved, head, x), X, batch_of, len(saved.classes)
+        )
     else:
         images = scan_unlabeled(list(inputs))
         if len(images) == 0 and not images.skipped:
             raise DataError(f"no images found in {', '.join(map(str, inputs))}")
+        n_scan_skipped = len(images.skipped)
+        if shard is not None:
+            part = plan_part(shard, images.paths, None, images.skipped, run.batch_size)
+            images = images.subset(range(part.start, part.stop))
         if nn_model or tta != "none":
             scored = _scored(saved, images.paths, tta, run, "predict")
             paths = [images.paths[i] for i in scored.indices]
@@ -473,8 +611,12 @@ def predict(
         else:
             feats = _saved_features(saved, images, run, "predict")
             paths = [images.paths[i] for i in feats.indices]
-            X, skipped, warnings = feats.X, images.skipped + feats.skipped, images.warnings
-            scores = head.scores(X) if len(paths) else np.zeros((0, len(saved.classes)))
+            X, skipped = feats.X, images.skipped + feats.skipped
+            warnings = list(images.warnings) + feats.notes
+            batch_of = np.asarray(feats.indices) // max(1, run.batch_size)
+            scores = score_by_batch(head.scores, X, batch_of, len(saved.classes))
+    if strict and skipped:
+        raise strict_failure(skipped)
     preds = [
         Prediction(
             path=p,
@@ -490,6 +632,7 @@ def predict(
         score_kind=score_kind,
         skipped=skipped,
         warnings=list(warnings),
+        part=None if part is None else part.info(skipped[n_scan_skipped:]),
     )
 
 
@@ -524,6 +667,12 @@ class EvaluateResult:
     metrics: dict
     skipped: list[Skipped]
     warnings: list[str]
+    # Per image, for plots (worst mistakes): paths, true and predicted class ids, scores.
+    paths: list[str] = field(default_factory=list)
+    y_true: np.ndarray | None = None
+    y_pred: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    score_kind: str = "svm margin"
 
 
 def evaluate(
@@ -531,6 +680,7 @@ def evaluate(
     data: str | Path,
     *,
     labels_csv: str | Path | None = None,
+    strict: bool = False,
     tta: str = "none",
     run: RunOptions | None = None,
 ) -> EvaluateResult:
@@ -538,6 +688,7 @@ def evaluate(
     saved = load_model(model_dir)
     nn_model = infer.is_nn(saved)
     head = None if nn_model else _head(saved)
+    score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
     classes = saved.classes
     if is_features_csv(data):
         table = read_features_csv(data)
@@ -549,8 +700,9 @@ def evaluate(
             raise DataError(f"{data}: class(es) {', '.join(unknown)} are not in the model")
         _no_tta_on_features(tta)
         y = np.asarray([classes.index(lab) for lab in table.labels], dtype=np.int64)
-        pred = _feature_scores(saved, head, table.X).argmax(axis=1)
+        scores = _feature_scores(saved, head, table.X)
         skipped, warnings = [], []
+        paths = list(table.paths)
     else:
         if labels_csv is not None:
             images = read_labels_csv(labels_csv, classes=classes)
@@ -563,17 +715,32 @@ def evaluate(
         remap = np.asarray([classes.index(c) for c in images.classes], dtype=np.int64)
         if nn_model or tta != "none":
             scored = _scored(saved, images.paths, tta, run, "evaluate")
-            indices, pred = scored.indices, scored.scores.argmax(axis=1)
-            skipped = images.skipped + scored.skipped
+            indices, scores = scored.indices, scored.scores
+            skipped, notes = images.skipped + scored.skipped, []
         else:
             feats = _saved_features(saved, images, run, "evaluate")
-            indices, pred = feats.indices, head.predict(feats.X)
+            indices = feats.indices
+            scores = head.scores(feats.X) if len(indices) else np.zeros((0, len(classes)))
             skipped = images.skipped + feats.skipped
+            notes = feats.notes
         y = remap[np.asarray(images.labels, dtype=np.int64)[indices]]
-        warnings = images.warnings
-    metrics = classification_metrics(y, pred, classes)
+        warnings = list(images.warnings) + notes
+        paths = [images.paths[i] for i in indices]
+    if strict and skipped:
+        raise strict_failure(skipped)
+    y_pred = scores.argmax(axis=1) if len(scores) else np.zeros(0, dtype=np.int64)
+    metrics = classification_metrics(y, y_pred, classes)
     metrics["model"] = str(model_dir)
     metrics["skipped"] = len(skipped)
     if tta != "none":
         metrics["tta"] = tta
-    return EvaluateResult(metrics=metrics, skipped=skipped, warnings=list(warnings))
+    return EvaluateResult(
+        metrics=metrics,
+        skipped=skipped,
+        warnings=list(warnings),
+        paths=paths,
+        y_true=y,
+        y_pred=y_pred,
+        scores=scores,
+        score_kind=score_kind,
+    )

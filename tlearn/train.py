@@ -907,7 +907,10 @@ class _Run:
             val_metrics = classification_metrics(v[2], v[3], self.classes)
         backbone_changed = any(k.startswith("model.") for k in self.mutable)
         head_tensors = {k: v.detach().cpu().numpy() for k, v in self.net.head.state_dict().items()}
-        extra = {"history.csv": history_csv(self.history).encode()}
+        extra = {
+            "history.csv": history_csv(self.history).encode(),
+            "curves.png": curves_png(self.history),
+        }
         if backbone_changed:
             from safetensors.numpy import save
 
@@ -982,6 +985,18 @@ class _Run:
 
 
 BACKBONE_FILE = "backbone.safetensors"
+
+
+def curves_png(history: list[dict]) -> bytes:
+    """curves.png for the model directory: loss and accuracy per epoch."""
+    import tempfile
+
+    from .plots import plot_curves
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "history.csv"
+        src.write_text(history_csv(history), encoding="utf-8")
+        return plot_curves(src, Path(tmp) / "curves.png").read_bytes()
 
 
 def history_csv(history: list[dict]) -> str:

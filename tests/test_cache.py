@@ -1,0 +1,285 @@
+"""The feature cache: hits skip the backbone, content changes are never served stale,
+skipped images are not cached, writes are atomic, `tlearn cache info|clear`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import TINY, make_dataset
+from tlearn import backbone as bb
+from tlearn import cache as fc
+from tlearn import runtime as rt
+from tlearn.cli import app
+from tlearn.features import extract_array, read_features_csv
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    d = tmp_path / "cache"
+    monkeypatch.setenv("TLEARN_CACHE_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def tiny():
+    backbone = bb.load_backbone("test_efficientnet", "none")
+    net, spec = bb.feature_network(backbone, None, "avg")
+    return net, spec, backbone.data_config
+
+
+def _extract(net, spec, cfg, paths, *, cache=True, draft=True):
+    engine = rt.feature_engine(
+        net, spec, cfg, backend="torch", device="cpu", cache=cache, draft=draft
+    )
+    feats = extract_array(net, paths, cfg, workers=0, batch_size=4, **engine.kwargs())
+    return feats, engine.summary()
+
+
+def _no_backbone(monkeypatch):
+    """Make any attempt to open a backend fail: what follows must come from the cache."""
+
+    def refuse(*a, **k):
+        raise AssertionError("the backbone ran although every image was cached")
+
+    monkeypatch.setattr(rt, "open_runtime", refuse)
+
+
+def test_cache_location(monkeypatch, tmp_path):
+    monkeypatch.setenv("TLEARN_CACHE_DIR", str(tmp_path / "a"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fc.cache_root() == tmp_path / "a"
+    monkeypatch.delenv("TLEARN_CACHE_DIR")
+    assert fc.cache_root() == tmp_path / "xdg" / "tlearn"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fc.cache_root() == tmp_path / "home" / ".cache" / "tlearn"
+
+
+def test_second_run_is_served_from_the_cache(cache_dir, image_folder, tiny, monkeypatch):
+    net, spec, cfg = tiny
+    paths = sorted(str(p) for p in image_folder.rglob("*.*"))
+    first, s1 = _extract(net, spec, cfg, paths)
+    assert s1["computed"] == len(paths) and s1["cached"] == 0
+    _no_backbone(monkeypatch)
+    import tlearn.features
+
+    def no_workers(*a, **k):
+        raise AssertionError("a fully cached run needs no decoding workers")
+
+    monkeypatch.setattr(tlearn.features, "DataLoader", no_workers)
+    second, s2 = _extract(net, spec, cfg, paths)
+    assert s2 == {"backend": None, "device": "cpu", "cached": len(paths), "computed": 0}
+    np.testing.assert_array_equal(second.X, first.X)
+    assert second.indices.tolist() == list(range(len(paths)))
+
+
+def test_partly_cached_batches_keep_input_order(cache_dir, image_folder, tiny):
+    net, spec, cfg = tiny
+    paths = sorted(str(p) for p in image_folder.rglob("*.*"))[:10]
+    fresh, _ = _extract(net, spec, cfg, paths, cache=False)
+    _extract(net, spec, cfg, paths[::3])  # every third image cached
+    mixed, s = _extract(net, spec, cfg, paths)
+    assert s["cached"] == len(paths[::3]) and s["computed"] == len(paths) - len(paths[::3])
+    assert mixed.indices.tolist() == list(range(len(paths)))
+    np.testing.assert_allclose(mixed.X, fresh.X, rtol=0, atol=1e-6)
+
+
+def test_changed_content_with_same_size_and_mtime_is_recomputed(cache_dir, tmp_path, tiny):
+    """The key is the file's bytes: an edit that keeps size and mtime is still seen."""
+    net, spec, cfg = tiny
+    path = tmp_path / "img.bmp"  # BMP: file size depends only on the image size
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(path)
+    st = os.stat(path)
+    before, _ = _extract(net, spec, cfg, [str(path)])
+    Image.new("RGB", (40, 30), (30, 30, 200)).save(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+    after, s = _extract(net, spec, cfg, [str(path)])
+    assert s["computed"] == 1 and s["cached"] == 0
+    fresh, _ = _extract(net, spec, cfg, [str(path)], cache=False)
+    np.testing.assert_array_equal(after.X, fresh.X)
+    assert not np.allclose(after.X, before.X)
+
+
+def test_moved_and_renamed_images_still_hit(cache_dir, tmp_path, tiny, monkeypatch):
+    net, spec, cfg = tiny
+    src = make_dataset(tmp_path / "a", n=2)
+    first, _ = _extract(net, spec, cfg, [str(p) for p in src])
+    moved = []
+    for i, p in enumerate(src):
+        dst = tmp_path / "b" / f"renamed_{i}{p.suffix}"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(p, dst)
+        moved.append(str(dst))
+    _no_backbone(monkeypatch)
+    second, s = _extract(net, spec, cfg, moved)
+    assert s["cached"] == len(moved)
+    np.testing.assert_array_equal(second.X, first.X)
+
+
+def test_other_cut_or_preprocessing_does_not_share_entries(cache_dir, image_folder, tiny):
+    net, spec, cfg = tiny
+    paths = sorted(str(p) for p in (image_folder / "grass").iterdir())
+    _extract(net, spec, cfg, paths)
+    backbone = bb.load_backbone("test_efficientnet", "none")
+    net2, spec2 = bb.feature_network(backbone, "blocks.1", "max")
+    feats, s = _extract(net2, spec2, cfg, paths)
+    assert s["computed"] == len(paths) and feats.X.shape[1] != 256
+    _, s = _extract(net, spec, cfg, paths, draft=False)  # other decoding: other entries
+    assert s["computed"] == len(paths)
+    cfg2 = {**cfg, "crop_pct": cfg["crop_pct"] - 0.1}
+    _, s = _extract(net, spec, cfg2, paths)
+    assert s["computed"] == len(paths)
+    assert len(fc.cache_info().cuts) == 4
+
+
+def test_unreadable_images_are_skipped_every_time_and_never_cached(cache_dir, tmp_path, tiny):
+    net, spec, cfg = tiny
+    good = make_dataset(tmp_path / "d", n=2)
+    bad = tmp_path / "d" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    paths = [str(p) for p in good] + [str(bad)]
+    for _ in range(2):
+        feats, _ = _extract(net, spec, cfg, paths)
+        assert [s.path for s in feats.skipped] == [str(bad)]
+        assert len(feats.X) == len(good)
+    (info,) = fc.cache_info().cuts
+    assert info.images == len(good)
+
+
+def test_no_cache_reads_and_writes_nothing(cache_dir, image_folder, runner, tmp_path):
+    out = tmp_path / "f.csv"
+    args = ["extract", str(image_folder), "-o", str(out), "-q", "--no-cache", *TINY]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert not cache_dir.exists()
+
+
+def test_fit_again_with_another_C_and_evaluate_do_not_run_the_backbone(
+    cache_dir, split_folder, runner, tmp_path, monkeypatch
+):
+    m1, m2 = tmp_path / "m1", tmp_path / "m2"
+    r = runner.invoke(app, ["fit", str(split_folder), "-o", str(m1), "--C", "1", "-q", *TINY])
+    assert r.exit_code == 0, r.output
+    _no_backbone(monkeypatch)
+    r = runner.invoke(app, ["fit", str(split_folder), "-o", str(m2), "--C", "0.01", "-q", *TINY])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["evaluate", str(m2), str(split_folder / "val"), "--json", "-q"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["n_images"] == 9
+    r = runner.invoke(app, ["predict", str(m2), str(split_folder / "val" / "grass"), "-q"])
+    assert r.exit_code == 0, r.output
+
+
+def test_extract_reports_cache_use(cache_dir, image_folder, runner, tmp_path):
+    out = tmp_path / "f.csv"
+    args = ["extract", str(image_folder), "-o", str(out), *TINY]
+    assert "18 computed" in runner.invoke(app, args).output
+    r = runner.invoke(app, args)
+    assert "all 18 from the feature cache" in r.output
+    assert len(read_features_csv(out).paths) == 18
+
+
+def test_store_ignores_incomplete_and_damaged_shards(cache_dir, tiny):
+    net, spec, cfg = tiny
+    store = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    keys = [fc.content_key(bytes([i])) for i in range(3)]
+    X = np.arange(3 * 4, dtype=np.float32).reshape(3, 4)
+    store.put(keys, X)
+    store.close()
+    folder = store.folder
+    # a writer killed between its two files: features without keys are invisible
+    np.save(folder / "dead.feats.npy", np.ones((2, 4), np.float32))
+    # a damaged keys file and a shard whose lengths disagree are ignored
+    (folder / "junk.keys.npy").write_bytes(b"garbage")
+    np.save(folder / "junk.feats.npy", np.ones((1, 4), np.float32))
+    np.save(folder / "short.keys.npy", np.zeros((5, 32), np.uint8))
+    np.save(folder / "short.feats.npy", np.ones((1, 4), np.float32))
+    again = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    assert len(again.known) == 3
+    np.testing.assert_array_equal(again.get(keys[::-1]), X[::-1])
+    assert fc.content_key(b"other") not in again.known
+
+
+def test_concurrent_writers_and_compaction(cache_dir, tiny):
+    net, spec, cfg = tiny
+    rng = np.random.default_rng(0)
+    keys = [fc.content_key(i.to_bytes(4, "little")) for i in range(80)]
+    X = rng.normal(size=(80, 8)).astype(np.float32)
+    # two runs that opened the store at the same time, writing overlapping keys
+    a = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    b = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    a.put(keys[:50], X[:50])
+    b.put(keys[30:], X[30:])
+    a.close()
+    b.close()
+    # many small shards (e.g. one `predict` per image) are merged
+    for i in range(0, 80, 10):
+        s = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+        s.put(keys[i : i + 10], X[i : i + 10])
+        s.flush()
+    reader = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    assert len(fc._shard_names(a.folder)) == 10
+    assert fc.compact(a.folder, max_shards=4) == 10
+    assert len(fc._shard_names(a.folder)) == 1
+    # a run that opened the store before the merge still reads the deleted shards
+    np.testing.assert_array_equal(reader.get(keys), X)
+    final = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    np.testing.assert_array_equal(final.get(keys), X)
+    assert not list(a.folder.glob("*.tmp"))
+
+
+def test_cache_write_failure_is_a_note_not_an_error(tmp_path, image_folder, runner, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("TLEARN_CACHE_DIR", str(blocker))
+    out = tmp_path / "f.csv"
+    r = runner.invoke(app, ["extract", str(image_folder), "-o", str(out), *TINY])
+    assert r.exit_code == 0, r.output
+    assert "feature cache not written" in r.output
+    assert len(read_features_csv(out).paths) == 18
+
+
+def test_cache_info_and_clear(cache_dir, image_folder, runner, tmp_path):
+    r = runner.invoke(app, ["cache", "info", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["cuts"] == []
+    out = tmp_path / "f.csv"
+    runner.invoke(app, ["extract", str(image_folder), "-o", str(out), "-q", *TINY])
+    runner.invoke(app, ["extract", str(image_folder), "-o", str(out), "-q", "-l", "1", *TINY])
+    info = json.loads(runner.invoke(app, ["cache", "info", "--json"]).stdout)
+    assert info["root"] == str(cache_dir)
+    assert sorted(c["layers"][0] for c in info["cuts"]) == ["blocks.1", "final"]
+    assert all(c["images"] == 18 and c["model"] == "test_efficientnet" for c in info["cuts"])
+    assert info["onnx_models"] == 2
+    r = runner.invoke(app, ["cache", "info"])
+    assert "test_efficientnet" in r.stdout and "36 cached feature vectors" in r.stdout
+    unrelated = cache_dir / "keep-me.txt"
+    unrelated.write_text("not ours")
+    r = runner.invoke(app, ["cache", "clear"])
+    assert r.exit_code == 0 and "freed" in r.output
+    info = json.loads(runner.invoke(app, ["cache", "info", "--json"]).stdout)
+    assert info["cuts"] == [] and info["onnx_models"] == 0
+    assert unrelated.exists()
+
+
+def test_hash_files_marks_unreadable_entries(tmp_path):
+    files = [tmp_path / f"f{i}.bin" for i in range(70)]  # enough to use the thread pool
+    for i, f in enumerate(files):
+        f.write_bytes(bytes([i]) * (i + 1))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "dir.jpg").mkdir()
+    os.mkfifo(tmp_path / "fifo.jpg")  # must not be opened: that would block
+    paths = [str(f) for f in files] + [
+        str(tmp_path / n) for n in ("empty.jpg", "dir.jpg", "fifo.jpg", "missing.jpg")
+    ]
+    keys = fc.hash_files(paths)
+    assert keys[:70] == [fc.file_key(f) for f in files]
+    assert len(set(keys[:70])) == 70
+    assert keys[70:] == [None] * 4

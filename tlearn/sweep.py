@@ -1,0 +1,592 @@
+"""Where to cut: one forward pass per image collects pooled features at many cut points,
+then a cross-validated linear head per layer (and per pair of the best layers).
+
+Features grow more specific with depth, so the last layer is not always the best cut:
+for textures (road surfaces) a mid-level block often wins, with fewer features that fit
+faster. The sweep measures this on the user's own training images, by stratified k-fold
+cross-validation only; a validation set is never looked at.
+
+Extraction goes through `extract_layers` (one multi-layer FeatureNetwork, columns split
+per layer), so a feature cache can wrap that one function.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from . import backbone as bb
+from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset
+from .errors import DataError, UsageError
+from .features import extract_array
+from .heads import LinearHead, _estimator, parse_C
+from .pipeline import LabelledFeatures, RunOptions, _FeatureSource, open_backbone
+
+LAYER_SETS = ("stages", "all")
+MIN_BLOCKS = 6  # with fewer blocks than this, `all` also adds the sub-blocks inside stages
+PAIR_POOL = 4  # pairs are formed among this many best single layers
+TIE_DECIMALS = 6  # CV accuracies equal to this many decimals are a tie
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A cut point with what it costs: output shape per image, cumulative parameters and
+    GFLOPs for one image up to and including it, and its timm feature stage if any."""
+
+    name: str
+    shape: tuple[int, ...]
+    params: int
+    gflops: float
+    stage: int | None = None
+
+
+def _parent(name: str) -> str:
+    return name.rsplit(".", 1)[0] if "." in name else ""
+
+
+def candidate_layers(
+    model, which: str | Sequence[str] = "stages", infos: list[bb.LayerInfo] | None = None
+) -> list[Candidate]:
+    """Cut points to sweep, in the order the network computes them, ending with `final`.
+
+    stages: timm's feature_info stages (where the resolution drops) + final.
+    all:    every block at the stages' level (blocks.N, layerN, ...), so also the blocks
+            between stages; if there are fewer than MIN_BLOCKS, also the sub-blocks of
+            multi-block stages.
+    A list (or "a,b,c"): exactly those layers (names, stage indices or final).
+    """
+    infos = infos if infos is not None else bb.list_layers(model)
+    order = [li.name for li in infos]
+    by_name = {li.name: li for li in infos}
+    stages = [fi["module"] for fi in (getattr(model, "feature_info", None) or [])]
+    stages = [s for s in stages if s in by_name]
+    if isinstance(which, str) and which.strip().lower() in LAYER_SETS:
+        kind = which.strip().lower()
+        wanted = set(stages)
+        if kind == "all":
+            parents = {_parent(s) for s in stages} if stages else {""}
+            level = {n for n in order if _parent(n) in parents}
+            wanted |= level
+            if len(level) < MIN_BLOCKS:
+                for s in stages:
+                    children = [n for n in order if _parent(n) == s]
+                    if len(children) > 1:
+                        wanted |= set(children)
+        names = [n for n in order if n in wanted] + [bb.FINAL_LAYER]
+    else:
+        names = list(bb.resolve_layers(model, which))
+        rank = {n: i for i, n in enumerate(order + [bb.FINAL_LAYER])}
+        names.sort(key=lambda n: rank[n])
+    last = infos[-1] if infos else None
+    out = []
+    for n in names:
+        li = by_name.get(n)
+        if n == bb.FINAL_LAYER or li is None:
+            # The model's own pooled features, computed after the whole feature extractor.
+            shape = last.shape if last else ()
+            params, gflops, stage = (last.params, last.gflops, None) if last else (0, 0.0, None)
+        else:
+            shape, params, gflops, stage = li.shape, li.params, li.gflops, li.stage
+        out.append(Candidate(n, tuple(shape), params, gflops, stage))
+    return out
+
+
+def overview_layers(model, infos: list[bb.LayerInfo]) -> list[bb.LayerInfo]:
+    """The stem, every block at the stages' level, and the last layer: one row per block
+    for a picture of the network (sub-blocks would crowd it)."""
+    keep = {c.name for c in candidate_layers(model, "all", infos)}
+    last = len(infos) - 1
+    return [li for i, li in enumerate(infos) if li.name in keep or i in (0, last)]
+
+
+# ----------------------------------------------------------------------------- extraction
+
+
+@dataclass
+class LayerFeatures:
+    """Pooled features of several layers side by side: X[:, offsets[i]:offsets[i+1]]
+    belongs to layers[i]."""
+
+    layers: tuple[str, ...]
+    dims: tuple[int, ...]
+    indices: np.ndarray  # positions of the images that could be read, in input order
+    X: np.ndarray
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def columns(self, layers: Sequence[str]) -> np.ndarray:
+        offsets = np.concatenate([[0], np.cumsum(self.dims)])
+        cols = [
+            np.arange(offsets[self.layers.index(n)], offsets[self.layers.index(n) + 1])
+            for n in layers
+        ]
+        return np.concatenate(cols)
+
+    def select(self, layers: Sequence[str]) -> np.ndarray:
+        return np.ascontiguousarray(self.X[:, self.columns(layers)])
+
+
+def layer_dims(net: bb.FeatureNetwork, data_config: dict) -> tuple[int, ...]:
+    """Pooled feature size of each of the network's layers, from one dummy forward pass.
+    Pools each map exactly as FeatureNetwork.forward does before concatenating."""
+    import torch
+
+    x = torch.zeros(1, *data_config["input_size"])
+    dims = []
+    with torch.inference_mode():
+        for layer, fmap in zip(net.cut.layers, net.cut(x), strict=True):
+            if layer == bb.FINAL_LAYER and net.pool == "avg":
+                v = net.model.forward_head(fmap, pre_logits=True)
+            else:
+                v = bb.pool_features(fmap, net.pool)
+            dims.append(int(v.shape[1]))
+    return tuple(dims)
+
+
+def extract_layers(
+    backbone: bb.Backbone,
+    layers: Sequence[str],
+    pool: str,
+    paths: Sequence[str],
+    run: RunOptions | None = None,
+) -> LayerFeatures:
+    """One forward pass per image, pooled features at every layer in `layers`.
+
+    This is the one place the sweep touches the backbone. It runs through the same engine
+    as extract (backend + on-disk feature cache keyed by the CutSpec of all `layers`), so
+    a second sweep over the same images and candidates does not run the backbone again.
+    """
+    run = run or RunOptions()
+    net, spec = bb.feature_network(backbone, list(layers), pool)
+    dims = layer_dims(net, backbone.data_config)
+    engine = run.engine(net, spec, backbone.data_config)
+    feats = extract_array(
+        net,
+        list(paths),
+        backbone.data_config,
+        batch_size=run.batch_size,
+        device=run.device,
+        workers=run.workers,
+        progress=run.bar("extract"),
+        **engine.kwargs(),
+    )
+    X = feats.X if len(feats.indices) else np.zeros((0, sum(dims)), np.float32)
+    return LayerFeatures(spec.layers, dims, feats.indices, X, feats.skipped)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+@dataclass
+class SweepRow:
+    """Cross-validated accuracy of a linear head on one cut (one layer or a pair)."""
+
+    layers: tuple[str, ...]
+    feature_dim: int
+    shape: tuple[int, ...] | None  # map shape per image (None for a pair)
+    params: int
+    gflops: float  # cumulative to the deepest layer of the cut
+    cv_mean: float
+    cv_std: float
+    C: float
+    cv_seconds: float  # all cross-validation fits for this cut
+    fit_seconds: float  # one fit on all sweep images at the chosen C
+    stage: int | None = None
+    converged: bool = True
+
+    @property
+    def name(self) -> str:
+        return ",".join(self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "layer": self.name,
+            "layers": list(self.layers),
+            "feature_dim": self.feature_dim,
+            "shape": None if self.shape is None else list(self.shape),
+            "params": self.params,
+            "gflops": self.gflops,
+            "cv_accuracy": self.cv_mean,
+            "cv_std": self.cv_std,
+            "C": self.C,
+            "cv_seconds": round(self.cv_seconds, 4),
+            "fit_seconds": round(self.fit_seconds, 4),
+            "stage": self.stage,
+            "converged": self.converged,
+        }
+
+
+def _folds(y: np.ndarray, folds: int) -> int:
+    if folds < 2:
+        raise UsageError(f"--folds {folds}: use at least 2")
+    counts = np.bincount(y)
+    counts = counts[counts > 0]
+    k = int(min(folds, counts.min()))
+    if k < 2:
+        raise DataError(
+            f"a class has only {counts.min()} usable image(s); the sweep cross-validates and "
+            "needs at least 2 per class (5 or more for trustworthy numbers)"
+        )
+    return k
+
+
+def score_cut(
+    X: np.ndarray,
+    y: np.ndarray,
+    classes: list[str],
+    *,
+    head: str = "svm",
+    C: float | None = None,
+    folds: int = 5,
+    seed: int = 0,
+) -> tuple[float, float, float, float, float, bool]:
+    """(mean, std, C, cv_seconds, fit_seconds, converged) of StandardScaler + linear head
+    under stratified k-fold CV. C=None searches LinearHead's C grid and reports the best C
+    (the same search `fit --C auto` runs); a number is used as is."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    folds = _folds(y, folds)
+    t0 = time.perf_counter()
+    if C is None:
+        h = LinearHead(kind=head, C=None, folds=folds, seed=seed)
+        h.fit(X, y, classes)
+        total = time.perf_counter() - t0
+        best = next(r for r in h.cv_results_ if r.C == h.C_)
+        cv_seconds = sum(r.fit_seconds for r in h.cv_results_)
+        return best.mean, best.std, h.C_, cv_seconds, total - cv_seconds, h.converged_
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    est = _estimator(head, C, seed, LinearHead(kind=head).iterations)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        scores = cross_val_score(est, X, y, cv=cv)
+    cv_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    h = LinearHead(kind=head, C=C, folds=folds, seed=seed).fit(X, y, classes)
+    return (
+        float(scores.mean()),
+        float(scores.std()),
+        C,
+        cv_seconds,
+        time.perf_counter() - t1,
+        h.converged_,
+    )
+
+
+def _rank_key(row: SweepRow):
+    # Best accuracy first; ties go to the cheaper cut (fewer GFLOPs, then fewer features).
+    return (-round(row.cv_mean, TIE_DECIMALS), row.gflops, row.feature_dim)
+
+
+@dataclass
+class SweepResult:
+    model: str
+    weights_source: str
+    pool: str
+    head: str
+    C: float | None  # None: searched per cut
+    folds: int
+    seed: int
+    classes: list[str]
+    n_images: int
+    rows: list[SweepRow]  # single layers, in depth order
+    pairs: list[SweepRow]
+    best: SweepRow
+    best_pair: SweepRow | None
+    extract_seconds: float = 0.0
+    seconds: float = 0.0
+    data: str | None = None
+    skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def method(self) -> str:
+        clf = "LinearSVC" if self.head == "svm" else "LogisticRegression"
+        how = (
+            "C searched per cut over the grid (accuracy at the best C)"
+            if self.C is None
+            else f"C={self.C:g}"
+        )
+        return f"{self.folds}-fold stratified CV of StandardScaler + {clf}, {how}"
+
+    def summary(self) -> dict:
+        """What config.json records for `fit --layer auto`."""
+        return {
+            "chosen": list(self.best.layers),
+            "cv_accuracy": self.best.cv_mean,
+            "cv_std": self.best.cv_std,
+            "candidates": [r.name for r in self.rows],
+            "best_pair": None if self.best_pair is None else list(self.best_pair.layers),
+            "method": self.method,
+            "table": "sweep.json",
+        }
+
+    def json_bytes(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")
+
+    def to_dict(self) -> dict:
+        return {
+            "format": "tlearn-sweep",
+            "format_version": 1,
+            "data": self.data,
+            "model": self.model,
+            "weights_source": self.weights_source,
+            "pool": self.pool,
+            "head": self.head,
+            "C": "auto" if self.C is None else self.C,
+            "folds": self.folds,
+            "seed": self.seed,
+            "method": self.method,
+            "classes": self.classes,
+            "n_images": self.n_images,
+            "recommended": self.best.to_dict(),
+            "best_pair": None if self.best_pair is None else self.best_pair.to_dict(),
+            "layers": [r.to_dict() for r in self.rows],
+            "pairs": [r.to_dict() for r in self.pairs],
+            "extract_seconds": round(self.extract_seconds, 3),
+            "seconds": round(self.seconds, 3),
+            "skipped": len(self.skipped),
+        }
+
+
+def sweep_features(
+    feats: LayerFeatures,
+    y: np.ndarray,
+    classes: list[str],
+    candidates: Sequence[Candidate],
+    *,
+    head: str = "svm",
+    C: float | None = None,
+    folds: int = 5,
+    seed: int = 0,
+    pairs: bool = True,
+    progress=None,
+) -> tuple[list[SweepRow], list[SweepRow], SweepRow, SweepRow | None]:
+    """Score every candidate layer, then pairs among the PAIR_POOL best ones.
+    Returns (rows in depth order, pairs, best single, best pair)."""
+    info = {c.name: c for c in candidates}
+    depth = {c.name: i for i, c in enumerate(candidates)}
+    n_pairs = len(list(itertools.combinations(range(min(PAIR_POOL, len(candidates))), 2)))
+    total = len(candidates) + (n_pairs if pairs else 0)
+    done = 0
+
+    def score(layers: tuple[str, ...]) -> SweepRow:
+        nonlocal done
+        X = feats.select(layers)
+        mean, std, c, cv_s, fit_s, conv = score_cut(
+            X, y, classes, head=head, C=C, folds=folds, seed=seed
+        )
+        deepest = info[max(layers, key=lambda n: depth[n])]
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return SweepRow(
+            layers=layers,
+            feature_dim=int(X.shape[1]),
+            shape=deepest.shape if len(layers) == 1 else None,
+            params=deepest.params,
+            gflops=deepest.gflops,
+            cv_mean=mean,
+            cv_std=std,
+            C=c,
+            cv_seconds=cv_s,
+            fit_seconds=fit_s,
+            stage=deepest.stage if len(layers) == 1 else None,
+            converged=conv,
+        )
+
+    rows = [score((c.name,)) for c in candidates]
+    best = min(rows, key=_rank_key)
+    pair_rows: list[SweepRow] = []
+    if pairs and len(rows) >= 2:
+        top = sorted(rows, key=_rank_key)[:PAIR_POOL]
+        for a, b in itertools.combinations(top, 2):
+            layers = tuple(sorted(a.layers + b.layers, key=lambda n: depth[n]))
+            pair_rows.append(score(layers))
+        pair_rows.sort(key=_rank_key)
+    return rows, pair_rows, best, (pair_rows[0] if pair_rows else None)
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _training_images(data, labels_csv) -> tuple[ImageSet, list[str]]:
+    notes: list[str] = []
+    if labels_csv is not None:
+        return read_labels_csv(labels_csv), notes
+    if not Path(data).is_dir():
+        raise DataError(f"{data} is not a folder of class sub-folders (sweep needs images)")
+    train, val = resolve_dataset(data)
+    if val is not None:
+        notes.append(
+            f"sweeping on {Path(data) / 'train'} only: cross-validation, the val/ images "
+            "are never used"
+        )
+    return train, notes
+
+
+def sweep(
+    data: str | Path | None,
+    *,
+    model: str = bb.DEFAULT_MODEL,
+    weights: str = "auto",
+    layers: str | Sequence[str] = "stages",
+    pool: str = "avg",
+    head: str = "svm",
+    C: str | float = "auto",
+    folds: int = 5,
+    seed: int = 0,
+    pairs: bool = True,
+    labels_csv: str | Path | None = None,
+    run: RunOptions | None = None,
+) -> SweepResult:
+    """Cross-validated accuracy of a linear head at each candidate cut of `model` on the
+    labelled images in `data` (its train/ part when it has train/ and val/)."""
+    t0 = time.perf_counter()
+    run = run or RunOptions()
+    C_value = parse_C(C)
+    LinearHead(kind=head)  # validates --head before any work
+    images, notes = _training_images(data, labels_csv)
+    if len(images) == 0:
+        raise DataError(f"no images found in {data}")
+    backbone = open_backbone(model, weights, seed)
+    candidates = candidate_layers(backbone.model, layers)
+    feats = extract_layers(backbone, [c.name for c in candidates], pool, images.paths, run)
+    extract_s = time.perf_counter() - t0
+    y_all = np.asarray(images.labels, dtype=np.int64)
+    y = y_all[feats.indices] if len(feats.indices) else np.zeros(0, np.int64)
+    present = sorted(set(y.tolist()))
+    if len(present) < 2:
+        raise DataError("the sweep needs usable images of at least two classes")
+    # Classes without usable images are dropped so labels stay 0..K-1.
+    classes = [images.classes[i] for i in present]
+    y = np.searchsorted(np.asarray(present), y)
+    rows, pair_rows, best, best_pair = sweep_features(
+        feats,
+        y,
+        classes,
+        candidates,
+        head=head,
+        C=C_value,
+        folds=folds,
+        seed=seed,
+        pairs=pairs,
+        progress=run.bar("cross-validate"),
+    )
+    return SweepResult(
+        model=backbone.name,
+        weights_source=backbone.weights.source,
+        pool=pool,
+        head=head,
+        C=C_value,
+        folds=_folds(y, folds),
+        seed=seed,
+        classes=classes,
+        n_images=int(len(y)),
+        rows=rows,
+        pairs=pair_rows,
+        best=best,
+        best_pair=best_pair,
+        extract_seconds=extract_s,
+        seconds=time.perf_counter() - t0,
+        data=None if data is None else str(data),
+        skipped=list(images.skipped) + feats.skipped,
+        warnings=list(images.warnings) + notes,
+    )
+
+
+def write_sweep(result: SweepResult, out_dir: str | Path) -> list[Path]:
+    """sweep.json and sweep.png (accuracy vs depth, cost on a second axis) in out_dir."""
+    from .fsutil import write_json
+    from .plots import plot_sweep
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "sweep.json", out_dir / "sweep.png"]
+    write_json(paths[0], result.to_dict())
+    plot_sweep(result.to_dict(), paths[1])
+    return paths
+
+
+# ----------------------------------------------------------------------------- fit --layer auto
+
+
+def is_auto(layers) -> bool:
+    return isinstance(layers, str) and layers.strip().lower() == "auto"
+
+
+class AutoLayerSource(_FeatureSource):
+    """Feature source for `fit --layer auto`: extracts every candidate layer in one pass,
+    then `choose` sweeps on the training features only (CV) and keeps the best layer's
+    columns for training and validation alike, so no image goes through the network twice.
+    """
+
+    def __init__(self, model, weights, pool, run: RunOptions, seed: int, *, head, C, folds=5):
+        super().__init__(model, weights, None, pool, run, seed)
+        self.head, self.C, self.folds = head, C, folds
+        self.candidates: list[Candidate] = []
+        self.dims: tuple[int, ...] = ()
+        self.backbone: bb.Backbone | None = None
+
+    def _open(self):
+        if self.net is None:
+            self.backbone = open_backbone(self.model, self.weights, self.seed)
+            self.candidates = candidate_layers(self.backbone.model, "stages")
+            names = [c.name for c in self.candidates]
+            self.net, self.spec = bb.feature_network(self.backbone, names, self.pool)
+            self.data_config = self.backbone.data_config
+            self.dims = layer_dims(self.net, self.data_config)
+            self.engine = self.run.engine(self.net, self.spec, self.data_config)
+
+    def from_csv(self, path) -> LabelledFeatures:
+        raise UsageError(
+            f"--layer auto sweeps the backbone's layers, so it needs image folders, not the "
+            f"features CSV {path}; give --layer NAME, or fit on images"
+        )
+
+    def choose(self, train: LabelledFeatures, valid: LabelledFeatures | None):
+        """Sweep on `train` (CV only), then keep the chosen layer's columns."""
+        t0 = time.perf_counter()
+        feats = LayerFeatures(self.spec.layers, self.dims, np.arange(len(train.y)), train.X)
+        rows, pair_rows, best, best_pair = sweep_features(
+            feats,
+            train.y,
+            train.classes,
+            self.candidates,
+            head=self.head,
+            C=self.C,
+            folds=self.folds,
+            seed=self.seed,
+            progress=self.run.bar("sweep layers"),
+        )
+        result = SweepResult(
+            model=self.spec.model,
+            weights_source=self.spec.weights_source,
+            pool=self.pool,
+            head=self.head,
+            C=self.C,
+            folds=_folds(train.y, self.folds),
+            seed=self.seed,
+            classes=list(train.classes),
+            n_images=int(len(train.y)),
+            rows=rows,
+            pairs=pair_rows,
+            best=best,
+            best_pair=best_pair,
+            seconds=time.perf_counter() - t0,
+        )
+        cols = feats.columns(best.layers)
+        train.X = np.ascontiguousarray(train.X[:, cols])
+        if valid is not None:
+            valid.X = np.ascontiguousarray(valid.X[:, cols])
+        self.spec = replace(self.spec, layers=best.layers)
+        return train, valid, result
