@@ -626,3 +626,49 @@ def test_resume_refuses_a_broken_checkpoint(tmp_path, state, message):
     (tmp_path / "m" / ckpt.CHECKPOINT_DIR / ckpt.STATE).write_text(state)
     with pytest.raises(ArtifactError, match=re.escape(message)):
         resume_nn(tmp_path / "m")
+
+
+def test_terminal_progress_shows_one_bar_per_epoch_with_live_numbers():
+    import io
+
+    from rich.console import Console
+
+    from tlearn.cli_train import TrainView
+
+    buf = io.StringIO()
+    console = Console(file=buf, force_terminal=True, width=120)
+    with TrainView(console, quiet=False) as view:
+        view.progress_cb("cache train", 4, 8)
+        for epoch in (1, 2):
+            view.event("epoch_start", {"epoch": epoch, "epochs": 2, "total": 8})
+            view.event(
+                "batch",
+                {
+                    "epoch": epoch,
+                    "done": 8,
+                    "total": 8,
+                    "loss": 0.5,
+                    "acc": 0.75,
+                    "images_per_s": 40.0,
+                },
+            )
+            view.event(
+                "epoch_end",
+                {
+                    "epoch": epoch,
+                    "train_loss": 0.5,
+                    "train_acc": 0.75,
+                    "val_loss": 0.4,
+                    "val_acc": 0.8,
+                    "seconds": 1.0,
+                    "images_per_s": 40.0,
+                    "best": True,
+                },
+            )
+    text = buf.getvalue()
+    assert "epoch 1/2" in text and "epoch 2/2" in text and "cache train" in text
+    assert "val loss 0.400 acc 0.800 *" in text and "40 img/s" in text
+    quiet = io.StringIO()
+    with TrainView(Console(file=quiet, force_terminal=True), quiet=True) as view:
+        view.event("epoch_start", {"epoch": 1, "epochs": 1, "total": 8})
+    assert quiet.getvalue() == ""
