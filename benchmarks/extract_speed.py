@@ -65,10 +65,13 @@ def child_phase(
     reps: int,
     n_images: int,
     workers: int | None = None,
+    intra_op: bool = False,
 ) -> None:
     """Extraction phase vs forward-only, per cut, with the runtime already open. The image
     list is cycled to `n_images` (a repeat is computed again: the cache is read only
     before the run), so each timed run is long enough to even out scheduler noise."""
+    import torch
+
     from tlearn import backbone as bb
     from tlearn import cache as fc
     from tlearn import runtime as rt
@@ -81,11 +84,24 @@ def child_phase(
     full_gflops = max(table.values())
     cfg = backbone.data_config
     results = {}
-    for layer in layers:
+    runs = [(layer, False) for layer in layers]
+    if intra_op:
+        runs.append(("final", True))
+    for layer, whole_batch in runs:
         net, spec = bb.feature_network(backbone, None if layer == "final" else layer, "avg")
-        name = spec.layers[0]
-        gflops = full_gflops if name == bb.FINAL_LAYER else table[name]
+        name = spec.layers[0] + (" intra-op" if whole_batch else "")
+        gflops = full_gflops if spec.layers[0] == bb.FINAL_LAYER else table[spec.layers[0]]
         engine = rt.feature_engine(net, spec, cfg, backend=backend, device="cpu", cache=True)
+        if whole_batch:  # for comparison: ORT on the whole batch with intra-op threads
+            px = rt.pixel_path(cfg)
+            path = rt.cached_onnx(net, spec, cfg, fc.cache_root(), px)
+            engine.runtime = rt.LazyRuntime(
+                lambda path=path, px=px: rt.OnnxRuntime(
+                    path, torch.device("cpu"), streams=1, transform=px[0]
+                ),
+                torch.device("cpu"),
+                px[0],
+            )
         pixels = engine.runtime.transform is not None
         x = rt.example_input(cfg, batch_size, pixels, random=True)
         engine.runtime(x)  # export (or load) and warm up
@@ -183,6 +199,11 @@ def main() -> None:
     ap.add_argument("--phase-reps", type=int, default=3)
     ap.add_argument("--phase-images", type=int, default=800, help="images per phase run")
     ap.add_argument("--workers", type=int, help="decoding processes (default: tlearn's)")
+    ap.add_argument(
+        "--intra-op",
+        action="store_true",
+        help="also time ONNX Runtime on whole batches with intra-op threads (for comparison)",
+    )
     ap.add_argument("--child", choices=["plain", "phase"], help=argparse.SUPPRESS)
     ap.add_argument("--save", help=argparse.SUPPRESS)
     ap.add_argument("--layers", default="final", help=argparse.SUPPRESS)
@@ -199,6 +220,7 @@ def main() -> None:
             args.phase_reps,
             args.phase_images,
             args.workers,
+            args.intra_op,
         )
 
     info = bl.machine()
@@ -239,6 +261,8 @@ def main() -> None:
         phase_cmd += ["--phase-images", str(args.phase_images)]
         if args.workers is not None:
             phase_cmd += ["--workers", str(args.workers)]
+        if args.intra_op:
+            phase_cmd += ["--intra-op"]
         env = bl.child_env(TLEARN_CACHE_DIR=str(tmp / "cache-0-full"))  # export is there
         phase_res = bl.check(bl.run_measured(phase_cmd, env=env), "phase measurement")
         phase = bl.child_json(phase_res)
@@ -271,15 +295,15 @@ def main() -> None:
         f"open, cold feature cache (median / best of {args.phase_reps})"
     )
     full_name = "final"
-    mid_name = next(k for k in phase if k != full_name)
+    mid_name = next(k for k in phase if k != full_name and "intra-op" not in k)
     peak = info.get("peak_gflops") or float("nan")
-    for name in (full_name, mid_name):
+    for name in (full_name, mid_name, *(k for k in phase if "intra-op" in k)):
         ph = phase[name]
         fwd, ext = bl.median(ph["forward_all"]), bl.median(ph["extract_all"])
         fwd_b, ext_b = max(ph["forward_all"]), max(ph["extract_all"])
         gf = ph["gflops_per_image"]
         print(
-            f"  {name:8s} ({ph['backend']}) forward-only {fwd:6.1f} img/s (best {fwd_b:.1f}), "
+            f"  {name} ({ph['backend']}) forward-only {fwd:6.1f} img/s (best {fwd_b:.1f}), "
             f"extraction {ext:6.1f} img/s (best {ext_b:.1f}) = {100 * ext / fwd:.0f}% of "
             f"forward-only (best/best {100 * ext_b / fwd_b:.0f}%)   [target >= 80%: "
             f"{verdict(ext / fwd >= 0.8, ext_b / fwd_b >= 0.8)}]"
