@@ -1,10 +1,11 @@
 """Inference backends for the cut network: ONNX Runtime on CPU, torch elsewhere.
 
 Measured on a 2-core AVX2/AVX-512 machine (tf_efficientnet_lite0, 224 px, batch 32,
-forward only), ONNX Runtime runs the same network 2-4x faster than torch eager, with
-outputs within 1e-5; see docs/benchmarks.md. So `auto` means: ONNX Runtime on CPU
-(the cut network exported once and cached), torch with channels_last and fp16 autocast
-on CUDA, torch on MPS. Training stays in torch; this module only runs inference.
+forward only): torch eager 30 img/s, torch channels_last 55, ONNX Runtime 189, with
+outputs within 1e-5 of torch (docs/benchmarks.md, benchmarks/backends.py). So `auto`
+means: ONNX Runtime on CPU (the cut network exported once and cached), torch with
+channels_last and fp16 autocast on CUDA, torch on MPS. Training stays in torch; this
+module only runs inference.
 
 A runtime is a callable: a batch in, (B, D) float32 numpy features out. The batch is
 either float32 NCHW, already normalised (what preprocess.eval_transform gives), or, when
@@ -169,9 +170,9 @@ class OnnxRuntime:
     On CPU the batch is split into single images run concurrently, one per core, by a
     session with one thread per run (data parallelism), instead of one run of the whole
     batch with the cores splitting every operator (intra-op parallelism). Measured on 2
-    cores: about 1.4x the images/s for the full network and 1.4-1.7x for early cuts, whose
-    large activation maps then stay in each core's cache; and no thread ever waits at an
-    operator barrier for a core that a decoding worker is using (docs/benchmarks.md).
+    cores: 1.3x the images/s for the full network and 2x at the middle stage, likely
+    because an early layer's large maps for one image stay in a core's cache, and no
+    thread waits at an operator barrier for a core a decoding worker took.
     `streams=1` gives one run of the whole batch on `threads` intra-op threads."""
 
     name = "onnx"
