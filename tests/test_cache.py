@@ -68,12 +68,15 @@ def test_second_run_is_served_from_the_cache(cache_dir, image_folder, tiny, monk
     first, s1 = _extract(net, spec, cfg, paths)
     assert s1["computed"] == len(paths) and s1["cached"] == 0
     _no_backbone(monkeypatch)
+    import tlearn.decode
     import tlearn.features
 
     def no_workers(*a, **k):
         raise AssertionError("a fully cached run needs no decoding workers")
 
-    monkeypatch.setattr(tlearn.features, "DataLoader", no_workers)
+    # both ways images get decoded: plain worker processes and torch's DataLoader
+    monkeypatch.setattr(tlearn.decode, "decoded_batches", no_workers)
+    monkeypatch.setattr(tlearn.features, "_torch_loader", no_workers)
     second, s2 = _extract(net, spec, cfg, paths)
     assert s2 == {"backend": None, "device": "cpu", "cached": len(paths), "computed": 0}
     np.testing.assert_array_equal(second.X, first.X)

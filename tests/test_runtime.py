@@ -115,7 +115,8 @@ def test_pixel_input_is_the_same_arithmetic_as_the_eval_transform(image_folder):
     wrapper = rt.PixelInput(capture, mean, std)
     for p in _paths(image_folder)[:4]:
         img = load_image(p)
-        wrapper(pixel_tf(img)[None])
+        pixels = pixel_tf(img)  # uint8 HWC: numpy from tlearn.pixels.PilSteps
+        wrapper(torch.as_tensor(pixels)[None])
         assert torch.equal(seen[-1], eval_transform(cfg)(img)[None])
 
 

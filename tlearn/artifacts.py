@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .backbone import CutSpec
 from .errors import ArtifactError
 from .fsutil import atomic_dir, write_json
+from .spec import CutSpec
 
 FORMAT = "tlearn-model"
 FORMAT_VERSION = 1
@@ -54,15 +54,13 @@ class SavedModel:
 
 
 def versions() -> dict:
-    import sklearn
-    import timm
-    import torch
+    from .onnxrt import dist_version  # from package metadata: no imports of torch/timm
 
     return {
         "tlearn": __version__,
-        "timm": timm.__version__,
-        "torch": torch.__version__,
-        "scikit-learn": sklearn.__version__,
+        "timm": dist_version("timm"),
+        "torch": dist_version("torch"),
+        "scikit-learn": dist_version("scikit-learn"),
     }
 
 

@@ -92,8 +92,7 @@ def hash_files(paths: Sequence[str], threads: int = 4) -> list[bytes | None]:
 
 def cut_key(spec, data_config: dict, *, draft: bool, precision: str) -> tuple[str, dict]:
     """(hex key, the document it hashes) for one cut + preprocessing."""
-    import PIL
-    import timm
+    from .onnxrt import dist_version
 
     cut = spec.to_dict()
     if cut.get("weights_sha256"):
@@ -104,8 +103,8 @@ def cut_key(spec, data_config: dict, *, draft: bool, precision: str) -> tuple[st
         "data_config": data_config,
         "decode": {"jpeg_draft": bool(draft)},
         "precision": precision,
-        "timm": timm.__version__,
-        "pillow": PIL.__version__,
+        "timm": dist_version("timm"),
+        "pillow": dist_version("pillow"),
     }
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(blob).hexdigest(), doc

@@ -18,8 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from .data import Skipped, load_image
@@ -30,7 +28,10 @@ from .preprocess import eval_transform, resize_target
 Progress = Callable[[int, int], None]  # (images done, images total)
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto"):
+    """The torch.device for --device (imports torch)."""
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -58,8 +59,9 @@ def default_workers(n_images: int, batch_size: int, device_type: str = "cpu") ->
     return max(1, min(4, cores // 2))
 
 
-class ImageDataset(Dataset):
-    """(index, tensor | None, reason | None) per image; never raises for a bad image."""
+class ImageDataset:
+    """(index, tensor | None, reason | None) per image; never raises for a bad image.
+    A map-style dataset for torch's DataLoader (which needs only __len__/__getitem__)."""
 
     def __init__(self, paths: Sequence[str], transform, min_size: int | None = None):
         self.paths = list(paths)
@@ -79,11 +81,20 @@ class ImageDataset(Dataset):
             return i, None, f"cannot preprocess ({type(e).__name__}: {e})"
 
 
+def _stack(items):
+    """One tensor from per-image tensors or uint8 arrays (tlearn.pixels.PilSteps)."""
+    import torch
+
+    if isinstance(items[0], np.ndarray):
+        return torch.from_numpy(np.stack(items))
+    return torch.stack(items)
+
+
 def collate_skipping(batch):
     ok = [(i, t) for i, t, _ in batch if t is not None]
     bad = [(i, r) for i, _, r in batch if r is not None]
     idx = [i for i, _ in ok]
-    x = torch.stack([t for _, t in ok]) if ok else None
+    x = _stack([t for _, t in ok]) if ok else None
     return idx, x, bad
 
 
@@ -119,7 +130,7 @@ def collate_keyed(batch):
     """(indices, stacked tensors, bad, content keys of the decoded ones)."""
     ok = [(i, t, k) for i, t, _, k in batch if t is not None]
     bad = [(i, r) for i, _, r, _ in batch if r is not None]
-    x = torch.stack([t for _, t, _ in ok]) if ok else None
+    x = _stack([t for _, t, _ in ok]) if ok else None
     return [i for i, _, _ in ok], x, bad, [k for _, _, k in ok]
 
 
@@ -140,7 +151,7 @@ class Features:
 
 
 def iter_features(
-    net: torch.nn.Module,
+    net,
     paths: Sequence[str],
     data_config: dict,
     *,
@@ -186,49 +197,48 @@ def iter_features(
     done = 0
     h = 0  # next entry of `hits` to emit
     try:
-        with torch.inference_mode():
-            batches = _computed_batches(
-                runtime,
-                [paths[i] for i in todo],
-                data_config,
-                batch_size=batch_size,
-                workers=workers,
-                cache=cache,
-                draft=draft,
-            )
-            for sub_idx, feats, bad in batches:
-                for j, reason in bad:
-                    if skipped is not None:
-                        skipped.append(Skipped(str(paths[todo[j]]), reason))
-                idx = [todo[j] for j in sub_idx]
-                last = max([*idx, *(todo[j] for j, _ in bad)])
-                # cached images before this batch, in whole batches first
-                while len(hits) - h >= batch_size and hits[h + batch_size - 1] < last:
-                    yield _cached_batch(cache, hits[h : h + batch_size], hit_keys, h)
-                    done, h = done + batch_size, h + batch_size
-                    _report(progress, done, n)
-                k = h
-                while k < len(hits) and hits[k] < last:
-                    k += 1
-                if k > h:  # merge the remaining few into this batch, in input order
-                    cached = _cached_batch(cache, hits[h:k], hit_keys, h)
-                    done, h = done + (k - h), k
-                    if feats is None:
-                        idx, feats = cached.indices, cached.features
-                    else:
-                        all_idx = np.asarray(idx + cached.indices)
-                        order = np.argsort(all_idx, kind="stable")
-                        idx = all_idx[order].tolist()
-                        feats = np.concatenate([feats, cached.features])[order]
-                if feats is not None:
-                    yield FeatureBatch(indices=list(idx), features=feats)
-                done += len(sub_idx) + len(bad)
+        batches = _computed_batches(
+            runtime,
+            [paths[i] for i in todo],
+            data_config,
+            batch_size=batch_size,
+            workers=workers,
+            cache=cache,
+            draft=draft,
+        )
+        for sub_idx, feats, bad in batches:
+            for j, reason in bad:
+                if skipped is not None:
+                    skipped.append(Skipped(str(paths[todo[j]]), reason))
+            idx = [todo[j] for j in sub_idx]
+            last = max([*idx, *(todo[j] for j, _ in bad)])
+            # cached images before this batch, in whole batches first
+            while len(hits) - h >= batch_size and hits[h + batch_size - 1] < last:
+                yield _cached_batch(cache, hits[h : h + batch_size], hit_keys, h)
+                done, h = done + batch_size, h + batch_size
                 _report(progress, done, n)
-            while h < len(hits):
-                chunk = hits[h : h + batch_size]
-                yield _cached_batch(cache, chunk, hit_keys, h)
-                done, h = done + len(chunk), h + len(chunk)
-                _report(progress, done, n)
+            k = h
+            while k < len(hits) and hits[k] < last:
+                k += 1
+            if k > h:  # merge the remaining few into this batch, in input order
+                cached = _cached_batch(cache, hits[h:k], hit_keys, h)
+                done, h = done + (k - h), k
+                if feats is None:
+                    idx, feats = cached.indices, cached.features
+                else:
+                    all_idx = np.asarray(idx + cached.indices)
+                    order = np.argsort(all_idx, kind="stable")
+                    idx = all_idx[order].tolist()
+                    feats = np.concatenate([feats, cached.features])[order]
+            if feats is not None:
+                yield FeatureBatch(indices=list(idx), features=feats)
+            done += len(sub_idx) + len(bad)
+            _report(progress, done, n)
+        while h < len(hits):
+            chunk = hits[h : h + batch_size]
+            yield _cached_batch(cache, chunk, hit_keys, h)
+            done, h = done + len(chunk), h + len(chunk)
+            _report(progress, done, n)
     finally:
         if cache is not None:
             cache.close()
@@ -253,13 +263,45 @@ def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache
     min_size = resize_target(data_config) if draft else None
     # A runtime may take uint8 pixels and normalise them itself (tlearn.runtime).
     transform = getattr(runtime, "transform", None) or eval_transform(data_config)
+    n_workers = default_workers(len(paths), batch_size, dev.type) if workers is None else workers
+    from .pixels import PilSteps
+
+    if dev.type == "cpu" and isinstance(transform, PilSteps):
+        # uint8 pixel batches from plain worker processes: no torch needed (tlearn.decode)
+        from .decode import decoded_batches
+
+        loader = decoded_batches(
+            paths,
+            transform,
+            batch_size=batch_size,
+            workers=n_workers,
+            min_size=min_size,
+            keyed=cache is not None,
+        )
+    else:
+        loader = _torch_loader(paths, transform, min_size, batch_size, n_workers, cache, dev)
+    for idx, x, bad, keys in loader:
+        feats = runtime(x) if x is not None else None
+        if cache is not None and feats is not None:
+            known = [k is not None for k in keys]
+            if all(known):
+                cache.put(keys, feats)
+            elif any(known):
+                sel = np.nonzero(known)[0]
+                cache.put([keys[j] for j in sel], feats[sel])
+        yield idx, feats, bad
+
+
+def _torch_loader(paths, transform, min_size, batch_size, n_workers, cache, dev):
+    """torch's DataLoader (pinned memory for CUDA); items as tlearn.decode's batches."""
+    from torch.utils.data import DataLoader
+
     if cache is not None:
         ds = KeyedImageDataset(paths, transform, min_size=min_size)
         collate = collate_keyed
     else:
         ds = ImageDataset(paths, transform, min_size=min_size)
         collate = collate_skipping
-    n_workers = default_workers(len(paths), batch_size, dev.type) if workers is None else workers
     loader = DataLoader(
         ds,
         batch_size=batch_size,
@@ -271,18 +313,9 @@ def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache
     )
     for item in loader:
         if cache is not None:
-            idx, x, bad, keys = item
+            yield item
         else:
-            (idx, x, bad), keys = item, None
-        feats = runtime(x) if x is not None else None
-        if cache is not None and feats is not None:
-            known = [k is not None for k in keys]
-            if all(known):
-                cache.put(keys, feats)
-            elif any(known):
-                sel = np.nonzero(known)[0]
-                cache.put([keys[j] for j in sel], feats[sel])
-        yield idx, feats, bad
+            yield (*item, None)
 
 
 def extract_array(net, paths: Sequence[str], data_config: dict, **kwargs) -> Features:
@@ -426,7 +459,7 @@ def sidecar_path(csv_path: str | Path) -> Path:
 
 
 def feature_meta(spec, data_config: dict, dim: int) -> dict:
-    import timm
+    from .onnxrt import dist_version
 
     return {
         "format": "tlearn-features",
@@ -434,7 +467,11 @@ def feature_meta(spec, data_config: dict, dim: int) -> dict:
         "cut": spec.to_dict(),
         "data_config": data_config,
         "feature_dim": dim,
-        "versions": {"tlearn": __version__, "timm": timm.__version__, "torch": torch.__version__},
+        "versions": {
+            "tlearn": __version__,
+            "timm": dist_version("timm"),
+            "torch": dist_version("torch"),
+        },
     }
 
 

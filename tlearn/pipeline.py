@@ -11,10 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from . import backbone as bb
-from . import infer
+from . import warm as warm_path
 from .artifacts import SavedModel, build_config, load_model, save_model
 from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
 from .data import scan_inputs as scan_unlabeled
@@ -31,8 +29,9 @@ from .features import (
     write_features_csv,
     write_skipped_csv,
 )
-from .heads import LinearHead, parse_C
+from .heads import HEAD_KINDS, LinearHead, parse_C
 from .shard import Shard, finish_features_part, plan_part, score_by_batch
+from .spec import DEFAULT_MODEL, FLATTEN_WARN_DIM, CutSpec
 
 # progress(stage, done, total): the CLI draws bars from it; None = silent.
 Progress = Callable[[str, int, int], None]
@@ -55,7 +54,7 @@ class RunOptions:
             return None
         return lambda done, total: self.progress(stage, done, total)
 
-    def engine(self, net, spec: bb.CutSpec, data_config: dict):
+    def engine(self, net, spec: CutSpec, data_config: dict):
         """How features are computed: backend + feature cache (see tlearn.runtime)."""
         from .runtime import feature_engine
 
@@ -73,14 +72,19 @@ class RunOptions:
 # ----------------------------------------------------------------------------- backbone
 
 
-def open_backbone(model: str, weights: str, seed: int = 0) -> bb.Backbone:
+def open_backbone(model: str, weights: str, seed: int = 0):
+    """backbone.Backbone (imports torch and timm)."""
+    import torch
+
+    from . import backbone as bb
+
     # Random init (--weights none) must be the same in fit and predict.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return bb.load_backbone(model, weights)
 
 
-def backbone_for_spec(spec: bb.CutSpec) -> bb.Backbone:
+def backbone_for_spec(spec: CutSpec):
     """Rebuild the exact backbone a model was fitted with, checking the weights hash."""
     src = spec.weights_source
     if src.startswith(("bundled:", "timm:")):
@@ -101,6 +105,24 @@ def backbone_for_spec(spec: bb.CutSpec) -> bb.Backbone:
             f"{spec.weights_sha256[:12]}...); refit the model"
         )
     return backbone
+
+
+def open_engine(model: str, weights: str, layers, pool: str, run: RunOptions, seed: int = 0):
+    """(torch feature network or None, engine.Engine) for a request. Warm (tlearn.warm):
+    no network, the cached ONNX graph. Cold: load the backbone, cut it, and remember what
+    the request resolved to so that the next run can be warm."""
+    warm = warm_path.for_request(model, weights, layers, pool, seed, run)
+    if warm is not None:
+        return None, warm_path.engine(warm, run)
+    from . import backbone as bb
+
+    backbone = open_backbone(model, weights, seed)
+    net, spec = bb.feature_network(backbone, layers, pool)
+    engine = run.engine(net, spec, backbone.data_config)
+    if engine.cache_root is not None:
+        key = warm_path.request_key(model, weights, layers, pool, seed)
+        warm_path.remember_cut(engine.cache_root, key, spec, backbone.data_config)
+    return net, engine
 
 
 # ----------------------------------------------------------------------------- extract
@@ -148,7 +170,7 @@ def extract(
     data: Sequence[str | Path],
     out: str | Path,
     *,
-    model: str = bb.DEFAULT_MODEL,
+    model: str = DEFAULT_MODEL,
     weights: str = "auto",
     layers: str | Sequence[str] | None = None,
     pool: str = "avg",
@@ -173,17 +195,16 @@ def extract(
         raise UsageError("--resume needs an output file, not -o -")
     if shard is not None and to_stdout:
         raise UsageError("--shard needs an output file, not -o -: each shard writes a part")
-    backbone = open_backbone(model, weights)
-    net, spec = bb.feature_network(backbone, layers, pool)
-    engine = run.engine(net, spec, backbone.data_config)
+    net, engine = open_engine(model, weights, layers, pool, run)
+    spec, data_config = engine.spec, engine.data_config
     dim = engine.feature_dim()
     warnings = list(images.warnings)
-    if pool == "flatten" and dim > bb.FLATTEN_WARN_DIM:
+    if pool == "flatten" and dim > FLATTEN_WARN_DIM:
         warnings.append(
             f"--pool flatten gives {dim} features per image; the CSV will be large "
             "(avg or catavgmax pooling keep it small)"
         )
-    meta = feature_meta(spec, backbone.data_config, dim)
+    meta = feature_meta(spec, data_config, dim)
     labels = images.label_names if images.labels is not None else None
     part, lo, hi = None, 0, len(images)
     if shard is not None:
@@ -197,7 +218,7 @@ def extract(
     batches = iter_features(
         net,
         [images.paths[i] for i in todo],
-        backbone.data_config,
+        data_config,
         batch_size=run.batch_size,
         device=run.device,
         workers=run.workers,
@@ -275,7 +296,7 @@ class FitResult:
     n_train: int
     n_val: int
     val_metrics: dict | None
-    cut: bb.CutSpec
+    cut: CutSpec
     feature_dim: int
     skipped: list[Skipped]
     warnings: list[str]
@@ -290,16 +311,16 @@ class _FeatureSource:
         self.model, self.weights, self.layers, self.pool = model, weights, layers, pool
         self.run, self.seed = run, seed
         self.net = None
-        self.spec: bb.CutSpec | None = None
+        self.spec: CutSpec | None = None
         self.data_config: dict | None = None
         self.engine = None
 
     def _open(self):
-        if self.net is None:
-            backbone = open_backbone(self.model, self.weights, self.seed)
-            self.net, self.spec = bb.feature_network(backbone, self.layers, self.pool)
-            self.data_config = backbone.data_config
-            self.engine = self.run.engine(self.net, self.spec, self.data_config)
+        if self.engine is None:
+            self.net, self.engine = open_engine(
+                self.model, self.weights, self.layers, self.pool, self.run, self.seed
+            )
+            self.spec, self.data_config = self.engine.spec, self.engine.data_config
 
     def from_images(self, images: ImageSet, classes: list[str], stage: str) -> LabelledFeatures:
         self._open()
@@ -333,7 +354,7 @@ class _FeatureSource:
 
     def from_csv(self, path) -> LabelledFeatures:
         table = read_features_csv(path)
-        spec = bb.CutSpec.from_dict(table.meta["cut"])
+        spec = CutSpec.from_dict(table.meta["cut"])
         if self.spec is not None and self.spec != spec:
             raise DataError(f"{path} was extracted with another backbone/layer/pool than the rest")
         self.spec, self.data_config = spec, table.meta["data_config"]
@@ -399,7 +420,7 @@ def fit(
     val: str | Path | None = None,
     val_split: float | None = None,
     seed: int = 0,
-    model: str = bb.DEFAULT_MODEL,
+    model: str = DEFAULT_MODEL,
     weights: str = "auto",
     layers: str | Sequence[str] | None = None,
     pool: str = "avg",
@@ -417,10 +438,11 @@ def fit(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
-    from .sweep import AutoLayerSource, is_auto
+    auto = isinstance(layers, str) and layers.strip().lower() == "auto"  # sweep.is_auto
+    if auto:
+        from .sweep import AutoLayerSource
 
-    auto = is_auto(layers)
-    if auto:  # one pass extracts every candidate layer; `choose` keeps the best (CV on train)
+        # one pass extracts every candidate layer; `choose` keeps the best (CV on train)
         source = AutoLayerSource(model, weights, pool, run, seed, head=head, C=C_value)
     else:
         source = _FeatureSource(model, weights, layers, pool, run, seed)
@@ -546,9 +568,15 @@ class PredictResult:
 
 
 def _saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage: str):
-    backbone = backbone_for_spec(saved.cut)
-    net = bb.FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval()
-    engine = run.engine(net, saved.cut, saved.data_config)
+    warm = warm_path.for_spec(saved.cut, saved.data_config, run)
+    if warm is not None:
+        net, engine = None, warm_path.engine(warm, run)
+    else:
+        from . import backbone as bb
+
+        backbone = backbone_for_spec(saved.cut)
+        net = bb.FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval()
+        engine = run.engine(net, saved.cut, saved.data_config)
     feats = extract_array(
         net,
         images.paths,
@@ -578,13 +606,13 @@ def predict(
 ) -> PredictResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
-    nn_model = infer.is_nn(saved)
+    nn_model = _is_nn(saved)
     head = None if nn_model else _head(saved)
     score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
     part, n_scan_skipped = None, 0
     if len(inputs) == 1 and is_features_csv(inputs[0]):
         table = read_features_csv(inputs[0])
-        if bb.CutSpec.from_dict(table.meta["cut"]) != saved.cut:
+        if CutSpec.from_dict(table.meta["cut"]) != saved.cut:
             raise DataError(f"{inputs[0]} was extracted with another cut than the model's")
         _no_tta_on_features(tta)
         paths, X, skipped, warnings = table.paths, table.X, [], []
@@ -644,10 +672,20 @@ def _no_tta_on_features(tta: str) -> None:
 def _feature_scores(saved: SavedModel, head: LinearHead | None, X: np.ndarray) -> np.ndarray:
     if len(X) == 0:
         return np.zeros((0, len(saved.classes)))
-    return infer.nn_scores_from_features(saved, X) if head is None else head.scores(X)
+    if head is not None:
+        return head.scores(X)
+    from . import infer
+
+    return infer.nn_scores_from_features(saved, X)
+
+
+def _is_nn(saved: SavedModel) -> bool:
+    return saved.head_type not in HEAD_KINDS  # a trained nn head (tlearn.nnhead)
 
 
 def _scored(saved: SavedModel, paths, tta: str, run: RunOptions, stage: str):
+    from . import infer
+
     return infer.score_images(
         saved,
         paths,
@@ -686,7 +724,7 @@ def evaluate(
 ) -> EvaluateResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
-    nn_model = infer.is_nn(saved)
+    nn_model = _is_nn(saved)
     head = None if nn_model else _head(saved)
     score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
     classes = saved.classes

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 
-import timm.data
-
 
 def eval_transform(data_config: dict):
     """timm's eval transform: resize the shorter side to size / crop_pct, centre crop."""
+    import timm.data
+
     return timm.data.create_transform(
         input_size=tuple(data_config["input_size"]),
         interpolation=data_config["interpolation"],
@@ -68,7 +68,12 @@ def split_eval_transform(data_config: dict):
     std = [float(v) for v in _as_list(normalize.std)]
     if len(mean) != 3 or len(std) != 3 or data_config["input_size"][0] != 3:
         return None
-    return PixelTransform(steps[:-2]), mean, std
+    from .pixels import describe
+
+    # Plain PIL steps when they are the usual Resize + CenterCrop: no torch in workers,
+    # and a description the cache can keep (tlearn.warm).
+    pil = describe(steps[:-2])
+    return (pil if pil is not None else PixelTransform(steps[:-2])), mean, std
 
 
 def _as_list(v) -> list:

@@ -17,36 +17,35 @@ decoding workers then do less work and move 4x less data.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import __version__
+from .engine import Engine  # noqa: F401  (re-exported)
 from .errors import UsageError
+from .onnxrt import (  # noqa: F401  (re-exported: the torch-free half of the runtimes)
+    ONNX_FORMAT,
+    ONNX_OPSET,
+    TMP_PREFIX,
+    LazyRuntime,
+    OnnxRuntime,
+    _ort_installed,
+    _ort_providers,
+    cpu_cores,
+    dist_version,
+    onnx_key,
+    onnx_path,
+)
 
 BACKENDS = ("auto", "torch", "onnx")
-ONNX_OPSET = 17
-ONNX_FORMAT = 1  # bump when the exported graph's inputs/outputs change meaning
 # Exported graphs must reproduce torch this closely on a random batch, else torch is used.
 EXPORT_ATOL = 1e-3
-_TMP_PREFIX = "tlearn-onnx-"
-
-
-def cpu_cores() -> int:
-    """CPUs this process may run on (respects taskset/cgroup affinity where available)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 def validate_backend(backend: str) -> str:
@@ -71,21 +70,6 @@ def choose_backend(backend: str, device: torch.device) -> str:
             "use --device cpu, or --backend torch/auto for the GPU"
         )
     return "onnx" if device.type == "cpu" and _ort_installed() else "torch"
-
-
-def _ort_installed() -> bool:
-    # Without importing it: a run served wholly from the cache never needs it.
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime") is not None
-
-
-def _ort_providers() -> list[str]:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return []
-    return list(ort.get_available_providers())
 
 
 def precision(backend: str, device: torch.device) -> str:
@@ -153,6 +137,8 @@ class TorchRuntime:
         self.net = net
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
+        if isinstance(x, np.ndarray):  # uint8 pixels from tlearn.decode
+            x = torch.from_numpy(x)
         x = x.to(self.device, non_blocking=True)
         if self.channels_last and x.ndim == 4 and x.dtype != torch.uint8:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -164,135 +150,7 @@ class TorchRuntime:
         return y.float().cpu().numpy()
 
 
-class OnnxRuntime:
-    """ONNX Runtime inference on an exported cut network.
-
-    On CPU the batch is split into single images run concurrently, one per core, by a
-    session with one thread per run (data parallelism), instead of one run of the whole
-    batch with the cores splitting every operator (intra-op parallelism). Measured on 2
-    cores: 1.3x the images/s for the full network and 2x at the middle stage, likely
-    because an early layer's large maps for one image stay in a core's cache, and no
-    thread waits at an operator barrier for a core a decoding worker took.
-    `streams=1` gives one run of the whole batch on `threads` intra-op threads."""
-
-    name = "onnx"
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        device: torch.device,
-        *,
-        streams: int | None = None,
-        threads: int | None = None,
-        micro_batch: int = 1,
-        transform=None,
-    ):
-        import onnxruntime as ort
-
-        self.device = device
-        self.transform = transform  # set for a graph exported with PixelInput
-        if streams is None:
-            streams = cpu_cores() if device.type == "cpu" else 1
-        self.streams = max(1, streams)
-        self.micro_batch = max(1, micro_batch)
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = 1 if self.streams > 1 else (threads or cpu_cores())
-        so.inter_op_num_threads = 1
-        # Decoding runs in worker processes beside the session: spinning idle threads would
-        # take their CPU time.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3
-        providers = ["CPUExecutionProvider"]
-        if device.type == "cuda":
-            providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(model_path), so, providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
-        self._pool = None
-        if self.streams > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            # session.run releases the GIL and is safe to call from several threads.
-            self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="tlearn-ort")
-
-    def _run(self, arr: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: arr})[0]
-
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        arr = np.ascontiguousarray(x.detach().cpu().numpy())
-        if self._pool is None or len(arr) <= self.micro_batch:
-            return self._run(arr)
-        step = self.micro_batch
-        parts = self._pool.map(self._run, [arr[i : i + step] for i in range(0, len(arr), step)])
-        return np.concatenate(list(parts))
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
-
-    def __del__(self):
-        with contextlib.suppress(Exception):
-            self.close()
-
-
-class LazyRuntime:
-    """Opens the real runtime on the first batch, so a run served wholly from the feature
-    cache never loads ONNX Runtime or exports anything."""
-
-    def __init__(
-        self,
-        opener: Callable[[], TorchRuntime | OnnxRuntime],
-        device: torch.device,
-        transform=None,
-    ):
-        self._opener = opener
-        self._runtime: TorchRuntime | OnnxRuntime | None = None
-        self.device = device
-        self.transform = transform  # what the decoding workers must produce (None: float)
-        self.images = 0
-
-    @property
-    def opened(self) -> bool:
-        return self._runtime is not None
-
-    @property
-    def name(self) -> str | None:
-        return self._runtime.name if self._runtime is not None else None
-
-    def open(self) -> TorchRuntime | OnnxRuntime:
-        if self._runtime is None:
-            self._runtime = self._opener()
-        return self._runtime
-
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        runtime = self.open()
-        self.images += len(x)
-        return runtime(x)
-
-
 # ----------------------------------------------------------------------------- ONNX export
-
-
-def onnx_key(spec, data_config: dict, pixels: bool) -> str:
-    """Everything that determines the exported graph, hashed."""
-    cut = spec.to_dict()
-    if cut.get("weights_sha256"):
-        cut.pop("weights_source", None)  # same weights from another path: same graph
-    doc = {
-        "format": ONNX_FORMAT,
-        "cut": cut,
-        "input_size": list(data_config["input_size"]),
-        "input": "uint8-nhwc" if pixels else "float32-nchw",
-        "normalize": [data_config["mean"], data_config["std"]] if pixels else None,
-        "opset": ONNX_OPSET,
-        "exporter": "torchscript",
-        "torch": torch.__version__,
-        "tlearn": __version__,
-    }
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 def export_onnx(net: torch.nn.Module, data_config: dict, path: str | Path, pixels=None) -> None:
@@ -347,7 +205,7 @@ def cached_onnx(
     """The exported model for this cut, exporting it once into `cache_root`/onnx (atomic:
     export to a temporary name, then rename). Without a cache root, a temporary file."""
     if cache_root is None:
-        tmpdir = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX))
+        tmpdir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX))
         path = tmpdir / "model.onnx"
         try:
             export_onnx(net, data_config, path, pixels)
@@ -356,8 +214,8 @@ def cached_onnx(
             raise
         return path
     key = onnx_key(spec, data_config, pixels is not None)
-    folder = Path(cache_root) / "onnx"
-    path = folder / f"{spec.model}-{key[:20]}.onnx"
+    path = onnx_path(cache_root, spec, data_config, pixels is not None)
+    folder = path.parent
     if path.is_file():
         return path
     try:
@@ -383,7 +241,7 @@ def cached_onnx(
                 "input_size": list(data_config["input_size"]),
                 "input": "uint8-nhwc" if pixels is not None else "float32-nchw",
                 "opset": ONNX_OPSET,
-                "torch": torch.__version__,
+                "torch": dist_version("torch"),
                 "tlearn": __version__,
             },
         )
@@ -414,7 +272,7 @@ def open_runtime(
             try:
                 return OnnxRuntime(path, device, transform=pixels[0] if pixels else None)
             finally:
-                if path.parent.name.startswith(_TMP_PREFIX):  # not cached: remove
+                if path.parent.name.startswith(TMP_PREFIX):  # not cached: remove
                     shutil.rmtree(path.parent, ignore_errors=True)
         except Exception as e:  # any exporter/ORT failure: torch computes the same features
             if notes is not None:
@@ -424,66 +282,6 @@ def open_runtime(
                     f"({type(e).__name__}: {msg[:120]}); using torch"
                 )
     return TorchRuntime(net, device, pixels)
-
-
-@dataclass
-class Engine:
-    """How features get computed for one cut: a lazily opened runtime and, unless disabled,
-    the feature cache. `kwargs()` are the extra arguments for features.iter_features."""
-
-    net: torch.nn.Module
-    spec: object
-    data_config: dict
-    runtime: LazyRuntime
-    cache_root: Path | None
-    draft: bool
-    precision: str
-    notes: list[str]
-    stores: list = field(default_factory=list)
-
-    def kwargs(self) -> dict:
-        store = None
-        if self.cache_root is not None:
-            from .cache import FeatureStore
-
-            store = FeatureStore.open(
-                self.cache_root,
-                self.spec,
-                self.data_config,
-                draft=self.draft,
-                precision=self.precision,
-            )
-            store.notes = self.notes
-            self.stores.append(store)
-        return {"runtime": self.runtime, "cache": store, "draft": self.draft}
-
-    def feature_dim(self) -> int:
-        """Length of one feature vector: from the cache when it has this cut, else one
-        zero image through the runtime (which a cold run opens anyway)."""
-        if self.cache_root is not None and not self.runtime.opened:
-            from .cache import FeatureStore
-
-            store = FeatureStore.open(
-                self.cache_root,
-                self.spec,
-                self.data_config,
-                draft=self.draft,
-                precision=self.precision,
-            )
-            if store.dim is not None:
-                return store.dim
-        x = example_input(self.data_config, 1, self.runtime.transform is not None)
-        return int(self.runtime.open()(x).shape[1])
-
-    def summary(self) -> dict:
-        """backend that ran (None if every image came from the cache), images read from the
-        cache and images computed."""
-        return {
-            "backend": self.runtime.name,
-            "device": str(self.runtime.device),
-            "cached": sum(s.served for s in self.stores),
-            "computed": self.runtime.images,
-        }
 
 
 def feature_engine(
@@ -504,6 +302,9 @@ def feature_engine(
     root = cache_root() if cache else None
     notes: list[str] = []
     pixels = pixel_path(data_config)
+    from .warm import remember_pixels
+
+    remember_pixels(root, data_config, pixels)  # for runs without torch (tlearn.warm)
 
     def opener():
         return open_runtime(

@@ -1,0 +1,107 @@
+"""Decoding images into uint8 pixel batches in worker processes, without torch.
+
+Used for CPU extraction through ONNX Runtime: the workers decode (with JPEG draft), hash
+the bytes they decode (the feature cache key) and apply tlearn.pixels.PilSteps, and hand
+whole batches back in input order while the main process runs the network. At most
+`prefetch` batches are in flight, so memory does not grow with the number of images.
+torch's DataLoader does the same for the torch runtime; this one exists so that a run
+needs no torch at all (see tlearn.warm).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+import sys
+from collections import deque
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from .data import load_image
+from .errors import ImageLoadError
+
+# (indices into the path list, pixels (B, H, W, 3) uint8 or None, [(index, reason)],
+#  content keys of the decoded images or None)
+Batch = tuple[list[int], np.ndarray | None, list[tuple[int, str]], list[bytes] | None]
+
+
+def decode_one(path: str, transform, min_size: int | None, keyed: bool):
+    """(pixels, None, key) or (None, reason, None); never raises for a bad image."""
+    from .cache import content_key
+
+    content = None
+    if keyed:
+        try:
+            st = os.stat(path)
+            if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                with open(path, "rb") as f:
+                    content = f.read()
+        except OSError:
+            content = None  # load_image words the reason (missing, permission, ...)
+    try:
+        img = load_image(path, min_size=min_size, content=content)
+        pixels = transform(img)
+    except ImageLoadError as e:
+        return None, e.reason, None
+    except Exception as e:  # a transform failing on a strange image: skip, say why
+        return None, f"cannot preprocess ({type(e).__name__}: {e})", None
+    return pixels, None, (content_key(content) if content is not None else None)
+
+
+def decode_batch(job) -> Batch:
+    start, paths, transform, min_size, keyed = job
+    idx, arrays, bad, keys = [], [], [], []
+    for j, path in enumerate(paths):
+        pixels, reason, key = decode_one(path, transform, min_size, keyed)
+        if pixels is None:
+            bad.append((start + j, reason))
+            continue
+        idx.append(start + j)
+        arrays.append(pixels)
+        keys.append(key)
+    x = np.stack(arrays) if arrays else None
+    return idx, x, bad, (keys if keyed else None)
+
+
+def _context():
+    # fork starts workers in milliseconds and shares the already imported modules; the
+    # workers only run Pillow and numpy. Elsewhere (macOS, Windows) spawn is the safe one.
+    if sys.platform.startswith("linux"):
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def decoded_batches(
+    paths: Sequence[str],
+    transform,
+    *,
+    batch_size: int,
+    workers: int,
+    min_size: int | None,
+    keyed: bool,
+    prefetch: int = 2,
+) -> Iterator[Batch]:
+    """Batches of pixels in input order; with `workers` 0, decoded in this process."""
+    jobs = (
+        (lo, [str(p) for p in paths[lo : lo + batch_size]], transform, min_size, keyed)
+        for lo in range(0, len(paths), batch_size)
+    )
+    if workers <= 0:
+        for job in jobs:
+            yield decode_batch(job)
+        return
+    pool = _context().Pool(workers)
+    try:
+        pending: deque = deque()
+        for job in jobs:
+            pending.append(pool.apply_async(decode_batch, (job,)))
+            if len(pending) >= workers * prefetch:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()

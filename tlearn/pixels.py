@@ -1,0 +1,116 @@
+"""The PIL half of the eval transform, as plain values and without torch.
+
+timm's eval transform for almost every model is torchvision's Resize(shorter side) +
+CenterCrop, then ToTensor + Normalize. `PilSteps` does the first two exactly as
+torchvision does them on PIL images (same output size rule, same Pillow resample call,
+same crop rounding and zero padding; tested pixel for pixel against timm's transform), so
+decoding workers need neither torch nor torchvision, and a description of the steps can
+be remembered in the cache for runs that never import them. ToTensor + Normalize happen
+in the runtime (see tlearn.runtime.PixelInput).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# torchvision's InterpolationMode values -> Pillow resample filters (pil_modes_mapping)
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+@dataclass(frozen=True)
+class PilSteps:
+    """Resize (the shorter side to `resize[0]`, or to exactly (h, w)), then centre crop to
+    `crop` (h, w); returns uint8 HWC pixels."""
+
+    resize: tuple[int, ...]  # (shorter side,) or (h, w)
+    interpolation: str  # a key of RESAMPLE
+    crop: tuple[int, int]  # (h, w)
+    max_size: int | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "resize": list(self.resize),
+            "interpolation": self.interpolation,
+            "crop": list(self.crop),
+            "max_size": self.max_size,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PilSteps:
+        return cls(
+            resize=tuple(int(v) for v in d["resize"]),
+            interpolation=str(d["interpolation"]),
+            crop=(int(d["crop"][0]), int(d["crop"][1])),
+            max_size=None if d.get("max_size") is None else int(d["max_size"]),
+        )
+
+    def output_size(self, width: int, height: int) -> tuple[int, int]:
+        """(h, w) after the resize: torchvision's _compute_resized_output_size."""
+        if len(self.resize) == 2:
+            return self.resize[0], self.resize[1]
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.resize[0], int(self.resize[0] * long / short)
+        if self.max_size is not None and new_long > self.max_size:
+            new_short, new_long = int(self.max_size * new_short / new_long), self.max_size
+        new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+        return new_h, new_w
+
+    def apply(self, img: Image.Image) -> Image.Image:
+        h, w = self.output_size(img.width, img.height)
+        if (img.height, img.width) != (h, w):  # torchvision returns the image unchanged
+            img = img.resize((w, h), RESAMPLE[self.interpolation])
+        return center_crop(img, self.crop)
+
+    def __call__(self, img: Image.Image) -> np.ndarray:
+        return np.array(self.apply(img), dtype=np.uint8, copy=True)
+
+
+def center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """torchvision's center_crop on a PIL image: zero padding where the image is smaller,
+    offsets rounded half to even (Python's round)."""
+    crop_h, crop_w = size
+    if crop_w > img.width or crop_h > img.height:
+        left = (crop_w - img.width) // 2 if crop_w > img.width else 0
+        top = (crop_h - img.height) // 2 if crop_h > img.height else 0
+        right = (crop_w - img.width + 1) // 2 if crop_w > img.width else 0
+        bottom = (crop_h - img.height + 1) // 2 if crop_h > img.height else 0
+        padded = Image.new(img.mode, (img.width + left + right, img.height + top + bottom), 0)
+        padded.paste(img, (left, top))
+        img = padded
+        if (img.width, img.height) == (crop_w, crop_h):
+            return img
+    top = int(round((img.height - crop_h) / 2.0))
+    left = int(round((img.width - crop_w) / 2.0))
+    return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+def describe(steps) -> PilSteps | None:
+    """PilSteps for torchvision transforms [Resize, CenterCrop], or None for anything else
+    (then the caller keeps the torchvision transforms themselves)."""
+    if len(steps) != 2:
+        return None
+    resize, crop = steps
+    if type(resize).__name__ != "Resize" or type(crop).__name__ != "CenterCrop":
+        return None
+    mode = getattr(getattr(resize, "interpolation", None), "value", None)
+    if mode not in RESAMPLE:
+        return None
+    size = resize.size
+    size = (size,) if isinstance(size, int) else tuple(int(v) for v in size)
+    csize = crop.size
+    csize = (csize, csize) if isinstance(csize, int) else tuple(int(v) for v in csize)
+    if len(size) not in (1, 2) or len(csize) == 1:
+        csize = (csize[0], csize[0])
+    if len(csize) != 2 or (len(size) == 2 and resize.max_size is not None):
+        return None
+    return PilSteps(resize=size, interpolation=mode, crop=csize, max_size=resize.max_size)
