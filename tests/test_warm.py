@@ -246,3 +246,23 @@ def test_warm_run_respects_backend_and_no_cache(tmp_path, cache, runner):
         rc, _, err, heavy = tlearn([*base, "-o", tmp_path / "b.csv", *extra], cache)
         assert rc == 0, err
         assert "torch" in heavy, extra
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="patches a forked worker")
+def test_a_dying_decoding_worker_fails_the_run_instead_of_hanging(tmp_path, monkeypatch):
+    import tlearn.decode as dec
+    from tlearn.errors import DataError
+
+    paths = [str(draw(tmp_path / f"{i}.png", (9, 9, 9), seed=i)) for i in range(6)]
+    real = dec.decode_one
+
+    def crash_on_4(path, *a):
+        if path.endswith("4.png"):
+            os._exit(3)  # what a segfault in a decoder or the OOM killer looks like
+        return real(path, *a)
+
+    monkeypatch.setattr(dec, "decode_one", crash_on_4)  # inherited by the forked workers
+    steps = PilSteps(resize=(8,), interpolation="bilinear", crop=(8, 8))
+    batches = dec.decoded_batches(paths, steps, batch_size=2, workers=1, min_size=None, keyed=False)
+    with pytest.raises(DataError, match=r"died while reading .*4\.png.*--workers 0"):
+        list(batches)

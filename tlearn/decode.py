@@ -18,11 +18,13 @@ import stat
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
 from .data import load_image
-from .errors import ImageLoadError
+from .errors import DataError, ImageLoadError
 
 # (indices into the path list, pixels (B, H, W, 3) uint8 or None, [(index, reason)],
 #  content keys of the decoded images or None)
@@ -122,7 +124,9 @@ def decoded_batches(
         shape = (in_flight + 1, batch_size, crop[0], crop[1], 3)
         token = next(_tokens)
         _SLOTS[token] = np.ndarray(shape, np.uint8, buffer=mmap.mmap(-1, int(np.prod(shape))))
-    pool = ctx.Pool(workers)
+    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a crash inside a
+    # decoder, the OOM killer) fails the pending batches instead of hanging the run.
+    pool = ProcessPoolExecutor(workers, mp_context=ctx)
     try:
         free = deque(range(in_flight + 1))
         pending: deque = deque()
@@ -134,20 +138,26 @@ def decoded_batches(
                     return
                 slot = free.popleft() if token is not None else None
                 slots = (token, slot) if token is not None else None
-                pending.append((slot, pool.apply_async(decode_batch, ((*job, slots),))))
+                pending.append((job, slot, pool.submit(decode_batch, (*job, slots))))
 
         submit()
         while pending:
-            slot, result = pending.popleft()
-            idx, x, bad, keys = result.get()
+            job, slot, future = pending.popleft()
+            try:
+                idx, x, bad, keys = future.result()
+            except BrokenProcessPool:
+                first, last = job[1][0], job[1][-1]
+                raise DataError(
+                    f"a decoding worker process died while reading {first} .. {last}; run "
+                    "again with --workers 0 to decode in the main process and see which "
+                    "image it is"
+                ) from None
             if token is not None:
                 x = _SLOTS[token][slot][:x] if x else None
             yield idx, x, bad, keys
             if slot is not None:
                 free.append(slot)
             submit()
-        pool.close()
-        pool.join()
     finally:
-        pool.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
         _SLOTS.pop(token, None)
