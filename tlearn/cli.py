@@ -560,8 +560,11 @@ def fit_cmd(
 
     Example: tlearn fit hymenoptera --head linear --freeze-to auto --layer-decay 0.5 -o bees
     """
+    from .shard import check_torchrun_fit
+
     if resume is not None or head in (Head.linear, Head.mlp):
         return ct.fit_nn_command(ctx, err, out)
+    check_torchrun_fit(head.value)
     ct.check_not_nn(ctx)
     if output is None:
         raise UsageError("missing -o/--output: the model directory to create")

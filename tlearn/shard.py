@@ -524,16 +524,29 @@ def is_secondary_rank() -> bool:
     return env is not None and env.rank != 0
 
 
-TORCHRUN_COMMANDS = ("extract", "predict")
+TORCHRUN_COMMANDS = ("extract", "predict", "fit")  # fit: neural heads only (tlearn.ddp)
 
 
 def check_torchrun_command(command: str | None) -> None:
     """Under torchrun, refuse commands that would only run N times side by side."""
     env = dist_env()
     if env is not None and command not in TORCHRUN_COMMANDS:
+        names = ", ".join(TORCHRUN_COMMANDS[:-1]) + f" and {TORCHRUN_COMMANDS[-1]}"
         raise UsageError(
             f"tlearn {command} does not run under torchrun (WORLD_SIZE={env.world_size}); "
-            f"only {' and '.join(TORCHRUN_COMMANDS)} do: run it as one process"
+            f"only {names} do: run it as one process"
+        )
+
+
+def check_torchrun_fit(head: str) -> None:
+    """Under torchrun, fit trains neural heads only: svm/logreg fit in one process."""
+    env = dist_env()
+    if env is not None and head not in ("linear", "mlp"):
+        raise UsageError(
+            f"tlearn fit --head {head} does not run under torchrun (WORLD_SIZE="
+            f"{env.world_size}): it fits in one process; extract the features with torchrun "
+            "... tlearn extract DATA -o features.csv, then run tlearn fit features.csv as one "
+            "process, or train --head linear|mlp under torchrun"
         )
 
 
