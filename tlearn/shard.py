@@ -23,6 +23,7 @@ duplicated or foreign part. Nothing here prints; torch is imported only where ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -609,8 +610,12 @@ class ProcessGroup:
             atexit.register(_destroy_process_group)
         return self
 
-    def __exit__(self, *exc) -> None:
-        pass
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # An error that left the group without a status exchange happened on this rank
+        # alone: the CLI prints it on every rank (others may only see a lost peer).
+        if isinstance(exc, Exception) and not getattr(exc, "all_ranks", False):
+            with contextlib.suppress(AttributeError):
+                exc.rank_only = self.env.rank
 
     def run_options(self, run):
         """`run` with the device pinned to this rank's GPU when it would pick CUDA."""
@@ -683,6 +688,8 @@ def _raise_first_failure(statuses: list[dict], rank: int, own: BaseException | N
     if not failed:
         return
     if own is not None:
+        with contextlib.suppress(AttributeError):
+            own.all_ranks = True  # every rank raises now: rank 0 reports
         raise own
     r, s = failed[0]
     if s["tlearn"]:
@@ -692,8 +699,10 @@ def _raise_first_failure(statuses: list[dict], rank: int, own: BaseException | N
         except TypeError:  # an error class with another constructor
             err = TlearnError(s["message"])
         err.exit_code = s["exit_code"]
-        raise err
-    raise TlearnError(f"rank {r} failed: unexpected {s['type']}: {s['message']}")
+    else:
+        err = TlearnError(f"rank {r} failed: unexpected {s['type']}: {s['message']}")
+    err.all_ranks = True
+    raise err
 
 
 def extract(data, out, *, shard: Shard | None = None, **kwargs):
