@@ -16,6 +16,9 @@ single run: kernels that pick their algorithm by batch size (oneDNN convolutions
 cuDNN) see the same batches, and the merged CSV is byte-identical to a single run's,
 provided every process uses the same --batch-size and the same number of torch threads.
 
+`fit --head linear|mlp` also runs under torchrun, data-parallel (see tlearn.ddp); this
+module provides the process group and the status exchange it uses.
+
 Part sidecars record the shard (index, count, range, batch size) and the identity of the
 input list (sha256 of the ordered paths and labels), so `merge` can refuse a missing,
 duplicated or foreign part. Nothing here prints; torch is imported only where needed.
