@@ -43,6 +43,9 @@ MAIN += ["--class-weight", "balanced"]
 # Every layer runs every epoch, explicit rates, an unreadable training image.
 IMAGES = ["--lr-groups", "stem,stages.0-1=0; stages.2=1e-4; stages.3=3e-4; head=1e-3"]
 IMAGES += ["--cache", "off"]
+# BatchNorm that trains (per-rank batch statistics: runs, but is not exactly one process)
+BATCHNORM = ["-m", "test_efficientnet", "--head", "mlp", "--hidden", "8", "--head-bn"]
+BATCHNORM += ["--freeze-to", "blocks.2", "--epochs", "1"]
 OPTIONS = dict(head="linear", dropout=0.0, augment="none", epochs=3)
 MAIN_OPTS = dict(freeze_to="stages.1", layer_decay=0.7, freeze_epochs=1, class_weight="balanced")
 IMAGES_OPTS = dict(lr_groups=IMAGES[1], cache="off")
@@ -119,6 +122,7 @@ def runs(tmp_path_factory):
         ["fit", ["fit", d, "--resume", "ddp_cut", "-q"]],
         ["fit", ["fit", d, "--resume", str(cut), "-q"]],
         ["fit", ["fit", d, *COMMON, "--batch-size", "5", *o, "odd"]],
+        ["fit", ["fit", d, *COMMON, *BATCHNORM, *o, "ddp_bn"]],
     ]
     (base / "run_cli.py").write_text(RUN_CLI)
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -192,7 +196,7 @@ def test_every_layer_every_epoch_with_an_unreadable_image(runs):
 def test_checkpoints_and_resume_under_torchrun(runs):
     base = runs["base"]
     for rank in (0, 1):
-        assert runs["codes"][rank][2:6] == [130, None, None, 2]
+        assert runs["codes"][rank][2:5] == [130, None, None]
     # The checkpoint torchrun writes has the single-process format and content.
     a, b = base / "ckpt_single", base / "ckpt_ddp"
     assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
@@ -213,8 +217,19 @@ def test_checkpoints_and_resume_under_torchrun(runs):
     assert not (base / "ddp_cut" / ckpt.CHECKPOINT_DIR).exists()
 
 
+def test_trainable_batchnorm_runs_with_a_one_image_slice(runs):
+    """The last global batch (3 images) leaves rank 1 one image: BatchNorm in train mode
+    needs two rows, so the slice is padded with a row the loss ignores; the ranks'
+    running statistics are averaged."""
+    assert [c[-1] for c in runs["codes"]] == [None, None]
+    config = json.loads((runs["base"] / "ddp_bn" / "config.json").read_text())
+    assert config["head"]["batchnorm"] is True and config["backbone"]["trained"] is True
+    head = load_file(str(runs["base"] / "ddp_bn" / "head.safetensors"))
+    assert not np.allclose(head["layers.1.running_mean"], 0)
+
+
 def test_a_batch_that_does_not_split_fails_every_rank_with_one_line(runs):
-    assert [c[-1] for c in runs["codes"]] == [2, 2]
+    assert [c[-2] for c in runs["codes"]] == [2, 2]
     err = runs["stderr"]
     message = "--batch-size 5 is the global batch, split evenly over the 2 processes"
     lines = [line for line in err.splitlines() if message in line]
@@ -250,3 +265,44 @@ def test_resume_in_one_process_is_unchanged(runs, tmp_path):
     with torch_threads(1):
         resume_nn(cut, runs["data"], run=RUN)
     _assert_same_training(runs["base"] / "single", cut)
+
+
+CRASH = """
+import os, sys
+import tlearn.train
+from tlearn.cli import app
+
+real = tlearn.train._Run._steps_dist
+
+def boom(self, batches, epoch, t0):  # rank 1 alone fails in the middle of training
+    if epoch == 1 and os.environ["RANK"] == "1":
+        raise RuntimeError("simulated failure")
+    return real(self, batches, epoch, t0)
+
+tlearn.train._Run._steps_dist = boom
+app(sys.argv[1:], prog_name="tlearn")
+"""
+
+
+def test_an_error_on_one_rank_stops_every_rank_and_names_the_rank(runs, tmp_path):
+    """No status exchange can report it (the other rank waits in a collective): the failing
+    rank prints its one line, torchrun stops the others, the last checkpoint stays."""
+    (tmp_path / "crash.py").write_text(CRASH)
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(OMP_NUM_THREADS="1", TLEARN_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    args = ["fit", str(runs["data"]), *COMMON, "--epochs", "2", "-o", "m"]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+        + ["2", "crash.py", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode != 0
+    line = "error (rank 1): unexpected RuntimeError: simulated failure"
+    assert r.stderr.count(line) == 1, r.stderr[-3000:]
+    assert ckpt.read_state(tmp_path / "m")["epoch"] == 1
+    assert not (tmp_path / "m" / "config.json").exists()

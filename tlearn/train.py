@@ -440,6 +440,7 @@ class _Run:
             self.emit = lambda name, data: None
         self.ddp: nn.Module | None = None
         self.ddp_params: tuple[str, ...] = ()
+        self.new_skipped: list[Skipped] = []  # found by this rank in an epoch (torchrun)
         self.skipped: list[Skipped] = []
         self.warnings: list[str] = []
         self.history: list[dict] = []
@@ -947,7 +948,7 @@ class _Run:
             and f"{name}.running_mean" in self.mutable
         ]
         min_rows = 2 if train_bn else 1
-        self.new_skipped: list[Skipped] = []
+        self.new_skipped = []
         total_loss, correct, seen, done = 0.0, 0, 0, 0
         shown_loss, shown_w = 0.0, 0.0
         n_total = len(self.train_set)
