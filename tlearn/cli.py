@@ -62,6 +62,15 @@ def _root(
     handle_errors(check_torchrun_command)(ctx.invoked_subcommand)
 
 
+def _error_console(e: BaseException) -> tuple[Console, str]:
+    """Where an error goes: stderr; under torchrun ranks other than 0 are silent, except
+    for an error that happened on that rank alone (see shard.ProcessGroup)."""
+    rank = getattr(e, "rank_only", None)
+    if rank is not None and rank != 0 and err.quiet:
+        return Console(stderr=True, soft_wrap=True), f"[red]error (rank {rank}):[/]"
+    return err, "[red]error:[/]"
+
+
 def handle_errors(fn):
     """One line on stderr and a non-zero exit for anything the user can fix."""
 
@@ -72,7 +81,8 @@ def handle_errors(fn):
         except TlearnError as e:
             if DEBUG["on"]:
                 raise
-            err.print(f"[red]error:[/] {escape(str(e))}", highlight=False)
+            console, label = _error_console(e)
+            console.print(f"{label} {escape(str(e))}", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -83,8 +93,9 @@ def handle_errors(fn):
             if DEBUG["on"]:
                 raise
             first = (str(e).strip().splitlines() or [""])[0][:300]
-            err.print(
-                f"[red]error:[/] unexpected {type(e).__name__}: {escape(first)} "
+            console, label = _error_console(e)
+            console.print(
+                f"{label} unexpected {type(e).__name__}: {escape(first)} "
                 "(rerun with tlearn --debug ... for the traceback)",
                 highlight=False,
             )
@@ -559,9 +570,15 @@ def fit_cmd(
     Example: tlearn fit sample_data/roads/train --val sample_data/roads/val -o roads-model
 
     Example: tlearn fit hymenoptera --head linear --freeze-to auto --layer-decay 0.5 -o bees
+
+    Several GPUs (neural heads; --batch-size is the global batch, split over the ranks):
+    torchrun --nproc-per-node 4 -m tlearn fit hymenoptera --head linear -o bees
     """
+    from .shard import check_torchrun_fit
+
     if resume is not None or head in (Head.linear, Head.mlp):
         return ct.fit_nn_command(ctx, err, out)
+    check_torchrun_fit(head.value)
     ct.check_not_nn(ctx)
     if output is None:
         raise UsageError("missing -o/--output: the model directory to create")

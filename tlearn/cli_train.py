@@ -315,6 +315,8 @@ def fit_nn_command(ctx: typer.Context, err, out) -> None:
     except KeyboardInterrupt:
         _interrupted_hint(err, p)
         raise
+    if res is None:  # a torchrun rank other than 0: rank 0 wrote the model and reports
+        return
     from .cli import _metrics_table, _report_skips
 
     _report_skips(res.skipped, res.warnings, quiet)

@@ -16,6 +16,9 @@ single run: kernels that pick their algorithm by batch size (oneDNN convolutions
 cuDNN) see the same batches, and the merged CSV is byte-identical to a single run's,
 provided every process uses the same --batch-size and the same number of torch threads.
 
+`fit --head linear|mlp` also runs under torchrun, data-parallel (see tlearn.ddp); this
+module provides the process group and the status exchange it uses.
+
 Part sidecars record the shard (index, count, range, batch size) and the identity of the
 input list (sha256 of the ordered paths and labels), so `merge` can refuse a missing,
 duplicated or foreign part. Nothing here prints; torch is imported only where needed.
@@ -23,6 +26,7 @@ duplicated or foreign part. Nothing here prints; torch is imported only where ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -524,16 +528,29 @@ def is_secondary_rank() -> bool:
     return env is not None and env.rank != 0
 
 
-TORCHRUN_COMMANDS = ("extract", "predict")
+TORCHRUN_COMMANDS = ("extract", "predict", "fit")  # fit: neural heads only (tlearn.ddp)
 
 
 def check_torchrun_command(command: str | None) -> None:
     """Under torchrun, refuse commands that would only run N times side by side."""
     env = dist_env()
     if env is not None and command not in TORCHRUN_COMMANDS:
+        names = ", ".join(TORCHRUN_COMMANDS[:-1]) + f" and {TORCHRUN_COMMANDS[-1]}"
         raise UsageError(
             f"tlearn {command} does not run under torchrun (WORLD_SIZE={env.world_size}); "
-            f"only {' and '.join(TORCHRUN_COMMANDS)} do: run it as one process"
+            f"only {names} do: run it as one process"
+        )
+
+
+def check_torchrun_fit(head: str) -> None:
+    """Under torchrun, fit trains neural heads only: svm/logreg fit in one process."""
+    env = dist_env()
+    if env is not None and head not in ("linear", "mlp"):
+        raise UsageError(
+            f"tlearn fit --head {head} does not run under torchrun (WORLD_SIZE="
+            f"{env.world_size}): it fits in one process; extract the features with torchrun "
+            "... tlearn extract DATA -o features.csv, then run tlearn fit features.csv as one "
+            "process, or train --head linear|mlp under torchrun"
         )
 
 
@@ -596,8 +613,12 @@ class ProcessGroup:
             atexit.register(_destroy_process_group)
         return self
 
-    def __exit__(self, *exc) -> None:
-        pass
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # An error that left the group without a status exchange happened on this rank
+        # alone: the CLI prints it on every rank (others may only see a lost peer).
+        if isinstance(exc, Exception) and not getattr(exc, "all_ranks", False):
+            with contextlib.suppress(AttributeError):
+                exc.rank_only = self.env.rank
 
     def run_options(self, run):
         """`run` with the device pinned to this rank's GPU when it would pick CUDA."""
@@ -670,6 +691,8 @@ def _raise_first_failure(statuses: list[dict], rank: int, own: BaseException | N
     if not failed:
         return
     if own is not None:
+        with contextlib.suppress(AttributeError):
+            own.all_ranks = True  # every rank raises now: rank 0 reports
         raise own
     r, s = failed[0]
     if s["tlearn"]:
@@ -679,8 +702,10 @@ def _raise_first_failure(statuses: list[dict], rank: int, own: BaseException | N
         except TypeError:  # an error class with another constructor
             err = TlearnError(s["message"])
         err.exit_code = s["exit_code"]
-        raise err
-    raise TlearnError(f"rank {r} failed: unexpected {s['type']}: {s['message']}")
+    else:
+        err = TlearnError(f"rank {r} failed: unexpected {s['type']}: {s['message']}")
+    err.all_ranks = True
+    raise err
 
 
 def extract(data, out, *, shard: Shard | None = None, **kwargs):

@@ -13,6 +13,10 @@ How an epoch runs depends on what is frozen (`mode`):
   prefix without autograd).
 Validation images are never augmented, so their frozen prefix is computed once too.
 
+Under torchrun (WORLD_SIZE > 1) the same run is data-parallel: every rank trains on its
+slice of each global batch through DistributedDataParallel and only rank 0 writes; see
+tlearn.ddp for how it stays equal to a single process.
+
 Nothing here prints: progress and results go through the `events` callback as
 (name, dict) pairs, and the CLI renders them.
 """
@@ -272,9 +276,20 @@ def _loader(
     generator=None,
     min_size=None,
     device=None,
+    batches=None,
 ):
     ds = ImageDataset(paths, transform, min_size=min_size)
     n_workers = default_workers(len(paths), batch_size) if workers is None else workers
+    if batches is not None:  # explicit lists of indices, one per batch
+        return DataLoader(
+            ds,
+            batch_sampler=batches,
+            num_workers=n_workers,
+            collate_fn=collate_skipping,
+            generator=generator,
+            pin_memory=device is not None and device.type == "cuda",
+            persistent_workers=False,
+        )
     return DataLoader(
         ds,
         batch_size=batch_size,
@@ -302,9 +317,11 @@ def compute_cache(
     disk_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     autocast=None,
+    allow_empty: bool = False,
 ) -> tuple[TensorCache, TensorCache | None]:
     """fn(images) for every readable image (eval preprocessing), and for the mirrored
-    images too when `flip`."""
+    images too when `flip`. `allow_empty`: no readable image gives empty caches (a rank's
+    shard) instead of an error."""
     loader = _loader(
         paths,
         eval_transform(data_config),
@@ -330,9 +347,13 @@ def compute_cache(
             done += len(batch_idx) + len(bad)
             if progress is not None:
                 progress(done, len(paths))
-    if not parts:
-        raise DataError("no readable images to train on")
     indices = np.asarray(idx, dtype=np.int64)
+    if not parts:
+        if not allow_empty:
+            raise DataError("no readable images to train on")
+        return TensorCache(indices, torch.empty(0)), (
+            TensorCache(indices, torch.empty(0)) if flip else None
+        )
 
     def store(chunks, name):
         t = torch.cat(chunks)
@@ -392,15 +413,34 @@ class Settings:
         return dataclasses.asdict(self)
 
 
+class _Step(nn.Module):
+    """One training forward of the run's mode, as a module DistributedDataParallel wraps
+    (it holds the network, so parameter names stay model.* and head.* inside it)."""
+
+    def __init__(self, run: _Run):
+        super().__init__()
+        self.net = run.net
+        object.__setattr__(self, "_run", run)  # not a module: not registered
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run._forward_train(x)
+
+
 class _Run:
-    def __init__(self, settings: Settings, out_dir: Path, run, events: Events | None):
+    def __init__(self, settings: Settings, out_dir: Path, run, events: Events | None, dist=None):
         from .pipeline import RunOptions
 
         self.s = settings
         self.o = TrainOptions(**settings.options)
         self.out_dir = out_dir
         self.run = run or RunOptions()
+        self.dist = dist  # tlearn.ddp.Dist under torchrun, else None
         self.emit = events or (lambda name, data: None)
+        if dist is not None and not dist.main:  # only rank 0 reports
+            self.emit = lambda name, data: None
+        self.ddp: nn.Module | None = None
+        self.ddp_params: tuple[str, ...] = ()
+        self.new_skipped: list[Skipped] = []  # found by this rank in an epoch (torchrun)
         self.skipped: list[Skipped] = []
         self.warnings: list[str] = []
         self.history: list[dict] = []
@@ -428,6 +468,13 @@ class _Run:
         if self.run.batch_size < 1:
             raise UsageError(f"--batch-size {self.run.batch_size}: must be at least 1")
         self.batch_size = s.batch_size
+        if self.dist is not None and self.batch_size % self.dist.world:
+            w = self.dist.world
+            raise UsageError(
+                f"--batch-size {self.batch_size} is the global batch, split evenly over the "
+                f"{w} processes: it must be a multiple of {w} (e.g. "
+                f"{max(w, self.batch_size // w * w)} or {(self.batch_size // w + 1) * w})"
+            )
 
         backbone = open_backbone(s.model, s.weights, s.seed)
         self.backbone = backbone
@@ -573,38 +620,98 @@ class _Run:
             level_fn = None
         self.val_level = None
         if self.mode in ("features", "prefix"):
-            self.train_cache, self.train_flip = compute_cache(
+            self.train_cache, self.train_flip = self._cache(
                 level_fn,
                 self.train_set.paths,
-                self.data_config,
-                device=self.device,
-                batch_size=self.run.batch_size,
-                workers=self.run.workers,
-                skipped=self.skipped,
                 dtype=dtype,
                 flip=self.augment == "flip" and self.mode == "features",
                 disk_dir=disk,
-                progress=self.run.bar("cache train"),
-                autocast=self.autocast,
+                stage="cache train",
+                share=True,
             )
         if self.val_set is not None and len(self.val_set) and level_fn is not None:
             self.val_level = "features" if level_fn == net.features else "prefix"
-            self.val_cache, _ = compute_cache(
+            self.val_cache, _ = self._cache(
                 level_fn,
                 self.val_set.paths,
-                self.data_config,
-                device=self.device,
-                batch_size=self.run.batch_size,
-                workers=self.run.workers,
-                skipped=self.skipped,
                 dtype=dtype,
                 disk_dir=None,
-                progress=self.run.bar("cache val"),
-                autocast=self.autocast,
+                stage="cache val",
+                share=False,
             )
         self.y_train = torch.as_tensor(self.train_set.labels, dtype=torch.long)
         if self.val_set is not None:
             self.y_val = torch.as_tensor(self.val_set.labels, dtype=torch.long)
+
+    def _cache(self, fn, paths, *, dtype, disk_dir, stage, share, flip=False):
+        """compute_cache in one process. Under torchrun each rank computes its shard of
+        whole batches (the batches of a single run); `share`: then every rank gets every
+        rank's rows (the training cache, sampled anew each epoch), else it keeps its own
+        shard (validation runs in the same shards)."""
+        kw = dict(
+            device=self.device,
+            batch_size=self.run.batch_size,
+            workers=self.run.workers,
+            dtype=dtype,
+            flip=flip,
+            progress=self.run.bar(stage),
+            autocast=self.autocast,
+        )
+        if self.dist is None:
+            return compute_cache(
+                fn, paths, self.data_config, skipped=self.skipped, disk_dir=disk_dir, **kw
+            )
+        d = self.dist
+        start, stop = d.shard(len(paths), self.run.batch_size)
+        own, local, skipped, payload = None, (None, None), [], None
+        try:
+            local = compute_cache(
+                fn,
+                paths[start:stop],
+                self.data_config,
+                skipped=skipped,
+                disk_dir=None if share else disk_dir,
+                allow_empty=True,
+                **kw,
+            )
+            x = local[0]
+            payload = {
+                "skipped": [[sk.path, sk.reason] for sk in skipped],
+                "indices": (x.indices + start).tolist(),
+                "shape": list(x.data.shape[1:]) if len(x) else None,
+            }
+        except Exception as e:
+            own = e
+        infos = d.check(own, payload)
+        for info in infos:  # in rank order: input order, as a single run lists them
+            self.skipped += [Skipped(*sk) for sk in info["skipped"]]
+        if not share:
+            for c in local:
+                if c is not None:
+                    c.indices = c.indices + start
+            return local
+        indices = np.asarray([i for info in infos for i in info["indices"]], dtype=np.int64)
+        if not len(indices):
+            raise DataError("no readable images to train on")  # every rank alike
+        shape = (len(indices), *next(i["shape"] for i in infos if i["shape"] is not None))
+        counts = [len(info["indices"]) for info in infos]
+
+        def shared(c: TensorCache | None, name: str) -> TensorCache:
+            if disk_dir is None:
+                dest = torch.empty(shape, dtype=dtype)
+            else:
+                dest = np.lib.format.open_memmap(
+                    disk_dir / f"{name}.npy",
+                    mode="w+",
+                    dtype=np.float16 if dtype == torch.float16 else np.float32,
+                    shape=shape,
+                )
+            d.share_rows(counts, None if c is None else c.data, dest)
+            if disk_dir is not None:
+                dest.flush()
+            return TensorCache(indices, dest)
+
+        return shared(local[0], "x"), (shared(local[1], "x_flip") if flip else None)
 
     def cleanup(self) -> None:
         if getattr(self, "cache_tmp", None) is not None:
@@ -612,13 +719,15 @@ class _Run:
 
     # ------------------------------------------------------------------ loss
 
-    def _criterion(self) -> nn.Module:
+    def _criterion(self, reduction: str = "mean") -> nn.Module:
         weight = None
         if self.o.class_weight == "balanced":
             counts = np.bincount(np.asarray(self.train_set.labels), minlength=len(self.classes))
             w = len(self.train_set.labels) / (len(self.classes) * np.maximum(counts, 1))
             weight = torch.as_tensor(w, dtype=torch.float32, device=self.device)
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=self.o.label_smoothing)
+        return nn.CrossEntropyLoss(
+            weight=weight, label_smoothing=self.o.label_smoothing, reduction=reduction
+        )
 
     # ------------------------------------------------------------------ epochs
 
@@ -636,6 +745,8 @@ class _Run:
         stop = n - 1 if n % self.batch_size == 1 and n > 1 else n
         for i in range(0, stop, self.batch_size):
             rows = order[i : i + self.batch_size]
+            if self.dist is not None:  # this rank's slice of the global batch (maybe empty)
+                rows = self.dist.mine(rows)
             x = cache.get(rows)
             if self.augment == "flip":
                 pick = flip_pick[rows]
@@ -646,11 +757,14 @@ class _Run:
             y = self.y_train[torch.as_tensor(cache.indices[rows.numpy()])]
             yield x, y
 
-    def _batches_images(self, g: torch.Generator):
+    def _batches_images(self, g: torch.Generator, g_local: torch.Generator):
         n = len(self.train_set)
         order = torch.randperm(n, generator=g).tolist()
         if self.drop_lone:
             order = order[:-1]
+        if self.dist is not None:
+            yield from self._batches_images_dist(order, g_local)
+            return
         loader = _loader(
             self.train_set.paths,
             self.transform,
@@ -671,6 +785,39 @@ class _Run:
                 continue
             yield x, self.y_train[torch.as_tensor(idx)]
 
+    def _batches_images_dist(self, order: list[int], g_local: torch.Generator):
+        """This rank's slice of every global batch, one item per global step; (None, empty
+        labels) where the slice is empty or none of its images could be read."""
+        bs = self.batch_size
+        slices = [list(self.dist.mine(order[i : i + bs])) for i in range(0, len(order), bs)]
+        loader = _loader(
+            self.train_set.paths,
+            self.transform,
+            batch_size=bs // self.dist.world,
+            workers=self.run.workers,
+            batches=[sl for sl in slices if sl],
+            generator=g_local,
+            min_size=resize_target(self.data_config),
+            device=self.device,
+        )
+        batches = iter(loader)
+        seen = {sk.path for sk in self.skipped}
+        none = torch.zeros(0, dtype=torch.long)
+        for sl in slices:
+            if not sl:
+                yield None, none
+                continue
+            idx, x, bad = next(batches)
+            for i, r in bad:
+                if str(self.train_set.paths[i]) not in seen:
+                    seen.add(str(self.train_set.paths[i]))
+                    self.skipped.append(Skipped(str(self.train_set.paths[i]), r))
+                    self.new_skipped.append(Skipped(str(self.train_set.paths[i]), r))
+            if x is None:
+                yield None, none
+            else:
+                yield x, self.y_train[torch.as_tensor(idx)]
+
     def _forward_train(self, x: torch.Tensor) -> torch.Tensor:
         net = self.net
         if self.mode == "features":
@@ -689,15 +836,39 @@ class _Run:
         apply_freeze(self.net, self.plan, head_only=head_only)
         set_train_mode(self.net, o.bn)
         seed = _epoch_seed(self.s.seed, epoch)
-        torch.manual_seed(seed)
-        random.seed(seed)
-        g = torch.Generator().manual_seed(seed)
-        batches = self._batches_images(g) if self.mode == "images" else self._batches_cached(g)
-        criterion = self._criterion()
-        total_loss, correct, seen = 0.0, 0, 0
+        g = torch.Generator().manual_seed(seed)  # the global order: the same on every rank
+        local = seed if self.dist is None else self.dist.seed(seed)  # augmentation, dropout
+        torch.manual_seed(local)
+        random.seed(local)
+        g_local = g if self.dist is None else torch.Generator().manual_seed(local)
+        if self.mode == "images":
+            batches = self._batches_images(g, g_local)
+        else:
+            batches = self._batches_cached(g)
         t0 = time.perf_counter()
         n_total = len(self.train_set)
         self.emit("epoch_start", {"epoch": epoch + 1, "epochs": o.epochs, "total": n_total})
+        if self.dist is None:
+            total_loss, correct, seen, lr_now = self._steps(batches, epoch, t0)
+        else:
+            total_loss, correct, seen, lr_now = self._steps_dist(batches, epoch, t0)
+        # Keep the step count exact even when images were skipped.
+        self.step = (epoch + 1) * self.steps_per_epoch
+        dt = time.perf_counter() - t0
+        return {
+            "epoch": epoch + 1,
+            "lr": lr_now,
+            "train_loss": total_loss / max(seen, 1),
+            "train_acc": correct / max(seen, 1),
+            "seconds": dt,
+            "images_per_s": seen / dt if dt > 0 else 0.0,
+        }
+
+    def _steps(self, batches, epoch: int, t0: float) -> tuple[float, int, int, float]:
+        """One process: a step per batch on the mean loss of the batch."""
+        criterion = self._criterion()
+        total_loss, correct, seen = 0.0, 0, 0
+        n_total = len(self.train_set)
         lr_now = self.lr
         for x, y in batches:
             lr_now = self._set_lr()
@@ -731,17 +902,121 @@ class _Run:
                     "images_per_s": seen / dt if dt > 0 else 0.0,
                 },
             )
-        # Keep the step count exact even when images were skipped.
-        self.step = (epoch + 1) * self.steps_per_epoch
-        dt = time.perf_counter() - t0
-        return {
-            "epoch": epoch + 1,
-            "lr": lr_now,
-            "train_loss": total_loss / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
-            "seconds": dt,
-            "images_per_s": seen / dt if dt > 0 else 0.0,
-        }
+        return total_loss, correct, seen, lr_now
+
+    # ------------------------------------------------------------------ torchrun
+
+    def _ddp_model(self) -> nn.Module:
+        """The DistributedDataParallel wrapper for the parameters that train now. DDP
+        fixes its parameters when it is built: after --freeze-epochs unfreezes more of the
+        network it is built anew (the old one, and its gradient hooks, dropped first)."""
+        trainable = tuple(n for n, p in self.net.named_parameters() if p.requires_grad)
+        if self.ddp is None or trainable != self.ddp_params:
+            self.ddp = None
+            self.ddp = self.dist.wrap(_Step(self), self.device)
+            self.ddp_params = trainable
+        return self.ddp
+
+    def _pad(self, x: torch.Tensor | None, y: torch.Tensor, size: int):
+        """Fill a rank's slice up to `size` rows that the loss ignores: a rank takes part
+        in every step (DDP reduces gradients from all ranks), and BatchNorm in train mode
+        needs two rows."""
+        if x is None or len(y) == 0:
+            shape = tuple(self.data_config["input_size"]) if x is None else tuple(x.shape[1:])
+            dtype = torch.float32 if x is None else x.dtype
+            return torch.zeros((size, *shape), dtype=dtype), torch.zeros(size, dtype=torch.long)
+        k = size - len(y)
+        return (
+            torch.cat([x, x[:1].expand(k, *x.shape[1:])]),
+            torch.cat([y, y[:1].expand(k)]),
+        )
+
+    def _steps_dist(self, batches, epoch: int, t0: float) -> tuple[float, int, int, float]:
+        """Under torchrun: this rank's slice of each global batch. The slice's loss is its
+        share of the global batch's mean loss, times WORLD_SIZE (DDP averages gradients
+        over ranks): the step equals the single-process step on the global batch, class
+        weights and unevenly split or unreadable images included."""
+        d = self.dist
+        model = self._ddp_model()
+        criterion = self._criterion(reduction="none")
+        weight = None if criterion.weight is None else criterion.weight.cpu().double()
+        train_bn = [  # BatchNorm layers that run in train mode (batch statistics)
+            m
+            for name, m in self.net.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.training
+            and f"{name}.running_mean" in self.mutable
+        ]
+        min_rows = 2 if train_bn else 1
+        self.new_skipped = []
+        total_loss, correct, seen, done = 0.0, 0, 0, 0
+        shown_loss, shown_w = 0.0, 0.0
+        n_total = len(self.train_set)
+        lr_now = self.lr
+        for x, y in batches:
+            real = 0 if x is None else len(y)
+            w_local = float(weight[y].sum()) if weight is not None else float(real)
+            n_glob, w_glob = d.sum([real, w_local])
+            if n_glob == 0:  # no readable image in this global batch: every rank skips it
+                continue
+            if real < min_rows:
+                x, y = self._pad(x, y, min_rows)
+            mask = (torch.arange(len(y)) < real).to(self.device, torch.float32)
+            lr_now = self._set_lr()
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            with self.autocast():
+                logits = model(x)
+                per_image = criterion(logits.float(), y)
+            local_sum = (per_image * mask).sum()
+            loss = local_sum * (d.world / w_glob)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                loss.backward()
+                self.optimizer.step()
+            self.step += 1
+            part = float(local_sum.detach())
+            total_loss += part * n_glob / w_glob  # summed over ranks: mean loss x batch size
+            correct += int(((logits.detach().argmax(1) == y).float() * mask).sum())
+            seen += real
+            done += int(n_glob)
+            shown_loss, shown_w = shown_loss + part, shown_w + w_local
+            dt = time.perf_counter() - t0
+            self.emit(  # rank 0's own slices: the global numbers come at the epoch's end
+                "batch",
+                {
+                    "epoch": epoch + 1,
+                    "done": done,
+                    "total": n_total,
+                    "loss": shown_loss / shown_w if shown_w else 0.0,
+                    "acc": correct / seen if seen else 0.0,
+                    "images_per_s": done / dt if dt > 0 else 0.0,
+                },
+            )
+        total_loss, correct, seen = d.sum([total_loss, correct, seen])
+        # Trainable BatchNorm layers normalise with the statistics of each rank's slice and
+        # update their running statistics per rank: average those, so every rank (and the
+        # saved model) holds the same.
+        bufs = [
+            b
+            for m in train_bn
+            for name, b in m.named_buffers(recurse=False)
+            if b.is_floating_point() and name in ("running_mean", "running_var")
+        ]
+        if bufs:
+            d.average(bufs)
+        if self.mode == "images":  # unreadable images found by any rank, for the report
+            have = {sk.path for sk in self.skipped}
+            for info in d.gather([[sk.path, sk.reason] for sk in self.new_skipped]):
+                for path, reason in info:
+                    if path not in have:
+                        have.add(path)
+                        self.skipped.append(Skipped(path, reason))
+        return total_loss, int(correct), int(seen), lr_now
 
     def validate(self) -> tuple[float, float, np.ndarray, np.ndarray] | None:
         if self.val_set is None or len(self.val_set) == 0:
@@ -767,8 +1042,11 @@ class _Run:
                     preds.append(logits.argmax(1).cpu())
                     ys.append(y)
             else:
+                start, stop = 0, len(self.val_set)
+                if self.dist is not None:  # this rank's whole batches of the list
+                    start, stop = self.dist.shard(stop, self.run.batch_size)
                 loader = _loader(
-                    self.val_set.paths,
+                    self.val_set.paths[start:stop],
                     eval_transform(self.data_config),
                     batch_size=self.run.batch_size,
                     workers=self.run.workers,
@@ -778,7 +1056,7 @@ class _Run:
                 for idx, x, _bad in loader:
                     if x is None:
                         continue
-                    y = self.y_val[torch.as_tensor(idx)]
+                    y = self.y_val[torch.as_tensor(idx) + start]
                     with self.autocast():
                         logits = net(x.to(self.device))
                     losses.append(
@@ -786,6 +1064,18 @@ class _Run:
                     )
                     preds.append(logits.argmax(1).cpu())
                     ys.append(y)
+        if self.dist is not None:
+            # Every rank gets every shard's batch sums and predictions, in input order, so
+            # all compute the same numbers (and take the same early-stopping decisions).
+            mine = {
+                "loss": [float(v) for v in losses],
+                "y": torch.cat(ys).tolist() if ys else [],
+                "p": torch.cat(preds).tolist() if preds else [],
+            }
+            infos = self.dist.gather(mine)
+            losses = [torch.tensor(v, dtype=torch.float32) for i in infos for v in i["loss"]]
+            ys = [torch.tensor(i["y"], dtype=torch.long) for i in infos if i["y"]]
+            preds = [torch.tensor(i["p"], dtype=torch.long) for i in infos if i["p"]]
         if not ys:
             return None
         y = torch.cat(ys)
@@ -887,68 +1177,83 @@ class _Run:
                 and epoch + 1 < o.epochs
             ):
                 self.stopped_early = True
-            self.save_checkpoint(epoch + 1)
+            self._write(lambda e=epoch: self.save_checkpoint(e + 1))
             self.emit(
                 "epoch_end",
                 {**row, "best": improved and v is not None, "stopped_early": self.stopped_early},
             )
 
+    def _write(self, fn):
+        """fn() writes files: in one process just call it; under torchrun rank 0 calls it
+        and every rank waits for its status (an error fails every rank)."""
+        if self.dist is None:
+            return fn()
+        return self.dist.on_main(fn)
+
     # ------------------------------------------------------------------ final model
 
-    def finish(self, t0: float) -> NNFitResult:
+    def finish(self, t0: float) -> NNFitResult | None:
         from .artifacts import build_config, save_model
         from .evaluate import classification_metrics
 
         if self.best_weights is not None:
             self.net.load_state_dict(self.best_weights, strict=False)
         v = self.validate()
-        val_metrics = None
-        if v is not None:
-            val_metrics = classification_metrics(v[2], v[3], self.classes)
-        backbone_changed = any(k.startswith("model.") for k in self.mutable)
-        head_tensors = {k: v.detach().cpu().numpy() for k, v in self.net.head.state_dict().items()}
-        extra = {
-            "history.csv": history_csv(self.history).encode(),
-            "curves.png": curves_png(self.history),
-        }
-        if backbone_changed:
-            from safetensors.numpy import save
 
-            sd = {
-                k: v.detach().cpu().contiguous().numpy()
-                for k, v in self.net.model.state_dict().items()
+        def write() -> dict | None:  # the model directory (on rank 0 under torchrun)
+            val_metrics = None
+            if v is not None:
+                val_metrics = classification_metrics(v[2], v[3], self.classes)
+            backbone_changed = any(k.startswith("model.") for k in self.mutable)
+            head_sd = self.net.head.state_dict()
+            head_tensors = {k: t.detach().cpu().numpy() for k, t in head_sd.items()}
+            extra = {
+                "history.csv": history_csv(self.history).encode(),
+                "curves.png": curves_png(self.history),
             }
-            extra[BACKBONE_FILE] = save(sd)
-        train_info = {
-            "n_images": len(self.train_set),
-            "n_val": len(self.val_set) if self.val_set else 0,
-            "settings": self.s.to_dict(),
-            "augment": self.augment,
-            "mode": self.mode,
-            "lr": self.lr,
-            "freeze_to": self.plan.freeze_to,
-            "layer_decay": self.plan.layer_decay,
-            "groups": [r.to_dict() for r in self.plan.rows],
-            "epochs_run": len(self.history),
-            "best_epoch": self.best["epoch"] if self.best else None,
-            "stopped_early": self.stopped_early,
-        }
-        config = build_config(
-            cut=self.spec,
-            data_config=self.data_config,
-            classes=self.classes,
-            head=self.head_cfg,
-            feature_dim=self.feature_dim,
-            backbone={
-                "trained": backbone_changed,
-                "file": BACKBONE_FILE if backbone_changed else None,
-            },
-            train=train_info,
-        )
-        metrics = {"validation": val_metrics, "history": self.history}
-        save_model(
-            self.out_dir, config, head_tensors, metrics=metrics, force=True, extra_files=extra
-        )
+            if backbone_changed:
+                from safetensors.numpy import save
+
+                sd = {
+                    k: v.detach().cpu().contiguous().numpy()
+                    for k, v in self.net.model.state_dict().items()
+                }
+                extra[BACKBONE_FILE] = save(sd)
+            train_info = {
+                "n_images": len(self.train_set),
+                "n_val": len(self.val_set) if self.val_set else 0,
+                "settings": self.s.to_dict(),
+                "augment": self.augment,
+                "mode": self.mode,
+                "lr": self.lr,
+                "freeze_to": self.plan.freeze_to,
+                "layer_decay": self.plan.layer_decay,
+                "groups": [r.to_dict() for r in self.plan.rows],
+                "epochs_run": len(self.history),
+                "best_epoch": self.best["epoch"] if self.best else None,
+                "stopped_early": self.stopped_early,
+            }
+            config = build_config(
+                cut=self.spec,
+                data_config=self.data_config,
+                classes=self.classes,
+                head=self.head_cfg,
+                feature_dim=self.feature_dim,
+                backbone={
+                    "trained": backbone_changed,
+                    "file": BACKBONE_FILE if backbone_changed else None,
+                },
+                train=train_info,
+            )
+            metrics = {"validation": val_metrics, "history": self.history}
+            save_model(
+                self.out_dir, config, head_tensors, metrics=metrics, force=True, extra_files=extra
+            )
+            return val_metrics
+
+        val_metrics = self._write(write)
+        if self.dist is not None and not self.dist.main:
+            return None
         return NNFitResult(
             out_dir=str(self.out_dir),
             classes=self.classes,
@@ -1029,10 +1334,13 @@ def fit_nn(
     force: bool = False,
     run=None,
     events: Events | None = None,
-) -> NNFitResult:
+) -> NNFitResult | None:
     """Train a new neural head (and optionally part of the backbone) on an image folder and
     write the model directory `out_dir`. A checkpoint in out_dir/checkpoint/ is written at
-    the end of every epoch; `resume_nn` continues from it."""
+    the end of every epoch; `resume_nn` continues from it.
+
+    Under torchrun every rank trains its share of each global batch (`run.batch_size` is
+    the global batch) and rank 0 writes; ranks other than 0 return None."""
     from .pipeline import RunOptions
 
     t0 = time.perf_counter()
@@ -1040,13 +1348,6 @@ def fit_nn(
     check_options(options)
     run = run or RunOptions()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        if ckpt.has_checkpoint(out_dir):
-            raise ArtifactError(
-                f"{out_dir} holds an unfinished training run; continue it with --resume "
-                f"{out_dir}, or pass --force to start over"
-            )
-        raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
     if isinstance(layers, str):
         layers = [p.strip() for p in layers.split(",") if p.strip()]
     settings = Settings(
@@ -1062,11 +1363,24 @@ def fit_nn(
         batch_size=run.batch_size,
         options=options.to_dict(),
     )
-    r = _Run(settings, out_dir, run, events)
-    r.setup()
-    if force and out_dir.exists() and ckpt.has_checkpoint(out_dir):
-        shutil.rmtree(out_dir / ckpt.CHECKPOINT_DIR)
-    return _execute(r, t0)
+
+    def prepare(run, dist) -> _Run:
+        if out_dir.exists() and not force:
+            if ckpt.has_checkpoint(out_dir):
+                raise ArtifactError(
+                    f"{out_dir} holds an unfinished training run; continue it with --resume "
+                    f"{out_dir}, or pass --force to start over"
+                )
+            raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
+        r = _Run(settings, out_dir, run, events, dist)
+        r.setup()
+        return r
+
+    def start_over() -> None:
+        if force and out_dir.exists() and ckpt.has_checkpoint(out_dir):
+            shutil.rmtree(out_dir / ckpt.CHECKPOINT_DIR)
+
+    return _start(prepare, start_over, run, t0)
 
 
 def resume_nn(
@@ -1076,47 +1390,83 @@ def resume_nn(
     changed: dict | None = None,
     run=None,
     events: Events | None = None,
-) -> NNFitResult:
+) -> NNFitResult | None:
     """Continue an interrupted run from its last checkpoint, with its saved settings.
-    `changed`: settings the caller asked for explicitly; they must equal the saved ones."""
+    `changed`: settings the caller asked for explicitly; they must equal the saved ones.
+    Under torchrun every rank restores the same checkpoint (the model directory must be
+    on a filesystem they share); ranks other than 0 return None."""
     from .pipeline import RunOptions
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
-    state = ckpt.read_state(model_dir)
-    try:
-        saved = Settings(**state["settings"])
-        TrainOptions(**saved.options)
-    except (KeyError, TypeError) as e:
-        raise ArtifactError(
-            f"{model_dir}: checkpoint settings are incomplete or unknown ({e}); start a new run"
-        ) from None
-    if data is not None and _abs(data) != saved.data:
-        raise UsageError(
-            f"--resume: the run was trained on {saved.data}, not {_abs(data)}; give the same "
-            "data or start a new run"
-        )
-    for key, value in (changed or {}).items():
-        have = saved.options.get(key, getattr(saved, key, None))
-        if key in ("val", "labels_csv", "weights") and value is not None:
-            value = _abs(value) if value not in ("auto", "none") else value
-        if isinstance(value, (list, tuple)):
-            value = list(value)
-        if value != have:
+
+    def prepare(run, dist) -> _Run:
+        state = ckpt.read_state(model_dir)
+        try:
+            saved = Settings(**state["settings"])
+            TrainOptions(**saved.options)
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(
+                f"{model_dir}: checkpoint settings are incomplete or unknown ({e}); start a new run"
+            ) from None
+        if data is not None and _abs(data) != saved.data:
             raise UsageError(
-                f"--resume continues the same run: --{key.replace('_', '-')} {value} differs "
-                f"from the checkpoint's {'default' if have is None else have}; drop the "
-                "option or start a new run"
+                f"--resume: the run was trained on {saved.data}, not {_abs(data)}; give the "
+                "same data or start a new run"
             )
-    run = run or RunOptions()
-    run = dataclasses.replace(run, batch_size=saved.batch_size)
-    r = _Run(saved, model_dir, run, events)
-    r.setup()
-    r.restore(state)
-    return _execute(r, t0)
+        for key, value in (changed or {}).items():
+            have = saved.options.get(key, getattr(saved, key, None))
+            if key in ("val", "labels_csv", "weights") and value is not None:
+                value = _abs(value) if value not in ("auto", "none") else value
+            if isinstance(value, (list, tuple)):
+                value = list(value)
+            if value != have:
+                raise UsageError(
+                    f"--resume continues the same run: --{key.replace('_', '-')} {value} "
+                    f"differs from the checkpoint's {'default' if have is None else have}; "
+                    "drop the option or start a new run"
+                )
+        run = dataclasses.replace(run, batch_size=saved.batch_size)
+        r = _Run(saved, model_dir, run, events, dist)
+        r.setup()
+        r.restore(state)
+        return r
+
+    return _start(prepare, None, run or RunOptions(), t0)
 
 
-def _execute(r: _Run, t0: float) -> NNFitResult:
+def _start(prepare, before_training, run, t0: float) -> NNFitResult | None:
+    """prepare(run, dist) -> the set-up _Run, then train it: in this process, or under
+    torchrun as one rank of a process group, with a status exchange after the setup (a
+    rank's error fails every rank with one message, and all ranks must see the same
+    images and checkpoint)."""
+    from .shard import dist_env
+
+    env = dist_env()
+    if env is None:
+        r = prepare(run, None)
+        if before_training is not None:
+            before_training()
+        return _execute(r, t0)
+
+    from .ddp import Dist
+    from .shard import ProcessGroup
+
+    with ProcessGroup(env) as group:
+        dist = Dist(env, group)
+        r, own = None, None
+        try:
+            r = prepare(group.run_options(run), dist)
+        except Exception as e:
+            own = e
+        agree = None if r is None else [r.fingerprint, r.start_epoch, r.step]
+        dist.check(own, agree=agree)
+        if before_training is not None:
+            dist.on_main(before_training)
+        return _execute(r, t0)
+
+
+def _execute(r: _Run, t0: float) -> NNFitResult | None:
     r.emit("groups", r.describe())
     py_state = random.getstate()
     try:

@@ -1,0 +1,169 @@
+"""Data-parallel fine-tuning under torchrun: the collective operations `tlearn.train` uses
+when `fit --head linear|mlp` runs as several processes (RANK/WORLD_SIZE set).
+
+The design keeps a torchrun run equal to a single-process run with the same global
+--batch-size and seed:
+- every rank draws the same epoch permutation from the shared seed; each global batch is
+  cut into WORLD_SIZE contiguous slices and rank R trains on slice R;
+- the loss of a slice is its share of the global batch's mean loss (the global
+  denominator is all-reduced each step), so DistributedDataParallel's gradient average
+  is the single-process gradient of the global batch, uneven or skipped images included;
+- caches of frozen layers are computed in shards of whole batches and shared, so every
+  rank holds the cache a single process builds; validation runs in shards and its sums
+  and predictions are gathered, so every rank takes the same early-stopping decisions;
+- only rank 0 writes; every write is followed by a status exchange, so an error on any
+  rank fails every rank with one message (see shard._raise_first_failure).
+
+Augmentation and dropout draw from a per-rank, per-epoch seed: reproducible, but not the
+draws of a single process.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import DataError
+from .shard import DistEnv, ProcessGroup, Shard, _raise_first_failure, _status
+
+T = TypeVar("T")
+CHUNK_BYTES = 64 << 20  # cache rows are shared in broadcasts of at most this size
+
+
+class Dist:
+    """This process's part in a torchrun fit."""
+
+    def __init__(self, env: DistEnv, group: ProcessGroup):
+        self.env = env
+        self.group = group
+        self.rank = env.rank
+        self.world = env.world_size
+        self.main = env.rank == 0
+
+    # ------------------------------------------------------------------ splitting
+
+    def shard(self, total: int, batch_size: int) -> tuple[int, int]:
+        """[start, stop) of this rank's whole batches of a list of `total` items."""
+        return Shard(self.rank, self.world).range(total, batch_size)
+
+    def mine(self, rows: Sequence[T]) -> Sequence[T]:
+        """This rank's contiguous slice of a global batch (earlier ranks take the extra
+        rows of a batch that does not split evenly; a slice may be empty)."""
+        base, extra = divmod(len(rows), self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return rows[start : start + base + (1 if self.rank < extra else 0)]
+
+    def seed(self, seed: int) -> int:
+        """A per-rank seed derived from the shared one (rank 0 keeps it)."""
+        return (seed + self.rank * 1_000_033) % (2**31 - 1)
+
+    # ------------------------------------------------------------------ status
+
+    def check(self, own: BaseException | None, payload=None, agree=None) -> list:
+        """Exchange statuses (a barrier): if any rank failed, every rank raises (its own
+        error, else the lowest failing rank's). `agree`: a JSON value every rank must
+        share with rank 0. Returns every rank's `payload`, in rank order."""
+        msgs = self.group.all_gather_json(
+            {"status": _status(own), "payload": payload, "agree": agree}
+        )
+        _raise_first_failure([m["status"] for m in msgs], self.rank, own)
+        for r, m in enumerate(msgs):
+            if m["agree"] != msgs[0]["agree"]:
+                raise DataError(
+                    f"rank {r} sees other training data or another checkpoint than rank 0; "
+                    "with several machines the images and the model directory must be at "
+                    "the same paths on a filesystem every node shares"
+                )
+        return [m["payload"] for m in msgs]
+
+    def on_main(self, fn: Callable[[], T]) -> T | None:
+        """fn() on rank 0 (the writes), then a status exchange."""
+        own, result = None, None
+        if self.main:
+            try:
+                result = fn()
+            except Exception as e:
+                own = e
+        self.check(own)
+        return result
+
+    # ------------------------------------------------------------------ numbers
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum over ranks (float64, on CPU)."""
+        import torch.distributed as dist
+
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj) -> list:
+        """Every rank's JSON value, in rank order, on every rank."""
+        return self.group.all_gather_json(obj)
+
+    def average(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over ranks (in place)."""
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t)
+            t.div_(self.world)
+
+    # ------------------------------------------------------------------ caches
+
+    def share_rows(self, counts: Sequence[int], local: torch.Tensor | None, dest) -> None:
+        """Fill `dest` (a tensor or a numpy memmap) with every rank's rows in rank order:
+        rank r contributes counts[r] rows; `local` holds this rank's."""
+        import torch.distributed as dist
+
+        row_shape = tuple(dest.shape[1:])
+        dtype = _torch_dtype(dest)
+        row_bytes = max(1, int(np.prod(row_shape)) * torch.empty((), dtype=dtype).element_size())
+        chunk = max(1, CHUNK_BYTES // row_bytes)
+        offset = 0
+        for r, n in enumerate(counts):
+            for a in range(0, n, chunk):
+                b = min(n, a + chunk)
+                if r == self.rank:
+                    buf = local[a:b].contiguous()
+                else:
+                    buf = torch.empty((b - a, *row_shape), dtype=dtype)
+                dist.broadcast(buf.reshape(b - a, -1).view(torch.uint8), src=r)
+                if isinstance(dest, np.ndarray):
+                    dest[offset + a : offset + b] = buf.numpy()
+                else:
+                    dest[offset + a : offset + b] = buf
+            offset += n
+
+    # ------------------------------------------------------------------ the model
+
+    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """DistributedDataParallel over the parameters that require a gradient now.
+        Buffers are not broadcast at each step (BatchNorm statistics of trainable layers
+        are averaged at the end of each epoch instead, see train._Run)."""
+        import inspect
+        import warnings
+
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # A performance notice for weights with a dimension of size 1 (depthwise
+        # convolutions), whose gradients come with other (equivalent) strides.
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
+        gc.collect()  # a replaced wrapper's gradient hooks must be gone first
+        ids = [device.index] if device.type == "cuda" else None
+        # newer torch names it forward_sync_buffers (and deprecates broadcast_buffers)
+        sync = "forward_sync_buffers"
+        if sync not in inspect.signature(DDP.__init__).parameters:
+            sync = "broadcast_buffers"
+        return DDP(module, device_ids=ids, output_device=ids[0] if ids else None, **{sync: False})
+
+
+def _torch_dtype(dest) -> torch.dtype:
+    if isinstance(dest, np.ndarray):
+        return torch.from_numpy(np.empty(0, dtype=dest.dtype)).dtype
+    return dest.dtype
