@@ -10,8 +10,6 @@ needs no torch at all (see tlearn.warm).
 
 from __future__ import annotations
 
-import itertools
-import mmap
 import multiprocessing
 import os
 import stat
@@ -54,37 +52,19 @@ def decode_one(path: str, transform, min_size: int | None, keyed: bool):
     return pixels, None, (content_key(content) if content is not None else None)
 
 
-# Batch slots in anonymous shared memory, made before the pool forks (so every worker
-# inherits the mapping): workers write pixels straight into a slot and send back only
-# indices, instead of pickling megabytes per batch through a pipe (measured: ~0.4 ms of
-# main-process CPU per image saved, which on 2 cores is time taken from the network).
-_SLOTS: dict[int, np.ndarray] = {}
-_tokens = itertools.count()
-
-
 def decode_batch(job) -> Batch:
-    start, paths, transform, min_size, keyed, slots = job
-    out = None if slots is None else _SLOTS[slots[0]][slots[1]]
+    start, paths, transform, min_size, keyed = job
     idx, arrays, bad, keys = [], [], [], []
     for j, path in enumerate(paths):
         pixels, reason, key = decode_one(path, transform, min_size, keyed)
         if pixels is None:
             bad.append((start + j, reason))
             continue
-        if out is not None and pixels.shape != out.shape[1:]:
-            return _fail(start, paths, f"pixels of shape {pixels.shape}, not {out.shape[1:]}")
-        if out is not None:
-            out[len(idx)] = pixels
-        else:
-            arrays.append(pixels)
         idx.append(start + j)
+        arrays.append(pixels)
         keys.append(key)
-    x = len(idx) if out is not None else (np.stack(arrays) if arrays else None)
+    x = np.stack(arrays) if arrays else None
     return idx, x, bad, (keys if keyed else None)
-
-
-def _fail(start, paths, why):
-    raise RuntimeError(f"decoding {paths[0]} .. (batch at {start}): {why}")
 
 
 def _context():
@@ -106,29 +86,23 @@ def decoded_batches(
     prefetch: int = 2,
 ) -> Iterator[Batch]:
     """Batches of pixels in input order; with `workers` 0, decoded in this process.
-    A yielded pixel array may be a view of shared memory that is reused once the next
-    batch is asked for: use it (or copy it) before that."""
+    Batches come back pickled through a pipe: handing them over in shared memory instead
+    made no measurable difference (main-process CPU per image 11.55 vs 11.37-11.64 ms,
+    docs/benchmarks.md), so the simpler way stays."""
     jobs = (
         (lo, [str(p) for p in paths[lo : lo + batch_size]], transform, min_size, keyed)
         for lo in range(0, len(paths), batch_size)
     )
     if workers <= 0:
         for job in jobs:
-            yield decode_batch((*job, None))
+            yield decode_batch(job)
         return
     ctx = _context()
     in_flight = workers * prefetch
-    crop = getattr(transform, "crop", None)  # tlearn.pixels.PilSteps: fixed output shape
-    token = None
-    if ctx.get_start_method() == "fork" and crop is not None:
-        shape = (in_flight + 1, batch_size, crop[0], crop[1], 3)
-        token = next(_tokens)
-        _SLOTS[token] = np.ndarray(shape, np.uint8, buffer=mmap.mmap(-1, int(np.prod(shape))))
     # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a crash inside a
     # decoder, the OOM killer) fails the pending batches instead of hanging the run.
     pool = ProcessPoolExecutor(workers, mp_context=ctx)
     try:
-        free = deque(range(in_flight + 1))
         pending: deque = deque()
 
         def submit():
@@ -136,13 +110,11 @@ def decoded_batches(
                 job = next(jobs, None)
                 if job is None:
                     return
-                slot = free.popleft() if token is not None else None
-                slots = (token, slot) if token is not None else None
-                pending.append((job, slot, pool.submit(decode_batch, (*job, slots))))
+                pending.append((job, pool.submit(decode_batch, job)))
 
         submit()
         while pending:
-            job, slot, future = pending.popleft()
+            job, future = pending.popleft()
             try:
                 idx, x, bad, keys = future.result()
             except BrokenProcessPool:
@@ -152,12 +124,7 @@ def decoded_batches(
                     "again with --workers 0 to decode in the main process and see which "
                     "image it is"
                 ) from None
-            if token is not None:
-                x = _SLOTS[token][slot][:x] if x else None
             yield idx, x, bad, keys
-            if slot is not None:
-                free.append(slot)
             submit()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        _SLOTS.pop(token, None)
