@@ -266,3 +266,31 @@ def test_a_dying_decoding_worker_fails_the_run_instead_of_hanging(tmp_path, monk
     batches = dec.decoded_batches(paths, steps, batch_size=2, workers=1, min_size=None, keyed=False)
     with pytest.raises(DataError, match=r"died while reading .*4\.png.*--workers 0"):
         list(batches)
+
+
+def test_messy_folder_same_rows_and_skips_with_worker_processes_warm_and_cold(tmp_path, cache):
+    """Every awkward and broken kind of file through the decoding pool (workers), warm and
+    cold, gives exactly the rows and skipped.csv of in-process decoding."""
+    import imagegen
+
+    root = tmp_path / "messy"
+    imagegen.make_messy_folder(root)
+    # enough images for several batches of 4 with workers
+    outs = {}
+    for name, extra, env in (
+        ("cold-inproc", ["--workers", "0"], {"TLEARN_NO_WARM": "1"}),
+        ("warm-workers", ["--workers", "1"], {}),
+        ("warm-2workers", ["--workers", "2"], {}),
+        ("cold-workers", ["--workers", "1", "--no-cache"], {}),
+    ):
+        out = tmp_path / name / "f.csv"
+        args = ["extract", root, "-o", out, "--batch-size", "4", "-q", *TINY, *extra]
+        rc, _, err, heavy = tlearn(args, cache, **env)
+        assert rc == 0, err
+        if name.startswith("warm"):
+            assert heavy == [], name
+        outs[name] = (out.read_bytes(), (out.parent / "skipped.csv").read_bytes())
+    first = outs.pop("cold-inproc")
+    assert first[1].count(b"\n") > 3  # several files were skipped, each named
+    for name, got in outs.items():
+        assert got == first, name
