@@ -24,351 +24,42 @@ Nothing here prints: progress and results go through the `events` callback as
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from . import backbone as bb
 from . import checkpoint as ckpt
-from .augment import CACHEABLE_AUGMENTS, check_augment, train_transform
-from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
+from .augment import CACHEABLE_AUGMENTS, train_transform
+from .data import Skipped
 from .errors import ArtifactError, DataError, UsageError
-from .features import ImageDataset, collate_skipping, default_workers, resolve_device
+from .features import resolve_device
 from .groups import GroupPlan, apply_freeze, build_optimizer, plan_groups, set_train_mode
 from .network import TransferNet, feature_dim
-from .nnhead import NN_HEADS, NNHead, head_config
+from .nnhead import NNHead, head_config
 from .preprocess import eval_transform, resize_target
-
-Events = Callable[[str, dict], None]
-BN_MODES = ("frozen", "train")
-OPTIMIZERS = ("adamw", "sgd")
-CACHE_MODES = ("memory", "disk", "off")
-DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
-HISTORY_COLUMNS = (
-    "epoch",
-    "lr",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "seconds",
-    "images_per_s",
+from .traincache import TensorCache, _loader, compute_cache
+from .trainsetup import (
+    DEFAULT_LR,
+    HISTORY_COLUMNS,
+    Events,
+    NNFitResult,
+    TrainOptions,
+    _fingerprint,
+    check_options,
+    default_augment,
+    load_datasets,
 )
-
-
-@dataclass
-class TrainOptions:
-    """Settings that change what is learned. None = the documented default."""
-
-    head: str = "linear"
-    hidden: str | None = None
-    dropout: float | None = None
-    head_bn: bool = False
-    freeze: str | None = None
-    freeze_to: str | None = None
-    freeze_epochs: int = 0
-    bn: str = "frozen"
-    lr: float | None = None
-    layer_decay: float | None = None
-    lr_groups: str | None = None
-    optimizer: str = "adamw"
-    momentum: float = 0.9
-    weight_decay: float = 0.01
-    warmup_epochs: float = 1.0
-    label_smoothing: float = 0.1
-    class_weight: str | None = None
-    epochs: int = 10
-    patience: int | None = None
-    augment: str | None = None
-    cache: str = "memory"
-    cache_dir: str | None = None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-@dataclass
-class NNFitResult:
-    out_dir: str
-    classes: list[str]
-    n_train: int
-    n_val: int
-    groups: list[dict]
-    mode: str
-    history: list[dict]
-    best_epoch: int | None
-    val_metrics: dict | None
-    stopped_early: bool
-    skipped: list[Skipped]
-    warnings: list[str]
-    seconds: float
-    settings: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def check_options(o: TrainOptions) -> None:
-    if o.head not in NN_HEADS:
-        raise UsageError(f"unknown neural head '{o.head}'; allowed: {', '.join(NN_HEADS)}")
-    head_config(o.head, hidden=o.hidden, dropout=o.dropout, batchnorm=o.head_bn)
-    if o.augment is not None:
-        check_augment(o.augment)
-    if o.epochs < 1:
-        raise UsageError(f"--epochs {o.epochs}: must be at least 1")
-    if not 0 <= o.freeze_epochs < o.epochs:
-        raise UsageError(
-            f"--freeze-epochs {o.freeze_epochs}: must be at least 0 and below --epochs "
-            f"({o.epochs}); the head trains alone for that many epochs, then the rest"
-        )
-    if o.bn not in BN_MODES:
-        raise UsageError(f"unknown --bn '{o.bn}'; allowed: {', '.join(BN_MODES)}")
-    if o.optimizer not in OPTIMIZERS:
-        raise UsageError(f"unknown --optimizer '{o.optimizer}'; allowed: {', '.join(OPTIMIZERS)}")
-    if o.lr is not None and not o.lr > 0:
-        raise UsageError(f"--lr {o.lr}: must be positive, e.g. 1e-3")
-    if not o.weight_decay >= 0:
-        raise UsageError(f"--weight-decay {o.weight_decay}: must be 0 or positive")
-    if not 0 <= o.momentum < 1:
-        raise UsageError(f"--momentum {o.momentum}: must be in [0, 1), e.g. 0.9")
-    if not o.warmup_epochs >= 0:
-        raise UsageError(f"--warmup-epochs {o.warmup_epochs}: must be 0 or positive")
-    if not 0 <= o.label_smoothing < 1:
-        raise UsageError(f"--label-smoothing {o.label_smoothing}: must be in [0, 1), e.g. 0.1")
-    if o.class_weight not in (None, "balanced"):
-        raise UsageError(f"--class-weight '{o.class_weight}': the only choice is balanced")
-    if o.patience is not None and o.patience < 1:
-        raise UsageError(f"--patience {o.patience}: must be at least 1 epoch")
-    if o.cache not in CACHE_MODES:
-        raise UsageError(f"unknown --cache '{o.cache}'; allowed: {', '.join(CACHE_MODES)}")
-    if o.freeze_epochs and o.freeze == "all":
-        raise UsageError(
-            "--freeze-epochs with --freeze all: the head trains alone anyway; drop one"
-        )
-
-
-def default_augment(backbone_trains: bool) -> str:
-    """light (random-resized crop + flip) when the backbone trains: fine-tuning on a small
-    folder overfits without it. flip for a frozen backbone: exact and cheap there, since
-    the features of each image and of its mirror image are computed once."""
-    return "light" if backbone_trains else "flip"
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _fingerprint(train: ImageSet, val: ImageSet | None) -> str:
-    h = hashlib.sha256()
-    for s in (train, val):
-        if s is not None:
-            h.update(json.dumps([s.paths, s.labels, s.classes]).encode())
-    return h.hexdigest()
-
-
-def _split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    from sklearn.model_selection import train_test_split
-
-    if not 0 < fraction < 1:
-        raise UsageError(f"--val-split {fraction}: must be between 0 and 1, e.g. 0.2")
-    y = np.asarray(images.labels)
-    counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 else None
-    try:
-        tr, va = train_test_split(
-            np.arange(len(y)), test_size=fraction, random_state=seed, stratify=stratify
-        )
-    except ValueError as e:
-        raise DataError(f"--val-split {fraction}: cannot split {len(y)} images ({e})") from None
-    return images.subset(sorted(tr.tolist())), images.subset(sorted(va.tolist()))
-
-
-def load_datasets(
-    data, *, val=None, val_split=None, labels_csv=None, seed: int = 0
-) -> tuple[ImageSet, ImageSet | None]:
-    """Training images and (optional) validation images, labels on the train classes."""
-    if val is not None and val_split is not None:
-        raise UsageError("use either --val DIR or --val-split, not both")
-    from .features import is_features_csv
-
-    if data is not None and is_features_csv(data):
-        raise UsageError(
-            f"{data} is a features CSV: neural heads train from images (their backbone may "
-            "train); use --head svm|logreg for features CSVs"
-        )
-    found_val = None
-    if labels_csv is not None:
-        train = read_labels_csv(labels_csv)
-    else:
-        if data is None or not Path(data).is_dir():
-            raise DataError(f"{data} is not a folder of class sub-folders")
-        train, found_val = resolve_dataset(data)
-    if len(train) == 0:
-        raise DataError(f"no images found in {data}")
-    if len(train.classes) < 2:
-        raise DataError(
-            f"fit needs at least two classes with images; found {len(train.classes)} "
-            f"({', '.join(train.classes) or 'none'})"
-        )
-    valid = None
-    if val is not None:
-        if not Path(val).is_dir():
-            raise DataError(f"--val {val}: not a folder of class sub-folders")
-        valid = scan_class_folders(val, classes=train.classes)
-    elif val_split is not None:
-        if found_val is not None:
-            train = _concat(train, found_val)
-        train, valid = _split_images(train, val_split, seed)
-    else:
-        valid = found_val
-    return train, valid
-
-
-def _concat(a: ImageSet, b: ImageSet) -> ImageSet:
-    return ImageSet(
-        paths=a.paths + b.paths,
-        labels=(a.labels or []) + (b.labels or []),
-        classes=a.classes,
-        skipped=a.skipped + b.skipped,
-        warnings=a.warnings + b.warnings,
-    )
-
-
-# ----------------------------------------------------------------------------- caches
-
-
-class TensorCache:
-    """Per-image tensors (pooled features or prefix maps) for the images that could be
-    read, in input order: in memory, or in a memory-mapped file on disk."""
-
-    def __init__(self, indices: np.ndarray, tensors: torch.Tensor | np.ndarray):
-        self.indices = indices
-        self.data = tensors
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def get(self, rows: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.data, np.ndarray):
-            return torch.from_numpy(np.ascontiguousarray(self.data[rows.numpy()]))
-        return self.data[rows]
-
-
-def _loader(
-    paths,
-    transform,
-    *,
-    batch_size,
-    workers,
-    order=None,
-    generator=None,
-    min_size=None,
-    device=None,
-    batches=None,
-):
-    ds = ImageDataset(paths, transform, min_size=min_size)
-    n_workers = default_workers(len(paths), batch_size) if workers is None else workers
-    if batches is not None:  # explicit lists of indices, one per batch
-        return DataLoader(
-            ds,
-            batch_sampler=batches,
-            num_workers=n_workers,
-            collate_fn=collate_skipping,
-            generator=generator,
-            pin_memory=device is not None and device.type == "cuda",
-            persistent_workers=False,
-        )
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        sampler=order,
-        shuffle=False,
-        num_workers=n_workers,
-        collate_fn=collate_skipping,
-        generator=generator,
-        pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=False,
-    )
-
-
-def compute_cache(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    paths: Sequence[str],
-    data_config: dict,
-    *,
-    device: torch.device,
-    batch_size: int,
-    workers: int | None,
-    skipped: list[Skipped],
-    dtype: torch.dtype,
-    flip: bool = False,
-    disk_dir: Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    autocast=None,
-    allow_empty: bool = False,
-) -> tuple[TensorCache, TensorCache | None]:
-    """fn(images) for every readable image (eval preprocessing), and for the mirrored
-    images too when `flip`. `allow_empty`: no readable image gives empty caches (a rank's
-    shard) instead of an error."""
-    loader = _loader(
-        paths,
-        eval_transform(data_config),
-        batch_size=batch_size,
-        workers=workers,
-        min_size=resize_target(data_config),
-        device=device,
-    )
-    idx: list[int] = []
-    parts: list[torch.Tensor] = []
-    flipped: list[torch.Tensor] = []
-    done = 0
-    with torch.inference_mode():
-        for batch_idx, x, bad in loader:
-            skipped.extend(Skipped(str(paths[i]), r) for i, r in bad)
-            if x is not None:
-                x = x.to(device, non_blocking=True)
-                with autocast():
-                    parts.append(fn(x).to("cpu", dtype))
-                    if flip:
-                        flipped.append(fn(x.flip(-1)).to("cpu", dtype))
-                idx.extend(batch_idx)
-            done += len(batch_idx) + len(bad)
-            if progress is not None:
-                progress(done, len(paths))
-    indices = np.asarray(idx, dtype=np.int64)
-    if not parts:
-        if not allow_empty:
-            raise DataError("no readable images to train on")
-        return TensorCache(indices, torch.empty(0)), (
-            TensorCache(indices, torch.empty(0)) if flip else None
-        )
-
-    def store(chunks, name):
-        t = torch.cat(chunks)
-        if disk_dir is None:
-            return TensorCache(indices, t)
-        np_dtype = np.float16 if dtype == torch.float16 else np.float32
-        arr = np.lib.format.open_memmap(
-            disk_dir / f"{name}.npy", mode="w+", dtype=np_dtype, shape=tuple(t.shape)
-        )
-        arr[:] = t.numpy()
-        arr.flush()
-        return TensorCache(indices, arr)
-
-    return store(parts, "x"), (store(flipped, "x_flip") if flip else None)
-
 
 # ----------------------------------------------------------------------------- schedule
 
