@@ -265,10 +265,12 @@ def test_cache_info_and_clear(cache_dir, image_folder, runner, tmp_path):
     assert "test_efficientnet" in r.stdout and "36 cached feature vectors" in r.stdout
     unrelated = cache_dir / "keep-me.txt"
     unrelated.write_text("not ours")
+    assert list((cache_dir / "resolved").glob("*.json"))  # what warm runs need (tlearn.warm)
     r = runner.invoke(app, ["cache", "clear"])
     assert r.exit_code == 0 and "freed" in r.output
     info = json.loads(runner.invoke(app, ["cache", "info", "--json"]).stdout)
     assert info["cuts"] == [] and info["onnx_models"] == 0
+    assert not (cache_dir / "resolved").exists()
     assert unrelated.exists()
 
 

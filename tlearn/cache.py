@@ -390,11 +390,12 @@ def cache_info(root: Path | None = None) -> CacheInfo:
 
 
 def clear_cache(root: Path | None = None) -> int:
-    """Delete cached features and exported models; returns the bytes freed. Only the
-    folders this module creates are removed, never the root itself or other files."""
+    """Delete cached features, exported models and resolved cuts (tlearn.warm); returns
+    the bytes freed. Only the folders tlearn creates are removed, never the root itself
+    or other files."""
     root = Path(root) if root is not None else cache_root()
     freed = 0
-    for sub in ("features", "onnx"):
+    for sub in ("features", "onnx", "resolved"):
         folder = root / sub
         if folder.is_dir():
             freed += _folder_bytes(folder)

@@ -1124,7 +1124,7 @@ def cache_info_cmd(
 @cache_app.command("clear")
 @handle_errors
 def cache_clear_cmd(quiet: QuietOpt = False):
-    """Delete cached features and exported ONNX models (they are rebuilt when needed).
+    """Delete cached features, exported ONNX models and resolved cuts (rebuilt when needed).
 
     Example: tlearn cache clear
     """
