@@ -294,3 +294,22 @@ def test_messy_folder_same_rows_and_skips_with_worker_processes_warm_and_cold(tm
     assert first[1].count(b"\n") > 3  # several files were skipped, each named
     for name, got in outs.items():
         assert got == first, name
+
+
+def test_a_damaged_cached_graph_is_exported_again(tmp_path, cache):
+    data = tmp_path / "data"
+    make_dataset(data, n=2)
+    base = ["extract", data, "-q", *TINY]
+    assert tlearn([*base, "-o", tmp_path / "a.csv"], cache)[0] == 0
+    (graph,) = (cache / "onnx").glob("*.onnx")
+    graph.write_bytes(b"not an onnx graph")
+    import shutil
+
+    shutil.rmtree(cache / "features")  # so the graph is needed
+    rc, _, err, _ = tlearn([*base, "-o", tmp_path / "b.csv"], cache)
+    assert rc == 0, err
+    assert "could not be opened" in err and "exported it again" in err
+    assert (tmp_path / "b.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()
+    assert graph.stat().st_size > 1000  # a real graph again
+    rc, _, err, heavy = tlearn([*base, "-o", tmp_path / "c.csv"], cache)
+    assert rc == 0 and heavy == [], err

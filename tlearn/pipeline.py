@@ -84,8 +84,9 @@ def open_backbone(model: str, weights: str, seed: int = 0):
         return bb.load_backbone(model, weights)
 
 
-def backbone_for_spec(spec: CutSpec):
-    """Rebuild the exact backbone a model was fitted with, checking the weights hash."""
+def backbone_for_spec(spec: CutSpec, seed: int = 0):
+    """Rebuild the exact backbone a model was fitted with, checking the weights hash
+    (`seed`: of a random init, --weights none)."""
     src = spec.weights_source
     if src.startswith(("bundled:", "timm:")):
         weights = "auto"
@@ -97,7 +98,7 @@ def backbone_for_spec(spec: CutSpec):
             raise WeightsError(
                 f"the model was fitted with weights file {src}, which is no longer there"
             )
-    backbone = open_backbone(spec.model, weights)
+    backbone = open_backbone(spec.model, weights, seed)
     if spec.weights_sha256 and backbone.weights.sha256 != spec.weights_sha256:
         raise WeightsError(
             f"weights for {spec.model} ({backbone.weights.source}) differ from those the model "

@@ -152,6 +152,7 @@ class Warm:
     data_config: dict
     onnx: Path
     pixels: tuple
+    seed: int = 0  # of a random init (--weights none), for the fallback below
 
 
 def _warm(root: Path, spec: CutSpec, data_config: dict) -> Warm | None:
@@ -183,7 +184,10 @@ def for_request(model: str, weights: str, layers, pool: str, seed: int, run) -> 
         return None
     key = request_key(model, weights, layers, pool, seed)
     found = recall_cut(root, key) if key is not None else None
-    return _warm(root, *found) if found is not None else None
+    warm = _warm(root, *found) if found is not None else None
+    if warm is not None:
+        warm.seed = seed
+    return warm
 
 
 def _weights_unchanged(spec: CutSpec) -> bool:
@@ -218,14 +222,49 @@ def engine(warm: Warm, run):
 
     device = CpuDevice()
     steps = warm.pixels[0]
-    runtime = LazyRuntime(lambda: OnnxRuntime(warm.onnx, device, transform=steps), device, steps)
+    notes: list[str] = []
+
+    def opener():
+        try:
+            return OnnxRuntime(warm.onnx, device, transform=steps)
+        except Exception as e:  # a damaged cache file: rebuild it the cold way
+            notes.append(
+                f"cached ONNX graph {warm.onnx.name} could not be opened "
+                f"({type(e).__name__}); exported it again"
+            )
+            with contextlib.suppress(OSError):
+                warm.onnx.unlink()
+            return _cold_runtime(warm, notes)
+
     return Engine(
         net=None,
         spec=warm.spec,
         data_config=warm.data_config,
-        runtime=runtime,
+        runtime=LazyRuntime(opener, device, steps),
         cache_root=cache_root(),
         draft=run.draft,
         precision="fp32",
-        notes=[],
+        notes=notes,
+    )
+
+
+def _cold_runtime(warm: Warm, notes: list[str]):
+    """The runtime a cold run would open for this cut (imports torch)."""
+    import torch
+
+    from . import backbone as bb
+    from . import runtime as rt
+    from .cache import cache_root
+    from .pipeline import backbone_for_spec
+
+    backbone = backbone_for_spec(warm.spec, seed=warm.seed)
+    net = bb.FeatureNetwork(backbone.model, warm.spec.layers, warm.spec.pool).eval()
+    return rt.open_runtime(
+        net,
+        warm.spec,
+        warm.data_config,
+        device=torch.device("cpu"),
+        cache_root=cache_root(),
+        notes=notes,
+        pixels=rt.pixel_path(warm.data_config),
     )
