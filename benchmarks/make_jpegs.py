@@ -2,11 +2,13 @@
 
     python benchmarks/make_jpegs.py ../shared/data/hymenoptera /tmp/j250 --size 250
     python benchmarks/make_jpegs.py ../shared/data/hymenoptera /tmp/j250x4 --variants 4
+    python benchmarks/make_jpegs.py ../shared/data/hymenoptera /tmp/j250x16 --variants 4 \
+        --qualities 90,85,80,75
 
 Class folders are kept (SRC/<split>/<class>/x.jpg -> DST/<class>/<split>_x.jpg). Each
 variant is a different view of the photo (whole, mirrored, two 80% crops), resized to
-SIZE x SIZE and saved at quality 90, so every file has its own content (the feature cache
-keys by content). Write the folder outside the repository.
+SIZE x SIZE and saved at quality 90 (or at each of --qualities), so every file has its
+own content (the feature cache keys by content). Write the folder outside the repository.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def main() -> None:
     ap.add_argument("dst", type=Path)
     ap.add_argument("--size", type=int, default=250)
     ap.add_argument("--variants", type=int, default=1, choices=[1, 2, 3, 4])
+    ap.add_argument("--qualities", default="90", help="JPEG qualities, comma-separated")
     args = ap.parse_args()
+    qualities = [int(q) for q in args.qualities.split(",")]
     from PIL import Image
 
     from tlearn.data import load_image
@@ -55,11 +59,14 @@ def main() -> None:
         rel = p.relative_to(args.src)
         cls, prefix = rel.parent.name, "_".join(rel.parent.parts[:-1])
         for k, v in enumerate(views(img, args.variants)):
-            name = f"{prefix + '_' if prefix else ''}{p.stem}{'' if k == 0 else f'_v{k}'}.jpg"
-            out = args.dst / cls / name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            v.resize((args.size, args.size), Image.Resampling.BICUBIC).save(out, quality=90)
-            n += 1
+            small = v.resize((args.size, args.size), Image.Resampling.BICUBIC)
+            for q in qualities:
+                stem = f"{prefix + '_' if prefix else ''}{p.stem}{'' if k == 0 else f'_v{k}'}"
+                name = f"{stem}{'' if q == qualities[0] else f'_q{q}'}.jpg"
+                out = args.dst / cls / name
+                out.parent.mkdir(parents=True, exist_ok=True)
+                small.save(out, quality=q)
+                n += 1
     print(f"wrote {n} JPEGs of {args.size}x{args.size} to {args.dst}")
 
 
