@@ -80,6 +80,7 @@ def hash_files(paths: Sequence[str], threads: int | None = None) -> list[bytes |
 
     if threads is None:
         threads = min(4, os.cpu_count() or 1)
+
     def one(path):
         try:
             st = os.stat(path)

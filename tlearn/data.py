@@ -73,6 +73,16 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def concat(self, other: ImageSet) -> ImageSet:
+        """Both sets of images, in order (same class list: e.g. train + val folders)."""
+        return ImageSet(
+            paths=self.paths + other.paths,
+            labels=(self.labels or []) + (other.labels or []),
+            classes=self.classes,
+            skipped=self.skipped + other.skipped,
+            warnings=self.warnings + other.warnings,
+        )
+
     def subset(self, indices: Sequence[int]) -> ImageSet:
         """The selected images; classes, skipped and warnings are kept (copied)."""
         labels = None if self.labels is None else [self.labels[i] for i in indices]

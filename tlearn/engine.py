@@ -26,18 +26,17 @@ class Engine:
     notes: list[str]
     stores: list = field(default_factory=list)
 
+    def _open_store(self):
+        from .cache import FeatureStore
+
+        return FeatureStore.open(
+            self.cache_root, self.spec, self.data_config, draft=self.draft, precision=self.precision
+        )
+
     def kwargs(self) -> dict:
         store = None
         if self.cache_root is not None:
-            from .cache import FeatureStore
-
-            store = FeatureStore.open(
-                self.cache_root,
-                self.spec,
-                self.data_config,
-                draft=self.draft,
-                precision=self.precision,
-            )
+            store = self._open_store()
             store.notes = self.notes
             self.stores.append(store)
         return {"runtime": self.runtime, "cache": store, "draft": self.draft}
@@ -46,15 +45,7 @@ class Engine:
         """Length of one feature vector: from the cache when it has this cut, else one
         zero image through the runtime (which a cold run opens anyway)."""
         if self.cache_root is not None and not self.runtime.opened:
-            from .cache import FeatureStore
-
-            store = FeatureStore.open(
-                self.cache_root,
-                self.spec,
-                self.data_config,
-                draft=self.draft,
-                precision=self.precision,
-            )
+            store = self._open_store()
             if store.dim is not None:
                 return store.dim
         c, h, w = self.data_config["input_size"]

@@ -149,22 +149,12 @@ def load_images(data: Sequence[str | Path], labels_csv: str | Path | None = None
         train, val = resolve_dataset(data[0])
         if val is None:
             return train
-        return _concat(train, val)
+        return train.concat(val)
     return scan_unlabeled(list(data))
 
 
 def _has_class_folders(root: Path) -> bool:
     return any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
-
-
-def _concat(a: ImageSet, b: ImageSet) -> ImageSet:
-    return ImageSet(
-        paths=a.paths + b.paths,
-        labels=(a.labels or []) + (b.labels or []),
-        classes=a.classes,
-        skipped=a.skipped + b.skipped,
-        warnings=a.warnings + b.warnings,
-    )
 
 
 def extract(

@@ -521,6 +521,18 @@ class _Run:
             return net.forward_from_prefix(h)
         return net(x)
 
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward and one optimizer step (through the AMP grad scaler on CUDA)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.step += 1
+
     def train_epoch(self, epoch: int) -> dict:
         o = self.o
         head_only = epoch < o.freeze_epochs
@@ -568,15 +580,7 @@ class _Run:
             with self.autocast():
                 logits = self._forward_train(x)
                 loss = criterion(logits.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
-            self.step += 1
+            self._optimizer_step(loss)
             b = len(y)
             total_loss += float(loss.detach()) * b
             correct += int((logits.detach().argmax(1) == y).sum())
@@ -661,15 +665,7 @@ class _Run:
                 per_image = criterion(logits.float(), y)
             local_sum = (per_image * mask).sum()
             loss = local_sum * (d.world / w_glob)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
-            self.step += 1
+            self._optimizer_step(loss)
             part = float(local_sum.detach())
             total_loss += part * n_glob / w_glob  # summed over ranks: mean loss x batch size
             correct += int(((logits.detach().argmax(1) == y).float() * mask).sum())

@@ -194,18 +194,8 @@ def load_datasets(
         valid = scan_class_folders(val, classes=train.classes)
     elif val_split is not None:
         if found_val is not None:
-            train = _concat(train, found_val)
+            train = train.concat(found_val)
         train, valid = _split_images(train, val_split, seed)
     else:
         valid = found_val
     return train, valid
-
-
-def _concat(a: ImageSet, b: ImageSet) -> ImageSet:
-    return ImageSet(
-        paths=a.paths + b.paths,
-        labels=(a.labels or []) + (b.labels or []),
-        classes=a.classes,
-        skipped=a.skipped + b.skipped,
-        warnings=a.warnings + b.warnings,
-    )
