@@ -313,3 +313,22 @@ def test_a_damaged_cached_graph_is_exported_again(tmp_path, cache):
     assert graph.stat().st_size > 1000  # a real graph again
     rc, _, err, heavy = tlearn([*base, "-o", tmp_path / "c.csv"], cache)
     assert rc == 0 and heavy == [], err
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, "cores"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "half"),
+        ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "TLEARN_NUM_THREADS": "3"}, 3),
+    ],
+)
+def test_onnx_runs_per_rank_do_not_oversubscribe_the_machine(monkeypatch, environ, expected):
+    from tlearn.onnxrt import cpu_cores, cpu_streams
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "TLEARN_NUM_THREADS"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    want = {"cores": cpu_cores(), "half": max(1, cpu_cores() // 2)}.get(expected, expected)
+    assert cpu_streams() == want

@@ -54,6 +54,16 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def cpu_streams() -> int:
+    """Concurrent single-image runs on the CPU: one per core, or under torchrun the
+    cores of this machine divided by its ranks (TLEARN_NUM_THREADS overrides), so ranks
+    sharing a machine do not oversubscribe it."""
+    from .shard import dist_env, threads_per_rank
+
+    env = dist_env()
+    return threads_per_rank(env) if env is not None else cpu_cores()
+
+
 def _ort_installed() -> bool:
     # Without importing it: a run served wholly from the cache never needs it.
     return importlib.util.find_spec("onnxruntime") is not None
@@ -95,7 +105,7 @@ class OnnxRuntime:
         self.device = device
         self.transform = transform  # set for a graph exported with PixelInput
         if streams is None:
-            streams = cpu_cores() if _device_type(device) == "cpu" else 1
+            streams = cpu_streams() if _device_type(device) == "cpu" else 1
         self.streams = max(1, streams)
         self.micro_batch = max(1, micro_batch)
         so = ort.SessionOptions()
