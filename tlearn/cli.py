@@ -218,47 +218,11 @@ def _run_options(
     )
 
 
-class _Bars:
-    """rich progress bars on stderr, only when it is a terminal and not --quiet."""
+def _Bars(quiet: bool):
+    """Progress bars on stderr, only when it is a terminal and not --quiet."""
+    from .cli_bars import Bars
 
-    def __init__(self, quiet: bool):
-        self.enabled = not quiet and err.is_terminal and not err.quiet
-        self.progress = None
-        self.tasks: dict[str, int] = {}
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=err,
-                transient=False,
-            )
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if self.progress is None:
-            return
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
+    return Bars(err, enabled=not quiet and err.is_terminal and not err.quiet)
 
 
 def _report_skips(skipped, warnings, quiet: bool) -> None:

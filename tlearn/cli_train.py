@@ -432,45 +432,24 @@ class TrainView:
     otherwise; nothing with --quiet (errors still show)."""
 
     def __init__(self, err, quiet: bool):
+        from .cli_bars import Bars
+
         self.err = err
         self.quiet = quiet
-        self.live = not quiet and err.is_terminal
-        self.progress = None
-        self.tasks: dict[str, int] = {}
+        self.bars = Bars(err, enabled=not quiet and err.is_terminal, info=True)
+        self.progress_cb = self.bars  # the library's progress callback
         self.epoch_task = None
 
-    def __enter__(self):
-        if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+    @property
+    def progress(self):
+        return self.bars.progress
 
-            self.progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.fields[info]}"),
-                console=self.err,
-                transient=False,
-            )
-            self.progress.__enter__()
+    def __enter__(self):
+        self.bars.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def progress_cb(self, stage: str, done: int, total: int) -> None:
-        if self.progress is None:
-            return
-        if stage not in self.tasks:
-            self.tasks[stage] = self.progress.add_task(stage, total=total, info="")
-        self.progress.update(self.tasks[stage], completed=done, total=total)
+        self.bars.__exit__(*exc)
 
     def event(self, name: str, data: dict) -> None:
         if self.quiet:
@@ -478,9 +457,8 @@ class TrainView:
         if name == "groups":
             self.err.print(groups_table(data))
         elif name == "epoch_start" and self.progress is not None:
-            self.epoch_task = self.progress.add_task(
-                f"epoch {data['epoch']}/{data['epochs']}", total=data["total"], info=""
-            )
+            title = f"epoch {data['epoch']}/{data['epochs']}"
+            self.epoch_task = self.bars.add(title, data["total"])
         elif name == "batch" and self.progress is not None and self.epoch_task is not None:
             self.progress.update(
                 self.epoch_task,
