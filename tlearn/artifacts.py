@@ -161,22 +161,9 @@ def _load_backbone_tensors(model_dir: Path, config: dict) -> dict[str, np.ndarra
         tensors = load_file(str(path))
     except Exception as e:
         raise ArtifactError(f"{path}: unreadable or truncated safetensors file ({e})") from None
-    expected = _architecture_shapes(config["cut"]["model"], path)
-    names, want = set(tensors), set(expected)
-    if names != want:
-        raise ArtifactError(
-            f"{path}: tensors do not match {config['cut']['model']} (missing: "
-            f"{sorted(want - names)[:3] or 'none'}, unexpected: "
-            f"{sorted(names - want)[:3] or 'none'})"
-        )
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ArtifactError(
-                f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, "
-                f"{config['cut']['model']} needs {shape}"
-            )
-        if tensors[name].dtype.kind == "f" and not np.all(np.isfinite(tensors[name])):
-            raise ArtifactError(f"{path}: tensor {name} holds NaN or infinite values")
+    model = config["cut"]["model"]
+    expected = _architecture_shapes(model, path)
+    check_tensors(path, tensors, expected, subject=model, needs=f", {model} needs ", first=3)
     return tensors
 
 
@@ -190,6 +177,40 @@ def _architecture_shapes(model_name: str, where) -> dict[str, tuple[int, ...]]:
     except Exception:
         raise ArtifactError(f"{where}: unknown model architecture {model_name!r}") from None
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def config_needs(config: dict) -> str:
+    """How a head's shape error names what the config asks for."""
+    n, dim = len(config["classes"]), config["feature_dim"]
+    return f"; the config ({n} classes, {dim} features) needs "
+
+
+def check_tensors(
+    where,
+    tensors: dict,
+    expected: dict,
+    *,
+    subject: str,
+    needs: str,
+    allow_nonfinite=(),
+    first: int | None = None,
+) -> None:
+    """Refuse tensors that are not exactly `expected` (names and shapes) or hold NaN or
+    infinite values. `subject` names what they must match, `needs` leads into the shape."""
+    names, want = set(tensors), set(expected)
+    if names != want:
+        missing, extra = sorted(want - names)[:first], sorted(names - want)[:first]
+        raise ArtifactError(
+            f"{where}: tensors do not match {subject} (missing: {missing or 'none'}, "
+            f"unexpected: {extra or 'none'})"
+        )
+    for name, shape in expected.items():
+        got = tuple(tensors[name].shape)
+        if got != shape:
+            raise ArtifactError(f"{where}: tensor {name} has shape {got}{needs}{shape}")
+        t = np.asarray(tensors[name])
+        if name not in allow_nonfinite and t.dtype.kind == "f" and not np.all(np.isfinite(t)):
+            raise ArtifactError(f"{where}: tensor {name} holds NaN or infinite values")
 
 
 def validate_config(config: dict, where) -> None:
@@ -240,20 +261,11 @@ def validate_tensors(config: dict, tensors: dict, where) -> None:
         return
 
     expected = LinearHead.expected_shapes(len(config["classes"]), config["feature_dim"])
-    names, want = set(tensors), set(expected)
-    if names != want:
-        extra = sorted(names - want)
-        missing = sorted(want - names)
-        raise ArtifactError(
-            f"{where}: tensors do not match the config (missing: {missing or 'none'}, "
-            f"unexpected: {extra or 'none'})"
-        )
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ArtifactError(
-                f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}; the config "
-                f"({len(config['classes'])} classes, {config['feature_dim']} features) "
-                f"needs {shape}"
-            )
-        if not np.all(np.isfinite(tensors[name])) and name != "intercept":
-            raise ArtifactError(f"{where}: tensor {name} holds NaN or infinite values")
+    check_tensors(
+        where,
+        tensors,
+        expected,
+        subject="the config",
+        needs=config_needs(config),
+        allow_nonfinite=("intercept",),
+    )

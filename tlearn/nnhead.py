@@ -109,7 +109,6 @@ def expected_shapes(config: dict, in_dim: int, n_classes: int) -> dict[str, tupl
 
 def validate_head_tensors(config: dict, tensors: dict, where) -> None:
     """Refuse a head file whose tensors do not match config.json exactly."""
-    import numpy as np
 
     head = config["head"]
     if head.get("type") == "mlp" and (
@@ -119,20 +118,8 @@ def validate_head_tensors(config: dict, tensors: dict, where) -> None:
         raise ArtifactError(f"{where}: head 'hidden' must be a list of positive sizes")
     if not isinstance(head.get("dropout"), (int, float)):
         raise ArtifactError(f"{where}: head 'dropout' is missing")
+    from .artifacts import check_tensors, config_needs
+
     expected = expected_shapes(head, config["feature_dim"], len(config["classes"]))
-    names, want = set(tensors), set(expected)
-    if names != want:
-        raise ArtifactError(
-            f"{where}: tensors do not match the {head['type']} head in the config (missing: "
-            f"{sorted(want - names) or 'none'}, unexpected: {sorted(names - want) or 'none'})"
-        )
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise ArtifactError(
-                f"{where}: tensor {name} has shape {tuple(tensors[name].shape)}; the config "
-                f"({len(config['classes'])} classes, {config['feature_dim']} features) needs "
-                f"{shape}"
-            )
-        t = np.asarray(tensors[name])
-        if t.dtype.kind == "f" and not np.all(np.isfinite(t)):
-            raise ArtifactError(f"{where}: tensor {name} holds NaN or infinite values")
+    subject = f"the {head['type']} head in the config"
+    check_tensors(where, tensors, expected, subject=subject, needs=config_needs(config))
