@@ -294,28 +294,53 @@ def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache
 
 def _torch_loader(paths, transform, min_size, batch_size, n_workers, cache, dev):
     """torch's DataLoader (pinned memory for CUDA); items as tlearn.decode's batches."""
-    from torch.utils.data import DataLoader
-
-    if cache is not None:
-        ds = KeyedImageDataset(paths, transform, min_size=min_size)
-        collate = collate_keyed
-    else:
-        ds = ImageDataset(paths, transform, min_size=min_size)
-        collate = collate_skipping
-    loader = DataLoader(
-        ds,
+    loader = image_loader(
+        paths,
+        transform,
         batch_size=batch_size,
-        shuffle=False,
-        num_workers=n_workers,
-        collate_fn=collate,
-        pin_memory=dev.type == "cuda",
-        persistent_workers=False,
+        workers=n_workers,
+        min_size=min_size,
+        device=dev,
+        keyed=cache is not None,
     )
     for item in loader:
         if cache is not None:
             yield item
         else:
             yield (*item, None)
+
+
+def image_loader(
+    paths,
+    transform,
+    *,
+    batch_size,
+    workers,
+    order=None,
+    generator=None,
+    min_size=None,
+    device=None,
+    batches=None,
+    keyed: bool = False,
+):
+    """torch's DataLoader over ImageDataset (KeyedImageDataset with `keyed`): batches of
+    (indices, stacked tensors, [(index, reason)][, keys]); `order`: a sampler, `batches`:
+    explicit lists of indices, one per batch; pinned memory for CUDA."""
+    from torch.utils.data import DataLoader
+
+    dataset = KeyedImageDataset if keyed else ImageDataset
+    ds = dataset(paths, transform, min_size=min_size)
+    n_workers = default_workers(len(paths), batch_size) if workers is None else workers
+    common = {
+        "num_workers": n_workers,
+        "collate_fn": collate_keyed if keyed else collate_skipping,
+        "generator": generator,
+        "pin_memory": device is not None and device.type == "cuda",
+        "persistent_workers": False,
+    }
+    if batches is not None:
+        return DataLoader(ds, batch_sampler=batches, **common)
+    return DataLoader(ds, batch_size=batch_size, sampler=order, shuffle=False, **common)
 
 
 def extract_array(net, paths: Sequence[str], data_config: dict, **kwargs) -> Features:

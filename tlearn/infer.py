@@ -17,7 +17,7 @@ from . import backbone as bb
 from .augment import check_tta, tta_transform
 from .data import Skipped
 from .errors import ArtifactError, DataError, UsageError
-from .features import ImageDataset, collate_skipping, default_workers, resolve_device
+from .features import image_loader, resolve_device
 from .preprocess import resize_target
 
 
@@ -118,17 +118,13 @@ def score_images(
         def score(x: torch.Tensor) -> torch.Tensor:
             return torch.from_numpy(np.asarray(head.scores(fnet(x).float().cpu().numpy())))
 
-    ds = ImageDataset(
-        paths, tta_transform(saved.data_config, tta), min_size=resize_target(saved.data_config)
-    )
-    n_workers = default_workers(len(paths), batch_size) if workers is None else workers
-    loader = torch.utils.data.DataLoader(
-        ds,
+    loader = image_loader(
+        paths,
+        tta_transform(saved.data_config, tta),
         batch_size=batch_size,
-        shuffle=False,
-        num_workers=n_workers,
-        collate_fn=collate_skipping,
-        pin_memory=dev.type == "cuda",
+        workers=workers,
+        min_size=resize_target(saved.data_config),
+        device=dev,
     )
     skipped: list[Skipped] = []
     idx: list[int] = []

@@ -43,12 +43,12 @@ from . import checkpoint as ckpt
 from .augment import CACHEABLE_AUGMENTS, train_transform
 from .data import Skipped
 from .errors import ArtifactError, DataError, UsageError
-from .features import resolve_device
+from .features import image_loader, resolve_device
 from .groups import GroupPlan, apply_freeze, build_optimizer, plan_groups, set_train_mode
 from .network import TransferNet, feature_dim
 from .nnhead import NNHead, head_config
 from .preprocess import eval_transform, resize_target
-from .traincache import TensorCache, _loader, compute_cache
+from .traincache import TensorCache, compute_cache
 from .trainsetup import (
     DEFAULT_LR,
     HISTORY_COLUMNS,
@@ -456,7 +456,7 @@ class _Run:
         if self.dist is not None:
             yield from self._batches_images_dist(order, g_local)
             return
-        loader = _loader(
+        loader = image_loader(
             self.train_set.paths,
             self.transform,
             batch_size=self.batch_size,
@@ -481,7 +481,7 @@ class _Run:
         labels) where the slice is empty or none of its images could be read."""
         bs = self.batch_size
         slices = [list(self.dist.mine(order[i : i + bs])) for i in range(0, len(order), bs)]
-        loader = _loader(
+        loader = image_loader(
             self.train_set.paths,
             self.transform,
             batch_size=bs // self.dist.world,
@@ -732,7 +732,7 @@ class _Run:
                 start, stop = 0, len(self.val_set)
                 if self.dist is not None:  # this rank's whole batches of the list
                     start, stop = self.dist.shard(stop, self.run.batch_size)
-                loader = _loader(
+                loader = image_loader(
                     self.val_set.paths[start:stop],
                     eval_transform(self.data_config),
                     batch_size=self.run.batch_size,

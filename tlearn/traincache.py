@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from .data import Skipped
 from .errors import DataError
-from .features import ImageDataset, collate_skipping, default_workers
+from .features import image_loader
 from .preprocess import eval_transform, resize_target
 
 
@@ -31,43 +30,6 @@ class TensorCache:
         if isinstance(self.data, np.ndarray):
             return torch.from_numpy(np.ascontiguousarray(self.data[rows.numpy()]))
         return self.data[rows]
-
-
-def _loader(
-    paths,
-    transform,
-    *,
-    batch_size,
-    workers,
-    order=None,
-    generator=None,
-    min_size=None,
-    device=None,
-    batches=None,
-):
-    ds = ImageDataset(paths, transform, min_size=min_size)
-    n_workers = default_workers(len(paths), batch_size) if workers is None else workers
-    if batches is not None:  # explicit lists of indices, one per batch
-        return DataLoader(
-            ds,
-            batch_sampler=batches,
-            num_workers=n_workers,
-            collate_fn=collate_skipping,
-            generator=generator,
-            pin_memory=device is not None and device.type == "cuda",
-            persistent_workers=False,
-        )
-    return DataLoader(
-        ds,
-        batch_size=batch_size,
-        sampler=order,
-        shuffle=False,
-        num_workers=n_workers,
-        collate_fn=collate_skipping,
-        generator=generator,
-        pin_memory=device is not None and device.type == "cuda",
-        persistent_workers=False,
-    )
 
 
 def compute_cache(
@@ -89,7 +51,7 @@ def compute_cache(
     """fn(images) for every readable image (eval preprocessing), and for the mirrored
     images too when `flip`. `allow_empty`: no readable image gives empty caches (a rank's
     shard) instead of an error."""
-    loader = _loader(
+    loader = image_loader(
         paths,
         eval_transform(data_config),
         batch_size=batch_size,
