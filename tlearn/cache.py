@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .spec import doc_sha256
+
 CACHE_FORMAT = 1
 KEY_BYTES = 32  # sha256 digest
 FLUSH_BYTES = 16 << 20  # commit a shard once this many feature bytes are buffered
@@ -116,8 +118,7 @@ def cut_key(spec, data_config: dict, *, draft: bool, precision: str) -> tuple[st
         "timm": dist_version("timm"),
         "pillow": dist_version("pillow"),
     }
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest(), doc
+    return doc_sha256(doc), doc
 
 
 class KeySet:

@@ -8,10 +8,8 @@ all: starting Python and importing torch and timm costs seconds on a small CPU.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from .spec import doc_sha256
 
 ONNX_OPSET = 17
 ONNX_FORMAT = 1  # bump when the exported graph's inputs/outputs change meaning
@@ -202,8 +201,7 @@ def onnx_key(spec, data_config: dict, pixels: bool) -> str:
         "torch": dist_version("torch"),
         "tlearn": __version__,
     }
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return doc_sha256(doc)
 
 
 def onnx_path(root: Path, spec, data_config: dict, pixels: bool) -> Path:

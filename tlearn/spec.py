@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.resources
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,12 @@ class CutSpec:
             layers=tuple(d["layers"]),
             pool=d["pool"],
         )
+
+
+def doc_sha256(doc: dict) -> str:
+    """sha256 of a JSON document in canonical form: the one way cache keys are made."""
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
 
 
 def _sha256_file(path: Path) -> str:

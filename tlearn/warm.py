@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import sys
@@ -29,14 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .spec import BUNDLED_WEIGHTS, CutSpec, _sha256_file, bundled_weights_file
+from .spec import BUNDLED_WEIGHTS, CutSpec, _sha256_file, bundled_weights_file, doc_sha256
 
 FORMAT = 1
-
-
-def _hash(doc: dict) -> str:
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 def _versions() -> dict:
@@ -70,11 +64,11 @@ def request_key(model: str, weights: str, layers, pool: str, seed: int) -> str |
     if not isinstance(layers, (str, type(None))):
         layers = list(layers)
     doc = {"format": FORMAT, "model": model, "weights": ident, "layers": layers, "pool": pool}
-    return _hash({**doc, "versions": _versions()})
+    return doc_sha256({**doc, "versions": _versions()})
 
 
 def pixels_key(data_config: dict) -> str:
-    return _hash({"format": FORMAT, "data_config": data_config, "versions": _versions()})
+    return doc_sha256({"format": FORMAT, "data_config": data_config, "versions": _versions()})
 
 
 def _folder(root: Path) -> Path:
