@@ -17,7 +17,7 @@ import numpy as np
 from . import __version__
 from .errors import ArtifactError
 from .fsutil import atomic_dir, write_json
-from .spec import CutSpec
+from .spec import NN_HEADS, CutSpec
 
 FORMAT = "tlearn-model"
 FORMAT_VERSION = 1
@@ -51,6 +51,11 @@ class SavedModel:
     @property
     def head_type(self) -> str:
         return self.config["head"]["type"]
+
+    @property
+    def is_nn(self) -> bool:
+        """A trained neural head (predict runs the network), not an svm/logreg head."""
+        return self.head_type in NN_HEADS
 
 
 def versions() -> dict:

@@ -21,12 +21,6 @@ from .features import image_loader, resolve_device
 from .preprocess import resize_target
 
 
-def is_nn(saved) -> bool:
-    from .nnhead import NN_HEADS
-
-    return saved.head_type in NN_HEADS
-
-
 @dataclass
 class Scored:
     indices: np.ndarray  # positions in the input list of the images that could be read
@@ -102,7 +96,7 @@ def score_images(
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be at least 1")
     dev = resolve_device(device)
-    if is_nn(saved):
+    if saved.is_nn:
         net = load_nn_net(saved).to(dev)
         kind = "probability"
 

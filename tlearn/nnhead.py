@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .errors import ArtifactError, UsageError
+from .spec import NN_HEADS  # noqa: F401  (re-exported)
 
-NN_HEADS = ("linear", "mlp")
 DEFAULT_DROPOUT = {"linear": 0.2, "mlp": 0.5}  # mlp: as in the dropout paper (hidden units)
 DEFAULT_HIDDEN = (512,)
 

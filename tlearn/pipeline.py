@@ -29,7 +29,7 @@ from .features import (
     write_features_csv,
     write_skipped_csv,
 )
-from .heads import HEAD_KINDS, LinearHead, parse_C
+from .heads import LinearHead, parse_C
 from .shard import Shard, finish_features_part, plan_part, score_by_batch
 from .spec import DEFAULT_MODEL, FLATTEN_WARN_DIM, CutSpec
 
@@ -597,7 +597,7 @@ def predict(
 ) -> PredictResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
-    nn_model = _is_nn(saved)
+    nn_model = saved.is_nn
     head = None if nn_model else _head(saved)
     score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
     part, n_scan_skipped = None, 0
@@ -670,10 +670,6 @@ def _feature_scores(saved: SavedModel, head: LinearHead | None, X: np.ndarray) -
     return infer.nn_scores_from_features(saved, X)
 
 
-def _is_nn(saved: SavedModel) -> bool:
-    return saved.head_type not in HEAD_KINDS  # a trained nn head (tlearn.nnhead)
-
-
 def _scored(saved: SavedModel, paths, tta: str, run: RunOptions, stage: str):
     from . import infer
 
@@ -715,7 +711,7 @@ def evaluate(
 ) -> EvaluateResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
-    nn_model = _is_nn(saved)
+    nn_model = saved.is_nn
     head = None if nn_model else _head(saved)
     score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
     classes = saved.classes

