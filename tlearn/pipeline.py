@@ -121,7 +121,8 @@ def open_engine(model: str, weights: str, layers, pool: str, run: RunOptions, se
     net, spec = bb.feature_network(backbone, layers, pool)
     engine = run.engine(net, spec, backbone.data_config)
     if engine.cache_root is not None:
-        key = warm_path.request_key(model, weights, layers, pool, seed)
+        ident = warm_path.loaded_identity(backbone.weights, seed)
+        key = warm_path.request_key(model, weights, layers, pool, seed, ident) if ident else None
         warm_path.remember_cut(engine.cache_root, key, spec, backbone.data_config)
     return net, engine
 

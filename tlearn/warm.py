@@ -57,8 +57,22 @@ def weights_identity(model: str, weights: str, seed: int) -> dict | None:
     return {"source": str(path.resolve()), "sha256": _sha256_file(path)}
 
 
-def request_key(model: str, weights: str, layers, pool: str, seed: int) -> str | None:
-    ident = weights_identity(model, weights, seed)
+def loaded_identity(loaded, seed: int) -> dict | None:
+    """weights_identity from a loaded backbone's backbone.Weights (already hashed), so a
+    cold run does not read the weights file a second time."""
+    if loaded.source == "none":
+        return {"source": "none", "seed": int(seed)}
+    if loaded.source.startswith("timm:"):
+        return None
+    return {"source": loaded.source, "sha256": loaded.sha256}
+
+
+def request_key(
+    model: str, weights: str, layers, pool: str, seed: int, identity: dict | None = None
+) -> str | None:
+    """The key a request's resolved cut is remembered under; `identity`: its
+    weights_identity when already known."""
+    ident = identity if identity is not None else weights_identity(model, weights, seed)
     if ident is None:
         return None
     if not isinstance(layers, (str, type(None))):
