@@ -30,7 +30,9 @@ Batch = tuple[list[int], np.ndarray | None, list[tuple[int, str]], list[bytes] |
 
 
 def decode_one(path: str, transform, min_size: int | None, keyed: bool):
-    """(pixels, None, key) or (None, reason, None); never raises for a bad image."""
+    """(transformed image, None, key) or (None, reason, None); never raises for a bad
+    image. With `keyed`, the file's bytes are read once, hashed (the feature cache key) and
+    decoded from those very bytes. Also what features.ImageDataset returns per item."""
     from .cache import content_key
 
     content = None

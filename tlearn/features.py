@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import os
-import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .data import Skipped, load_image
-from .errors import DataError, ImageLoadError
+from .data import Skipped
+from .errors import DataError
 from .fsutil import atomic_file, write_json
 from .preprocess import eval_transform, resize_target
 
@@ -71,14 +70,13 @@ class ImageDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
+    keyed = False  # KeyedImageDataset: also the content key of each decoded file
+
     def __getitem__(self, i: int):
-        try:
-            img = load_image(self.paths[i], min_size=self.min_size)
-            return i, self.transform(img), None
-        except ImageLoadError as e:
-            return i, None, e.reason
-        except Exception as e:  # a transform failing on a strange image: skip, say why
-            return i, None, f"cannot preprocess ({type(e).__name__}: {e})"
+        from .decode import decode_one
+
+        item, reason, key = decode_one(self.paths[i], self.transform, self.min_size, self.keyed)
+        return (i, item, reason, key) if self.keyed else (i, item, reason)
 
 
 def _stack(items):
@@ -103,27 +101,7 @@ class KeyedImageDataset(ImageDataset):
     bytes it decodes, so a key can never name features of other content.
     Items: (index, tensor | None, reason | None, key | None)."""
 
-    def __getitem__(self, i: int):
-        from .cache import content_key
-
-        path = self.paths[i]
-        try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-                raise OSError("not a regular non-empty file")
-            with open(path, "rb") as f:
-                content = f.read()
-        except OSError:
-            # load_image words the reason (missing, permission, FIFO, ...); a file that
-            # became readable in between is decoded without a key and not cached.
-            return (*super().__getitem__(i), None)
-        try:
-            img = load_image(path, min_size=self.min_size, content=content)
-            return i, self.transform(img), None, content_key(content)
-        except ImageLoadError as e:
-            return i, None, e.reason, None
-        except Exception as e:
-            return i, None, f"cannot preprocess ({type(e).__name__}: {e})", None
+    keyed = True
 
 
 def collate_keyed(batch):
