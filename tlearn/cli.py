@@ -436,6 +436,17 @@ def _engine_note(engine: dict) -> str:
 # ----------------------------------------------------------------------------- fit
 
 
+def _print_validation(metrics: dict | None, n_val: int) -> None:
+    """After a fit: the per-class table and one summary line (nothing without --val)."""
+    if metrics:
+        out.print(_metrics_table(metrics, f"validation on {n_val} images"))
+        out.print(
+            f"validation accuracy {metrics['accuracy']:.3f}, balanced "
+            f"{metrics['balanced_accuracy']:.3f}",
+            highlight=False,
+        )
+
+
 def _metrics_table(metrics: dict, title: str) -> Table:
     table = Table(title=title)
     for col in ("class", "precision", "recall", "f1", "support"):
@@ -604,13 +615,7 @@ def fit_cmd(
         f"({res.cut.pool}) in {res.seconds:.1f}s -> {res.out_dir}",
         highlight=False,
     )
-    if res.val_metrics:
-        out.print(_metrics_table(res.val_metrics, f"validation on {res.n_val} images"))
-        out.print(
-            f"validation accuracy {res.val_metrics['accuracy']:.3f}, balanced "
-            f"{res.val_metrics['balanced_accuracy']:.3f}",
-            highlight=False,
-        )
+    _print_validation(res.val_metrics, res.n_val)
 
 
 # ----------------------------------------------------------------------------- predict

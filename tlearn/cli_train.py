@@ -317,7 +317,7 @@ def fit_nn_command(ctx: typer.Context, err, out) -> None:
         raise
     if res is None:  # a torchrun rank other than 0: rank 0 wrote the model and reports
         return
-    from .cli import _metrics_table, _report_skips
+    from .cli import _print_validation, _report_skips
 
     _report_skips(res.skipped, res.warnings, quiet)
     if p["as_json"]:
@@ -350,13 +350,7 @@ def fit_nn_command(ctx: typer.Context, err, out) -> None:
         f"{res.seconds:.1f}s -> {res.out_dir}",
         highlight=False,
     )
-    if res.val_metrics:
-        out.print(_metrics_table(res.val_metrics, f"validation on {res.n_val} images"))
-        out.print(
-            f"validation accuracy {res.val_metrics['accuracy']:.3f}, balanced "
-            f"{res.val_metrics['balanced_accuracy']:.3f}",
-            highlight=False,
-        )
+    _print_validation(res.val_metrics, res.n_val)
 
 
 def _interrupted_hint(err, p) -> None:
