@@ -672,3 +672,32 @@ def test_terminal_progress_shows_one_bar_per_epoch_with_live_numbers():
     with TrainView(Console(file=quiet, force_terminal=True), quiet=True) as view:
         view.event("epoch_start", {"epoch": 1, "epochs": 1, "total": 8})
     assert quiet.getvalue() == ""
+
+
+def test_neural_fit_works_when_typer_hands_over_plain_strings(
+    split_folder, tmp_path, runner, monkeypatch
+):
+    """Older typer/click releases give choice options to the command as plain strings, not
+    enums (seen on a machine with them: every neural fit failed with "'str' object has no
+    attribute 'value'"). The command must work from either."""
+    from enum import Enum
+
+    from tlearn import cli_train
+
+    original = cli_train.fit_nn_command
+    seen = []
+
+    def as_older_typer(ctx, params, err, out):
+        plain = {k: v.value if isinstance(v, Enum) else v for k, v in params.items()}
+        seen.extend(k for k, v in params.items() if isinstance(v, Enum))
+        return original(ctx, plain, err, out)
+
+    monkeypatch.setattr(cli_train, "fit_nn_command", as_older_typer)
+    out = tmp_path / "m"
+    args = ["fit", str(split_folder), "--head", "linear", "-o", str(out), "--epochs", "1"]
+    result = runner.invoke(app, [*args, "--optimizer", "sgd", "--pool", "max", *TINY])
+    assert result.exit_code == 0, result.output
+    assert {"head", "pool", "optimizer", "bn", "cache"} <= set(seen)  # were enums, now str
+    config = json.loads((out / "config.json").read_text())
+    assert config["head"]["type"] == "linear"
+    assert config["cut"]["pool"] == "max"

@@ -549,10 +549,13 @@ def fit_cmd(
     Several GPUs (neural heads; --batch-size is the global batch, split over the ranks):
     torchrun --nproc-per-node 4 -m tlearn fit hymenoptera --head linear -o bees
     """
+    # The arguments as typer converted them (enums are enums). ctx.params holds click's
+    # raw values, which are plain strings under older typer/click releases.
+    params = {k: v for k, v in locals().items() if k != "ctx"}
     from .shard import check_torchrun_fit
 
     if resume is not None or head in (Head.linear, Head.mlp):
-        return ct.fit_nn_command(ctx, err, out)
+        return ct.fit_nn_command(ctx, params, err, out)
     check_torchrun_fit(head.value)
     ct.check_not_nn(ctx)
     if output is None:

@@ -256,11 +256,12 @@ def check_not_nn(ctx: typer.Context) -> None:
             )
 
 
-def fit_nn_command(ctx: typer.Context, err, out) -> None:
+def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
+    """`tlearn fit --head linear|mlp` and `--resume`. `p`: fit's arguments as typer
+    converted them; `ctx` tells which of them were given."""
     from .pipeline import RunOptions
     from .train import TrainOptions, fit_nn, resume_nn
 
-    p = ctx.params
     quiet = p["quiet"]
     if p.get("C") is not None and given(ctx, "C"):
         raise UsageError("--C applies to --head svm|logreg; neural heads use --lr and --epochs")
@@ -293,7 +294,7 @@ def fit_nn_command(ctx: typer.Context, err, out) -> None:
                 if p["output"] is None:
                     raise UsageError("missing -o/--output: the model directory to create")
                 options = TrainOptions(
-                    head=p["head"].value,
+                    head=_value(p["head"]),
                     **{field: _value(p[name]) for name, field in NN_ONLY.items()},
                 )
                 res = fit_nn(
@@ -303,7 +304,7 @@ def fit_nn_command(ctx: typer.Context, err, out) -> None:
                     model=p["model"],
                     weights=p["weights"],
                     layers=p["layer"],
-                    pool=p["pool"].value,
+                    pool=_value(p["pool"]),
                     val=p["val"],
                     val_split=p["val_split"],
                     labels_csv=p["labels"],
