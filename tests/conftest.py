@@ -16,6 +16,12 @@ from typer.testing import CliRunner
 
 # Keep torch from oversubscribing the 2 CI cores when tests run decoding workers.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The suite pins down CPU behaviour (ONNX Runtime by default, exact agreement with one
+# process, ...): on a machine with a GPU, `--device auto` would pick it and the same tests
+# would check something else. Hide GPUs, here and in the processes tests start, unless
+# TLEARN_TEST_GPU=1 (then run tests/test_gpu.py, which needs one).
+if os.environ.get("TLEARN_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 TINY = ["--model", "test_efficientnet", "--weights", "none"]
 CLASS_COLORS = {

@@ -306,3 +306,29 @@ def test_an_error_on_one_rank_stops_every_rank_and_names_the_rank(runs, tmp_path
     assert r.stderr.count(line) == 1, r.stderr[-3000:]
     assert ckpt.read_state(tmp_path / "m")["epoch"] == 1
     assert not (tmp_path / "m" / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    "local, gpus, device, refused",
+    [
+        (2, 1, "cuda:0", True),  # two ranks would share the GPU: NCCL refuses, unhelpfully
+        (4, 2, "cuda:1", True),
+        (2, 2, "cuda:1", False),
+        (1, 1, "cuda:0", False),
+        (2, 0, "cpu", False),  # gloo on the CPU: any number of processes
+        (2, 1, "auto", False),  # no GPU found: ProcessGroup leaves "auto"
+    ],
+)
+def test_training_on_gpus_needs_one_gpu_per_process(local, gpus, device, refused):
+    from tlearn.ddp import check_one_gpu_per_process
+    from tlearn.errors import UsageError
+
+    env = DistEnv(rank=0, world_size=local, local_rank=0, local_world_size=local)
+    if not refused:
+        check_one_gpu_per_process(env, device, gpus=gpus)
+        return
+    with pytest.raises(UsageError) as e:
+        check_one_gpu_per_process(env, device, gpus=gpus)
+    msg = str(e.value)
+    assert f"started {local} processes" in msg and f"--nproc-per-node {gpus}" in msg
+    assert "--device cpu" in msg

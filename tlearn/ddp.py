@@ -28,11 +28,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import DataError
+from .errors import DataError, UsageError
 from .shard import DistEnv, ProcessGroup, Shard, _raise_first_failure, _status
 
 T = TypeVar("T")
 CHUNK_BYTES = 64 << 20  # cache rows are shared in broadcasts of at most this size
+
+
+def check_one_gpu_per_process(env: DistEnv, device: str, gpus: int | None = None) -> None:
+    """DistributedDataParallel on CUDA needs a GPU of its own for each process (NCCL
+    refuses two ranks on one device, with an error that does not say what to change)."""
+    if not str(device).startswith("cuda"):
+        return
+    if gpus is None:
+        gpus = torch.cuda.device_count()
+    if env.local_world_size > gpus:
+        raise UsageError(
+            f"torchrun started {env.local_world_size} processes on this machine, which has "
+            f"{gpus} GPU{'s' if gpus != 1 else ''}: training on GPUs needs one GPU per "
+            f"process; use --nproc-per-node {max(gpus, 1)}, or --device cpu"
+        )
 
 
 class Dist:

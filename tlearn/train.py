@@ -1136,14 +1136,16 @@ def _start(prepare, before_training, run, t0: float) -> NNFitResult | None:
             before_training()
         return _execute(r, t0)
 
-    from .ddp import Dist
+    from .ddp import Dist, check_one_gpu_per_process
     from .shard import ProcessGroup
 
     with ProcessGroup(env) as group:
         dist = Dist(env, group)
         r, own = None, None
         try:
-            r = prepare(group.run_options(run), dist)
+            run = group.run_options(run)
+            check_one_gpu_per_process(env, run.device)
+            r = prepare(run, dist)
         except Exception as e:
             own = e
         agree = None if r is None else [r.fingerprint, r.start_epoch, r.step]
