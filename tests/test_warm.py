@@ -332,3 +332,30 @@ def test_onnx_runs_per_rank_do_not_oversubscribe_the_machine(monkeypatch, enviro
         monkeypatch.setenv(k, v)
     want = {"cores": cpu_cores(), "half": max(1, cpu_cores() // 2)}.get(expected, expected)
     assert cpu_streams() == want
+
+
+@pytest.mark.parametrize(
+    "nodes, visible, device, expected",
+    [
+        ([], None, "auto", True),  # no GPU device nodes at all
+        (["/dev/nvidia0"], None, "auto", False),  # auto may pick the GPU: torch decides
+        (["/dev/nvidia0"], "", "auto", True),  # hidden: torch sees no CUDA either
+        (["/dev/nvidia0"], "-1", "auto", True),
+        (["/dev/nvidia0"], "0", "auto", False),
+        (["/dev/nvidia0", "/dev/kfd"], "", "auto", False),  # AMD: CUDA_VISIBLE_DEVICES is not it
+        (["/dev/nvidia0"], None, "cpu", True),
+        ([], None, "cuda", False),
+    ],
+)
+def test_cpu_only_is_decided_without_torch(monkeypatch, nodes, visible, device, expected):
+    from tlearn import warm
+
+    monkeypatch.setattr(warm.sys, "platform", "linux")
+    monkeypatch.setattr(
+        warm.glob, "glob", lambda pattern: [n for n in nodes if n.startswith(pattern.rstrip("*"))]
+    )
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert warm.cpu_only(device) is expected

@@ -143,13 +143,17 @@ def recall_pixels(root: Path, data_config: dict):
 def cpu_only(device: str) -> bool:
     """True when `device` certainly means the CPU, decided without importing torch:
     --device cpu, or auto on a machine with no GPU device nodes (NVIDIA, AMD, WSL) and
-    not a Mac (MPS)."""
+    not a Mac (MPS), or whose NVIDIA GPUs CUDA_VISIBLE_DEVICES hides."""
     if device == "cpu":
         return True
     if device != "auto" or sys.platform == "darwin":
         return False
-    gpu_nodes = ("/dev/nvidia*", "/dev/kfd", "/dev/dxg")
-    return not any(glob.glob(p) for p in gpu_nodes)
+    if any(glob.glob(p) for p in ("/dev/kfd", "/dev/dxg")):
+        return False
+    if not glob.glob("/dev/nvidia*"):
+        return True
+    # NVIDIA GPUs that CUDA_VISIBLE_DEVICES hides from this process: torch sees none either
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
 
 
 @dataclass
