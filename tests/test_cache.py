@@ -288,3 +288,23 @@ def test_hash_files_marks_unreadable_entries(tmp_path):
     assert keys[:70] == [fc.file_key(f) for f in files]
     assert len(set(keys[:70])) == 70
     assert keys[70:] == [None] * 4
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_csv_written_by_worker_processes_is_byte_identical(
+    image_folder, tmp_path, runner, monkeypatch, workers
+):
+    """On machines with cores to spare the CSV text is made in worker processes while
+    extraction goes on: same bytes, same row order, as writing it in the main process."""
+    from tlearn import features
+
+    assert features.csv_workers(2) == 0 and features.csv_workers(16) == 4
+    out = {}
+    for n in (0, workers):
+        monkeypatch.setattr(features, "csv_workers", lambda n=n: n)
+        csv = tmp_path / f"w{n}.csv"
+        args = ["extract", str(image_folder), "-o", str(csv), "-b", "4", "-q", *TINY]
+        r = runner.invoke(app, args)
+        assert r.exit_code == 0, r.output
+        out[n] = csv.read_bytes()
+    assert out[0] == out[workers] and out[0].count(b"\n") == 19  # header + 18 images

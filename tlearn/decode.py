@@ -99,10 +99,26 @@ def decoded_batches(
         for job in jobs:
             yield decode_batch(job)
         return
+
+    def died(job) -> DataError:
+        first, last = job[1][0], job[1][-1]
+        return DataError(
+            f"a decoding worker process died while reading {first} .. {last}; run again "
+            "with --workers 0 to decode in the main process and see which image it is"
+        )
+
+    yield from ordered_map(decode_batch, jobs, workers, prefetch, died)
+
+
+def ordered_map(fn, jobs: Iterator, workers: int, prefetch: int, died) -> Iterator:
+    """fn(job) for each job, computed in `workers` processes, results in job order. At
+    most workers x prefetch jobs are in flight, so memory stays bounded; `jobs` is only
+    advanced as results are taken (it may itself be doing work, e.g. extraction). A worker
+    that dies raises died(job) for the job it was on."""
     ctx = _context()
     in_flight = workers * prefetch
     # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a crash inside a
-    # decoder, the OOM killer) fails the pending batches instead of hanging the run.
+    # decoder, the OOM killer) fails the pending jobs instead of hanging the run.
     pool = ProcessPoolExecutor(workers, mp_context=ctx)
     try:
         pending: deque = deque()
@@ -112,21 +128,16 @@ def decoded_batches(
                 job = next(jobs, None)
                 if job is None:
                     return
-                pending.append((job, pool.submit(decode_batch, job)))
+                pending.append((job, pool.submit(fn, job)))
 
         submit()
         while pending:
             job, future = pending.popleft()
             try:
-                idx, x, bad, keys = future.result()
+                result = future.result()
             except BrokenProcessPool:
-                first, last = job[1][0], job[1][-1]
-                raise DataError(
-                    f"a decoding worker process died while reading {first} .. {last}; run "
-                    "again with --workers 0 to decode in the main process and see which "
-                    "image it is"
-                ) from None
-            yield idx, x, bad, keys
+                raise died(job) from None
+            yield result
             submit()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

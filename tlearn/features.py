@@ -244,8 +244,10 @@ def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache
     n_workers = default_workers(len(paths), batch_size, dev.type) if workers is None else workers
     from .pixels import PilSteps
 
-    if dev.type == "cpu" and isinstance(transform, PilSteps):
-        # uint8 pixel batches from plain worker processes: no torch needed (tlearn.decode)
+    if isinstance(transform, PilSteps):
+        # uint8 pixel batches from plain worker processes: no torch needed (tlearn.decode).
+        # On CUDA too: on a 16-core H200 machine torch's DataLoader (8 workers, pinned)
+        # fed the GPU 375 img/s, this pool 1,880 (docs/benchmarks.md, GPU section).
         from .decode import decoded_batches
 
         loader = decoded_batches(
@@ -445,16 +447,67 @@ def _write_rows(writer, batches, paths, labels, meta, header: bool, f=None) -> i
     dim = int(meta.get("feature_dim", 0))
     if header:
         writer.writerow(["path", "label", *feature_columns(dim)])
-    for b in batches:
-        # float32 -> shortest string that reads back to the same float32.
-        text = b.features.astype(str)
-        for i, row in zip(b.indices, text, strict=True):
-            label = labels[i] if labels is not None else None
-            writer.writerow([paths[i], "" if label is None else label, *row])
-        rows += len(b.indices)
+    out = f if f is not None else sys.stdout
+    for text, n in _csv_texts(batches, paths, labels):
+        out.write(text)
+        rows += n
         if f is not None:
             f.flush()  # a killed run keeps every finished batch for --resume
     return rows
+
+
+def csv_text(job) -> str:
+    """CSV lines of one batch: path, label, then each float32 as the shortest string that
+    reads back to the same float32 (numpy's repr)."""
+    paths, labels, features = job
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    for path, label, row in zip(paths, labels, features.astype(str), strict=True):
+        writer.writerow([path, "" if label is None else label, *row])
+    return buf.getvalue()
+
+
+def csv_workers(cores: int | None = None) -> int:
+    """Processes that turn features into CSV text (~1,000 rows of 1,280 features a second
+    each): none on small machines, where every core already decodes or computes; on a
+    16-core GPU machine the text written in the main process capped extraction at that
+    rate (docs/benchmarks.md, GPU section)."""
+    from .onnxrt import cpu_cores
+
+    cores = cpu_cores() if cores is None else cores
+    return 0 if cores < 8 else min(4, cores // 4)
+
+
+def _csv_texts(batches, paths, labels):
+    """(CSV text, rows) per batch, in order; formatted in worker processes while the next
+    batches are extracted, when the machine has cores to spare (csv_workers)."""
+    jobs = (
+        (
+            [str(paths[i]) for i in b.indices],
+            [labels[i] if labels is not None else None for i in b.indices],
+            b.features,
+        )
+        for b in batches
+    )
+    workers = csv_workers()
+    if workers == 0:
+        for job in jobs:
+            yield csv_text(job), len(job[0])
+        return
+    from .decode import ordered_map
+
+    def died(job) -> DataError:
+        return DataError(f"a CSV-writing worker process died near {job[0][0]}; run again")
+
+    sizes: list[int] = []
+
+    def counted(it):
+        for job in it:
+            sizes.append(len(job[0]))
+            yield job
+
+    for k, text in enumerate(ordered_map(csv_text, counted(jobs), workers, 2, died)):
+        yield text, sizes[k]
 
 
 def sidecar_path(csv_path: str | Path) -> Path:
