@@ -27,7 +27,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def child_env(**extra: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # This checkout first; keep what PYTHONPATH already held (packages installed elsewhere).
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env = {**os.environ, "PYTHONPATH": path}
     env.update(extra)
     return env
 
