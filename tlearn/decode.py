@@ -121,6 +121,10 @@ def ordered_map(fn, jobs: Iterator, workers: int, prefetch: int, died) -> Iterat
     # decoder, the OOM killer) fails the pending jobs instead of hanging the run.
     pool = ProcessPoolExecutor(workers, mp_context=ctx)
     try:
+        # Start every worker now, before `jobs` runs anything: forking later would copy a
+        # process that by then runs ONNX Runtime / CUDA threads.
+        for f in [pool.submit(os.getpid) for _ in range(workers)]:
+            f.result()
         pending: deque = deque()
 
         def submit():
