@@ -258,3 +258,40 @@ def test_same_seed_same_features_and_same_svm(runner, image_folder, tmp_path):
     assert outs[0][0] == outs[1][0]
     for k in outs[0][1]:
         np.testing.assert_array_equal(outs[0][1][k], outs[1][1][k])
+
+
+def test_ctrl_c_during_extract_with_workers_is_quiet_and_resumable(tmp_path):
+    """Ctrl-C reaches every process of the group: the decoding workers must leave it to
+    the main process (no tracebacks of theirs), which keeps the partial file and says how
+    to continue."""
+    data = tmp_path / "many"
+    make_dataset(data, n=60)  # 180 images, batches of 2
+    out = tmp_path / "out.csv"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = _extract_cmd(data, out)
+    cmd[cmd.index("--workers") + 1] = "2"
+    proc = subprocess.Popen(
+        [c for c in cmd if c != "-q"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group, like a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    partial = Path(f"{out}.partial")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if partial.exists() and partial.stat().st_size > 20_000:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "extract finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "interrupted" in err and "--resume" in err and str(partial) in err.replace("\n", "")
+    assert partial.exists() and not out.exists()
+    r = subprocess.run(_extract_cmd(data, out, "--resume"), env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(pd.read_csv(out)) == 180

@@ -396,20 +396,33 @@ def extract_cmd(
     """
     from .shard import Shard, extract
 
-    with _Bars(quiet) as bars:
-        res = extract(
-            data,
-            output,
-            model=model,
-            weights=weights,
-            layers=layer,
-            pool=pool.value,
-            labels_csv=labels,
-            strict=strict,
-            resume=resume,
-            run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
-            shard=None if shard is None else Shard.parse(shard),
-        )
+    try:
+        with _Bars(quiet) as bars:
+            res = extract(
+                data,
+                output,
+                model=model,
+                weights=weights,
+                layers=layer,
+                pool=pool.value,
+                labels_csv=labels,
+                strict=strict,
+                resume=resume,
+                run=_run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+                shard=None if shard is None else Shard.parse(shard),
+            )
+    except KeyboardInterrupt:
+        from .features import partial_path
+
+        partial = partial_path(output)
+        if output != "-" and shard is None and partial.is_file():
+            err.print(
+                f"the rows written so far are kept in {partial}; to continue, run the same "
+                "command with --resume",
+                highlight=False,
+                soft_wrap=True,
+            )
+        raise
     if res is None:  # a torchrun rank other than 0: rank 0 merged and reports
         return
     _report_skips(res.skipped, res.warnings, quiet)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import stat
 import sys
 from collections import deque
@@ -110,6 +111,13 @@ def decoded_batches(
     yield from ordered_map(decode_batch, jobs, workers, prefetch, died)
 
 
+def _leave_ctrl_c_to_main() -> None:
+    # Ctrl-C reaches the whole process group. The main process stops the run (keeping the
+    # partial output for --resume) and shuts the pool down; a worker would only print a
+    # traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def ordered_map(fn, jobs: Iterator, workers: int, prefetch: int, died) -> Iterator:
     """fn(job) for each job, computed in `workers` processes, results in job order. At
     most workers x prefetch jobs are in flight, so memory stays bounded; `jobs` is only
@@ -119,7 +127,7 @@ def ordered_map(fn, jobs: Iterator, workers: int, prefetch: int, died) -> Iterat
     in_flight = workers * prefetch
     # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a crash inside a
     # decoder, the OOM killer) fails the pending jobs instead of hanging the run.
-    pool = ProcessPoolExecutor(workers, mp_context=ctx)
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_leave_ctrl_c_to_main)
     try:
         # Start every worker now, before `jobs` runs anything: forking later would copy a
         # process that by then runs ONNX Runtime / CUDA threads.
