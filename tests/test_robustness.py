@@ -133,6 +133,17 @@ def _extract_cmd(data, out, *extra):
     ]
 
 
+def _wait_for_partial(out: Path, size: int = 20_000) -> Path:
+    """OUT.partial once it holds `size` bytes (some finished batches), or after 120 s."""
+    partial = Path(f"{out}.partial")
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if partial.exists() and partial.stat().st_size > size:
+            break
+        time.sleep(0.05)
+    return partial
+
+
 def test_kill_during_extract_leaves_no_partial_output_and_resume_completes(tmp_path):
     data = tmp_path / "many"
     make_dataset(data, n=40)  # 120 images, batches of 2
@@ -140,12 +151,7 @@ def test_kill_during_extract_leaves_no_partial_output_and_resume_completes(tmp_p
     out.write_text("old,complete,file\n")  # a previous good output must survive
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_extract_cmd(data, out), env=env)
-    partial = Path(f"{out}.partial")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if partial.exists() and partial.stat().st_size > 20_000:
-            break
-        time.sleep(0.05)
+    partial = _wait_for_partial(out)
     assert proc.poll() is None, "extract finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -279,12 +285,7 @@ def test_ctrl_c_during_extract_with_workers_is_quiet_and_resumable(tmp_path):
         start_new_session=True,  # its own group, like a terminal's foreground job
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    partial = Path(f"{out}.partial")
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if partial.exists() and partial.stat().st_size > 20_000:
-            break
-        time.sleep(0.05)
+    partial = _wait_for_partial(out)
     assert proc.poll() is None, "extract finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
