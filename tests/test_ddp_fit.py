@@ -73,6 +73,8 @@ for kind, args in json.loads(sys.argv[1]):
     codes.append(app(args, standalone_mode=False, prog_name="tlearn"))
 with open(f"codes-{os.environ['RANK']}.json", "w") as f:
     json.dump(codes, f)
+from tlearn.shard import exit_rank  # as tlearn.cli.main ends a torchrun rank
+exit_rank(0)
 """
 
 
@@ -270,7 +272,7 @@ def test_resume_in_one_process_is_unchanged(runs, tmp_path):
 CRASH = """
 import os, sys
 import tlearn.train
-from tlearn.cli import app
+from tlearn.cli import main
 
 real = tlearn.train._Run._steps_dist
 
@@ -280,7 +282,8 @@ def boom(self, batches, epoch, t0):  # rank 1 alone fails in the middle of train
     return real(self, batches, epoch, t0)
 
 tlearn.train._Run._steps_dist = boom
-app(sys.argv[1:], prog_name="tlearn")
+sys.argv = ["tlearn", *sys.argv[1:]]
+main()
 """
 
 

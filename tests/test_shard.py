@@ -416,6 +416,8 @@ from tlearn.cli import app
 codes = [app(a, standalone_mode=False, prog_name="tlearn") for a in json.loads(sys.argv[1])]
 with open(f"codes-{os.environ['RANK']}.json", "w") as f:
     json.dump(codes, f)
+from tlearn.shard import exit_rank  # as tlearn.cli.main ends a torchrun rank
+exit_rank(0)
 """
 
 

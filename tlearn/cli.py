@@ -1121,7 +1121,20 @@ def cache_clear_cmd(quiet: QuietOpt = False):
 
 
 def main() -> None:
-    app()
+    from .shard import dist_env
+
+    if dist_env() is None:
+        app()
+        return
+    # Under torchrun: leave without the interpreter's teardown (see shard.exit_rank).
+    code = 0
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code
+    from .shard import exit_rank
+
+    exit_rank(code)
 
 
 if __name__ == "__main__":
