@@ -105,7 +105,6 @@ def child_pipeline(data: str, n_images: int, worker_counts: list[int]) -> None:
     (torch's DataLoader with pinned memory, as `extract --device cuda` runs; tlearn's
     torch-free decoding pool, as CPU runs use), each loader feeding the runtime, and the
     CSV text of the features."""
-    import io
 
     import numpy as np
     import torch
@@ -113,7 +112,7 @@ def child_pipeline(data: str, n_images: int, worker_counts: list[int]) -> None:
     from tlearn import backbone as bb
     from tlearn import runtime as rt
     from tlearn.decode import decoded_batches
-    from tlearn.features import FeatureBatch, _torch_loader, _write_rows
+    from tlearn.features import _torch_loader, csv_text
     from tlearn.preprocess import resize_target
 
     paths = bl.list_images(data)
@@ -144,28 +143,14 @@ def child_pipeline(data: str, n_images: int, worker_counts: list[int]) -> None:
                         n += len(x)
                     name = f"{kind} loader, {w} workers, bs {bs}{' + forward' if forward else ''}"
                     out[name] = n / (time.perf_counter() - t0)
+    # CSV text made by one process (tlearn.features.csv_text)
     feats = np.maximum(np.random.default_rng(0).standard_normal((1024, 1280)), 0)
-    batches = [
-        FeatureBatch(list(range(i, i + 32)), feats[i : i + 32].astype(np.float32))
-        for i in range(0, 1024, 32)
-    ]
+    feats = feats.astype(np.float32)
     t0 = time.perf_counter()
-    _write_rows(
-        csv_writer(io.StringIO()),
-        iter(batches),
-        ["p"] * 1024,
-        None,
-        {"feature_dim": 1280},
-        header=True,
-    )
+    for i in range(0, 1024, 32):
+        csv_text((["p"] * 32, [None] * 32, feats[i : i + 32]))
     out["CSV rows of 1280 features"] = 1024 / (time.perf_counter() - t0)
     print(json.dumps(out))
-
-
-def csv_writer(f):
-    import csv
-
-    return csv.writer(f)
 
 
 class GpuSampler:

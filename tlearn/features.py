@@ -456,15 +456,15 @@ def _write_rows(writer, batches, paths, labels, meta, header: bool, f=None) -> i
     return rows
 
 
-def csv_text(job) -> str:
-    """CSV lines of one batch: path, label, then each float32 as the shortest string that
-    reads back to the same float32 (numpy's repr)."""
+def csv_text(job) -> tuple[str, int]:
+    """(CSV lines, rows) of one batch: path, label, then each float32 as the shortest
+    string that reads back to the same float32 (numpy's repr)."""
     paths, labels, features = job
     buf = io.StringIO()
     writer = csv.writer(buf)
     for path, label, row in zip(paths, labels, features.astype(str), strict=True):
         writer.writerow([path, "" if label is None else label, *row])
-    return buf.getvalue()
+    return buf.getvalue(), len(paths)
 
 
 def csv_workers(cores: int | None = None) -> int:
@@ -491,23 +491,14 @@ def _csv_texts(batches, paths, labels):
     )
     workers = csv_workers()
     if workers == 0:
-        for job in jobs:
-            yield csv_text(job), len(job[0])
+        yield from map(csv_text, jobs)
         return
     from .decode import ordered_map
 
     def died(job) -> DataError:
         return DataError(f"a CSV-writing worker process died near {job[0][0]}; run again")
 
-    sizes: list[int] = []
-
-    def counted(it):
-        for job in it:
-            sizes.append(len(job[0]))
-            yield job
-
-    for k, text in enumerate(ordered_map(csv_text, counted(jobs), workers, 2, died)):
-        yield text, sizes[k]
+    yield from ordered_map(csv_text, jobs, workers, 2, died)
 
 
 def sidecar_path(csv_path: str | Path) -> Path:
