@@ -1,13 +1,13 @@
 """Decoding images into uint8 pixel batches in worker processes, without torch.
 
-Used for extraction and prediction on every device: the workers decode (with JPEG
-draft), hash the bytes they decode (the feature cache key) and apply
-tlearn.pixels.PilSteps, and hand whole batches back in input order while the main process
-runs the network. At most `prefetch` batches per worker are in flight, so memory does not
-grow with the number of images. A run needs no torch for it (see tlearn.warm), and on a
-GPU machine it fed the GPU 5x faster than torch's DataLoader (docs/benchmarks.md).
-`ordered_map` is the same machinery for any function (tlearn.features writes CSV text
-with it).
+Used for feature extraction on every device (extract; fit, predict and evaluate with
+svm/logreg heads): the workers decode (with JPEG draft), hash the bytes they decode (the
+feature cache key) and apply tlearn.pixels.PilSteps, and hand whole batches back in input
+order while the main process runs the network. At most `prefetch` batches per worker are
+in flight, so memory does not grow with the number of images. A run needs no torch for
+it (see tlearn.warm), and on a GPU machine it fed the GPU 5x faster than torch's
+DataLoader (docs/benchmarks.md). `ordered_map` is the same machinery for any function
+(tlearn.features writes CSV text with it).
 """
 
 from __future__ import annotations
