@@ -98,10 +98,6 @@ def decoded_batches(
         (lo, [str(p) for p in paths[lo : lo + batch_size]], transform, min_size, keyed)
         for lo in range(0, len(paths), batch_size)
     )
-    if workers <= 0:
-        for job in jobs:
-            yield decode_batch(job)
-        return
 
     def died(job) -> DataError:
         first, last = job[1][0], job[1][-1]
@@ -121,10 +117,13 @@ def _leave_ctrl_c_to_main() -> None:
 
 
 def ordered_map(fn, jobs: Iterator, workers: int, prefetch: int, died) -> Iterator:
-    """fn(job) for each job, computed in `workers` processes, results in job order. At
-    most workers x prefetch jobs are in flight, so memory stays bounded; `jobs` is only
-    advanced as results are taken (it may itself be doing work, e.g. extraction). A worker
-    that dies raises died(job) for the job it was on."""
+    """fn(job) for each job, computed in `workers` processes (in this one with 0),
+    results in job order. At most workers x prefetch jobs are in flight, so memory stays
+    bounded; `jobs` is only advanced as results are taken (it may itself be doing work,
+    e.g. extraction). A worker that dies raises died(job) for the job it was on."""
+    if workers <= 0:
+        yield from map(fn, jobs)
+        return
     ctx = _context()
     in_flight = workers * prefetch
     # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a crash inside a

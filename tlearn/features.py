@@ -360,8 +360,7 @@ def write_features_csv(
     Writes the sidecar `<out>.json` with `meta`.
     """
     if str(out) == "-":
-        writer = csv.writer(sys.stdout)
-        return _write_rows(writer, batches, paths, labels, meta, header=True)
+        return _write_rows(sys.stdout, batches, paths, labels, meta, header=True)
     out = Path(out)
     partial = partial_path(out)
     kept = len(partial_rows(out, meta)) if resume else 0
@@ -369,7 +368,7 @@ def write_features_csv(
     write_json(Path(f"{partial}.json"), meta)
     try:
         with open(partial, "a" if kept else "w", newline="", encoding="utf-8") as f:
-            rows = _write_rows(csv.writer(f), batches, paths, labels, meta, header=not kept, f=f)
+            rows = _write_rows(f, batches, paths, labels, meta, header=not kept, flush=True)
             f.flush()
             os.fsync(f.fileno())
         if before_commit is not None:
@@ -442,17 +441,16 @@ def partial_rows(out: str | Path, meta: dict) -> list[str]:
     return done
 
 
-def _write_rows(writer, batches, paths, labels, meta, header: bool, f=None) -> int:
-    rows = 0
-    dim = int(meta.get("feature_dim", 0))
+def _write_rows(out, batches, paths, labels, meta, header: bool, flush: bool = False) -> int:
     if header:
-        writer.writerow(["path", "label", *feature_columns(dim)])
-    out = f if f is not None else sys.stdout
+        dim = int(meta.get("feature_dim", 0))
+        csv.writer(out).writerow(["path", "label", *feature_columns(dim)])
+    rows = 0
     for text, n in _csv_texts(batches, paths, labels):
         out.write(text)
         rows += n
-        if f is not None:
-            f.flush()  # a killed run keeps every finished batch for --resume
+        if flush:
+            out.flush()  # a killed run keeps every finished batch for --resume
     return rows
 
 
@@ -489,16 +487,12 @@ def _csv_texts(batches, paths, labels):
         )
         for b in batches
     )
-    workers = csv_workers()
-    if workers == 0:
-        yield from map(csv_text, jobs)
-        return
     from .decode import ordered_map
 
     def died(job) -> DataError:
         return DataError(f"a CSV-writing worker process died near {job[0][0]}; run again")
 
-    yield from ordered_map(csv_text, jobs, workers, 2, died)
+    yield from ordered_map(csv_text, jobs, csv_workers(), 2, died)
 
 
 def sidecar_path(csv_path: str | Path) -> Path:
