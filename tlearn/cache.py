@@ -106,12 +106,9 @@ def cut_key(spec, data_config: dict, *, draft: bool, precision: str) -> tuple[st
     """(hex key, the document it hashes) for one cut + preprocessing."""
     from .onnxrt import dist_version
 
-    cut = spec.to_dict()
-    if cut.get("weights_sha256"):
-        cut.pop("weights_source", None)  # same weights from another path: same features
     doc = {
         "format": CACHE_FORMAT,
-        "cut": cut,
+        "cut": spec.identity(),
         "data_config": data_config,
         "decode": {"jpeg_draft": bool(draft)},
         "precision": precision,

@@ -187,12 +187,9 @@ class LazyRuntime:
 
 def onnx_key(spec, data_config: dict, pixels: bool) -> str:
     """Everything that determines the exported graph, hashed."""
-    cut = spec.to_dict()
-    if cut.get("weights_sha256"):
-        cut.pop("weights_source", None)  # same weights from another path: same graph
     doc = {
         "format": ONNX_FORMAT,
-        "cut": cut,
+        "cut": spec.identity(),
         "input_size": list(data_config["input_size"]),
         "input": "uint8-nhwc" if pixels else "float32-nchw",
         "normalize": [data_config["mean"], data_config["std"]] if pixels else None,

@@ -31,7 +31,7 @@ from .features import (
 )
 from .heads import LinearHead, parse_C
 from .shard import Shard, finish_features_part, plan_part, score_by_batch
-from .spec import DEFAULT_MODEL, FLATTEN_WARN_DIM, CutSpec
+from .spec import DEFAULT_MODEL, FLATTEN_WARN_DIM, CutSpec, is_auto_layer
 
 # progress(stage, done, total): the CLI draws bars from it; None = silent.
 Progress = Callable[[str, int, int], None]
@@ -430,7 +430,7 @@ def fit(
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
-    auto = isinstance(layers, str) and layers.strip().lower() == "auto"  # sweep.is_auto
+    auto = is_auto_layer(layers)
     if auto:
         from .sweep import AutoLayerSource
 

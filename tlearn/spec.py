@@ -45,6 +45,14 @@ class CutSpec:
             "pool": self.pool,
         }
 
+    def identity(self) -> dict:
+        """to_dict() without the weights' path when their hash is known: the same weights
+        from another path compute the same features and export the same graph (cache keys)."""
+        cut = self.to_dict()
+        if cut.get("weights_sha256"):
+            cut.pop("weights_source", None)
+        return cut
+
     @classmethod
     def from_dict(cls, d: dict) -> CutSpec:
         return cls(
@@ -82,3 +90,8 @@ def bundled_weights_file(model_name: str) -> Path | None:
     models = importlib.resources.files(pkg) / "models"
     files = sorted(p for p in models.iterdir() if p.name.endswith(".pth"))
     return Path(str(files[0])) if files else None
+
+
+def is_auto_layer(layers) -> bool:
+    """--layer auto: let `fit` choose the cut (tlearn.sweep)."""
+    return isinstance(layers, str) and layers.strip().lower() == "auto"

@@ -520,10 +520,6 @@ def write_sweep(result: SweepResult, out_dir: str | Path) -> list[Path]:
 # ----------------------------------------------------------------------------- fit --layer auto
 
 
-def is_auto(layers) -> bool:
-    return isinstance(layers, str) and layers.strip().lower() == "auto"
-
-
 class AutoLayerSource(_FeatureSource):
     """Feature source for `fit --layer auto`: extracts every candidate layer in one pass,
     then `choose` sweeps on the training features only (CV) and keeps the best layer's
