@@ -572,11 +572,9 @@ def threads_per_rank(env: DistEnv, environ: dict | None = None) -> int:
                 "of at least 1"
             )
         return n
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // env.local_world_size)
+    from .onnxrt import cpu_cores
+
+    return max(1, cpu_cores() // env.local_world_size)
 
 
 class ProcessGroup:
