@@ -173,7 +173,7 @@ def paired_run(
     """tlearn's fit_nn, with one epoch of the plain loop run right after each of its epochs
     (from the epoch_end callback, outside tlearn's timing), so that every pair of epochs
     sees the same machine load."""
-    from tlearn.pipeline import RunOptions
+    from tlearn.core.options import RunOptions
     from tlearn.train import TrainOptions, fit_nn
 
     starts: list[float] = []

@@ -31,8 +31,9 @@ def main() -> None:
     from PIL import Image
 
     from tlearn.backbone import DEFAULT_MODEL, data_config_for, load_backbone
+    from tlearn.core.options import RunOptions
     from tlearn.data import load_image
-    from tlearn.pipeline import RunOptions, fit
+    from tlearn.pipeline import fit
     from tlearn.preprocess import eval_transform, resize_target
 
     paths = bl.list_images(args.data)

@@ -77,8 +77,9 @@ def child_phase(
     import torch
 
     from tlearn import backbone as bb
-    from tlearn import cache as fc
     from tlearn import runtime as rt
+    from tlearn.cache import FeatureStore, cache_root
+    from tlearn.core.options import RunOptions
     from tlearn.features import iter_features
 
     paths = bl.list_images(data)
@@ -95,10 +96,11 @@ def child_phase(
         net, spec = bb.feature_network(backbone, None if layer == "final" else layer, "avg")
         name = spec.layers[0] + (" intra-op" if whole_batch else "")
         gflops = full_gflops if spec.layers[0] == bb.FINAL_LAYER else table[spec.layers[0]]
-        engine = rt.feature_engine(net, spec, cfg, backend=backend, device="cpu", cache=True)
+        run = RunOptions(backend=backend, device="cpu", cache=True)
+        engine = rt.feature_engine(net, spec, cfg, run)
         if whole_batch:  # for comparison: ORT on the whole batch with intra-op threads
             px = rt.pixel_path(cfg)
-            path = rt.cached_onnx(net, spec, cfg, fc.cache_root(), px)
+            path = rt.cached_onnx(net, spec, cfg, cache_root(), px)
             engine.runtime = rt.LazyRuntime(
                 lambda path=path, px=px: rt.OnnxRuntime(
                     path, torch.device("cpu"), streams=1, transform=px[0]
@@ -116,7 +118,7 @@ def child_phase(
             fwd.append(ips)
             cpu["forward"].append(c)
             with tempfile.TemporaryDirectory() as tmp:  # cold features every time
-                store = fc.FeatureStore.open(
+                store = FeatureStore.open(
                     Path(tmp), spec, cfg, draft=engine.draft, precision=engine.precision
                 )
                 c_main, c_kids = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)

@@ -47,8 +47,8 @@ def main() -> None:
     qualities = [int(q) for q in args.qualities.split(",")]
     from PIL import Image
 
+    from tlearn.core.errors import ImageLoadError
     from tlearn.data import load_image
-    from tlearn.errors import ImageLoadError
 
     n = 0
     for p in map(Path, bl.list_images(args.src)):

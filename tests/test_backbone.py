@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tlearn import backbone as bb
-from tlearn.errors import ModelError, UsageError, WeightsError
+from tlearn.core.errors import ModelError, UsageError, WeightsError
 from tlearn.preprocess import eval_transform
 
 

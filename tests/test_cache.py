@@ -16,9 +16,11 @@ from PIL import Image
 
 from tests.conftest import TINY, make_dataset
 from tlearn import backbone as bb
-from tlearn import cache as fc
 from tlearn import runtime as rt
+from tlearn.cache import FeatureStore, _shard_names, cache_info, cache_root, compact, hash_files
 from tlearn.cli import app
+from tlearn.core.options import RunOptions
+from tlearn.core.hashing import content_key, file_key
 from tlearn.features import extract_array, read_features_csv
 
 
@@ -37,9 +39,8 @@ def tiny():
 
 
 def _extract(net, spec, cfg, paths, *, cache=True, draft=True):
-    engine = rt.feature_engine(
-        net, spec, cfg, backend="torch", device="cpu", cache=cache, draft=draft
-    )
+    run = RunOptions(backend="torch", device="cpu", cache=cache, draft=draft)
+    engine = rt.feature_engine(net, spec, cfg, run)
     feats = extract_array(net, paths, cfg, workers=0, batch_size=4, **engine.kwargs())
     return feats, engine.summary()
 
@@ -56,12 +57,12 @@ def _no_backbone(monkeypatch):
 def test_cache_location(monkeypatch, tmp_path):
     monkeypatch.setenv("TLEARN_CACHE_DIR", str(tmp_path / "a"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert fc.cache_root() == tmp_path / "a"
+    assert cache_root() == tmp_path / "a"
     monkeypatch.delenv("TLEARN_CACHE_DIR")
-    assert fc.cache_root() == tmp_path / "xdg" / "tlearn"
+    assert cache_root() == tmp_path / "xdg" / "tlearn"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert fc.cache_root() == tmp_path / "home" / ".cache" / "tlearn"
+    assert cache_root() == tmp_path / "home" / ".cache" / "tlearn"
 
 
 def test_second_run_is_served_from_the_cache(cache_dir, image_folder, tiny, monkeypatch):
@@ -142,7 +143,7 @@ def test_other_cut_or_preprocessing_does_not_share_entries(cache_dir, image_fold
     cfg2 = {**cfg, "crop_pct": cfg["crop_pct"] - 0.1}
     _, s = _extract(net, spec, cfg2, paths)
     assert s["computed"] == len(paths)
-    assert len(fc.cache_info().cuts) == 4
+    assert len(cache_info().cuts) == 4
 
 
 def test_unreadable_images_are_skipped_every_time_and_never_cached(cache_dir, tmp_path, tiny):
@@ -155,7 +156,7 @@ def test_unreadable_images_are_skipped_every_time_and_never_cached(cache_dir, tm
         feats, _ = _extract(net, spec, cfg, paths)
         assert [s.path for s in feats.skipped] == [str(bad)]
         assert len(feats.X) == len(good)
-    (info,) = fc.cache_info().cuts
+    (info,) = cache_info().cuts
     assert info.images == len(good)
 
 
@@ -194,8 +195,8 @@ def test_extract_reports_cache_use(cache_dir, image_folder, runner, tmp_path):
 
 def test_store_ignores_incomplete_and_damaged_shards(cache_dir, tiny):
     net, spec, cfg = tiny
-    store = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
-    keys = [fc.content_key(bytes([i])) for i in range(3)]
+    store = FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    keys = [content_key(bytes([i])) for i in range(3)]
     X = np.arange(3 * 4, dtype=np.float32).reshape(3, 4)
     store.put(keys, X)
     store.close()
@@ -207,36 +208,36 @@ def test_store_ignores_incomplete_and_damaged_shards(cache_dir, tiny):
     np.save(folder / "junk.feats.npy", np.ones((1, 4), np.float32))
     np.save(folder / "short.keys.npy", np.zeros((5, 32), np.uint8))
     np.save(folder / "short.feats.npy", np.ones((1, 4), np.float32))
-    again = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    again = FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
     assert len(again.known) == 3
     np.testing.assert_array_equal(again.get(keys[::-1]), X[::-1])
-    assert fc.content_key(b"other") not in again.known
+    assert content_key(b"other") not in again.known
 
 
 def test_concurrent_writers_and_compaction(cache_dir, tiny):
     net, spec, cfg = tiny
     rng = np.random.default_rng(0)
-    keys = [fc.content_key(i.to_bytes(4, "little")) for i in range(80)]
+    keys = [content_key(i.to_bytes(4, "little")) for i in range(80)]
     X = rng.normal(size=(80, 8)).astype(np.float32)
     # two runs that opened the store at the same time, writing overlapping keys
-    a = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
-    b = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    a = FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    b = FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
     a.put(keys[:50], X[:50])
     b.put(keys[30:], X[30:])
     a.close()
     b.close()
     # many small shards (e.g. one `predict` per image) are merged
     for i in range(0, 80, 10):
-        s = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+        s = FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
         s.put(keys[i : i + 10], X[i : i + 10])
         s.flush()
-    reader = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
-    assert len(fc._shard_names(a.folder)) == 10
-    assert fc.compact(a.folder, max_shards=4) == 10
-    assert len(fc._shard_names(a.folder)) == 1
+    reader = FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    assert len(_shard_names(a.folder)) == 10
+    assert compact(a.folder, max_shards=4) == 10
+    assert len(_shard_names(a.folder)) == 1
     # a run that opened the store before the merge still reads the deleted shards
     np.testing.assert_array_equal(reader.get(keys), X)
-    final = fc.FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
+    final = FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
     np.testing.assert_array_equal(final.get(keys), X)
     assert not list(a.folder.glob("*.tmp"))
 
@@ -286,8 +287,8 @@ def test_hash_files_marks_unreadable_entries(tmp_path):
     paths = [str(f) for f in files] + [
         str(tmp_path / n) for n in ("empty.jpg", "dir.jpg", "fifo.jpg", "missing.jpg")
     ]
-    keys = fc.hash_files(paths)
-    assert keys[:70] == [fc.file_key(f) for f in files]
+    keys = hash_files(paths)
+    assert keys[:70] == [file_key(f) for f in files]
     assert len(set(keys[:70])) == 70
     assert keys[70:] == [None] * 4
 

@@ -14,6 +14,7 @@ from PIL import Image
 from tests import imagegen as gen
 from tests.imagegen import BLUE, GREEN, RED, WHITE, YELLOW
 from tlearn import data
+from tlearn.core.errors import DataError, ImageLoadError
 from tlearn.data import (
     ImageSet,
     Skipped,
@@ -24,7 +25,6 @@ from tlearn.data import (
     scan_class_folders,
     scan_inputs,
 )
-from tlearn.errors import DataError, ImageLoadError
 
 
 def assert_color(img: Image.Image, xy, expected, tol=12):

@@ -28,9 +28,10 @@ from tests.conftest import make_dataset
 from tests.test_shard import REPO, torch_threads
 from tlearn import checkpoint as ckpt
 from tlearn.cli import app
+from tlearn.core.options import RunOptions
+from tlearn.core.system import DistEnv
 from tlearn.ddp import Dist
-from tlearn.pipeline import RunOptions, open_backbone
-from tlearn.shard import DistEnv
+from tlearn.pipeline import open_backbone
 from tlearn.train import TrainOptions, fit_nn, resume_nn
 
 MODEL = "test_convnext"
@@ -323,8 +324,8 @@ def test_an_error_on_one_rank_stops_every_rank_and_names_the_rank(runs, tmp_path
     ],
 )
 def test_training_on_gpus_needs_one_gpu_per_process(local, gpus, device, refused):
+    from tlearn.core.errors import UsageError
     from tlearn.ddp import check_one_gpu_per_process
-    from tlearn.errors import UsageError
 
     env = DistEnv(rank=0, world_size=local, local_rank=0, local_world_size=local)
     if not refused:

@@ -20,11 +20,12 @@ from tests.conftest import TINY, make_dataset
 from tlearn import checkpoint as ckpt
 from tlearn.artifacts import load_model
 from tlearn.cli import app
-from tlearn.errors import ArtifactError, UsageError
+from tlearn.core.errors import ArtifactError, UsageError
+from tlearn.core.options import RunOptions
 from tlearn.groups import apply_freeze, build_optimizer, plan_groups
 from tlearn.network import TransferNet, feature_dim
 from tlearn.nnhead import NNHead, head_config
-from tlearn.pipeline import RunOptions, open_backbone
+from tlearn.pipeline import open_backbone
 from tlearn.train import TrainOptions, fit_nn, resume_nn
 
 MODEL = "test_efficientnet"

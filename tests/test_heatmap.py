@@ -12,7 +12,7 @@ from tests.conftest import TINY
 from tlearn import backbone as bb
 from tlearn.artifacts import SavedModel, load_model
 from tlearn.cli import app
-from tlearn.errors import UsageError
+from tlearn.core.errors import UsageError
 from tlearn.heatmap import ScoreMapNetwork, check_spatial, fold_linear, heatmaps, linear_map
 from tlearn.pipeline import fit, predict
 

@@ -11,7 +11,7 @@ from tests.conftest import TINY
 from tlearn import backbone as bb
 from tlearn import runtime as rt
 from tlearn.cli import app
-from tlearn.errors import UsageError
+from tlearn.core.errors import UsageError
 from tlearn.features import extract_array, read_features_csv
 
 

@@ -24,9 +24,10 @@ import torch
 
 import tlearn
 from tests.conftest import TINY, make_dataset
-from tlearn import shard as sh
 from tlearn.cli import app
-from tlearn.errors import DataError, StrictModeError, TlearnError, UsageError
+from tlearn.core.errors import DataError, StrictModeError, TlearnError, UsageError
+from tlearn.core.system import DistEnv, dist_env, threads_per_rank
+from tlearn.shard import BatchExtractor, Shard, _raise_first_failure, _status, score_by_batch
 
 REPO = Path(tlearn.__file__).resolve().parent.parent
 BS = ["--batch-size", "4", "--workers", "0"]  # decoding workers change no float; they cost time
@@ -94,7 +95,7 @@ def _parts(folder: Path, name="f.csv") -> list[Path]:
 @pytest.mark.parametrize("count", [1, 2, 3, 7])
 @pytest.mark.parametrize("batch", [1, 4, 32])
 def test_shards_are_whole_batches_that_tile_the_input(total, count, batch):
-    ranges = [sh.Shard(i, count).range(total, batch) for i in range(count)]
+    ranges = [Shard(i, count).range(total, batch) for i in range(count)]
     assert ranges[0][0] == 0 and ranges[-1][1] == total
     for (_, stop), (start, _) in zip(ranges[:-1], ranges[1:], strict=True):
         assert stop == start  # contiguous, no overlap: merge = concatenation
@@ -106,13 +107,13 @@ def test_shards_are_whole_batches_that_tile_the_input(total, count, batch):
 
 @pytest.mark.parametrize("text, shard", [("0/2", (0, 2)), (" 3 / 4 ", (3, 4)), ("0/1", (0, 1))])
 def test_shard_parse(text, shard):
-    assert sh.Shard.parse(text) == sh.Shard(*shard)
+    assert Shard.parse(text) == Shard(*shard)
 
 
 @pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/2", "0/0", "", "1/2/3"])
 def test_shard_parse_refuses_bad_values(text):
     with pytest.raises(UsageError, match="--shard"):
-        sh.Shard.parse(text)
+        Shard.parse(text)
 
 
 # ----------------------------------------------------------------------------- extract
@@ -373,11 +374,11 @@ def test_score_by_batch_is_independent_of_what_else_is_scored():
         return A @ W.T
 
     batch_of = np.arange(37) // 8
-    full = sh.score_by_batch(score, X, batch_of, 3)
+    full = score_by_batch(score, X, batch_of, 3)
     for start in range(0, 37, 8):
-        tail = sh.score_by_batch(score, X[start:], batch_of[start:], 3)
+        tail = score_by_batch(score, X[start:], batch_of[start:], 3)
         np.testing.assert_array_equal(tail, full[start:])
-    assert sh.score_by_batch(score, X[:0], batch_of[:0], 3).shape == (0, 3)
+    assert score_by_batch(score, X[:0], batch_of[:0], 3).shape == (0, 3)
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -470,13 +471,13 @@ def test_torchrun_predict_and_strict(runs, runner, tmp_path):
         ({"RANK": "0", "WORLD_SIZE": "1"}, None),
         (
             {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"},
-            sh.DistEnv(3, 4, 1, 2),
+            DistEnv(3, 4, 1, 2),
         ),
-        ({"RANK": "1", "WORLD_SIZE": "2"}, sh.DistEnv(1, 2, 1, 2)),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, DistEnv(1, 2, 1, 2)),
     ],
 )
 def test_dist_env(environ, expected):
-    assert sh.dist_env(environ) == expected
+    assert dist_env(environ) == expected
 
 
 @pytest.mark.parametrize(
@@ -484,7 +485,7 @@ def test_dist_env(environ, expected):
 )
 def test_dist_env_refuses_nonsense(environ):
     with pytest.raises(UsageError, match="RANK"):
-        sh.dist_env(environ)
+        dist_env(environ)
 
 
 @pytest.mark.parametrize("command", ["evaluate", "merge", "layers"])  # fit: test_ddp_fit
@@ -497,26 +498,26 @@ def test_commands_that_do_not_shard_refuse_torchrun(runner, tmp_path, command):
 
 
 def test_threads_per_rank():
-    env = sh.DistEnv(0, 4, 0, 2)
-    assert sh.threads_per_rank(env, {"TLEARN_NUM_THREADS": "3"}) == 3
-    assert 1 <= sh.threads_per_rank(env, {}) <= max(1, (os.cpu_count() or 1) // 2)
+    env = DistEnv(0, 4, 0, 2)
+    assert threads_per_rank(env, {"TLEARN_NUM_THREADS": "3"}) == 3
+    assert 1 <= threads_per_rank(env, {}) <= max(1, (os.cpu_count() or 1) // 2)
     with pytest.raises(UsageError, match="TLEARN_NUM_THREADS"):
-        sh.threads_per_rank(env, {"TLEARN_NUM_THREADS": "0"})
+        threads_per_rank(env, {"TLEARN_NUM_THREADS": "0"})
 
 
 def test_a_failing_rank_fails_every_rank_with_its_error():
-    ok = sh._status(None)
-    strict = sh._status(StrictModeError("--strict: 1 unreadable image(s), nothing written: x"))
-    sh._raise_first_failure([ok, ok], rank=0, own=None)  # nothing failed
+    ok = _status(None)
+    strict = _status(StrictModeError("--strict: 1 unreadable image(s), nothing written: x"))
+    _raise_first_failure([ok, ok], rank=0, own=None)  # nothing failed
     with pytest.raises(StrictModeError, match="unreadable") as e:
-        sh._raise_first_failure([ok, strict], rank=0, own=None)
+        _raise_first_failure([ok, strict], rank=0, own=None)
     assert e.value.exit_code == 3
     own = DataError("mine")
     with pytest.raises(DataError, match="mine"):
-        sh._raise_first_failure([ok, strict], rank=1, own=own)
-    bug = sh._status(KeyError("boom"))
+        _raise_first_failure([ok, strict], rank=1, own=own)
+    bug = _status(KeyError("boom"))
     with pytest.raises(TlearnError, match="rank 1 failed: unexpected KeyError"):
-        sh._raise_first_failure([ok, bug], rank=0, own=None)
+        _raise_first_failure([ok, bug], rank=0, own=None)
 
 
 # ----------------------------------------------------------------------------- Ray & co
@@ -526,7 +527,7 @@ def test_batch_extractor_matches_tlearn_extract(runs, tmp_path):
     import pandas as pd
 
     single = pd.read_csv(runs["base"] / "single" / "f.csv")
-    fn = sh.BatchExtractor(model="test_efficientnet", weights="none")
+    fn = BatchExtractor(model="test_efficientnet", weights="none")
     paths = [str(p) for p in sorted(runs["data"].rglob("*.*")) if p.stat().st_size]
     with torch_threads(1):
         got = fn(

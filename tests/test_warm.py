@@ -232,7 +232,7 @@ def test_changed_weights_file_is_never_served_warm(tmp_path, cache):
     "device, expected", [("cpu", True), ("cuda", False), ("cuda:1", False), ("mps", False)]
 )
 def test_only_certain_cpu_runs_are_warm(device, expected):
-    from tlearn.warm import cpu_only
+    from tlearn.core.system import cpu_only
 
     assert cpu_only(device) is expected
 
@@ -251,7 +251,7 @@ def test_warm_run_respects_backend_and_no_cache(tmp_path, cache, runner):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="patches a forked worker")
 def test_a_dying_decoding_worker_fails_the_run_instead_of_hanging(tmp_path, monkeypatch):
     import tlearn.decode as dec
-    from tlearn.errors import DataError
+    from tlearn.core.errors import DataError
 
     paths = [str(draw(tmp_path / f"{i}.png", (9, 9, 9), seed=i)) for i in range(6)]
     real = dec.decode_one
@@ -324,7 +324,8 @@ def test_a_damaged_cached_graph_is_exported_again(tmp_path, cache):
     ],
 )
 def test_onnx_runs_per_rank_do_not_oversubscribe_the_machine(monkeypatch, environ, expected):
-    from tlearn.onnxrt import cpu_cores, cpu_streams
+    from tlearn.core.system import cpu_cores
+    from tlearn.onnxrt import cpu_streams
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "TLEARN_NUM_THREADS"):
         monkeypatch.delenv(k, raising=False)
@@ -348,14 +349,16 @@ def test_onnx_runs_per_rank_do_not_oversubscribe_the_machine(monkeypatch, enviro
     ],
 )
 def test_cpu_only_is_decided_without_torch(monkeypatch, nodes, visible, device, expected):
-    from tlearn import warm
+    import glob
 
-    monkeypatch.setattr(warm.sys, "platform", "linux")
+    from tlearn.core.system import cpu_only
+
+    monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setattr(
-        warm.glob, "glob", lambda pattern: [n for n in nodes if n.startswith(pattern.rstrip("*"))]
+        glob, "glob", lambda pattern: [n for n in nodes if n.startswith(pattern.rstrip("*"))]
     )
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-    assert warm.cpu_only(device) is expected
+    assert cpu_only(device) is expected

@@ -1,3 +1,3 @@
 """tlearn: transfer learning on image folders from the terminal."""
 
-__version__ = "0.1.0"
+from tlearn.core.version import __version__ as __version__

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import ArtifactError
-from .fsutil import atomic_dir, write_json
-from .spec import NN_HEADS, CutSpec
+from tlearn.core.atomic import atomic_dir, write_json
+from tlearn.core.errors import ArtifactError
+from tlearn.core.spec import NN_HEADS, CutSpec
+from tlearn.core.system import versions
+from tlearn.core.version import __version__
 
 FORMAT = "tlearn-model"
 FORMAT_VERSION = 1
@@ -56,17 +57,6 @@ class SavedModel:
     def is_nn(self) -> bool:
         """A trained neural head (predict runs the network), not an svm/logreg head."""
         return self.head_type in NN_HEADS
-
-
-def versions() -> dict:
-    from .onnxrt import dist_version  # from package metadata: no imports of torch/timm
-
-    return {
-        "tlearn": __version__,
-        "timm": dist_version("timm"),
-        "torch": dist_version("torch"),
-        "scikit-learn": dist_version("scikit-learn"),
-    }
 
 
 def build_config(
@@ -257,10 +247,10 @@ def validate_config(config: dict, where) -> None:
 
 
 def validate_tensors(config: dict, tensors: dict, where) -> None:
-    from .heads import LinearHead
+    from tlearn.heads import LinearHead
 
     if HEAD_FAMILIES[config["head"]["type"]] == "nn":
-        from .nnhead import validate_head_tensors
+        from tlearn.nnhead import validate_head_tensors
 
         validate_head_tensors(config, tensors, where)
         return

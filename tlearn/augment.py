@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torchvision import transforms as T
 
-from .errors import UsageError
-from .preprocess import eval_transform, resize_target
+from tlearn.core.errors import UsageError
+from tlearn.preprocess import eval_transform, resize_target
 
 AUGMENTS = ("none", "flip", "light", "standard")
 TTAS = ("none", "flip", "10crop")

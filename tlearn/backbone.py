@@ -17,14 +17,13 @@ import timm
 import torch
 from torch import nn
 
-from .errors import ModelError, UsageError, WeightsError
-from .spec import (  # noqa: F401  (re-exported)
+from tlearn.core.errors import ModelError, UsageError, WeightsError
+from tlearn.core.hashing import file_sha256
+from tlearn.core.spec import (
     BUNDLED_WEIGHTS,
     DEFAULT_MODEL,
     FINAL_LAYER,
-    FLATTEN_WARN_DIM,
     CutSpec,
-    _sha256_file,
     bundled_weights_file,
 )
 
@@ -191,7 +190,7 @@ def load_backbone(model_name: str = DEFAULT_MODEL, weights: str = "auto") -> Bac
         if bundled is not None:
             sd = torch.load(str(bundled), map_location="cpu", weights_only=True)
             _apply_state_dict(model, sd, f"bundled package {BUNDLED_WEIGHTS[model_name]}")
-            w = Weights(f"bundled:{BUNDLED_WEIGHTS[model_name]}", _sha256_file(bundled))
+            w = Weights(f"bundled:{BUNDLED_WEIGHTS[model_name]}", file_sha256(bundled))
         else:
             model = _load_timm_pretrained(model_name)
             w = Weights(f"timm:{model.pretrained_cfg.get('hf_hub_id') or model_name}", None)
@@ -204,7 +203,7 @@ def load_backbone(model_name: str = DEFAULT_MODEL, weights: str = "auto") -> Bac
             )
         model = _create(model_name, pretrained=False)
         _apply_state_dict(model, _read_state_dict(path), str(path))
-        w = Weights(str(path.resolve()), _sha256_file(path))
+        w = Weights(str(path.resolve()), file_sha256(path))
     model.eval()
     return Backbone(model=model, name=model_name, weights=w, data_config=data_config_for(model))
 

@@ -27,7 +27,6 @@ reader is safe on POSIX. No pickle: .npy files are loaded with allow_pickle=Fals
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .spec import doc_sha256
+from tlearn.core.hashing import content_key, doc_sha256, file_key
 
 CACHE_FORMAT = 1
 KEY_BYTES = 32  # sha256 digest
@@ -58,18 +57,6 @@ def cache_root() -> Path:
     if xdg:
         return Path(xdg).expanduser() / "tlearn"
     return Path.home() / ".cache" / "tlearn"
-
-
-def content_key(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
-
-
-def file_key(path: str | os.PathLike) -> bytes:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.digest()
 
 
 def hash_files(paths: Sequence[str], threads: int | None = None) -> list[bytes | None]:
@@ -104,7 +91,7 @@ def hash_files(paths: Sequence[str], threads: int | None = None) -> list[bytes |
 
 def cut_key(spec, data_config: dict, *, draft: bool, precision: str) -> tuple[str, dict]:
     """(hex key, the document it hashes) for one cut + preprocessing."""
-    from .onnxrt import dist_version
+    from tlearn.core.system import dist_version
 
     doc = {
         "format": CACHE_FORMAT,
@@ -268,13 +255,13 @@ class FeatureStore:
             self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / "cut.json"
         if not meta.exists():
-            from .fsutil import write_json
+            from tlearn.core.atomic import write_json
 
             write_json(meta, self.doc)
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    from .fsutil import atomic_file
+    from tlearn.core.atomic import atomic_file
 
     with atomic_file(path, "wb") as f:
         np.save(f, arr, allow_pickle=False)

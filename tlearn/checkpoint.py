@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ArtifactError
-from .fsutil import atomic_dir, write_json
+from tlearn.core.atomic import atomic_dir, write_json
+from tlearn.core.errors import ArtifactError
 
 CHECKPOINT_DIR = "checkpoint"
 STATE = "state.json"

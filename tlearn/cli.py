@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from . import __version__
-from . import cli_train as ct
-from .errors import TlearnError, UsageError
+from tlearn import cli_train as ct
+from tlearn.core.errors import TlearnError, UsageError
+from tlearn.core.version import __version__
 
 app = typer.Typer(
     name="tlearn",
@@ -55,7 +55,8 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ):
     DEBUG["on"] = debug
-    from .shard import check_torchrun_command, is_secondary_rank
+    from tlearn.core.system import is_secondary_rank
+    from tlearn.shard import check_torchrun_command
 
     if is_secondary_rank():  # under torchrun only rank 0 prints
         out.quiet = err.quiet = True
@@ -206,7 +207,7 @@ NoCacheOpt = Annotated[
 def _run_options(
     batch_size, device, workers, quiet, progress=None, backend=Backend.auto, no_cache=False
 ):
-    from .pipeline import RunOptions
+    from tlearn.core.options import RunOptions
 
     return RunOptions(
         batch_size=batch_size,
@@ -220,7 +221,7 @@ def _run_options(
 
 def _Bars(quiet: bool):
     """Progress bars on stderr, only when it is a terminal and not --quiet."""
-    from .cli_bars import Bars
+    from tlearn.cli_bars import Bars
 
     return Bars(err, enabled=not quiet and err.is_terminal and not err.quiet)
 
@@ -257,7 +258,7 @@ def models_cmd(
 
     Example: tlearn models lite
     """
-    from .backbone import list_models
+    from tlearn.backbone import list_models
 
     rows = list_models(pattern)
     if offline:
@@ -296,7 +297,7 @@ def layers_cmd(
     """
     import timm
 
-    from .backbone import _create, data_config_for, list_layers, unknown_model_message
+    from tlearn.backbone import _create, data_config_for, list_layers, unknown_model_message
 
     if model not in timm.list_models():
         raise TlearnError(unknown_model_message(model))
@@ -304,8 +305,8 @@ def layers_cmd(
     size = input_size or data_config_for(net)["input_size"][1]
     layers = list_layers(net, size)
     if plot is not None:
-        from .plots import plot_layers
-        from .sweep import overview_layers
+        from tlearn.plots import plot_layers
+        from tlearn.sweep import overview_layers
 
         plot_layers(overview_layers(net, layers), plot, f"{model} at {size}x{size}")
         err.print(f"wrote {plot}", highlight=False)
@@ -394,7 +395,7 @@ def extract_cmd(
 
     Example: tlearn extract sample_data/roads/train -o features.csv --layer blocks.5
     """
-    from .shard import Shard, extract
+    from tlearn.shard import Shard, extract
 
     try:
         with _Bars(quiet) as bars:
@@ -412,7 +413,7 @@ def extract_cmd(
                 shard=None if shard is None else Shard.parse(shard),
             )
     except KeyboardInterrupt:
-        from .features import partial_path
+        from tlearn.features import partial_path
 
         partial = partial_path(output)
         if output != "-" and shard is None and partial.is_file():
@@ -565,7 +566,7 @@ def fit_cmd(
     # The arguments as typer converted them (enums are enums). ctx.params holds click's
     # raw values, which are plain strings under older typer/click releases.
     params = {k: v for k, v in locals().items() if k != "ctx"}
-    from .shard import check_torchrun_fit
+    from tlearn.shard import check_torchrun_fit
 
     if resume is not None or head in (Head.linear, Head.mlp):
         return ct.fit_nn_command(ctx, params, err, out)
@@ -573,7 +574,7 @@ def fit_cmd(
     ct.check_not_nn(ctx)
     if output is None:
         raise UsageError("missing -o/--output: the model directory to create")
-    from .pipeline import fit
+    from tlearn.pipeline import fit
 
     with _Bars(quiet) as bars:
         res = fit(
@@ -667,8 +668,8 @@ def predict_cmd(
 
     Example: tlearn predict roads-model photo1.jpg more_photos/ --format jsonl
     """
-    from .errors import UsageError
-    from .shard import Shard, predict
+    from tlearn.core.errors import UsageError
+    from tlearn.shard import Shard, predict
 
     part = None if shard is None else Shard.parse(shard)
     if part is not None and (output is None or fmt == Format.table):
@@ -699,7 +700,7 @@ def predict_cmd(
         records.append(rec)
     text = _render_predictions(records, fmt, res.classes, k, all_scores, res.score_kind)
     if output is not None and res.part is not None:
-        from .shard import write_predictions_part
+        from tlearn.shard import write_predictions_part
 
         written = write_predictions_part(
             output,
@@ -713,8 +714,8 @@ def predict_cmd(
         if not quiet:
             err.print(f"wrote {len(records)} predictions to {written}", highlight=False)
     elif output is not None:
-        from .features import write_skipped_csv
-        from .fsutil import atomic_file
+        from tlearn.core.atomic import atomic_file
+        from tlearn.features import write_skipped_csv
 
         with atomic_file(output, "w", encoding="utf-8", newline="") as f:
             f.write(text)
@@ -796,8 +797,8 @@ def evaluate_cmd(
 
     Example: tlearn evaluate roads-model sample_data/roads/val --json
     """
-    from .evaluate import write_reports
-    from .pipeline import evaluate
+    from tlearn.evaluate import write_reports
+    from tlearn.pipeline import evaluate
 
     with _Bars(quiet) as bars:
         res = evaluate(
@@ -812,7 +813,7 @@ def evaluate_cmd(
     m = res.metrics
     if output is not None:
         written = write_reports(output, m, res.skipped)
-        from .plots import write_evaluation_plots
+        from tlearn.plots import write_evaluation_plots
 
         written += write_evaluation_plots(output, res)
         if not quiet:
@@ -922,7 +923,7 @@ def sweep_cmd(
 
     Example: tlearn sweep sample_data/roads/train --layers all -o sweep-roads
     """
-    from .sweep import sweep, write_sweep
+    from tlearn.sweep import sweep, write_sweep
 
     with _Bars(quiet) as bars:
         res = sweep(
@@ -987,7 +988,7 @@ def heatmap_cmd(
 
     Example: tlearn heatmap roads-model photo1.jpg photos/ -o heatmaps --class gravel
     """
-    from .heatmap import heatmaps, write_heatmaps
+    from tlearn.heatmap import heatmaps, write_heatmaps
 
     with _Bars(quiet) as bars:
         res = heatmaps(
@@ -1040,7 +1041,7 @@ def merge_cmd(
 
     Example: tlearn merge features.csv.part-* -o features.csv
     """
-    from .shard import merge_parts
+    from tlearn.shard import merge_parts
 
     res = merge_parts(parts, output)
     if not quiet:
@@ -1080,7 +1081,7 @@ def cache_info_cmd(
     """
     from dataclasses import asdict
 
-    from .cache import cache_info
+    from tlearn.cache import cache_info
 
     info = cache_info()
     if as_json:
@@ -1113,7 +1114,7 @@ def cache_clear_cmd(quiet: QuietOpt = False):
 
     Example: tlearn cache clear
     """
-    from .cache import cache_root, clear_cache
+    from tlearn.cache import cache_root, clear_cache
 
     freed = clear_cache()
     if not quiet:
@@ -1121,7 +1122,7 @@ def cache_clear_cmd(quiet: QuietOpt = False):
 
 
 def main() -> None:
-    from .shard import dist_env
+    from tlearn.core.system import dist_env
 
     if dist_env() is None:
         app()
@@ -1132,7 +1133,7 @@ def main() -> None:
         app()
     except SystemExit as e:
         code = e.code
-    from .shard import exit_rank
+    from tlearn.shard import exit_rank
 
     exit_rank(code)
 

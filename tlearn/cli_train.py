@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .errors import UsageError
+from tlearn.core.errors import UsageError
 
 PANEL = "Neural head and fine-tuning (--head linear|mlp)"
 
@@ -259,8 +259,8 @@ def check_not_nn(ctx: typer.Context) -> None:
 def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
     """`tlearn fit --head linear|mlp` and `--resume`. `p`: fit's arguments as typer
     converted them; `ctx` tells which of them were given."""
-    from .pipeline import RunOptions
-    from .train import TrainOptions, fit_nn, resume_nn
+    from tlearn.core.options import RunOptions
+    from tlearn.train import TrainOptions, fit_nn, resume_nn
 
     quiet = p["quiet"]
     if p.get("C") is not None and given(ctx, "C"):
@@ -318,7 +318,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         raise
     if res is None:  # a torchrun rank other than 0: rank 0 wrote the model and reports
         return
-    from .cli import _print_validation, _report_skips
+    from tlearn.cli import _print_validation, _report_skips
 
     _report_skips(res.skipped, res.warnings, quiet)
     if p["as_json"]:
@@ -355,7 +355,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
 
 
 def _interrupted_hint(err, p) -> None:
-    from .checkpoint import has_checkpoint, read_state
+    from tlearn.checkpoint import has_checkpoint, read_state
 
     target = p["resume"] or p["output"]
     if target is not None and has_checkpoint(target):
@@ -427,7 +427,7 @@ class TrainView:
     otherwise; nothing with --quiet (errors still show)."""
 
     def __init__(self, err, quiet: bool):
-        from .cli_bars import Bars
+        from tlearn.cli_bars import Bars
 
         self.err = err
         self.quiet = quiet

@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import DataError, UsageError
-from .shard import DistEnv, ProcessGroup, Shard, _raise_first_failure, _status
+from tlearn.core.errors import DataError, UsageError
+from tlearn.core.system import DistEnv
+from tlearn.shard import ProcessGroup, Shard, _raise_first_failure, _status
 
 T = TypeVar("T")
 CHUNK_BYTES = 64 << 20  # cache rows are shared in broadcasts of at most this size

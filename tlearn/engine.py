@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .onnxrt import LazyRuntime
+from tlearn.onnxrt import LazyRuntime
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Engine:
     stores: list = field(default_factory=list)
 
     def _open_store(self):
-        from .cache import FeatureStore
+        from tlearn.cache import FeatureStore
 
         return FeatureStore.open(
             self.cache_root, self.spec, self.data_config, draft=self.draft, precision=self.precision

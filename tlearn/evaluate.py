@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fsutil import atomic_file, write_json
+from tlearn.core.atomic import atomic_file, write_json
 
 
 def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
@@ -64,7 +64,7 @@ def write_reports(out_dir: str | Path, metrics: dict, skipped=()) -> list[Path]:
             for label, row in zip(conf["labels"], conf["matrix"], strict=True):
                 w.writerow([label, *row])
         written.append(path)
-    from .features import write_skipped_csv
+    from tlearn.features import write_skipped_csv
 
     written.append(write_skipped_csv(out_dir / "skipped.csv", skipped))
     return written

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .data import Skipped
-from .errors import DataError
-from .fsutil import atomic_file, write_json
-from .preprocess import eval_transform, resize_target
+from tlearn.core.atomic import atomic_file, write_json
+from tlearn.core.errors import DataError
+from tlearn.core.version import __version__
+from tlearn.data import Skipped
+from tlearn.preprocess import eval_transform, resize_target
 
 Progress = Callable[[int, int], None]  # (images done, images total)
 
@@ -73,7 +73,7 @@ class ImageDataset:
     keyed = False  # KeyedImageDataset: also the content key of each decoded file
 
     def __getitem__(self, i: int):
-        from .decode import decode_one
+        from tlearn.decode import decode_one
 
         item, reason, key = decode_one(self.paths[i], self.transform, self.min_size, self.keyed)
         return (i, item, reason, key) if self.keyed else (i, item, reason)
@@ -153,7 +153,7 @@ def iter_features(
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be at least 1")
     if runtime is None:
-        from .runtime import TorchRuntime
+        from tlearn.runtime import TorchRuntime
 
         runtime = TorchRuntime(net, resolve_device(device))
     n = len(paths)
@@ -165,7 +165,7 @@ def iter_features(
         # decoding) so cached images never reach the workers, and a fully cached run starts
         # none. A cold cut skips this, so each file is read once. Workers hash the bytes they
         # decode again: features are always stored under the key of what was decoded.
-        from .cache import hash_files
+        from tlearn.cache import hash_files
 
         keys = hash_files(paths)
         found = cache.known.positions([k or b"" for k in keys]) >= 0
@@ -242,13 +242,13 @@ def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache
     # A runtime may take uint8 pixels and normalise them itself (tlearn.runtime).
     transform = getattr(runtime, "transform", None) or eval_transform(data_config)
     n_workers = default_workers(len(paths), batch_size, dev.type) if workers is None else workers
-    from .pixels import PilSteps
+    from tlearn.pixels import PilSteps
 
     if isinstance(transform, PilSteps):
         # uint8 pixel batches from plain worker processes: no torch needed (tlearn.decode).
         # On CUDA too: on a 16-core H200 machine torch's DataLoader (8 workers, pinned)
         # fed the GPU 375 img/s, this pool 1,880 (docs/benchmarks.md, GPU section).
-        from .decode import decoded_batches
+        from tlearn.decode import decoded_batches
 
         loader = decoded_batches(
             paths,
@@ -470,7 +470,7 @@ def csv_workers(cores: int | None = None) -> int:
     each): none on small machines, where every core already decodes or computes; on a
     16-core GPU machine the text written in the main process capped extraction at that
     rate (docs/benchmarks.md, GPU section)."""
-    from .onnxrt import cpu_cores
+    from tlearn.core.system import cpu_cores
 
     cores = cpu_cores() if cores is None else cores
     return 0 if cores < 8 else min(4, cores // 4)
@@ -487,7 +487,7 @@ def _csv_texts(batches, paths, labels):
         )
         for b in batches
     )
-    from .decode import ordered_map
+    from tlearn.decode import ordered_map
 
     def died(job) -> DataError:
         return DataError(f"a CSV-writing worker process died near {job[0][0]}; run again")
@@ -500,7 +500,7 @@ def sidecar_path(csv_path: str | Path) -> Path:
 
 
 def feature_meta(spec, data_config: dict, dim: int) -> dict:
-    from .onnxrt import dist_version
+    from tlearn.core.system import dist_version
 
     return {
         "format": "tlearn-features",

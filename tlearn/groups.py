@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import backbone as bb
-from .errors import UsageError
+from tlearn import backbone as bb
+from tlearn.core.errors import UsageError
 
 DEFAULT_LAYER_DECAY = 0.5
 FREEZE_CHOICES = ("all", "none")
@@ -362,7 +362,7 @@ def plan_groups(
     lr_groups: str | None = None,
 ) -> GroupPlan:
     """Decide what trains and at which rate. See the module docstring for the options."""
-    from .network import execution_order
+    from tlearn.network import execution_order
 
     if not lr > 0:
         raise UsageError(f"--lr {lr}: must be positive, e.g. 1e-3")

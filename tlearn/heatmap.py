@@ -19,15 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backbone as bb
-from .artifacts import SavedModel, load_model
-from .data import Skipped, load_image
-from .data import scan_inputs as scan_unlabeled
-from .errors import ArtifactError, DataError, UsageError
-from .features import extract_array
-from .heads import HEAD_KINDS, LinearHead
-from .pipeline import RunOptions
-from .preprocess import eval_transform, resize_target
+from tlearn import backbone as bb
+from tlearn.artifacts import SavedModel, load_model
+from tlearn.core.errors import ArtifactError, DataError, UsageError
+from tlearn.core.options import RunOptions
+from tlearn.data import Skipped, load_image
+from tlearn.data import scan_inputs as scan_unlabeled
+from tlearn.features import extract_array
+from tlearn.heads import HEAD_KINDS, LinearHead
+from tlearn.preprocess import eval_transform, resize_target
 
 # Heads saved as a torch nn.Linear on the pooled features (weight (K, D), bias (K,)):
 # head type -> (weight tensor name, bias tensor name) in head.safetensors. The fine-tuning
@@ -191,7 +191,7 @@ def heatmaps(
             f"--class '{class_name}' is not in the model; classes: {', '.join(classes)}"
         )
     # The weights the model predicts with: fine-tuned ones from the model directory if any.
-    from .infer import build_backbone
+    from tlearn.infer import build_backbone
 
     model = build_backbone(saved)
     size = check_spatial(model, layer, saved.data_config)
@@ -257,7 +257,7 @@ def _unique_png(out_dir: Path, path: str, used: set[str]) -> Path:
 
 def write_heatmaps(result: HeatmapResult, out_dir: str | Path, alpha: float = 0.5) -> list[Path]:
     """One overlay PNG per image in out_dir; sets each item's `png`."""
-    from .plots import plot_heatmap
+    from tlearn.plots import plot_heatmap
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import backbone as bb
-from .augment import check_tta, tta_transform
-from .data import Skipped
-from .errors import ArtifactError, DataError, UsageError
-from .features import image_loader, resolve_device
-from .preprocess import resize_target
+from tlearn import backbone as bb
+from tlearn.augment import check_tta, tta_transform
+from tlearn.core.errors import ArtifactError, DataError, UsageError
+from tlearn.data import Skipped
+from tlearn.features import image_loader, resolve_device
+from tlearn.preprocess import resize_target
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Scored:
 def build_backbone(saved):
     """The backbone a model predicts with: the fine-tuned weights saved in the model
     directory, or (frozen backbone) the original weights, checked by sha256."""
-    from .pipeline import backbone_for_spec, open_backbone
+    from tlearn.pipeline import backbone_for_spec, open_backbone
 
     if saved.backbone is None:
         return backbone_for_spec(saved.cut).model
@@ -50,8 +50,8 @@ def build_backbone(saved):
 
 def load_nn_net(saved):
     """The TransferNet of a saved neural-head model, in eval mode."""
-    from .network import TransferNet
-    from .nnhead import NNHead
+    from tlearn.network import TransferNet
+    from tlearn.nnhead import NNHead
 
     cfg = saved.config
     model = build_backbone(saved)
@@ -65,7 +65,7 @@ def load_nn_net(saved):
 def nn_scores_from_features(saved, X: np.ndarray) -> np.ndarray:
     """Probabilities from pooled features (a features CSV) for a model whose backbone
     was not trained."""
-    from .nnhead import NNHead
+    from tlearn.nnhead import NNHead
 
     if saved.backbone is not None:
         raise UsageError(
@@ -90,7 +90,7 @@ def score_images(
     progress=None,
 ) -> Scored:
     """Per-class scores for every readable image; unreadable ones go to `skipped`."""
-    from .heads import LinearHead
+    from tlearn.heads import LinearHead
 
     check_tta(tta)
     if batch_size < 1:
@@ -141,6 +141,6 @@ def score_images(
 
 
 def _linear_backbone(saved):
-    from .pipeline import backbone_for_spec
+    from tlearn.pipeline import backbone_for_spec
 
     return backbone_for_spec(saved.cut)

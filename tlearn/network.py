@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from . import backbone as bb
-from .errors import UsageError
-from .nnhead import NNHead
+from tlearn import backbone as bb
+from tlearn.core.errors import UsageError
+from tlearn.nnhead import NNHead
 
 
 def _is_plain_sequential(m: nn.Module) -> bool:

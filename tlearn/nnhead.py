@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import ArtifactError, UsageError
-from .spec import NN_HEADS  # noqa: F401  (re-exported)
+from tlearn.core.errors import ArtifactError, UsageError
+from tlearn.core.spec import NN_HEADS
 
 DEFAULT_DROPOUT = {"linear": 0.2, "mlp": 0.5}  # mlp: as in the dropout paper (hidden units)
 DEFAULT_HIDDEN = (512,)
@@ -118,7 +118,7 @@ def validate_head_tensors(config: dict, tensors: dict, where) -> None:
         raise ArtifactError(f"{where}: head 'hidden' must be a list of positive sizes")
     if not isinstance(head.get("dropout"), (int, float)):
         raise ArtifactError(f"{where}: head 'dropout' is missing")
-    from .artifacts import check_tensors, config_needs
+    from tlearn.artifacts import check_tensors, config_needs
 
     expected = expected_shapes(head, config["feature_dim"], len(config["classes"]))
     subject = f"the {head['type']} head in the config"

@@ -10,14 +10,14 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .spec import doc_sha256
+from tlearn.core.hashing import doc_sha256
+from tlearn.core.system import cpu_cores, dist_version
+from tlearn.core.version import __version__
 
 ONNX_OPSET = 17
 ONNX_FORMAT = 1  # bump when the exported graph's inputs/outputs change meaning
@@ -37,27 +37,11 @@ def _device_type(device) -> str:
     return getattr(device, "type", str(device))
 
 
-def dist_version(name: str) -> str | None:
-    """An installed distribution's version, read from its metadata (no import)."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def cpu_cores() -> int:
-    """CPUs this process may run on (respects taskset/cgroup affinity where available)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 def cpu_streams() -> int:
     """Concurrent single-image runs on the CPU: one per core, or under torchrun the
     cores of this machine divided by its ranks (TLEARN_NUM_THREADS overrides), so ranks
     sharing a machine do not oversubscribe it."""
-    from .shard import dist_env, threads_per_rank
+    from tlearn.core.system import dist_env, threads_per_rank
 
     env = dist_env()
     return threads_per_rank(env) if env is not None else cpu_cores()

@@ -6,19 +6,20 @@ command and renders what it returns; nothing here prints.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from . import warm as warm_path
-from .artifacts import SavedModel, build_config, load_model, save_model
-from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
-from .data import scan_inputs as scan_unlabeled
-from .errors import ArtifactError, DataError, StrictModeError, UsageError, WeightsError
-from .evaluate import classification_metrics
-from .features import (
+from tlearn.artifacts import SavedModel, build_config, load_model, save_model
+from tlearn.core.errors import ArtifactError, DataError, StrictModeError, UsageError, WeightsError
+from tlearn.core.options import RunOptions
+from tlearn.core.spec import DEFAULT_MODEL, FLATTEN_WARN_DIM, CutSpec, is_auto_layer
+from tlearn.data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
+from tlearn.data import scan_inputs as scan_unlabeled
+from tlearn.evaluate import classification_metrics
+from tlearn.features import (
     FeatureBatch,
     extract_array,
     feature_meta,
@@ -29,45 +30,10 @@ from .features import (
     write_features_csv,
     write_skipped_csv,
 )
-from .heads import LinearHead, parse_C
-from .shard import Shard, finish_features_part, plan_part, score_by_batch
-from .spec import DEFAULT_MODEL, FLATTEN_WARN_DIM, CutSpec, is_auto_layer
-
-# progress(stage, done, total): the CLI draws bars from it; None = silent.
-Progress = Callable[[str, int, int], None]
-
-
-@dataclass
-class RunOptions:
-    """How to run the backbone (not what it computes)."""
-
-    batch_size: int = 32
-    device: str = "auto"
-    workers: int | None = None
-    progress: Progress | None = None
-    backend: str = "auto"  # auto | torch | onnx (tlearn.runtime)
-    cache: bool = True  # read and write the on-disk feature cache (tlearn.cache)
-    draft: bool = True  # JPEGs may decode at a reduced scale (data.load_image's min_size)
-
-    def bar(self, stage: str):
-        if self.progress is None:
-            return None
-        return lambda done, total: self.progress(stage, done, total)
-
-    def engine(self, net, spec: CutSpec, data_config: dict):
-        """How features are computed: backend + feature cache (see tlearn.runtime)."""
-        from .runtime import feature_engine
-
-        return feature_engine(
-            net,
-            spec,
-            data_config,
-            backend=self.backend,
-            device=self.device,
-            cache=self.cache,
-            draft=self.draft,
-        )
-
+from tlearn.heads import LinearHead, parse_C
+from tlearn.shard import Shard, finish_features_part, plan_part, score_by_batch
+from tlearn.warm import engine as warm_engine
+from tlearn.warm import for_request, for_spec, loaded_identity, remember_cut, request_key
 
 # ----------------------------------------------------------------------------- backbone
 
@@ -76,7 +42,7 @@ def open_backbone(model: str, weights: str, seed: int = 0):
     """backbone.Backbone (imports torch and timm)."""
     import torch
 
-    from . import backbone as bb
+    from tlearn import backbone as bb
 
     # Random init (--weights none) must be the same in fit and predict.
     with torch.random.fork_rng(devices=[]):
@@ -112,18 +78,20 @@ def open_engine(model: str, weights: str, layers, pool: str, run: RunOptions, se
     """(torch feature network or None, engine.Engine) for a request. Warm (tlearn.warm):
     no network, the cached ONNX graph. Cold: load the backbone, cut it, and remember what
     the request resolved to so that the next run can be warm."""
-    warm = warm_path.for_request(model, weights, layers, pool, seed, run)
+    warm = for_request(model, weights, layers, pool, seed, run)
     if warm is not None:
-        return None, warm_path.engine(warm, run)
-    from . import backbone as bb
+        return None, warm_engine(warm, run)
+    from tlearn import backbone as bb
 
     backbone = open_backbone(model, weights, seed)
     net, spec = bb.feature_network(backbone, layers, pool)
-    engine = run.engine(net, spec, backbone.data_config)
+    from tlearn.runtime import feature_engine
+
+    engine = feature_engine(net, spec, backbone.data_config, run)
     if engine.cache_root is not None:
-        ident = warm_path.loaded_identity(backbone.weights, seed)
-        key = warm_path.request_key(model, weights, layers, pool, seed, ident) if ident else None
-        warm_path.remember_cut(engine.cache_root, key, spec, backbone.data_config)
+        ident = loaded_identity(backbone.weights, seed)
+        key = request_key(model, weights, layers, pool, seed, ident) if ident else None
+        remember_cut(engine.cache_root, key, spec, backbone.data_config)
     return net, engine
 
 
@@ -432,7 +400,7 @@ def fit(
         raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
     auto = is_auto_layer(layers)
     if auto:
-        from .sweep import AutoLayerSource
+        from tlearn.sweep import AutoLayerSource
 
         # one pass extracts every candidate layer; `choose` keeps the best (CV on train)
         source = AutoLayerSource(model, weights, pool, run, seed, head=head, C=C_value)
@@ -560,15 +528,17 @@ class PredictResult:
 
 
 def _saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage: str):
-    warm = warm_path.for_spec(saved.cut, saved.data_config, run)
+    warm = for_spec(saved.cut, saved.data_config, run)
     if warm is not None:
-        net, engine = None, warm_path.engine(warm, run)
+        net, engine = None, warm_engine(warm, run)
     else:
-        from . import backbone as bb
+        from tlearn import backbone as bb
 
         backbone = backbone_for_spec(saved.cut)
         net = bb.FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval()
-        engine = run.engine(net, saved.cut, saved.data_config)
+        from tlearn.runtime import feature_engine
+
+        engine = feature_engine(net, saved.cut, saved.data_config, run)
     feats = extract_array(
         net,
         images.paths,
@@ -666,13 +636,13 @@ def _feature_scores(saved: SavedModel, head: LinearHead | None, X: np.ndarray) -
         return np.zeros((0, len(saved.classes)))
     if head is not None:
         return head.scores(X)
-    from . import infer
+    from tlearn import infer
 
     return infer.nn_scores_from_features(saved, X)
 
 
 def _scored(saved: SavedModel, paths, tta: str, run: RunOptions, stage: str):
-    from . import infer
+    from tlearn import infer
 
     return infer.score_images(
         saved,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .fsutil import atomic_file
+from tlearn.core.atomic import atomic_file
 
 DPI = 100
 
@@ -196,7 +196,7 @@ def plot_contact_sheet(
 ) -> Path:
     """A grid of images with a caption each. items: {"path", "caption"}; an unreadable
     image shows as a grey tile with its caption."""
-    from .data import load_image
+    from tlearn.data import load_image
 
     n = max(1, len(items))
     cols = min(columns, n)

@@ -68,7 +68,7 @@ def split_eval_transform(data_config: dict):
     std = [float(v) for v in _as_list(normalize.std)]
     if len(mean) != 3 or len(std) != 3 or data_config["input_size"][0] != 3:
         return None
-    from .pixels import describe
+    from tlearn.pixels import describe
 
     # Plain PIL steps when they are the usual Resize + CenterCrop: no torch in workers,
     # and a description the cache can keep (tlearn.warm).

@@ -26,19 +26,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .engine import Engine  # noqa: F401  (re-exported)
-from .errors import UsageError
-from .onnxrt import (  # noqa: F401  (re-exported: the torch-free half of the runtimes)
-    ONNX_FORMAT,
+from tlearn.core.errors import UsageError
+from tlearn.core.system import dist_version
+from tlearn.core.version import __version__
+from tlearn.engine import Engine  # noqa: F401  (re-exported)
+from tlearn.onnxrt import (
     ONNX_OPSET,
     TMP_PREFIX,
     LazyRuntime,
     OnnxRuntime,
     _ort_installed,
     _ort_providers,
-    cpu_cores,
-    dist_version,
     onnx_key,
     onnx_path,
 )
@@ -99,7 +97,7 @@ class PixelInput(torch.nn.Module):
 def pixel_path(data_config: dict):
     """(PixelTransform, mean, std) from preprocess, or None when the transform does not
     split into PIL steps + ToTensor + Normalize."""
-    from .preprocess import split_eval_transform
+    from tlearn.preprocess import split_eval_transform
 
     return split_eval_transform(data_config)
 
@@ -230,7 +228,7 @@ def cached_onnx(
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    from .fsutil import write_json
+    from tlearn.core.atomic import write_json
 
     with contextlib.suppress(OSError):
         write_json(
@@ -288,21 +286,20 @@ def feature_engine(
     net: torch.nn.Module,
     spec,
     data_config: dict,
-    *,
-    backend: str = "auto",
-    device: str = "auto",
-    cache: bool = True,
-    draft: bool = True,
+    run,
 ) -> Engine:
-    from .cache import cache_root
-    from .features import resolve_device
+    """How features are computed for `run` (core.options.RunOptions): backend + feature
+    cache."""
+    backend, device, cache, draft = run.backend, run.device, run.cache, run.draft
+    from tlearn.cache import cache_root
+    from tlearn.features import resolve_device
 
     dev = resolve_device(device)
     chosen = choose_backend(backend, dev)
     root = cache_root() if cache else None
     notes: list[str] = []
     pixels = pixel_path(data_config)
-    from .warm import remember_pixels
+    from tlearn.warm import remember_pixels
 
     remember_pixels(root, data_config, pixels)  # for runs without torch (tlearn.warm)
 

@@ -39,12 +39,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from . import errors
-from .errors import DataError, TlearnError, UsageError
-from .fsutil import atomic_file, write_json
+from tlearn.core import errors
+from tlearn.core.atomic import atomic_file, write_json
+from tlearn.core.errors import DataError, TlearnError, UsageError
 
 if TYPE_CHECKING:  # tlearn.data pulls in numpy and Pillow: the CLI imports this module early
-    from .data import Skipped
+    from tlearn.data import Skipped
+from tlearn.core.system import DistEnv, dist_env, threads_per_rank
 
 PREDICTIONS_FORMAT = "tlearn-predictions"
 SKIPPED_CSV = "skipped.csv"
@@ -381,7 +382,7 @@ def _meta_difference(a: dict, b: dict) -> str | None:
 def merge_parts(paths: Sequence[str | Path], out: str | Path) -> MergeResult:
     """Join checked parts in input order into `out` (atomically), as a single process
     would have written it: features CSV + sidecar, or predictions; skipped.csv beside."""
-    from .data import Skipped
+    from tlearn.data import Skipped
 
     parts = check_parts(paths)
     out = Path(out)
@@ -402,7 +403,7 @@ def merge_parts(paths: Sequence[str | Path], out: str | Path) -> MergeResult:
 
 
 def _write_skipped(path: Path, skipped: Sequence[Skipped]) -> None:
-    from .features import write_skipped_csv
+    from tlearn.features import write_skipped_csv
 
     write_skipped_csv(path, skipped)
 
@@ -425,7 +426,7 @@ def _merge_features_csv(parts: list[_Part], out: Path) -> None:
         if key != "shard":
             meta[key] = value
     meta["rows"] = sum(int(p.meta["rows"]) for p in parts)
-    from .features import sidecar_path
+    from tlearn.features import sidecar_path
 
     write_json(sidecar_path(out), meta)
 
@@ -485,50 +486,6 @@ def remove_part(part: str | Path) -> None:
     part_sidecar(part).unlink(missing_ok=True)
 
 
-# ----------------------------------------------------------------------------- torchrun
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """The process's place in a torchrun (torch.distributed) job."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-
-
-def dist_env(environ: dict | None = None) -> DistEnv | None:
-    """Read RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE (set by torchrun); None when
-    this is not a multi-process job."""
-    env = os.environ if environ is None else environ
-    if "RANK" not in env or "WORLD_SIZE" not in env:
-        return None
-    try:
-        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
-        local_rank = int(env.get("LOCAL_RANK", rank))
-        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
-    except ValueError:
-        raise UsageError(
-            "RANK/WORLD_SIZE/LOCAL_RANK must be integers (as torchrun sets them); unset them "
-            "to run a single process"
-        ) from None
-    if world < 1 or not 0 <= rank < world:
-        raise UsageError(f"RANK={rank} with WORLD_SIZE={world}: RANK must be 0..WORLD_SIZE-1")
-    if world == 1:
-        return None
-    return DistEnv(rank, world, local_rank, max(1, local_world))
-
-
-def is_secondary_rank() -> bool:
-    """True on ranks other than 0 of a torchrun job: they stay silent."""
-    try:
-        env = dist_env()
-    except UsageError:
-        return False
-    return env is not None and env.rank != 0
-
-
 TORCHRUN_COMMANDS = ("extract", "predict", "fit")  # fit: neural heads only (tlearn.ddp)
 
 
@@ -546,7 +503,7 @@ def check_torchrun_command(command: str | None) -> None:
 def check_torchrun_fit(head: str) -> None:
     """Under torchrun, fit trains neural heads only: svm/logreg fit in one process."""
     env = dist_env()
-    from .spec import NN_HEADS
+    from tlearn.core.spec import NN_HEADS
 
     if env is not None and head not in NN_HEADS:
         raise UsageError(
@@ -555,26 +512,6 @@ def check_torchrun_fit(head: str) -> None:
             "... tlearn extract DATA -o features.csv, then run tlearn fit features.csv as one "
             "process, or train --head linear|mlp under torchrun"
         )
-
-
-def threads_per_rank(env: DistEnv, environ: dict | None = None) -> int:
-    """torch threads for one rank: TLEARN_NUM_THREADS if set, else the CPU cores this
-    process may use divided by the ranks on this machine (at least 1)."""
-    environ = os.environ if environ is None else environ
-    if environ.get("TLEARN_NUM_THREADS"):
-        try:
-            n = int(environ["TLEARN_NUM_THREADS"])
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise UsageError(
-                f"TLEARN_NUM_THREADS={environ['TLEARN_NUM_THREADS']!r}: must be a whole number "
-                "of at least 1"
-            )
-        return n
-    from .onnxrt import cpu_cores
-
-    return max(1, cpu_cores() // env.local_world_size)
 
 
 class ProcessGroup:
@@ -739,11 +676,12 @@ def extract(data, out, *, shard: Shard | None = None, **kwargs):
     """pipeline.extract, sharded: with `shard` this process writes that part; under
     torchrun every rank writes its part and rank 0 merges them into `out`. Returns the
     ExtractResult (on rank 0; None on other ranks)."""
-    from . import pipeline
+    from tlearn.core.options import RunOptions
+    from tlearn.pipeline import ExtractResult, extract
 
     env = dist_env()
     if env is None:
-        return pipeline.extract(data, out, shard=shard, **kwargs)
+        return extract(data, out, shard=shard, **kwargs)
     if shard is not None:
         raise UsageError("--shard and torchrun both split the inputs; use one of them")
     if str(out) == "-":
@@ -753,10 +691,10 @@ def extract(data, out, *, shard: Shard | None = None, **kwargs):
     t0 = time.perf_counter()
     mine = Shard(env.rank, env.world_size)
     with ProcessGroup(env) as group:
-        kwargs["run"] = group.run_options(kwargs.get("run") or pipeline.RunOptions())
+        kwargs["run"] = group.run_options(kwargs.get("run") or RunOptions())
         res, own = None, None
         try:
-            res = pipeline.extract(data, out, shard=mine, **kwargs)
+            res = extract(data, out, shard=mine, **kwargs)
         except Exception as e:
             own = e
         statuses = group.all_gather_json(_status(own))
@@ -774,7 +712,7 @@ def extract(data, out, *, shard: Shard | None = None, **kwargs):
         _raise_first_failure(statuses, env.rank, own)
     if env.rank != 0:
         return None
-    return pipeline.ExtractResult(
+    return ExtractResult(
         rows=merged.rows,
         feature_dim=res.feature_dim,
         out=str(out),
@@ -802,20 +740,19 @@ def predict(model_dir, inputs, *, shard: Shard | None = None, **kwargs):
     """pipeline.predict, sharded: with `shard` only that part of the inputs is predicted
     (result.part describes it); under torchrun each rank predicts its part and rank 0
     gets all predictions in input order. Returns the PredictResult (None on ranks > 0)."""
-    from . import pipeline
+    from tlearn.core.options import RunOptions
+    from tlearn.pipeline import Prediction, PredictResult, predict
 
     env = dist_env()
     if env is None:
-        return pipeline.predict(model_dir, inputs, shard=shard, **kwargs)
+        return predict(model_dir, inputs, shard=shard, **kwargs)
     if shard is not None:
         raise UsageError("--shard and torchrun both split the inputs; use one of them")
     with ProcessGroup(env) as group:
-        kwargs["run"] = group.run_options(kwargs.get("run") or pipeline.RunOptions())
+        kwargs["run"] = group.run_options(kwargs.get("run") or RunOptions())
         res, own = None, None
         try:
-            res = pipeline.predict(
-                model_dir, inputs, shard=Shard(env.rank, env.world_size), **kwargs
-            )
+            res = predict(model_dir, inputs, shard=Shard(env.rank, env.world_size), **kwargs)
         except Exception as e:
             own = e
         statuses = group.all_gather_json(_status(own))
@@ -829,13 +766,13 @@ def predict(model_dir, inputs, *, shard: Shard | None = None, **kwargs):
         gathered = group.gather_json(payload)
     if env.rank != 0:
         return None
-    from .data import Skipped
+    from tlearn.data import Skipped
 
     predictions, skipped = [], [Skipped(*s) for s in res.part["scan_skipped"]]
     for g in gathered:
-        predictions += [pipeline.Prediction(*p) for p in g["predictions"]]
+        predictions += [Prediction(*p) for p in g["predictions"]]
         skipped += [Skipped(*s) for s in g["skipped"]]
-    return pipeline.PredictResult(
+    return PredictResult(
         predictions=predictions,
         classes=res.classes,
         score_kind=res.score_kind,
@@ -866,8 +803,9 @@ class BatchExtractor:
         device: str = "auto",
         backend: str = "auto",
     ):
-        from . import backbone as bb
-        from .pipeline import RunOptions, open_backbone
+        from tlearn import backbone as bb
+        from tlearn.core.options import RunOptions
+        from tlearn.pipeline import open_backbone
 
         backbone = open_backbone(model or bb.DEFAULT_MODEL, weights)
         self.net, self.spec = bb.feature_network(backbone, layers, pool)
@@ -875,14 +813,16 @@ class BatchExtractor:
         # The same inference backend as `tlearn extract` (ONNX Runtime on CPU by default),
         # so features match it bit for bit; no disk cache inside a batch mapper.
         run = RunOptions(device=device, backend=backend, cache=False)
-        self.engine = run.engine(self.net, self.spec, self.data_config)
+        from tlearn.runtime import feature_engine
+
+        self.engine = feature_engine(self.net, self.spec, self.data_config, run)
         self.dim = self.engine.feature_dim()
         self.device = device
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from .features import extract_array
+        from tlearn.features import extract_array
 
         paths = [str(p) for p in batch["path"]]
         feats = extract_array(

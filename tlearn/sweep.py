@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backbone as bb
-from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset
-from .errors import DataError, UsageError
-from .features import extract_array
-from .heads import LinearHead, _estimator, parse_C
-from .pipeline import LabelledFeatures, RunOptions, _FeatureSource, open_backbone
+from tlearn import backbone as bb
+from tlearn.core.errors import DataError, UsageError
+from tlearn.core.options import RunOptions
+from tlearn.data import ImageSet, Skipped, read_labels_csv, resolve_dataset
+from tlearn.features import extract_array
+from tlearn.heads import LinearHead, _estimator, parse_C
+from tlearn.pipeline import LabelledFeatures, _FeatureSource, open_backbone
 
 LAYER_SETS = ("stages", "all")
 MIN_BLOCKS = 6  # with fewer blocks than this, `all` also adds the sub-blocks inside stages
@@ -168,7 +169,9 @@ def extract_layers(
     run = run or RunOptions()
     net, spec = bb.feature_network(backbone, list(layers), pool)
     dims = layer_dims(net, backbone.data_config)
-    engine = run.engine(net, spec, backbone.data_config)
+    from tlearn.runtime import feature_engine
+
+    engine = feature_engine(net, spec, backbone.data_config, run)
     feats = extract_array(
         net,
         list(paths),
@@ -506,8 +509,8 @@ def sweep(
 
 def write_sweep(result: SweepResult, out_dir: str | Path) -> list[Path]:
     """sweep.json and sweep.png (accuracy vs depth, cost on a second axis) in out_dir."""
-    from .fsutil import write_json
-    from .plots import plot_sweep
+    from tlearn.core.atomic import write_json
+    from tlearn.plots import plot_sweep
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -541,7 +544,9 @@ class AutoLayerSource(_FeatureSource):
             self.net, self.spec = bb.feature_network(self.backbone, names, self.pool)
             self.data_config = self.backbone.data_config
             self.dims = layer_dims(self.net, self.data_config)
-            self.engine = self.run.engine(self.net, self.spec, self.data_config)
+            from tlearn.runtime import feature_engine
+
+            self.engine = feature_engine(self.net, self.spec, self.data_config, self.run)
 
     def from_csv(self, path) -> LabelledFeatures:
         raise UsageError(

@@ -38,18 +38,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import backbone as bb
-from . import checkpoint as ckpt
-from .augment import CACHEABLE_AUGMENTS, train_transform
-from .data import Skipped
-from .errors import ArtifactError, DataError, UsageError
-from .features import image_loader, resolve_device
-from .groups import GroupPlan, apply_freeze, build_optimizer, plan_groups, set_train_mode
-from .network import TransferNet, feature_dim
-from .nnhead import NNHead, head_config
-from .preprocess import eval_transform, resize_target
-from .traincache import TensorCache, compute_cache
-from .trainsetup import (
+from tlearn import backbone as bb
+from tlearn import checkpoint as ckpt
+from tlearn.augment import CACHEABLE_AUGMENTS, train_transform
+from tlearn.core.errors import ArtifactError, DataError, UsageError
+from tlearn.data import Skipped
+from tlearn.features import image_loader, resolve_device
+from tlearn.groups import GroupPlan, apply_freeze, build_optimizer, plan_groups, set_train_mode
+from tlearn.network import TransferNet, feature_dim
+from tlearn.nnhead import NNHead, head_config
+from tlearn.preprocess import eval_transform, resize_target
+from tlearn.traincache import TensorCache, compute_cache
+from tlearn.trainsetup import (
     DEFAULT_LR,
     HISTORY_COLUMNS,
     Events,
@@ -119,7 +119,7 @@ class _Step(nn.Module):
 
 class _Run:
     def __init__(self, settings: Settings, out_dir: Path, run, events: Events | None, dist=None):
-        from .pipeline import RunOptions
+        from tlearn.core.options import RunOptions
 
         self.s = settings
         self.o = TrainOptions(**settings.options)
@@ -144,7 +144,7 @@ class _Run:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        from .pipeline import open_backbone
+        from tlearn.pipeline import open_backbone
 
         s, o = self.s, self.o
         check_options(o)
@@ -252,8 +252,8 @@ class _Run:
     def _mutable_names(self) -> set[str]:
         """state_dict keys training can change: trainable parameters, the head, and the
         buffers (BatchNorm statistics) of used modules that run in train mode."""
-        from .groups import frozen_modules
-        from .network import execution_order
+        from tlearn.groups import frozen_modules
+        from tlearn.network import execution_order
 
         frozen_ids = {id(m) for m in frozen_modules(self.net)} if self.o.bn == "frozen" else set()
         frozen = [n for n, m in self.net.named_modules() if id(m) in frozen_ids]
@@ -794,7 +794,7 @@ class _Run:
             self.best_weights,
             self.optimizer,
         )
-        from .fsutil import atomic_file
+        from tlearn.core.atomic import atomic_file
 
         with atomic_file(self.out_dir / ckpt.CHECKPOINT_DIR / "history.csv", "w") as f:
             f.write(history_csv(self.history))
@@ -880,8 +880,8 @@ class _Run:
     # ------------------------------------------------------------------ final model
 
     def finish(self, t0: float) -> NNFitResult | None:
-        from .artifacts import build_config, save_model
-        from .evaluate import classification_metrics
+        from tlearn.artifacts import build_config, save_model
+        from tlearn.evaluate import classification_metrics
 
         if self.best_weights is not None:
             self.net.load_state_dict(self.best_weights, strict=False)
@@ -983,7 +983,7 @@ def curves_png(history: list[dict]) -> bytes:
     """curves.png for the model directory: loss and accuracy per epoch."""
     import tempfile
 
-    from .plots import plot_curves
+    from tlearn.plots import plot_curves
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "history.csv"
@@ -1028,7 +1028,7 @@ def fit_nn(
 
     Under torchrun every rank trains its share of each global batch (`run.batch_size` is
     the global batch) and rank 0 writes; ranks other than 0 return None."""
-    from .pipeline import RunOptions
+    from tlearn.core.options import RunOptions
 
     t0 = time.perf_counter()
     options = options or TrainOptions()
@@ -1082,7 +1082,7 @@ def resume_nn(
     `changed`: settings the caller asked for explicitly; they must equal the saved ones.
     Under torchrun every rank restores the same checkpoint (the model directory must be
     on a filesystem they share); ranks other than 0 return None."""
-    from .pipeline import RunOptions
+    from tlearn.core.options import RunOptions
 
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
@@ -1127,7 +1127,7 @@ def _start(prepare, before_training, run, t0: float) -> NNFitResult | None:
     torchrun as one rank of a process group, with a status exchange after the setup (a
     rank's error fails every rank with one message, and all ranks must see the same
     images and checkpoint)."""
-    from .shard import dist_env
+    from tlearn.core.system import dist_env
 
     env = dist_env()
     if env is None:
@@ -1136,8 +1136,8 @@ def _start(prepare, before_training, run, t0: float) -> NNFitResult | None:
             before_training()
         return _execute(r, t0)
 
-    from .ddp import Dist, check_one_gpu_per_process
-    from .shard import ProcessGroup
+    from tlearn.ddp import Dist, check_one_gpu_per_process
+    from tlearn.shard import ProcessGroup
 
     with ProcessGroup(env) as group:
         dist = Dist(env, group)

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import Skipped
-from .errors import DataError
-from .features import image_loader
-from .preprocess import eval_transform, resize_target
+from tlearn.core.errors import DataError
+from tlearn.data import Skipped
+from tlearn.features import image_loader
+from tlearn.preprocess import eval_transform, resize_target
 
 
 class TensorCache:

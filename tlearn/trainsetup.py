@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .augment import check_augment
-from .data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
-from .errors import DataError, UsageError
-from .nnhead import NN_HEADS, head_config
+from tlearn.augment import check_augment
+from tlearn.core.errors import DataError, UsageError
+from tlearn.data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
+from tlearn.nnhead import NN_HEADS, head_config
 
 Events = Callable[[str, dict], None]
 BN_MODES = ("frozen", "train")
@@ -166,7 +166,7 @@ def load_datasets(
     """Training images and (optional) validation images, labels on the train classes."""
     if val is not None and val_split is not None:
         raise UsageError("use either --val DIR or --val-split, not both")
-    from .features import is_features_csv
+    from tlearn.features import is_features_csv
 
     if data is not None and is_features_csv(data):
         raise UsageError(

@@ -20,21 +20,21 @@ torch backend, hub weights, `--no-cache`) takes the ordinary path.
 from __future__ import annotations
 
 import contextlib
-import glob
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .spec import BUNDLED_WEIGHTS, CutSpec, _sha256_file, bundled_weights_file, doc_sha256
+from tlearn.core.hashing import doc_sha256, file_sha256
+from tlearn.core.spec import BUNDLED_WEIGHTS, CutSpec, bundled_weights_file
+from tlearn.core.system import cpu_only
+from tlearn.core.version import __version__
 
 FORMAT = 1
 
 
 def _versions() -> dict:
-    from .onnxrt import dist_version
+    from tlearn.core.system import dist_version
 
     return {name: dist_version(name) for name in ("timm", "torch", "torchvision")} | {
         "tlearn": __version__
@@ -50,11 +50,11 @@ def weights_identity(model: str, weights: str, seed: int) -> dict | None:
         path = bundled_weights_file(model)
         if path is None:
             return None
-        return {"source": f"bundled:{BUNDLED_WEIGHTS[model]}", "sha256": _sha256_file(path)}
+        return {"source": f"bundled:{BUNDLED_WEIGHTS[model]}", "sha256": file_sha256(path)}
     path = Path(weights).expanduser()
     if not path.is_file():
         return None  # the ordinary path words the error
-    return {"source": str(path.resolve()), "sha256": _sha256_file(path)}
+    return {"source": str(path.resolve()), "sha256": file_sha256(path)}
 
 
 def loaded_identity(loaded, seed: int) -> dict | None:
@@ -90,7 +90,7 @@ def _folder(root: Path) -> Path:
 
 
 def _write(path: Path, doc: dict) -> None:
-    from .fsutil import write_json
+    from tlearn.core.atomic import write_json
 
     with contextlib.suppress(OSError):  # the cache only ever saves time
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def remember_cut(root: Path | None, key: str | None, spec: CutSpec, data_config:
 
 def remember_pixels(root: Path | None, data_config: dict, pixels) -> None:
     """`pixels`: preprocess.split_eval_transform's (transform, mean, std) or None."""
-    from .pixels import PilSteps
+    from tlearn.pixels import PilSteps
 
     if root is None or pixels is None or not isinstance(pixels[0], PilSteps):
         return
@@ -131,29 +131,13 @@ def recall_cut(root: Path, key: str) -> tuple[CutSpec, dict] | None:
 
 
 def recall_pixels(root: Path, data_config: dict):
-    from .pixels import PilSteps
+    from tlearn.pixels import PilSteps
 
     doc = _read(_folder(root) / f"pixels-{pixels_key(data_config)}.json")
     try:
         return PilSteps.from_dict(doc["steps"]), doc["mean"], doc["std"]
     except (KeyError, TypeError, ValueError):
         return None
-
-
-def cpu_only(device: str) -> bool:
-    """True when `device` certainly means the CPU, decided without importing torch:
-    --device cpu, or auto on a machine with no GPU device nodes (NVIDIA, AMD, WSL) and
-    not a Mac (MPS), or whose NVIDIA GPUs CUDA_VISIBLE_DEVICES hides."""
-    if device == "cpu":
-        return True
-    if device != "auto" or sys.platform == "darwin":
-        return False
-    if any(glob.glob(p) for p in ("/dev/kfd", "/dev/dxg")):
-        return False
-    if not glob.glob("/dev/nvidia*"):
-        return True
-    # NVIDIA GPUs that CUDA_VISIBLE_DEVICES hides from this process: torch sees none either
-    return os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
 
 
 @dataclass
@@ -168,7 +152,7 @@ class Warm:
 
 
 def _warm(root: Path, spec: CutSpec, data_config: dict) -> Warm | None:
-    from .onnxrt import onnx_path
+    from tlearn.onnxrt import onnx_path
 
     pixels = recall_pixels(root, data_config)
     if pixels is None:
@@ -179,13 +163,13 @@ def _warm(root: Path, spec: CutSpec, data_config: dict) -> Warm | None:
 
 def _usable(run) -> Path | None:
     """The cache root when `run` (pipeline.RunOptions) may take the warm path."""
-    from .onnxrt import _ort_installed
+    from tlearn.onnxrt import _ort_installed
 
     if not run.cache or run.backend not in ("auto", "onnx") or not cpu_only(run.device):
         return None
     if os.environ.get("TLEARN_NO_WARM") or not _ort_installed():
         return None
-    from .cache import cache_root
+    from tlearn.cache import cache_root
 
     return cache_root()
 
@@ -215,7 +199,7 @@ def _weights_unchanged(spec: CutSpec) -> bool:
         return False  # hub weights: only loading them tells
     else:
         path = Path(src)
-    return path is not None and path.is_file() and _sha256_file(path) == spec.weights_sha256
+    return path is not None and path.is_file() and file_sha256(path) == spec.weights_sha256
 
 
 def for_spec(spec: CutSpec, data_config: dict, run) -> Warm | None:
@@ -228,9 +212,9 @@ def for_spec(spec: CutSpec, data_config: dict, run) -> Warm | None:
 
 def engine(warm: Warm, run):
     """An Engine (tlearn.engine) running the cached graph on the CPU."""
-    from .cache import cache_root
-    from .engine import Engine
-    from .onnxrt import CpuDevice, LazyRuntime, OnnxRuntime
+    from tlearn.cache import cache_root
+    from tlearn.engine import Engine
+    from tlearn.onnxrt import CpuDevice, LazyRuntime, OnnxRuntime
 
     device = CpuDevice()
     steps = warm.pixels[0]
@@ -264,10 +248,10 @@ def _cold_runtime(warm: Warm, notes: list[str]):
     """The runtime a cold run would open for this cut (imports torch)."""
     import torch
 
-    from . import backbone as bb
-    from . import runtime as rt
-    from .cache import cache_root
-    from .pipeline import backbone_for_spec
+    from tlearn import backbone as bb
+    from tlearn import runtime as rt
+    from tlearn.cache import cache_root
+    from tlearn.pipeline import backbone_for_spec
 
     backbone = backbone_for_spec(warm.spec, seed=warm.seed)
     net = bb.FeatureNetwork(backbone.model, warm.spec.layers, warm.spec.pool).eval()

@@ -1,4 +1,4 @@
-"""Errors the library raises. Only cli.py turns them into exit codes and messages."""
+"""Errors the library raises. Only the cli package turns them into exit codes and messages."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import ArtifactError
+from tlearn.core.errors import ArtifactError
 
 
 @contextlib.contextmanager

@@ -3,10 +3,8 @@ served from the cache can name their cut without loading a network."""
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.resources
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,20 +60,6 @@ class CutSpec:
             layers=tuple(d["layers"]),
             pool=d["pool"],
         )
-
-
-def doc_sha256(doc: dict) -> str:
-    """sha256 of a JSON document in canonical form: the one way cache keys are made."""
-    blob = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def bundled_weights_file(model_name: str) -> Path | None:

@@ -1,0 +1,28 @@
+"""How a job runs (not what it computes), as plain data the CLI fills in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+# progress(stage, done, total): the CLI draws bars from it; None = silent.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class RunOptions:
+    """How to run the backbone (not what it computes)."""
+
+    batch_size: int = 32
+    device: str = "auto"
+    workers: int | None = None
+    progress: Progress | None = None
+    backend: str = "auto"  # auto | torch | onnx (tlearn.runtime)
+    cache: bool = True  # read and write the on-disk feature cache (tlearn.cache)
+    draft: bool = True  # JPEGs may decode at a reduced scale (data.load_image's min_size)
+
+    def bar(self, stage: str):
+        """A (done, total) progress callback for one stage, or None when silent."""
+        if self.progress is None:
+            return None
+        return lambda done, total: self.progress(stage, done, total)

@@ -1,0 +1,119 @@
+"""Facts about the machine and the process, read without importing torch: installed
+versions, CPU cores, the torchrun environment, whether a run is certainly CPU-only."""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+
+from tlearn.core.errors import UsageError
+from tlearn.core.version import __version__
+
+
+def dist_version(name: str) -> str | None:
+    """An installed distribution's version, read from its metadata (no import)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_cores() -> int:
+    """CPUs this process may run on (respects taskset/cgroup affinity where available)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """The process's place in a torchrun (torch.distributed) job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def dist_env(environ: dict | None = None) -> DistEnv | None:
+    """Read RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE (set by torchrun); None when
+    this is not a multi-process job."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank = int(env.get("LOCAL_RANK", rank))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        raise UsageError(
+            "RANK/WORLD_SIZE/LOCAL_RANK must be integers (as torchrun sets them); unset them "
+            "to run a single process"
+        ) from None
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} with WORLD_SIZE={world}: RANK must be 0..WORLD_SIZE-1")
+    if world == 1:
+        return None
+    return DistEnv(rank, world, local_rank, max(1, local_world))
+
+
+def is_secondary_rank() -> bool:
+    """True on ranks other than 0 of a torchrun job: they stay silent."""
+    try:
+        env = dist_env()
+    except UsageError:
+        return False
+    return env is not None and env.rank != 0
+
+
+def threads_per_rank(env: DistEnv, environ: dict | None = None) -> int:
+    """torch threads for one rank: TLEARN_NUM_THREADS if set, else the CPU cores this
+    process may use divided by the ranks on this machine (at least 1)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("TLEARN_NUM_THREADS"):
+        try:
+            n = int(environ["TLEARN_NUM_THREADS"])
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UsageError(
+                f"TLEARN_NUM_THREADS={environ['TLEARN_NUM_THREADS']!r}: must be a whole number "
+                "of at least 1"
+            )
+        return n
+    return max(1, cpu_cores() // env.local_world_size)
+
+
+def cpu_only(device: str) -> bool:
+    """True when `device` certainly means the CPU, decided without importing torch:
+    --device cpu, or auto on a machine with no GPU device nodes (NVIDIA, AMD, WSL) and
+    not a Mac (MPS), or whose NVIDIA GPUs CUDA_VISIBLE_DEVICES hides."""
+    if device == "cpu":
+        return True
+    if device != "auto" or sys.platform == "darwin":
+        return False
+    if any(glob.glob(p) for p in ("/dev/kfd", "/dev/dxg")):
+        return False
+    if not glob.glob("/dev/nvidia*"):
+        return True
+    # NVIDIA GPUs that CUDA_VISIBLE_DEVICES hides from this process: torch sees none either
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1")
+
+
+def versions() -> dict:
+    """What a model directory records: tlearn's version and those of the libraries that
+    determine its numbers (from package metadata: no imports of torch/timm)."""
+    return {
+        "tlearn": __version__,
+        "timm": dist_version("timm"),
+        "torch": dist_version("torch"),
+        "scikit-learn": dist_version("scikit-learn"),
+    }
