@@ -58,8 +58,9 @@ def main() -> None:
     import torch
 
     from tlearn.backbone import DEFAULT_MODEL, data_config_for, load_backbone
-    from tlearn.data import load_image
-    from tlearn.preprocess import eval_transform, resize_target, split_eval_transform
+    from tlearn.data.image import load_image
+    from tlearn.data.pixels import resize_target
+    from tlearn.preprocess import eval_transform, split_eval_transform
 
     torch.set_num_threads(1)
     cfg = data_config_for(load_backbone(DEFAULT_MODEL, "auto").model)

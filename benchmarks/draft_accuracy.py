@@ -32,9 +32,10 @@ def main() -> None:
 
     from tlearn.backbone import DEFAULT_MODEL, data_config_for, load_backbone
     from tlearn.core.options import RunOptions
-    from tlearn.data import load_image
+    from tlearn.data.image import load_image
+    from tlearn.data.pixels import resize_target
     from tlearn.pipeline import fit
-    from tlearn.preprocess import eval_transform, resize_target
+    from tlearn.preprocess import eval_transform
 
     paths = bl.list_images(args.data)
     cfg = data_config_for(load_backbone(DEFAULT_MODEL, "auto").model)

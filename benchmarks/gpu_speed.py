@@ -111,9 +111,9 @@ def child_pipeline(data: str, n_images: int, worker_counts: list[int]) -> None:
 
     from tlearn import backbone as bb
     from tlearn import runtime as rt
-    from tlearn.decode import decoded_batches
+    from tlearn.data.decode import decoded_batches
+    from tlearn.data.pixels import resize_target
     from tlearn.features import _torch_loader, csv_text
-    from tlearn.preprocess import resize_target
 
     paths = bl.list_images(data)
     paths = [paths[i % len(paths)] for i in range(n_images)]

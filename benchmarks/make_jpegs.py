@@ -48,7 +48,7 @@ def main() -> None:
     from PIL import Image
 
     from tlearn.core.errors import ImageLoadError
-    from tlearn.data import load_image
+    from tlearn.data.image import load_image
 
     n = 0
     for p in map(Path, bl.list_images(args.src)):

@@ -46,7 +46,7 @@ def extract_with_ray(
 
 
 def main(argv: list[str]) -> None:
-    from tlearn.data import scan_inputs
+    from tlearn.data.scan import scan_inputs
 
     if len(argv) < 2:
         sys.exit("usage: python docs/ray_example.py IMAGES_OR_FOLDERS... OUTPUT_DIR")

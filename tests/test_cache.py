@@ -19,8 +19,8 @@ from tlearn import backbone as bb
 from tlearn import runtime as rt
 from tlearn.cache import FeatureStore, _shard_names, cache_info, cache_root, compact, hash_files
 from tlearn.cli import app
-from tlearn.core.options import RunOptions
 from tlearn.core.hashing import content_key, file_key
+from tlearn.core.options import RunOptions
 from tlearn.features import extract_array, read_features_csv
 
 
@@ -66,20 +66,21 @@ def test_cache_location(monkeypatch, tmp_path):
 
 
 def test_second_run_is_served_from_the_cache(cache_dir, image_folder, tiny, monkeypatch):
+    import tlearn.data.decode as decode_module
+    import tlearn.features as features_module
+
     net, spec, cfg = tiny
     paths = sorted(str(p) for p in image_folder.rglob("*.*"))
     first, s1 = _extract(net, spec, cfg, paths)
     assert s1["computed"] == len(paths) and s1["cached"] == 0
     _no_backbone(monkeypatch)
-    import tlearn.decode
-    import tlearn.features
 
     def no_workers(*a, **k):
         raise AssertionError("a fully cached run needs no decoding workers")
 
     # both ways images get decoded: plain worker processes and torch's DataLoader
-    monkeypatch.setattr(tlearn.decode, "decoded_batches", no_workers)
-    monkeypatch.setattr(tlearn.features, "_torch_loader", no_workers)
+    monkeypatch.setattr(decode_module, "decoded_batches", no_workers)
+    monkeypatch.setattr(features_module, "_torch_loader", no_workers)
     second, s2 = _extract(net, spec, cfg, paths)
     assert s2 == {"backend": None, "device": "cpu", "cached": len(paths), "computed": 0}
     np.testing.assert_array_equal(second.X, first.X)

@@ -13,18 +13,11 @@ from PIL import Image
 
 from tests import imagegen as gen
 from tests.imagegen import BLUE, GREEN, RED, WHITE, YELLOW
-from tlearn import data
 from tlearn.core.errors import DataError, ImageLoadError
-from tlearn.data import (
-    ImageSet,
-    Skipped,
-    is_image_name,
-    load_image,
-    read_labels_csv,
-    resolve_dataset,
-    scan_class_folders,
-    scan_inputs,
-)
+from tlearn.data.image import load_image
+from tlearn.data.imageset import ImageSet, Skipped, is_image_name
+from tlearn.data.labels import read_labels_csv
+from tlearn.data.scan import resolve_dataset, scan_class_folders, scan_inputs
 
 
 def assert_color(img: Image.Image, xy, expected, tol=12):
@@ -510,7 +503,7 @@ def test_data_module_imports_no_torch_typer_or_rich():
         "import sys, tlearn.data; "
         "print(sorted(m for m in ('torch', 'typer', 'rich') if m in sys.modules))"
     )
-    root = Path(data.__file__).parents[1]
+    root = Path(__file__).parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

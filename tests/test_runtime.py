@@ -104,7 +104,7 @@ def test_dynamic_batch_axis(tmp_path, streams):
 
 def test_pixel_input_is_the_same_arithmetic_as_the_eval_transform(image_folder):
     """uint8 pixels normalised by the runtime give bit-identical input to the network."""
-    from tlearn.data import load_image
+    from tlearn.data.image import load_image
     from tlearn.preprocess import eval_transform, split_eval_transform
 
     _, _, cfg = _tiny()

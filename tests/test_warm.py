@@ -15,7 +15,7 @@ import pytest
 from conftest import TINY, draw, make_dataset
 from PIL import Image
 
-from tlearn.pixels import PilSteps, describe
+from tlearn.data.pixels import PilSteps, describe
 
 HEAVY = ("torch", "timm", "torchvision")
 
@@ -100,7 +100,7 @@ def test_describe_refuses_other_transforms():
 
 
 def test_decoding_pool_keeps_input_order_and_reports_bad_images(tmp_path):
-    from tlearn.decode import decoded_batches
+    from tlearn.data.decode import decoded_batches
 
     paths = [draw(tmp_path / f"{i}.jpg", (10 * i, 80, 120), seed=i) for i in range(7)]
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
@@ -250,11 +250,12 @@ def test_warm_run_respects_backend_and_no_cache(tmp_path, cache, runner):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="patches a forked worker")
 def test_a_dying_decoding_worker_fails_the_run_instead_of_hanging(tmp_path, monkeypatch):
-    import tlearn.decode as dec
+    import tlearn.data.decode as dec
     from tlearn.core.errors import DataError
+    from tlearn.data.decode import decode_one, decoded_batches
 
     paths = [str(draw(tmp_path / f"{i}.png", (9, 9, 9), seed=i)) for i in range(6)]
-    real = dec.decode_one
+    real = decode_one
 
     def crash_on_4(path, *a):
         if path.endswith("4.png"):
@@ -263,7 +264,7 @@ def test_a_dying_decoding_worker_fails_the_run_instead_of_hanging(tmp_path, monk
 
     monkeypatch.setattr(dec, "decode_one", crash_on_4)  # inherited by the forked workers
     steps = PilSteps(resize=(8,), interpolation="bilinear", crop=(8, 8))
-    batches = dec.decoded_batches(paths, steps, batch_size=2, workers=1, min_size=None, keyed=False)
+    batches = decoded_batches(paths, steps, batch_size=2, workers=1, min_size=None, keyed=False)
     with pytest.raises(DataError, match=r"died while reading .*4\.png.*--workers 0"):
         list(batches)
 

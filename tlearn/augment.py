@@ -19,7 +19,8 @@ import torch
 from torchvision import transforms as T
 
 from tlearn.core.errors import UsageError
-from tlearn.preprocess import eval_transform, resize_target
+from tlearn.data.pixels import resize_target
+from tlearn.preprocess import eval_transform
 
 AUGMENTS = ("none", "flip", "light", "standard")
 TTAS = ("none", "flip", "10crop")

@@ -715,11 +715,11 @@ def predict_cmd(
             err.print(f"wrote {len(records)} predictions to {written}", highlight=False)
     elif output is not None:
         from tlearn.core.atomic import atomic_file
-        from tlearn.features import write_skipped_csv
+        from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
 
         with atomic_file(output, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-        write_skipped_csv(output.parent / "skipped.csv", res.skipped)
+        write_skipped_csv(output.parent / SKIPPED_CSV, res.skipped)
         if not quiet:
             err.print(f"wrote {len(records)} predictions to {output}", highlight=False)
     else:

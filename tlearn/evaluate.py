@@ -64,7 +64,7 @@ def write_reports(out_dir: str | Path, metrics: dict, skipped=()) -> list[Path]:
             for label, row in zip(conf["labels"], conf["matrix"], strict=True):
                 w.writerow([label, *row])
         written.append(path)
-    from tlearn.features import write_skipped_csv
+    from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
 
-    written.append(write_skipped_csv(out_dir / "skipped.csv", skipped))
+    written.append(write_skipped_csv(out_dir / SKIPPED_CSV, skipped))
     return written

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.core.atomic import atomic_file, write_json
+from tlearn.core.atomic import write_json
 from tlearn.core.errors import DataError
 from tlearn.core.version import __version__
-from tlearn.data import Skipped
-from tlearn.preprocess import eval_transform, resize_target
+from tlearn.data.decode import default_workers
+from tlearn.data.imageset import Skipped
+from tlearn.data.pixels import resize_target
+from tlearn.preprocess import eval_transform
 
 Progress = Callable[[int, int], None]  # (images done, images total)
 
@@ -46,18 +48,6 @@ def resolve_device(device: str = "auto"):
     return torch.device(device)
 
 
-def default_workers(n_images: int, batch_size: int, device_type: str = "cpu") -> int:
-    """Decode in worker processes so decoding overlaps the forward pass; on small machines
-    one worker leaves the other cores to torch. A GPU computes by itself: then all cores
-    but the one feeding it decode."""
-    if n_images <= batch_size:
-        return 0
-    cores = os.cpu_count() or 1
-    if device_type == "cuda":
-        return max(1, min(8, cores - 1))
-    return max(1, min(4, cores // 2))
-
-
 class ImageDataset:
     """(index, tensor | None, reason | None) per image; never raises for a bad image.
     A map-style dataset for torch's DataLoader (which needs only __len__/__getitem__)."""
@@ -73,7 +63,7 @@ class ImageDataset:
     keyed = False  # KeyedImageDataset: also the content key of each decoded file
 
     def __getitem__(self, i: int):
-        from tlearn.decode import decode_one
+        from tlearn.data.decode import decode_one
 
         item, reason, key = decode_one(self.paths[i], self.transform, self.min_size, self.keyed)
         return (i, item, reason, key) if self.keyed else (i, item, reason)
@@ -242,13 +232,13 @@ def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache
     # A runtime may take uint8 pixels and normalise them itself (tlearn.runtime).
     transform = getattr(runtime, "transform", None) or eval_transform(data_config)
     n_workers = default_workers(len(paths), batch_size, dev.type) if workers is None else workers
-    from tlearn.pixels import PilSteps
+    from tlearn.data.pixels import PilSteps
 
     if isinstance(transform, PilSteps):
         # uint8 pixel batches from plain worker processes: no torch needed (tlearn.decode).
         # On CUDA too: on a 16-core H200 machine torch's DataLoader (8 workers, pinned)
         # fed the GPU 375 img/s, this pool 1,880 (docs/benchmarks.md, GPU section).
-        from tlearn.decode import decoded_batches
+        from tlearn.data.decode import decoded_batches
 
         loader = decoded_batches(
             paths,
@@ -487,7 +477,7 @@ def _csv_texts(batches, paths, labels):
         )
         for b in batches
     )
-    from tlearn.decode import ordered_map
+    from tlearn.data.decode import ordered_map
 
     def died(job) -> DataError:
         return DataError(f"a CSV-writing worker process died near {job[0][0]}; run again")
@@ -564,14 +554,3 @@ def read_features_csv(path: str | Path) -> FeatureTable:
 def is_features_csv(path: str | Path) -> bool:
     p = Path(path)
     return p.is_file() and p.suffix.lower() == ".csv" and sidecar_path(p).is_file()
-
-
-def write_skipped_csv(path: str | Path, skipped: Sequence[Skipped]) -> Path:
-    """skipped.csv: one row per image that could not be used, with the reason."""
-    path = Path(path)
-    with atomic_file(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "reason"])
-        for s in skipped:
-            w.writerow([s.path, s.reason])
-    return path

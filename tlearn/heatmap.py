@@ -23,11 +23,13 @@ from tlearn import backbone as bb
 from tlearn.artifacts import SavedModel, load_model
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
-from tlearn.data import Skipped, load_image
-from tlearn.data import scan_inputs as scan_unlabeled
+from tlearn.data.image import load_image
+from tlearn.data.imageset import Skipped
+from tlearn.data.pixels import resize_target
+from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.features import extract_array
 from tlearn.heads import HEAD_KINDS, LinearHead
-from tlearn.preprocess import eval_transform, resize_target
+from tlearn.preprocess import eval_transform
 
 # Heads saved as a torch nn.Linear on the pooled features (weight (K, D), bias (K,)):
 # head type -> (weight tensor name, bias tensor name) in head.safetensors. The fine-tuning

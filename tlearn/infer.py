@@ -16,9 +16,9 @@ import torch
 from tlearn import backbone as bb
 from tlearn.augment import check_tta, tta_transform
 from tlearn.core.errors import ArtifactError, DataError, UsageError
-from tlearn.data import Skipped
+from tlearn.data.imageset import Skipped
+from tlearn.data.pixels import resize_target
 from tlearn.features import image_loader, resolve_device
-from tlearn.preprocess import resize_target
 
 
 @dataclass

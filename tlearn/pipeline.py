@@ -13,11 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.artifacts import SavedModel, build_config, load_model, save_model
-from tlearn.core.errors import ArtifactError, DataError, StrictModeError, UsageError, WeightsError
+from tlearn.core.errors import ArtifactError, DataError, UsageError, WeightsError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, FLATTEN_WARN_DIM, CutSpec, is_auto_layer
-from tlearn.data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
-from tlearn.data import scan_inputs as scan_unlabeled
+from tlearn.data.imageset import ImageSet, Skipped
+from tlearn.data.labels import read_labels_csv
+from tlearn.data.scan import load_images, resolve_dataset, scan_class_folders
+from tlearn.data.scan import scan_inputs as scan_unlabeled
+from tlearn.data.skipped import SKIPPED_CSV, skipped_csv_bytes, strict_failure, write_skipped_csv
+from tlearn.data.split import stratified_split
 from tlearn.evaluate import classification_metrics
 from tlearn.features import (
     FeatureBatch,
@@ -28,7 +32,6 @@ from tlearn.features import (
     partial_rows,
     read_features_csv,
     write_features_csv,
-    write_skipped_csv,
 )
 from tlearn.heads import LinearHead, parse_C
 from tlearn.shard import Shard, finish_features_part, plan_part, score_by_batch
@@ -107,23 +110,6 @@ class ExtractResult:
     warnings: list[str]
     seconds: float
     engine: dict = field(default_factory=dict)  # backend, device, cached, computed
-
-
-def load_images(data: Sequence[str | Path], labels_csv: str | Path | None = None) -> ImageSet:
-    """Labelled when possible: a labels CSV, or one folder of class sub-folders;
-    otherwise the named files/folders without labels."""
-    if labels_csv is not None:
-        return read_labels_csv(labels_csv)
-    if len(data) == 1 and Path(data[0]).is_dir() and _has_class_folders(Path(data[0])):
-        train, val = resolve_dataset(data[0])
-        if val is None:
-            return train
-        return train.concat(val)
-    return scan_unlabeled(list(data))
-
-
-def _has_class_folders(root: Path) -> bool:
-    return any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
 
 
 def extract(
@@ -210,28 +196,6 @@ def extract(
         warnings=warnings + engine.notes,
         seconds=time.perf_counter() - t0,
         engine=engine.summary(),
-    )
-
-
-SKIPPED_CSV = "skipped.csv"
-
-
-def skipped_csv_bytes(skipped: Sequence[Skipped]) -> bytes:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["path", "reason"])
-    w.writerows([s.path, s.reason] for s in skipped)
-    return buf.getvalue().encode("utf-8")
-
-
-def strict_failure(skipped: Sequence[Skipped]) -> StrictModeError:
-    listed = "; ".join(f"{s.path} ({s.reason})" for s in skipped[:10])
-    more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
-    return StrictModeError(
-        f"--strict: {len(skipped)} unreadable image(s), nothing written: {listed}{more}"
     )
 
 
@@ -346,17 +310,7 @@ def _drop_empty_classes(train: LabelledFeatures) -> LabelledFeatures:
 
 
 def _split(train: LabelledFeatures, fraction: float, seed: int):
-    from sklearn.model_selection import train_test_split
-
-    if not 0 < fraction < 1:
-        raise UsageError(f"--val-split {fraction}: must be between 0 and 1, e.g. 0.2")
-    idx = np.arange(len(train.y))
-    counts = np.bincount(train.y)
-    stratify = train.y if counts[counts > 0].min() >= 2 else None
-    try:
-        tr, va = train_test_split(idx, test_size=fraction, random_state=seed, stratify=stratify)
-    except ValueError as e:
-        raise DataError(f"--val-split {fraction}: cannot split {len(idx)} images ({e})") from None
+    tr, va = stratified_split(train.y, fraction, seed)
 
     def pick(ix, skipped, warnings):
         return LabelledFeatures(
@@ -368,7 +322,7 @@ def _split(train: LabelledFeatures, fraction: float, seed: int):
             warnings=warnings,
         )
 
-    return pick(np.sort(tr), train.skipped, train.warnings), pick(np.sort(va), [], [])
+    return pick(tr, train.skipped, train.warnings), pick(va, [], [])
 
 
 def fit(

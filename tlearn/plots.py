@@ -196,7 +196,7 @@ def plot_contact_sheet(
 ) -> Path:
     """A grid of images with a caption each. items: {"path", "caption"}; an unreadable
     image shows as a grey tile with its caption."""
-    from tlearn.data import load_image
+    from tlearn.data.image import load_image
 
     n = max(1, len(items))
     cols = min(columns, n)

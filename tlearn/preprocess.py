@@ -7,8 +7,6 @@ rebuilds exactly the same transform from it.
 
 from __future__ import annotations
 
-import math
-
 
 def eval_transform(data_config: dict):
     """timm's eval transform: resize the shorter side to size / crop_pct, centre crop."""
@@ -23,13 +21,6 @@ def eval_transform(data_config: dict):
         crop_mode=data_config.get("crop_mode", "center"),
         is_training=False,
     )
-
-
-def resize_target(data_config: dict) -> int:
-    """The shorter-side length the eval transform resizes to. A JPEG may be decoded at a
-    reduced scale as long as its shorter side stays at least this long."""
-    size = max(data_config["input_size"][1:])
-    return int(math.floor(size / data_config["crop_pct"]))
 
 
 class PixelTransform:
@@ -68,7 +59,7 @@ def split_eval_transform(data_config: dict):
     std = [float(v) for v in _as_list(normalize.std)]
     if len(mean) != 3 or len(std) != 3 or data_config["input_size"][0] != 3:
         return None
-    from tlearn.pixels import describe
+    from tlearn.data.pixels import describe
 
     # Plain PIL steps when they are the usual Resize + CenterCrop: no torch in workers,
     # and a description the cache can keep (tlearn.warm).

@@ -37,18 +37,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 from tlearn.core import errors
 from tlearn.core.atomic import atomic_file, write_json
 from tlearn.core.errors import DataError, TlearnError, UsageError
-
-if TYPE_CHECKING:  # tlearn.data pulls in numpy and Pillow: the CLI imports this module early
-    from tlearn.data import Skipped
 from tlearn.core.system import DistEnv, dist_env, threads_per_rank
+from tlearn.data.imageset import Skipped
+from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
 
 PREDICTIONS_FORMAT = "tlearn-predictions"
-SKIPPED_CSV = "skipped.csv"
 
 
 # ----------------------------------------------------------------------------- shards
@@ -382,8 +380,6 @@ def _meta_difference(a: dict, b: dict) -> str | None:
 def merge_parts(paths: Sequence[str | Path], out: str | Path) -> MergeResult:
     """Join checked parts in input order into `out` (atomically), as a single process
     would have written it: features CSV + sidecar, or predictions; skipped.csv beside."""
-    from tlearn.data import Skipped
-
     parts = check_parts(paths)
     out = Path(out)
     if any(out.resolve() == p.path.resolve() for p in parts):
@@ -397,15 +393,9 @@ def merge_parts(paths: Sequence[str | Path], out: str | Path) -> MergeResult:
     skipped = [Skipped(*s) for s in first.shard["scan_skipped"]]
     for p in parts:
         skipped += [Skipped(*s) for s in p.shard["skipped"]]
-    _write_skipped(out.parent / SKIPPED_CSV, skipped)
+    write_skipped_csv(out.parent / SKIPPED_CSV, skipped)
     rows = sum(int(p.meta["rows"]) for p in parts)
     return MergeResult(kind=kind, out=str(out), parts=len(parts), rows=rows, skipped=skipped)
-
-
-def _write_skipped(path: Path, skipped: Sequence[Skipped]) -> None:
-    from tlearn.features import write_skipped_csv
-
-    write_skipped_csv(path, skipped)
 
 
 def _merge_features_csv(parts: list[_Part], out: Path) -> None:
@@ -766,8 +756,6 @@ def predict(model_dir, inputs, *, shard: Shard | None = None, **kwargs):
         gathered = group.gather_json(payload)
     if env.rank != 0:
         return None
-    from tlearn.data import Skipped
-
     predictions, skipped = [], [Skipped(*s) for s in res.part["scan_skipped"]]
     for g in gathered:
         predictions += [Prediction(*p) for p in g["predictions"]]

@@ -25,7 +25,9 @@ import numpy as np
 from tlearn import backbone as bb
 from tlearn.core.errors import DataError, UsageError
 from tlearn.core.options import RunOptions
-from tlearn.data import ImageSet, Skipped, read_labels_csv, resolve_dataset
+from tlearn.data.imageset import ImageSet, Skipped
+from tlearn.data.labels import read_labels_csv
+from tlearn.data.scan import resolve_dataset
 from tlearn.features import extract_array
 from tlearn.heads import LinearHead, _estimator, parse_C
 from tlearn.pipeline import LabelledFeatures, _FeatureSource, open_backbone

@@ -42,12 +42,13 @@ from tlearn import backbone as bb
 from tlearn import checkpoint as ckpt
 from tlearn.augment import CACHEABLE_AUGMENTS, train_transform
 from tlearn.core.errors import ArtifactError, DataError, UsageError
-from tlearn.data import Skipped
+from tlearn.data.imageset import Skipped
+from tlearn.data.pixels import resize_target
 from tlearn.features import image_loader, resolve_device
 from tlearn.groups import GroupPlan, apply_freeze, build_optimizer, plan_groups, set_train_mode
 from tlearn.network import TransferNet, feature_dim
 from tlearn.nnhead import NNHead, head_config
-from tlearn.preprocess import eval_transform, resize_target
+from tlearn.preprocess import eval_transform
 from tlearn.traincache import TensorCache, compute_cache
 from tlearn.trainsetup import (
     DEFAULT_LR,

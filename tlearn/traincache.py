@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from tlearn.core.errors import DataError
-from tlearn.data import Skipped
+from tlearn.data.imageset import Skipped
+from tlearn.data.pixels import resize_target
 from tlearn.features import image_loader
-from tlearn.preprocess import eval_transform, resize_target
+from tlearn.preprocess import eval_transform
 
 
 class TensorCache:

@@ -10,11 +10,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from tlearn.augment import check_augment
 from tlearn.core.errors import DataError, UsageError
-from tlearn.data import ImageSet, Skipped, read_labels_csv, resolve_dataset, scan_class_folders
+from tlearn.data.imageset import ImageSet, Skipped
+from tlearn.data.labels import read_labels_csv
+from tlearn.data.scan import resolve_dataset, scan_class_folders
+from tlearn.data.split import stratified_split
 from tlearn.nnhead import NN_HEADS, head_config
 
 Events = Callable[[str, dict], None]
@@ -144,20 +145,8 @@ def _fingerprint(train: ImageSet, val: ImageSet | None) -> str:
 
 
 def _split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    from sklearn.model_selection import train_test_split
-
-    if not 0 < fraction < 1:
-        raise UsageError(f"--val-split {fraction}: must be between 0 and 1, e.g. 0.2")
-    y = np.asarray(images.labels)
-    counts = np.bincount(y)
-    stratify = y if counts[counts > 0].min() >= 2 else None
-    try:
-        tr, va = train_test_split(
-            np.arange(len(y)), test_size=fraction, random_state=seed, stratify=stratify
-        )
-    except ValueError as e:
-        raise DataError(f"--val-split {fraction}: cannot split {len(y)} images ({e})") from None
-    return images.subset(sorted(tr.tolist())), images.subset(sorted(va.tolist()))
+    tr, va = stratified_split(images.labels, fraction, seed)
+    return images.subset(tr.tolist()), images.subset(va.tolist())
 
 
 def load_datasets(

@@ -112,7 +112,7 @@ def remember_cut(root: Path | None, key: str | None, spec: CutSpec, data_config:
 
 def remember_pixels(root: Path | None, data_config: dict, pixels) -> None:
     """`pixels`: preprocess.split_eval_transform's (transform, mean, std) or None."""
-    from tlearn.pixels import PilSteps
+    from tlearn.data.pixels import PilSteps
 
     if root is None or pixels is None or not isinstance(pixels[0], PilSteps):
         return
@@ -131,7 +131,7 @@ def recall_cut(root: Path, key: str) -> tuple[CutSpec, dict] | None:
 
 
 def recall_pixels(root: Path, data_config: dict):
-    from tlearn.pixels import PilSteps
+    from tlearn.data.pixels import PilSteps
 
     doc = _read(_folder(root) / f"pixels-{pixels_key(data_config)}.json")
     try:

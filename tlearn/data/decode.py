@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from tlearn.core.errors import DataError, ImageLoadError
-from tlearn.data import load_image
+from tlearn.data.image import load_image
 
 # (indices into the path list, pixels (B, H, W, 3) uint8 or None, [(index, reason)],
 #  content keys of the decoded images or None)
@@ -154,3 +154,15 @@ def ordered_map(fn, jobs: Iterator, workers: int, prefetch: int, died) -> Iterat
             submit()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def default_workers(n_images: int, batch_size: int, device_type: str = "cpu") -> int:
+    """Decode in worker processes so decoding overlaps the forward pass; on small machines
+    one worker leaves the other cores to torch. A GPU computes by itself: then all cores
+    but the one feeding it decode."""
+    if n_images <= batch_size:
+        return 0
+    cores = os.cpu_count() or 1
+    if device_type == "cuda":
+        return max(1, min(8, cores - 1))
+    return max(1, min(4, cores // 2))

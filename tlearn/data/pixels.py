@@ -11,6 +11,7 @@ in the runtime (see tlearn.runtime.PixelInput).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,3 +115,10 @@ def describe(steps) -> PilSteps | None:
     if len(csize) != 2 or (len(size) == 2 and resize.max_size is not None):
         return None
     return PilSteps(resize=size, interpolation=mode, crop=csize, max_size=resize.max_size)
+
+
+def resize_target(data_config: dict) -> int:
+    """The shorter-side length the eval transform resizes to. A JPEG may be decoded at a
+    reduced scale as long as its shorter side stays at least this long."""
+    size = max(data_config["input_size"][1:])
+    return int(math.floor(size / data_config["crop_pct"]))

@@ -1,0 +1,41 @@
+"""The list of images that could not be used (skipped.csv), and the --strict failure that
+names them. One formatter: every command writes the same columns the same way."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+from tlearn.core.atomic import atomic_file
+from tlearn.core.errors import StrictModeError
+from tlearn.data.imageset import Skipped
+
+SKIPPED_CSV = "skipped.csv"
+
+
+def skipped_csv_bytes(skipped: Sequence[Skipped]) -> bytes:
+    """skipped.csv's content: a `path,reason` header, then one row per skipped image."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "reason"])
+    w.writerows([s.path, s.reason] for s in skipped)
+    return buf.getvalue().encode("utf-8")
+
+
+def write_skipped_csv(path: str | Path, skipped: Sequence[Skipped]) -> Path:
+    """Write skipped_csv_bytes to `path` atomically."""
+    path = Path(path)
+    with atomic_file(path, "wb") as f:
+        f.write(skipped_csv_bytes(skipped))
+    return path
+
+
+def strict_failure(skipped: Sequence[Skipped]) -> StrictModeError:
+    """The --strict error for these unreadable images (the first ten named)."""
+    listed = "; ".join(f"{s.path} ({s.reason})" for s in skipped[:10])
+    more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    return StrictModeError(
+        f"--strict: {len(skipped)} unreadable image(s), nothing written: {listed}{more}"
+    )
