@@ -23,8 +23,8 @@ from tlearn.cli import app
 from tlearn.core.errors import ArtifactError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.groups import apply_freeze, build_optimizer, plan_groups
+from tlearn.heads.neural import NNHead, head_config
 from tlearn.network import TransferNet, feature_dim
-from tlearn.nnhead import NNHead, head_config
 from tlearn.pipeline import open_backbone
 from tlearn.train import TrainOptions, fit_nn, resume_nn
 

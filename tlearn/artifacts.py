@@ -163,6 +163,7 @@ def _load_backbone_tensors(model_dir: Path, config: dict) -> dict[str, np.ndarra
 
 
 def _architecture_shapes(model_name: str, where) -> dict[str, tuple[int, ...]]:
+    # only a model whose backbone was fine-tuned gets here: it needs torch anyway
     import timm
     import torch
 
@@ -247,11 +248,9 @@ def validate_config(config: dict, where) -> None:
 
 
 def validate_tensors(config: dict, tensors: dict, where) -> None:
-    from tlearn.heads import LinearHead
+    from tlearn.heads.linear import LinearHead
 
     if HEAD_FAMILIES[config["head"]["type"]] == "nn":
-        from tlearn.nnhead import validate_head_tensors
-
         validate_head_tensors(config, tensors, where)
         return
 
@@ -264,3 +263,22 @@ def validate_tensors(config: dict, tensors: dict, where) -> None:
         needs=config_needs(config),
         allow_nonfinite=("intercept",),
     )
+
+
+def validate_head_tensors(config: dict, tensors: dict, where) -> None:
+    """Refuse a head file whose tensors do not match config.json exactly."""
+    # torch builds the head's shapes; only models with a neural head get here
+    from tlearn.heads.neural import expected_shapes
+
+    head = config["head"]
+    if head.get("type") == "mlp" and (
+        not isinstance(head.get("hidden"), list)
+        or not all(isinstance(h, int) and h > 0 for h in head["hidden"])
+    ):
+        raise ArtifactError(f"{where}: head 'hidden' must be a list of positive sizes")
+    if not isinstance(head.get("dropout"), (int, float)):
+        raise ArtifactError(f"{where}: head 'dropout' is missing")
+
+    expected = expected_shapes(head, config["feature_dim"], len(config["classes"]))
+    subject = f"the {head['type']} head in the config"
+    check_tensors(where, tensors, expected, subject=subject, needs=config_needs(config))

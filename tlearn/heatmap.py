@@ -28,7 +28,7 @@ from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
 from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.features import extract_array
-from tlearn.heads import HEAD_KINDS, LinearHead
+from tlearn.heads.linear import HEAD_KINDS, LinearHead
 from tlearn.preprocess import eval_transform
 
 # Heads saved as a torch nn.Linear on the pooled features (weight (K, D), bias (K,)):

@@ -50,8 +50,8 @@ def build_backbone(saved):
 
 def load_nn_net(saved):
     """The TransferNet of a saved neural-head model, in eval mode."""
+    from tlearn.heads.neural import NNHead
     from tlearn.network import TransferNet
-    from tlearn.nnhead import NNHead
 
     cfg = saved.config
     model = build_backbone(saved)
@@ -65,7 +65,7 @@ def load_nn_net(saved):
 def nn_scores_from_features(saved, X: np.ndarray) -> np.ndarray:
     """Probabilities from pooled features (a features CSV) for a model whose backbone
     was not trained."""
-    from tlearn.nnhead import NNHead
+    from tlearn.heads.neural import NNHead
 
     if saved.backbone is not None:
         raise UsageError(
@@ -90,7 +90,7 @@ def score_images(
     progress=None,
 ) -> Scored:
     """Per-class scores for every readable image; unreadable ones go to `skipped`."""
-    from tlearn.heads import LinearHead
+    from tlearn.heads.linear import LinearHead
 
     check_tta(tta)
     if batch_size < 1:

@@ -17,7 +17,7 @@ from torch import nn
 
 from tlearn import backbone as bb
 from tlearn.core.errors import UsageError
-from tlearn.nnhead import NNHead
+from tlearn.heads.neural import NNHead
 
 
 def _is_plain_sequential(m: nn.Module) -> bool:

@@ -33,7 +33,7 @@ from tlearn.features import (
     read_features_csv,
     write_features_csv,
 )
-from tlearn.heads import LinearHead, parse_C
+from tlearn.heads.linear import LinearHead, parse_C
 from tlearn.shard import Shard, finish_features_part, plan_part, score_by_batch
 from tlearn.warm import engine as warm_engine
 from tlearn.warm import for_request, for_spec, loaded_identity, remember_cut, request_key

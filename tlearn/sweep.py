@@ -29,7 +29,7 @@ from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
 from tlearn.features import extract_array
-from tlearn.heads import LinearHead, _estimator, parse_C
+from tlearn.heads.linear import LinearHead, make_estimator, parse_C
 from tlearn.pipeline import LabelledFeatures, _FeatureSource, open_backbone
 
 LAYER_SETS = ("stages", "all")
@@ -270,7 +270,7 @@ def score_cut(
         cv_seconds = sum(r.fit_seconds for r in h.cv_results_)
         return best.mean, best.std, h.C_, cv_seconds, total - cv_seconds, h.converged_
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    est = _estimator(head, C, seed, LinearHead(kind=head).iterations)
+    est = make_estimator(head, C, seed, LinearHead(kind=head).iterations)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         scores = cross_val_score(est, X, y, cv=cv)

@@ -46,8 +46,8 @@ from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
 from tlearn.features import image_loader, resolve_device
 from tlearn.groups import GroupPlan, apply_freeze, build_optimizer, plan_groups, set_train_mode
+from tlearn.heads.neural import NNHead, head_config
 from tlearn.network import TransferNet, feature_dim
-from tlearn.nnhead import NNHead, head_config
 from tlearn.preprocess import eval_transform
 from tlearn.traincache import TensorCache, compute_cache
 from tlearn.trainsetup import (

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from tlearn.augment import check_augment
 from tlearn.core.errors import DataError, UsageError
+from tlearn.core.spec import NN_HEADS
 from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset, scan_class_folders
 from tlearn.data.split import stratified_split
-from tlearn.nnhead import NN_HEADS, head_config
+from tlearn.heads.neural import head_config
 
 Events = Callable[[str, dict], None]
 BN_MODES = ("frozen", "train")

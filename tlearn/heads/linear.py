@@ -39,7 +39,7 @@ def parse_C(value: str | float) -> float | None:
     return c
 
 
-def _estimator(kind: str, C: float, seed: int, max_iter: int):
+def make_estimator(kind: str, C: float, seed: int, max_iter: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -111,7 +111,7 @@ class LinearHead:
     def _fit_one(self, X, y, C):
         from sklearn.exceptions import ConvergenceWarning
 
-        est = _estimator(self.kind, C, self.seed, self.iterations)
+        est = make_estimator(self.kind, C, self.seed, self.iterations)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             est.fit(X, y)
@@ -147,7 +147,7 @@ class LinearHead:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 scores = cross_val_score(
-                    _estimator(self.kind, C, self.seed, self.iterations),
+                    make_estimator(self.kind, C, self.seed, self.iterations),
                     X,
                     y,
                     cv=cv,

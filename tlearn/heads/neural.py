@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tlearn.core.errors import ArtifactError, UsageError
+from tlearn.core.errors import UsageError
 from tlearn.core.spec import NN_HEADS
 
 DEFAULT_DROPOUT = {"linear": 0.2, "mlp": 0.5}  # mlp: as in the dropout paper (hidden units)
@@ -105,21 +105,3 @@ def expected_shapes(config: dict, in_dim: int, n_classes: int) -> dict[str, tupl
     with torch.device("meta"):
         head = NNHead(config, in_dim, n_classes)
     return {k: tuple(v.shape) for k, v in head.state_dict().items()}
-
-
-def validate_head_tensors(config: dict, tensors: dict, where) -> None:
-    """Refuse a head file whose tensors do not match config.json exactly."""
-
-    head = config["head"]
-    if head.get("type") == "mlp" and (
-        not isinstance(head.get("hidden"), list)
-        or not all(isinstance(h, int) and h > 0 for h in head["hidden"])
-    ):
-        raise ArtifactError(f"{where}: head 'hidden' must be a list of positive sizes")
-    if not isinstance(head.get("dropout"), (int, float)):
-        raise ArtifactError(f"{where}: head 'dropout' is missing")
-    from tlearn.artifacts import check_tensors, config_needs
-
-    expected = expected_shapes(head, config["feature_dim"], len(config["classes"]))
-    subject = f"the {head['type']} head in the config"
-    check_tensors(where, tensors, expected, subject=subject, needs=config_needs(config))
