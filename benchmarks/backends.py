@@ -55,19 +55,22 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from tlearn import backbone as bb
     from tlearn import runtime as rt
+    from tlearn.backbone.cut import FeatureNetwork, feature_network
+    from tlearn.backbone.layers import list_layers
+    from tlearn.backbone.weights import load_backbone
+    from tlearn.core.spec import DEFAULT_MODEL, FINAL_LAYER
 
-    backbone = bb.load_backbone(bb.DEFAULT_MODEL, "auto")
-    cl_backbone = bb.load_backbone(bb.DEFAULT_MODEL, "auto")  # its own channels_last copy
+    backbone = load_backbone(DEFAULT_MODEL, "auto")
+    cl_backbone = load_backbone(DEFAULT_MODEL, "auto")  # its own channels_last copy
     cfg = backbone.data_config
-    gflops = {li.name: li.gflops for li in bb.list_layers(backbone.model)}
+    gflops = {li.name: li.gflops for li in list_layers(backbone.model)}
     cores = rt.cpu_cores()
     print(f"batch {args.batch_size}, {cores} cores, torch threads {torch.get_num_threads()}")
     for layer in args.layers.split(";"):
-        net, spec = bb.feature_network(backbone, None if layer == "final" else layer, "avg")
+        net, spec = feature_network(backbone, None if layer == "final" else layer, "avg")
         name = spec.layers[0]
-        gf = max(gflops.values()) if name == bb.FINAL_LAYER else gflops[name]
+        gf = max(gflops.values()) if name == FINAL_LAYER else gflops[name]
         x = rt.example_input(cfg, args.batch_size, pixels=False, random=True)
         with tempfile.TemporaryDirectory() as tmp:
             path = rt.cached_onnx(net, spec, cfg, Path(tmp))
@@ -78,7 +81,7 @@ def main() -> None:
                 ref = net(x).numpy()
             diff = max(float(np.abs(r(x) - ref).max()) for r in (intra, dp))
 
-            cl_net = bb.FeatureNetwork(cl_backbone.model, spec.layers, spec.pool).eval()
+            cl_net = FeatureNetwork(cl_backbone.model, spec.layers, spec.pool).eval()
             cl_runtime = rt.TorchRuntime(cl_net, cpu)  # channels_last
             ways = {
                 "torch eager NCHW": _eager(net),

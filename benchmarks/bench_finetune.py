@@ -54,7 +54,7 @@ def plain_loop(
     from timm.models._manipulate import group_with_matcher
     from torch.utils.data import DataLoader, Dataset
 
-    from tlearn.backbone import bundled_weights_file
+    from tlearn.core.spec import bundled_weights_file
 
     torch.manual_seed(seed)
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)

@@ -109,7 +109,7 @@ def plain_loop(paths: list[str], batch_size: int = 32, model_name: str = "tf_eff
     import torch
     from PIL import Image
 
-    from tlearn.backbone import load_backbone  # only to get the same bundled weights
+    from tlearn.backbone.weights import load_backbone
 
     model = load_backbone(model_name, "auto").model.eval()
     cfg = timm.data.resolve_data_config({}, model=model)

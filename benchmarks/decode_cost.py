@@ -57,7 +57,9 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from tlearn.backbone import DEFAULT_MODEL, data_config_for, load_backbone
+    from tlearn.backbone.models import data_config_for
+    from tlearn.backbone.weights import load_backbone
+    from tlearn.core.spec import DEFAULT_MODEL
     from tlearn.data.image import load_image
     from tlearn.data.pixels import resize_target
     from tlearn.preprocess import eval_transform, split_eval_transform

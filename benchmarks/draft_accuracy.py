@@ -30,8 +30,10 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from tlearn.backbone import DEFAULT_MODEL, data_config_for, load_backbone
+    from tlearn.backbone.models import data_config_for
+    from tlearn.backbone.weights import load_backbone
     from tlearn.core.options import RunOptions
+    from tlearn.core.spec import DEFAULT_MODEL
     from tlearn.data.image import load_image
     from tlearn.data.pixels import resize_target
     from tlearn.pipeline import fit

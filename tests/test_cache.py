@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import TINY, make_dataset
-from tlearn import backbone as bb
 from tlearn import runtime as rt
+from tlearn.backbone.cut import feature_network
+from tlearn.backbone.weights import load_backbone
 from tlearn.cache import FeatureStore, _shard_names, cache_info, cache_root, compact, hash_files
 from tlearn.cli import app
 from tlearn.core.hashing import content_key, file_key
@@ -33,8 +34,8 @@ def cache_dir(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def tiny():
-    backbone = bb.load_backbone("test_efficientnet", "none")
-    net, spec = bb.feature_network(backbone, None, "avg")
+    backbone = load_backbone("test_efficientnet", "none")
+    net, spec = feature_network(backbone, None, "avg")
     return net, spec, backbone.data_config
 
 
@@ -135,8 +136,8 @@ def test_other_cut_or_preprocessing_does_not_share_entries(cache_dir, image_fold
     net, spec, cfg = tiny
     paths = sorted(str(p) for p in (image_folder / "grass").iterdir())
     _extract(net, spec, cfg, paths)
-    backbone = bb.load_backbone("test_efficientnet", "none")
-    net2, spec2 = bb.feature_network(backbone, "blocks.1", "max")
+    backbone = load_backbone("test_efficientnet", "none")
+    net2, spec2 = feature_network(backbone, "blocks.1", "max")
     feats, s = _extract(net2, spec2, cfg, paths)
     assert s["computed"] == len(paths) and feats.X.shape[1] != 256
     _, s = _extract(net, spec, cfg, paths, draft=False)  # other decoding: other entries

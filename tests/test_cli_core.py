@@ -114,9 +114,9 @@ def test_extract_quotes_awkward_paths(runner, tmp_path):
 
 def test_extract_features_are_float32_exact(runner, image_folder, tmp_path):
     """The CSV holds the exact float32 values (shortest round-trip text)."""
-    from tlearn import backbone as bb
+    from tlearn.backbone.cut import feature_network
+    from tlearn.backbone.weights import open_backbone
     from tlearn.features import extract_array
-    from tlearn.pipeline import open_backbone
 
     out = tmp_path / "f.csv"
     # Same backend as extract_array's default, and no cached features from another backend
@@ -126,7 +126,7 @@ def test_extract_features_are_float32_exact(runner, image_folder, tmp_path):
     assert r.exit_code == 0
     df = pd.read_csv(out, dtype={f"f{i}": np.float32 for i in range(256)})
     backbone = open_backbone("test_efficientnet", "none")
-    net, _ = bb.feature_network(backbone, None, "avg")
+    net, _ = feature_network(backbone, None, "avg")
     feats = extract_array(net, list(df["path"]), backbone.data_config, workers=0)
     np.testing.assert_array_equal(df.iloc[:, 2:].to_numpy(np.float32), feats.X)
 
@@ -134,18 +134,18 @@ def test_extract_features_are_float32_exact(runner, image_folder, tmp_path):
 def test_only_layers_up_to_the_cut_are_computed(image_folder):
     import torch
 
-    from tlearn import backbone as bb
-    from tlearn.pipeline import open_backbone
+    from tlearn.backbone.cut import feature_network
+    from tlearn.backbone.weights import open_backbone
 
     backbone = open_backbone("test_efficientnet", "none")
-    net, spec = bb.feature_network(backbone, "blocks.2", "avg")
+    net, spec = feature_network(backbone, "blocks.2", "avg")
     ran = []
     backbone.model.conv_head.register_forward_hook(lambda *a: ran.append("conv_head"))
     backbone.model.blocks[3].register_forward_hook(lambda *a: ran.append("blocks.3"))
     with torch.inference_mode():
         net(torch.zeros(2, 3, 64, 64))
     assert ran == []
-    net, _ = bb.feature_network(backbone, None, "avg")
+    net, _ = feature_network(backbone, None, "avg")
     with torch.inference_mode():
         net(torch.zeros(2, 3, 64, 64))
     assert "conv_head" in ran

@@ -27,11 +27,11 @@ from safetensors.numpy import load_file
 from tests.conftest import make_dataset
 from tests.test_shard import REPO, torch_threads
 from tlearn import checkpoint as ckpt
+from tlearn.backbone.weights import open_backbone
 from tlearn.cli import app
 from tlearn.core.options import RunOptions
 from tlearn.core.system import DistEnv
 from tlearn.ddp import Dist
-from tlearn.pipeline import open_backbone
 from tlearn.train import TrainOptions, fit_nn, resume_nn
 
 MODEL = "test_convnext"

@@ -19,13 +19,14 @@ from safetensors.numpy import load_file, save_file
 from tests.conftest import TINY, make_dataset
 from tlearn import checkpoint as ckpt
 from tlearn.artifacts import load_model
+from tlearn.backbone.cut import feature_dim
+from tlearn.backbone.transfer import TransferNet
+from tlearn.backbone.weights import open_backbone
 from tlearn.cli import app
 from tlearn.core.errors import ArtifactError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.groups import apply_freeze, build_optimizer, plan_groups
 from tlearn.heads.neural import NNHead, head_config
-from tlearn.network import TransferNet, feature_dim
-from tlearn.pipeline import open_backbone
 from tlearn.train import TrainOptions, fit_nn, resume_nn
 
 MODEL = "test_efficientnet"
@@ -50,7 +51,7 @@ def tiny_net(layer="final", head="linear"):
     if layer not in _NETS:
         backbone = open_backbone(MODEL, "none")
         net = TransferNet(backbone.model, [layer], "avg", None, 160)
-        net.head = NNHead(head_config(head), feature_dim(net), 3)
+        net.head = NNHead(head_config(head), feature_dim(net, net.input_shape), 3)
         _NETS[layer] = net
     return _NETS[layer]
 
@@ -149,7 +150,7 @@ def test_several_cut_layers_run_through_the_cut_network_and_stop_there():
     net = TransferNet(backbone.model, ["blocks.2", "blocks.3"], "avg", None, 160)
     assert net.chain is None  # concatenated layers: the FX/hook cut network
     channels = [backbone.model.blocks[i][-1].conv_pwl.out_channels for i in (2, 3)]
-    assert feature_dim(net) == sum(channels)
+    assert feature_dim(net, net.input_shape) == sum(channels)
     net.head = NNHead(head_config("linear"), sum(channels), 3)
     plan = plan_groups(net, lr=1e-3, freeze="none")
     listed = {p for r in plan.rows for p in r.params}

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from tests.conftest import TINY
-from tlearn import backbone as bb
 from tlearn.artifacts import SavedModel, load_model
+from tlearn.backbone.cut import FeatureNetwork
+from tlearn.backbone.weights import load_backbone
 from tlearn.cli import app
 from tlearn.core.errors import UsageError
 from tlearn.heatmap import ScoreMapNetwork, check_spatial, fold_linear, heatmaps, linear_map
@@ -85,11 +86,11 @@ def test_logreg_heatmap_at_final_matches_probabilities(tmp_path, image_folder):
 def test_torch_linear_head_plugs_in_the_same_way():
     """A torch nn.Linear on avg-pooled features (the fine-tuning head) is exact too."""
     torch.manual_seed(0)
-    backbone = bb.load_backbone("test_efficientnet", "none")
+    backbone = load_backbone("test_efficientnet", "none")
     lin = torch.nn.Linear(48, 4)
     lmap = fold_linear(lin.weight.detach().numpy(), lin.bias.detach().numpy())
     net = ScoreMapNetwork(backbone.model, "blocks.3", lmap).eval()
-    pooled = bb.FeatureNetwork(backbone.model, ["blocks.3"], "avg").eval()
+    pooled = FeatureNetwork(backbone.model, ["blocks.3"], "avg").eval()
     x = torch.randn(2, 3, 160, 160)
     with torch.inference_mode():
         maps = net(x)

@@ -9,25 +9,27 @@ import pytest
 import torch
 
 from tests.conftest import TINY
-from tlearn import backbone as bb
+from tlearn.backbone.cut import FeatureNetwork
+from tlearn.backbone.layers import resolve_layers
+from tlearn.backbone.weights import load_backbone
 from tlearn.cli import app
 
 
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    return bb.load_backbone("test_efficientnet", "none")
+    return load_backbone("test_efficientnet", "none")
 
 
 def test_several_layers_concatenate_pooled_features_in_order(tiny):
     x = torch.randn(2, 3, 64, 64)
     single = {
-        n: bb.FeatureNetwork(tiny.model, [n], "avg").eval()(x)
+        n: FeatureNetwork(tiny.model, [n], "avg").eval()(x)
         for n in ("blocks.2", "blocks.4", "final")
     }
     with torch.inference_mode():
-        both = bb.FeatureNetwork(tiny.model, ["blocks.2", "blocks.4"], "avg").eval()(x)
-        with_final = bb.FeatureNetwork(tiny.model, ["blocks.2", "final"], "avg").eval()(x)
+        both = FeatureNetwork(tiny.model, ["blocks.2", "blocks.4"], "avg").eval()(x)
+        with_final = FeatureNetwork(tiny.model, ["blocks.2", "final"], "avg").eval()(x)
     assert both.shape == (2, 32 + 64)
     torch.testing.assert_close(both, torch.cat([single["blocks.2"], single["blocks.4"]], 1))
     # `final` with another layer goes through forward hooks, not the FX graph.
@@ -38,8 +40,8 @@ def test_several_layers_concatenate_pooled_features_in_order(tiny):
 
 
 def test_resolve_layers_accepts_names_and_stage_indices(tiny):
-    assert bb.resolve_layers(tiny.model, "blocks.2,-1") == ("blocks.2", "blocks.4")
-    assert bb.resolve_layers(tiny.model, "blocks.1, final") == ("blocks.1", "final")
+    assert resolve_layers(tiny.model, "blocks.2,-1") == ("blocks.2", "blocks.4")
+    assert resolve_layers(tiny.model, "blocks.1, final") == ("blocks.1", "final")
 
 
 def test_extract_and_fit_with_two_layers(tmp_path, image_folder, runner):

@@ -8,16 +8,18 @@ import pytest
 import torch
 
 from tests.conftest import TINY
-from tlearn import backbone as bb
 from tlearn import runtime as rt
+from tlearn.backbone.cut import feature_dim, feature_network
+from tlearn.backbone.weights import load_backbone
 from tlearn.cli import app
 from tlearn.core.errors import UsageError
+from tlearn.core.spec import DEFAULT_MODEL, bundled_weights_file
 from tlearn.features import extract_array, read_features_csv
 
 
 def _tiny(layers=None, pool="avg"):
-    backbone = bb.load_backbone("test_efficientnet", "none")
-    net, spec = bb.feature_network(backbone, layers, pool)
+    backbone = load_backbone("test_efficientnet", "none")
+    net, spec = feature_network(backbone, layers, pool)
     return net, spec, backbone.data_config
 
 
@@ -55,7 +57,7 @@ def test_onnx_and_torch_features_agree(tmp_path, image_folder, layers, pool):
     paths = _paths(image_folder)[::3]  # JPEGs and PNGs of every class
     pixels = rt.pixel_path(cfg)
     ref = extract_array(net, paths, cfg, workers=0).X  # plain torch, float32 transform
-    assert ref.shape == (len(paths), bb.feature_dim(net, cfg))
+    assert ref.shape == (len(paths), feature_dim(net, cfg["input_size"]))
     assert np.abs(ref).max() > 0
     for backend in ("onnx", "torch"):
         for px in (None, pixels):
@@ -64,10 +66,10 @@ def test_onnx_and_torch_features_agree(tmp_path, image_folder, layers, pool):
 
 def test_onnx_matches_torch_with_real_weights(tmp_path, image_folder):
     """The default backbone with its bundled ImageNet weights: features of order 1-10."""
-    if bb.bundled_weights_file(bb.DEFAULT_MODEL) is None:
+    if bundled_weights_file(DEFAULT_MODEL) is None:
         pytest.skip("bundled weights for the default backbone are not installed")
-    backbone = bb.load_backbone(bb.DEFAULT_MODEL, "auto")
-    net, spec = bb.feature_network(backbone, None, "avg")
+    backbone = load_backbone(DEFAULT_MODEL, "auto")
+    net, spec = feature_network(backbone, None, "avg")
     paths = _paths(image_folder)[:6]
     cfg = backbone.data_config
     b = _features("torch", net, spec, cfg, paths, tmp_path)

@@ -10,16 +10,11 @@ import timm
 import torch
 
 from tests.conftest import TINY, make_dataset
-from tlearn import backbone as bb
+from tlearn.backbone.cut import FeatureNetwork
+from tlearn.backbone.layers import Candidate, candidate_layers, list_layers
+from tlearn.backbone.weights import load_backbone
 from tlearn.cli import app
-from tlearn.sweep import (
-    Candidate,
-    LayerFeatures,
-    candidate_layers,
-    extract_layers,
-    sweep,
-    sweep_features,
-)
+from tlearn.sweep import LayerFeatures, extract_layers, sweep, sweep_features
 
 FAST = ["--C", "0.01", "--folds", "3"]
 
@@ -35,7 +30,7 @@ def _png_ok(path, min_side=200):
 
 def test_candidates_stages_all_and_explicit():
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    infos = bb.list_layers(model)
+    infos = list_layers(model)
     stages = [c.name for c in candidate_layers(model, "stages", infos)]
     assert stages == ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6", "final"]
     every = candidate_layers(model, "all", infos)
@@ -51,14 +46,14 @@ def test_candidates_stages_all_and_explicit():
 
 def test_extract_layers_matches_single_layer_extraction(image_folder):
     torch.manual_seed(0)
-    backbone = bb.load_backbone("test_efficientnet", "none")
+    backbone = load_backbone("test_efficientnet", "none")
     paths = sorted(str(p) for p in image_folder.rglob("*.*"))[:5]
     feats = extract_layers(backbone, ["blocks.1", "blocks.3", "final"], "avg", paths)
     assert feats.dims == (24, 48, 256) and feats.X.shape == (5, 24 + 48 + 256)
     from tlearn.features import extract_array
 
     for layer in ("blocks.3", "final"):
-        net = bb.FeatureNetwork(backbone.model, [layer], "avg").eval()
+        net = FeatureNetwork(backbone.model, [layer], "avg").eval()
         alone = extract_array(net, paths, backbone.data_config).X
         np.testing.assert_allclose(feats.select([layer]), alone, rtol=1e-5, atol=1e-5)
 

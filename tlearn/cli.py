@@ -258,7 +258,7 @@ def models_cmd(
 
     Example: tlearn models lite
     """
-    from tlearn.backbone import list_models
+    from tlearn.backbone.models import list_models
 
     rows = list_models(pattern)
     if offline:
@@ -297,16 +297,17 @@ def layers_cmd(
     """
     import timm
 
-    from tlearn.backbone import _create, data_config_for, list_layers, unknown_model_message
+    from tlearn.backbone.layers import list_layers
+    from tlearn.backbone.models import create_model, data_config_for, unknown_model_message
 
     if model not in timm.list_models():
         raise TlearnError(unknown_model_message(model))
-    net = _create(model, pretrained=False)
+    net = create_model(model, pretrained=False)
     size = input_size or data_config_for(net)["input_size"][1]
     layers = list_layers(net, size)
     if plot is not None:
+        from tlearn.backbone.layers import overview_layers
         from tlearn.plots import plot_layers
-        from tlearn.sweep import overview_layers
 
         plot_layers(overview_layers(net, layers), plot, f"{model} at {size}x{size}")
         err.print(f"wrote {plot}", highlight=False)

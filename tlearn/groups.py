@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from tlearn import backbone as bb
+from tlearn.backbone.layers import resolve_layers
 from tlearn.core.errors import UsageError
+from tlearn.core.spec import FINAL_LAYER
 
 DEFAULT_LAYER_DECAY = 0.5
 FREEZE_CHOICES = ("all", "none")
@@ -362,7 +363,7 @@ def plan_groups(
     lr_groups: str | None = None,
 ) -> GroupPlan:
     """Decide what trains and at which rate. See the module docstring for the options."""
-    from tlearn.network import execution_order
+    from tlearn.backbone.transfer import execution_order
 
     if not lr > 0:
         raise UsageError(f"--lr {lr}: must be positive, e.g. 1e-3")
@@ -408,8 +409,8 @@ def plan_groups(
             if resolved_to is None:
                 notes.append("no middle stage before the cut to freeze: the whole backbone trains")
         else:
-            resolved_to = bb.resolve_layers(net.model, [freeze_to])[0]
-            if resolved_to == bb.FINAL_LAYER:
+            resolved_to = resolve_layers(net.model, [freeze_to])[0]
+            if resolved_to == FINAL_LAYER:
                 raise UsageError("--freeze-to final freezes everything; use --freeze all")
         if resolved_to is not None:
             got = _frozen_up_to(full_order, resolved_to, used)

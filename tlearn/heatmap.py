@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tlearn import backbone as bb
 from tlearn.artifacts import SavedModel, load_model
+from tlearn.backbone.cut import CutNetwork, pool_maps
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
+from tlearn.core.spec import FINAL_LAYER
 from tlearn.data.image import load_image
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
@@ -100,7 +101,7 @@ class ScoreMapNetwork(nn.Module):
 
     def __init__(self, model: nn.Module, layer: str, lmap: LinearMap):
         super().__init__()
-        self.cut = bb.CutNetwork(model, [layer])
+        self.cut = CutNetwork(model, [layer])
         self.register_buffer("weight", torch.from_numpy(lmap.weight)[:, :, None, None])
         self.register_buffer("bias", torch.from_numpy(lmap.bias))
 
@@ -114,14 +115,14 @@ def check_spatial(model: nn.Module, layer: str, data_config: dict) -> tuple[int,
     pooling is not a plain spatial average (then the map would not match the model)."""
     x = torch.randn(1, *data_config["input_size"], generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        fmap = bb.CutNetwork(model, [layer]).eval()(x)[0]
+        fmap = CutNetwork(model, [layer]).eval()(x)[0]
         if fmap.ndim != 4:
             raise UsageError(
                 f"heatmap needs a C x H x W feature map; layer '{layer}' gives shape "
                 f"{tuple(fmap.shape[1:])} (tokens or vectors). Refit at a convolutional layer"
             )
-        if layer == bb.FINAL_LAYER:
-            pooled = model.forward_head(fmap, pre_logits=True)
+        if layer == FINAL_LAYER:
+            pooled = pool_maps(model, [layer], [fmap], "avg")[0]
             if pooled.shape != fmap.shape[:2] or not torch.allclose(
                 pooled, fmap.mean((2, 3)), rtol=1e-4, atol=1e-5
             ):

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tlearn import backbone as bb
 from tlearn.augment import check_tta, tta_transform
+from tlearn.backbone.cut import FeatureNetwork
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
@@ -32,7 +32,7 @@ class Scored:
 def build_backbone(saved):
     """The backbone a model predicts with: the fine-tuned weights saved in the model
     directory, or (frozen backbone) the original weights, checked by sha256."""
-    from tlearn.pipeline import backbone_for_spec, open_backbone
+    from tlearn.backbone.weights import backbone_for_spec, open_backbone
 
     if saved.backbone is None:
         return backbone_for_spec(saved.cut).model
@@ -50,8 +50,8 @@ def build_backbone(saved):
 
 def load_nn_net(saved):
     """The TransferNet of a saved neural-head model, in eval mode."""
+    from tlearn.backbone.transfer import TransferNet
     from tlearn.heads.neural import NNHead
-    from tlearn.network import TransferNet
 
     cfg = saved.config
     model = build_backbone(saved)
@@ -106,7 +106,7 @@ def score_images(
     else:
         head = LinearHead.from_saved(saved.config["head"], saved.tensors, saved.classes)
         backbone = _linear_backbone(saved)
-        fnet = bb.FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval().to(dev)
+        fnet = FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval().to(dev)
         kind = "probability" if head.kind == "logreg" else "svm margin"
 
         def score(x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +141,6 @@ def score_images(
 
 
 def _linear_backbone(saved):
-    from tlearn.pipeline import backbone_for_spec
+    from tlearn.backbone.weights import backbone_for_spec
 
     return backbone_for_spec(saved.cut)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.artifacts import SavedModel, build_config, load_model, save_model
-from tlearn.core.errors import ArtifactError, DataError, UsageError, WeightsError
+from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, FLATTEN_WARN_DIM, CutSpec, is_auto_layer
 from tlearn.data.imageset import ImageSet, Skipped
@@ -38,44 +38,6 @@ from tlearn.shard import Shard, finish_features_part, plan_part, score_by_batch
 from tlearn.warm import engine as warm_engine
 from tlearn.warm import for_request, for_spec, loaded_identity, remember_cut, request_key
 
-# ----------------------------------------------------------------------------- backbone
-
-
-def open_backbone(model: str, weights: str, seed: int = 0):
-    """backbone.Backbone (imports torch and timm)."""
-    import torch
-
-    from tlearn import backbone as bb
-
-    # Random init (--weights none) must be the same in fit and predict.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return bb.load_backbone(model, weights)
-
-
-def backbone_for_spec(spec: CutSpec, seed: int = 0):
-    """Rebuild the exact backbone a model was fitted with, checking the weights hash
-    (`seed`: of a random init, --weights none)."""
-    src = spec.weights_source
-    if src.startswith(("bundled:", "timm:")):
-        weights = "auto"
-    elif src == "none":
-        weights = "none"
-    else:
-        weights = src
-        if not Path(src).is_file():
-            raise WeightsError(
-                f"the model was fitted with weights file {src}, which is no longer there"
-            )
-    backbone = open_backbone(spec.model, weights, seed)
-    if spec.weights_sha256 and backbone.weights.sha256 != spec.weights_sha256:
-        raise WeightsError(
-            f"weights for {spec.model} ({backbone.weights.source}) differ from those the model "
-            f"was fitted with (sha256 {backbone.weights.sha256[:12]}... != "
-            f"{spec.weights_sha256[:12]}...); refit the model"
-        )
-    return backbone
-
 
 def open_engine(model: str, weights: str, layers, pool: str, run: RunOptions, seed: int = 0):
     """(torch feature network or None, engine.Engine) for a request. Warm (tlearn.warm):
@@ -84,10 +46,11 @@ def open_engine(model: str, weights: str, layers, pool: str, run: RunOptions, se
     warm = for_request(model, weights, layers, pool, seed, run)
     if warm is not None:
         return None, warm_engine(warm, run)
-    from tlearn import backbone as bb
+    from tlearn.backbone.cut import feature_network  # cold path: torch + timm
+    from tlearn.backbone.weights import open_backbone
 
     backbone = open_backbone(model, weights, seed)
-    net, spec = bb.feature_network(backbone, layers, pool)
+    net, spec = feature_network(backbone, layers, pool)
     from tlearn.runtime import feature_engine
 
     engine = feature_engine(net, spec, backbone.data_config, run)
@@ -486,10 +449,11 @@ def _saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage:
     if warm is not None:
         net, engine = None, warm_engine(warm, run)
     else:
-        from tlearn import backbone as bb
+        from tlearn.backbone.cut import FeatureNetwork  # cold path: torch + timm
+        from tlearn.backbone.weights import backbone_for_spec
 
         backbone = backbone_for_spec(saved.cut)
-        net = bb.FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval()
+        net = FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval()
         from tlearn.runtime import feature_engine
 
         engine = feature_engine(net, saved.cut, saved.data_config, run)

@@ -791,12 +791,13 @@ class BatchExtractor:
         device: str = "auto",
         backend: str = "auto",
     ):
-        from tlearn import backbone as bb
+        from tlearn.backbone.cut import feature_network
+        from tlearn.backbone.weights import open_backbone
         from tlearn.core.options import RunOptions
-        from tlearn.pipeline import open_backbone
+        from tlearn.core.spec import DEFAULT_MODEL
 
-        backbone = open_backbone(model or bb.DEFAULT_MODEL, weights)
-        self.net, self.spec = bb.feature_network(backbone, layers, pool)
+        backbone = open_backbone(model or DEFAULT_MODEL, weights)
+        self.net, self.spec = feature_network(backbone, layers, pool)
         self.data_config = backbone.data_config
         # The same inference backend as `tlearn extract` (ONNX Runtime on CPU by default),
         # so features match it bit for bit; no disk cache inside a batch mapper.

@@ -22,94 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn import backbone as bb
+from tlearn.backbone.cut import feature_network, layer_dims
+from tlearn.backbone.layers import Candidate, candidate_layers
+from tlearn.backbone.weights import Backbone, open_backbone
 from tlearn.core.errors import DataError, UsageError
 from tlearn.core.options import RunOptions
+from tlearn.core.spec import DEFAULT_MODEL
 from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
 from tlearn.features import extract_array
 from tlearn.heads.linear import LinearHead, make_estimator, parse_C
-from tlearn.pipeline import LabelledFeatures, _FeatureSource, open_backbone
+from tlearn.pipeline import LabelledFeatures, _FeatureSource
 
-LAYER_SETS = ("stages", "all")
-MIN_BLOCKS = 6  # with fewer blocks than this, `all` also adds the sub-blocks inside stages
 PAIR_POOL = 4  # pairs are formed among this many best single layers
 TIE_DECIMALS = 6  # CV accuracies equal to this many decimals are a tie
-
-
-# ----------------------------------------------------------------------------- candidates
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A cut point with what it costs: output shape per image, cumulative parameters and
-    GFLOPs for one image up to and including it, and its timm feature stage if any."""
-
-    name: str
-    shape: tuple[int, ...]
-    params: int
-    gflops: float
-    stage: int | None = None
-
-
-def _parent(name: str) -> str:
-    return name.rsplit(".", 1)[0] if "." in name else ""
-
-
-def candidate_layers(
-    model, which: str | Sequence[str] = "stages", infos: list[bb.LayerInfo] | None = None
-) -> list[Candidate]:
-    """Cut points to sweep, in the order the network computes them, ending with `final`.
-
-    stages: timm's feature_info stages (where the resolution drops) + final.
-    all:    every block at the stages' level (blocks.N, layerN, ...), so also the blocks
-            between stages; if there are fewer than MIN_BLOCKS, also the sub-blocks of
-            multi-block stages.
-    A list (or "a,b,c"): exactly those layers (names, stage indices or final).
-    """
-    infos = infos if infos is not None else bb.list_layers(model)
-    order = [li.name for li in infos]
-    by_name = {li.name: li for li in infos}
-    stages = [fi["module"] for fi in (getattr(model, "feature_info", None) or [])]
-    stages = [s for s in stages if s in by_name]
-    if isinstance(which, str) and which.strip().lower() in LAYER_SETS:
-        kind = which.strip().lower()
-        wanted = set(stages)
-        if kind == "all":
-            parents = {_parent(s) for s in stages} if stages else {""}
-            level = {n for n in order if _parent(n) in parents}
-            wanted |= level
-            if len(level) < MIN_BLOCKS:
-                for s in stages:
-                    children = [n for n in order if _parent(n) == s]
-                    if len(children) > 1:
-                        wanted |= set(children)
-        names = [n for n in order if n in wanted] + [bb.FINAL_LAYER]
-    else:
-        names = list(bb.resolve_layers(model, which))
-        rank = {n: i for i, n in enumerate(order + [bb.FINAL_LAYER])}
-        names.sort(key=lambda n: rank[n])
-    last = infos[-1] if infos else None
-    out = []
-    for n in names:
-        li = by_name.get(n)
-        if n == bb.FINAL_LAYER or li is None:
-            # The model's own pooled features, computed after the whole feature extractor.
-            shape = last.shape if last else ()
-            params, gflops, stage = (last.params, last.gflops, None) if last else (0, 0.0, None)
-        else:
-            shape, params, gflops, stage = li.shape, li.params, li.gflops, li.stage
-        out.append(Candidate(n, tuple(shape), params, gflops, stage))
-    return out
-
-
-def overview_layers(model, infos: list[bb.LayerInfo]) -> list[bb.LayerInfo]:
-    """The stem, every block at the stages' level, and the last layer: one row per block
-    for a picture of the network (sub-blocks would crowd it)."""
-    keep = {c.name for c in candidate_layers(model, "all", infos)}
-    last = len(infos) - 1
-    return [li for i, li in enumerate(infos) if li.name in keep or i in (0, last)]
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -138,25 +65,8 @@ class LayerFeatures:
         return np.ascontiguousarray(self.X[:, self.columns(layers)])
 
 
-def layer_dims(net: bb.FeatureNetwork, data_config: dict) -> tuple[int, ...]:
-    """Pooled feature size of each of the network's layers, from one dummy forward pass.
-    Pools each map exactly as FeatureNetwork.forward does before concatenating."""
-    import torch
-
-    x = torch.zeros(1, *data_config["input_size"])
-    dims = []
-    with torch.inference_mode():
-        for layer, fmap in zip(net.cut.layers, net.cut(x), strict=True):
-            if layer == bb.FINAL_LAYER and net.pool == "avg":
-                v = net.model.forward_head(fmap, pre_logits=True)
-            else:
-                v = bb.pool_features(fmap, net.pool)
-            dims.append(int(v.shape[1]))
-    return tuple(dims)
-
-
 def extract_layers(
-    backbone: bb.Backbone,
+    backbone: Backbone,
     layers: Sequence[str],
     pool: str,
     paths: Sequence[str],
@@ -169,8 +79,8 @@ def extract_layers(
     a second sweep over the same images and candidates does not run the backbone again.
     """
     run = run or RunOptions()
-    net, spec = bb.feature_network(backbone, list(layers), pool)
-    dims = layer_dims(net, backbone.data_config)
+    net, spec = feature_network(backbone, list(layers), pool)
+    dims = layer_dims(net, backbone.data_config["input_size"])
     from tlearn.runtime import feature_engine
 
     engine = feature_engine(net, spec, backbone.data_config, run)
@@ -442,7 +352,7 @@ def _training_images(data, labels_csv) -> tuple[ImageSet, list[str]]:
 def sweep(
     data: str | Path | None,
     *,
-    model: str = bb.DEFAULT_MODEL,
+    model: str = DEFAULT_MODEL,
     weights: str = "auto",
     layers: str | Sequence[str] = "stages",
     pool: str = "avg",
@@ -536,16 +446,16 @@ class AutoLayerSource(_FeatureSource):
         self.head, self.C, self.folds = head, C, folds
         self.candidates: list[Candidate] = []
         self.dims: tuple[int, ...] = ()
-        self.backbone: bb.Backbone | None = None
+        self.backbone: Backbone | None = None
 
     def _open(self):
         if self.net is None:
             self.backbone = open_backbone(self.model, self.weights, self.seed)
             self.candidates = candidate_layers(self.backbone.model, "stages")
             names = [c.name for c in self.candidates]
-            self.net, self.spec = bb.feature_network(self.backbone, names, self.pool)
+            self.net, self.spec = feature_network(self.backbone, names, self.pool)
             self.data_config = self.backbone.data_config
-            self.dims = layer_dims(self.net, self.data_config)
+            self.dims = layer_dims(self.net, self.data_config["input_size"])
             from tlearn.runtime import feature_engine
 
             self.engine = feature_engine(self.net, self.spec, self.data_config, self.run)

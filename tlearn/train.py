@@ -38,16 +38,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from tlearn import backbone as bb
 from tlearn import checkpoint as ckpt
 from tlearn.augment import CACHEABLE_AUGMENTS, train_transform
+from tlearn.backbone.cut import cut_spec, feature_dim
+from tlearn.backbone.layers import resolve_layers
+from tlearn.backbone.transfer import TransferNet
 from tlearn.core.errors import ArtifactError, DataError, UsageError
+from tlearn.core.spec import DEFAULT_MODEL
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
 from tlearn.features import image_loader, resolve_device
 from tlearn.groups import GroupPlan, apply_freeze, build_optimizer, plan_groups, set_train_mode
 from tlearn.heads.neural import NNHead, head_config
-from tlearn.network import TransferNet, feature_dim
 from tlearn.preprocess import eval_transform
 from tlearn.traincache import TensorCache, compute_cache
 from tlearn.trainsetup import (
@@ -145,7 +147,7 @@ class _Run:
     # ------------------------------------------------------------------ setup
 
     def setup(self) -> None:
-        from tlearn.pipeline import open_backbone
+        from tlearn.backbone.weights import open_backbone
 
         s, o = self.s, self.o
         check_options(o)
@@ -170,18 +172,12 @@ class _Run:
 
         backbone = open_backbone(s.model, s.weights, s.seed)
         self.backbone = backbone
-        layers = bb.resolve_layers(backbone.model, s.layers)
-        self.spec = bb.CutSpec(
-            model=backbone.name,
-            weights_source=backbone.weights.source,
-            weights_sha256=backbone.weights.sha256,
-            layers=layers,
-            pool=s.pool,
-        )
+        layers = resolve_layers(backbone.model, s.layers)
+        self.spec = cut_spec(backbone, layers, s.pool)
         self.data_config = backbone.data_config
         size = int(self.data_config["input_size"][1])
         net = TransferNet(backbone.model, layers, s.pool, None, size)
-        self.feature_dim = feature_dim(net)
+        self.feature_dim = feature_dim(net, net.input_shape)
         self.head_cfg = head_config(o.head, hidden=o.hidden, dropout=o.dropout, batchnorm=o.head_bn)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed)
@@ -253,8 +249,8 @@ class _Run:
     def _mutable_names(self) -> set[str]:
         """state_dict keys training can change: trainable parameters, the head, and the
         buffers (BatchNorm statistics) of used modules that run in train mode."""
+        from tlearn.backbone.transfer import execution_order
         from tlearn.groups import frozen_modules
-        from tlearn.network import execution_order
 
         frozen_ids = {id(m) for m in frozen_modules(self.net)} if self.o.bn == "frozen" else set()
         frozen = [n for n, m in self.net.named_modules() if id(m) in frozen_ids]
@@ -1011,7 +1007,7 @@ def fit_nn(
     out_dir,
     *,
     options: TrainOptions | None = None,
-    model: str = bb.DEFAULT_MODEL,
+    model: str = DEFAULT_MODEL,
     weights: str = "auto",
     layers: str | Sequence[str] | None = None,
     pool: str = "avg",

@@ -248,13 +248,13 @@ def _cold_runtime(warm: Warm, notes: list[str]):
     """The runtime a cold run would open for this cut (imports torch)."""
     import torch
 
-    from tlearn import backbone as bb
     from tlearn import runtime as rt
+    from tlearn.backbone.cut import FeatureNetwork
+    from tlearn.backbone.weights import backbone_for_spec
     from tlearn.cache import cache_root
-    from tlearn.pipeline import backbone_for_spec
 
     backbone = backbone_for_spec(warm.spec, seed=warm.seed)
-    net = bb.FeatureNetwork(backbone.model, warm.spec.layers, warm.spec.pool).eval()
+    net = FeatureNetwork(backbone.model, warm.spec.layers, warm.spec.pool).eval()
     return rt.open_runtime(
         net,
         warm.spec,

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tlearn import backbone as bb
-from tlearn.core.errors import UsageError
+from tlearn.backbone.cut import CutNetwork, check_pool, join_vectors, pool_maps
+from tlearn.core.spec import FINAL_LAYER
 from tlearn.heads.neural import NNHead
 
 
@@ -75,7 +75,7 @@ def chain_modules(model: nn.Module, size: int) -> list[tuple[str, nn.Module]] | 
 
 def chain_boundary(chain: Sequence[tuple[str, nn.Module]], layer: str) -> int | None:
     """Number of chain elements computed when `layer` has produced its output."""
-    if layer == bb.FINAL_LAYER:
+    if layer == FINAL_LAYER:
         return len(chain)
     last = None
     for i, (name, _) in enumerate(chain):
@@ -101,8 +101,7 @@ class TransferNet(nn.Module):
         input_size: int,
     ):
         super().__init__()
-        if pool not in bb.POOLS:
-            raise UsageError(f"unknown --pool '{pool}'; allowed: {', '.join(bb.POOLS)}")
+        check_pool(pool)
         if hasattr(model, "drop_rate"):
             # The new head's --dropout replaces the model's own pre-classifier dropout.
             model.drop_rate = 0.0
@@ -111,6 +110,7 @@ class TransferNet(nn.Module):
         self.layers = tuple(layers)
         self.pool = pool
         self.input_size = input_size
+        self.input_shape = (3, input_size, input_size)
         chain = chain_modules(model, input_size) if len(self.layers) == 1 else None
         self.chain: list[tuple[str, nn.Module]] | None = None
         self.cut_index = None
@@ -119,7 +119,7 @@ class TransferNet(nn.Module):
             if end is not None:
                 self.chain, self.cut_index = list(chain[:end]), end
         # Not registered: it shares the modules of self.model.
-        object.__setattr__(self, "_cut", None if self.chain else bb.CutNetwork(model, layers))
+        object.__setattr__(self, "_cut", None if self.chain else CutNetwork(model, layers))
         self.split = 0
 
     # ------------------------------------------------------------------ splitting
@@ -133,14 +133,16 @@ class TransferNet(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _pool(self, fmaps: list[torch.Tensor]) -> torch.Tensor:
-        vecs = []
-        for layer, fmap in zip(self.layers, fmaps, strict=True):
-            if layer == bb.FINAL_LAYER and self.pool == "avg":
-                vecs.append(self.model.forward_head(fmap, pre_logits=True))
-            else:
-                vecs.append(bb.pool_features(fmap, self.pool))
-        return torch.cat(vecs, dim=1) if len(vecs) > 1 else vecs[0]
+    def pooled_from_prefix(self, h: torch.Tensor) -> list[torch.Tensor]:
+        for _, m in self.chain[self.split :]:
+            h = m(h)
+        return pool_maps(self.model, self.layers, [h], self.pool)
+
+    def pooled(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One pooled vector per cut layer (backbone.cut.pool_maps, as in extraction)."""
+        if self.chain is not None:
+            return self.pooled_from_prefix(self.forward_prefix(x))
+        return pool_maps(self.model, self.layers, self._cut(x), self.pool)
 
     def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
         for _, m in self.chain[: self.split]:
@@ -148,29 +150,16 @@ class TransferNet(nn.Module):
         return x
 
     def features_from_prefix(self, h: torch.Tensor) -> torch.Tensor:
-        for _, m in self.chain[self.split :]:
-            h = m(h)
-        return self._pool([h])
+        return join_vectors(self.pooled_from_prefix(h))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.chain is not None:
-            return self.features_from_prefix(self.forward_prefix(x))
-        return self._pool(self._cut(x))
+        return join_vectors(self.pooled(x))
 
     def forward_from_prefix(self, h: torch.Tensor) -> torch.Tensor:
         return self.head(self.features_from_prefix(h))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
-
-
-def feature_dim(net: TransferNet) -> int:
-    was = net.training
-    net.eval()
-    with torch.inference_mode():
-        d = int(net.features(torch.zeros(1, 3, net.input_size, net.input_size)).shape[1])
-    net.train(was)
-    return d
 
 
 def execution_order(net: TransferNet) -> list[str]:
@@ -201,7 +190,7 @@ def execution_order(net: TransferNet) -> list[str]:
     net.eval()
     try:
         with torch.inference_mode():
-            net.features(torch.zeros(1, 3, net.input_size, net.input_size))
+            net.features(torch.zeros(1, *net.input_shape))
     finally:
         net.train(was)
         for h in handles:
