@@ -55,34 +55,37 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from tlearn import runtime as rt
     from tlearn.backbone.cut import FeatureNetwork, feature_network
     from tlearn.backbone.layers import list_layers
     from tlearn.backbone.weights import load_backbone
     from tlearn.core.spec import DEFAULT_MODEL, FINAL_LAYER
+    from tlearn.core.system import cpu_cores
+    from tlearn.runtime.export import cached_onnx
+    from tlearn.runtime.ort import OnnxRuntime
+    from tlearn.runtime.torch_runtime import TorchRuntime, example_input
 
     backbone = load_backbone(DEFAULT_MODEL, "auto")
     cl_backbone = load_backbone(DEFAULT_MODEL, "auto")  # its own channels_last copy
     cfg = backbone.data_config
     gflops = {li.name: li.gflops for li in list_layers(backbone.model)}
-    cores = rt.cpu_cores()
+    cores = cpu_cores()
     print(f"batch {args.batch_size}, {cores} cores, torch threads {torch.get_num_threads()}")
     for layer in args.layers.split(";"):
         net, spec = feature_network(backbone, None if layer == "final" else layer, "avg")
         name = spec.layers[0]
         gf = max(gflops.values()) if name == FINAL_LAYER else gflops[name]
-        x = rt.example_input(cfg, args.batch_size, pixels=False, random=True)
+        x = example_input(cfg, args.batch_size, pixels=False, random=True)
         with tempfile.TemporaryDirectory() as tmp:
-            path = rt.cached_onnx(net, spec, cfg, Path(tmp))
+            path = cached_onnx(net, spec, cfg, Path(tmp))
             cpu = torch.device("cpu")
-            intra = rt.OnnxRuntime(path, cpu, streams=1, threads=cores)
-            dp = rt.OnnxRuntime(path, cpu)  # tlearn's default
+            intra = OnnxRuntime(path, cpu, streams=1, threads=cores)
+            dp = OnnxRuntime(path, cpu)  # tlearn's default
             with torch.inference_mode():
                 ref = net(x).numpy()
             diff = max(float(np.abs(r(x) - ref).max()) for r in (intra, dp))
 
             cl_net = FeatureNetwork(cl_backbone.model, spec.layers, spec.pool).eval()
-            cl_runtime = rt.TorchRuntime(cl_net, cpu)  # channels_last
+            cl_runtime = TorchRuntime(cl_net, cpu)  # channels_last
             ways = {
                 "torch eager NCHW": _eager(net),
                 "torch channels_last": cl_runtime,

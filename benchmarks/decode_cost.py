@@ -62,7 +62,7 @@ def main() -> None:
     from tlearn.core.spec import DEFAULT_MODEL
     from tlearn.data.image import load_image
     from tlearn.data.pixels import resize_target
-    from tlearn.preprocess import eval_transform, split_eval_transform
+    from tlearn.runtime.transforms import eval_transform, split_eval_transform
 
     torch.set_num_threads(1)
     cfg = data_config_for(load_backbone(DEFAULT_MODEL, "auto").model)

@@ -37,7 +37,7 @@ def main() -> None:
     from tlearn.data.image import load_image
     from tlearn.data.pixels import resize_target
     from tlearn.pipeline import fit
-    from tlearn.preprocess import eval_transform
+    from tlearn.runtime.transforms import eval_transform
 
     paths = bl.list_images(args.data)
     cfg = data_config_for(load_backbone(DEFAULT_MODEL, "auto").model)

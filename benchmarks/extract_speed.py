@@ -74,14 +74,18 @@ def child_phase(
     before the run), so each timed run is long enough to even out scheduler noise."""
     import torch
 
-    from tlearn import runtime as rt
     from tlearn.backbone.cut import feature_network
     from tlearn.backbone.layers import list_layers
     from tlearn.backbone.weights import load_backbone
     from tlearn.cache import FeatureStore, cache_root
     from tlearn.core.options import RunOptions
     from tlearn.core.spec import FINAL_LAYER
+    from tlearn.engine import feature_engine
     from tlearn.features import iter_features
+    from tlearn.runtime.export import cached_onnx
+    from tlearn.runtime.ort import LazyRuntime, OnnxRuntime
+    from tlearn.runtime.torch_runtime import example_input
+    from tlearn.runtime.transforms import pixel_path
 
     paths = bl.list_images(data)
     paths = [paths[i % len(paths)] for i in range(max(n_images, len(paths)))]
@@ -98,19 +102,19 @@ def child_phase(
         name = spec.layers[0] + (" intra-op" if whole_batch else "")
         gflops = full_gflops if spec.layers[0] == FINAL_LAYER else table[spec.layers[0]]
         run = RunOptions(backend=backend, device="cpu", cache=True)
-        engine = rt.feature_engine(net, spec, cfg, run)
+        engine = feature_engine(net, spec, cfg, run)
         if whole_batch:  # for comparison: ORT on the whole batch with intra-op threads
-            px = rt.pixel_path(cfg)
-            path = rt.cached_onnx(net, spec, cfg, cache_root(), px)
-            engine.runtime = rt.LazyRuntime(
-                lambda path=path, px=px: rt.OnnxRuntime(
+            px = pixel_path(cfg)
+            path = cached_onnx(net, spec, cfg, cache_root(), px)
+            engine.runtime = LazyRuntime(
+                lambda path=path, px=px: OnnxRuntime(
                     path, torch.device("cpu"), streams=1, transform=px[0]
                 ),
                 torch.device("cpu"),
                 px[0],
             )
         pixels = engine.runtime.transform is not None
-        x = rt.example_input(cfg, batch_size, pixels, random=True)
+        x = example_input(cfg, batch_size, pixels, random=True)
         engine.runtime(x)  # export (or load) and warm up
         n_batches = max(1, math.ceil(len(paths) / batch_size))
         fwd, e2e, cpu = [], [], {"forward": [], "main": [], "workers": []}

@@ -64,10 +64,11 @@ def child_forward(batch_sizes: list[int], seconds_each: float) -> None:
     """Forward-only images/s on random batches already in (pinned) host memory."""
     import torch
 
-    from tlearn import runtime as rt
     from tlearn.backbone.cut import feature_network
     from tlearn.backbone.layers import list_layers
     from tlearn.backbone.weights import load_backbone
+    from tlearn.runtime.torch_runtime import TorchRuntime, example_input
+    from tlearn.runtime.transforms import pixel_path
 
     backbone = load_backbone(MODEL, "auto")
     gflops = max(li.gflops for li in list_layers(backbone.model))
@@ -93,11 +94,11 @@ def child_forward(batch_sizes: list[int], seconds_each: float) -> None:
         with torch.no_grad():
             return plain(x.to(dev)).cpu()
 
-    x = rt.example_input(cfg, 32, pixels=False, random=True).pin_memory()
+    x = example_input(cfg, 32, pixels=False, random=True).pin_memory()
     out["plain fp32 bs32"] = rate(plain_fn, x)
-    runtime = rt.TorchRuntime(net, dev, rt.pixel_path(cfg))
+    runtime = TorchRuntime(net, dev, pixel_path(cfg))
     for bs in batch_sizes:
-        x = rt.example_input(cfg, bs, pixels=True, random=True).pin_memory()
+        x = example_input(cfg, bs, pixels=True, random=True).pin_memory()
         out[f"tlearn amp bs{bs}"] = rate(runtime, x)
     print(json.dumps(out))
 
@@ -111,30 +112,32 @@ def child_pipeline(data: str, n_images: int, worker_counts: list[int]) -> None:
     import numpy as np
     import torch
 
-    from tlearn import runtime as rt
     from tlearn.backbone.cut import feature_network
     from tlearn.backbone.weights import load_backbone
     from tlearn.data.decode import decoded_batches
     from tlearn.data.pixels import resize_target
-    from tlearn.features import _torch_loader, csv_text
+    from tlearn.features import csv_text
+    from tlearn.runtime.loader import torch_batches
+    from tlearn.runtime.torch_runtime import TorchRuntime, example_input
+    from tlearn.runtime.transforms import pixel_path
 
     paths = bl.list_images(data)
     paths = [paths[i % len(paths)] for i in range(n_images)]
     backbone = load_backbone(MODEL, "auto")
     net, spec = feature_network(backbone, None, "avg")
     cfg = backbone.data_config
-    px, min_size = rt.pixel_path(cfg), resize_target(cfg)
+    px, min_size = pixel_path(cfg), resize_target(cfg)
     dev = torch.device("cuda")
-    runtime = rt.TorchRuntime(net, dev, px)
+    runtime = TorchRuntime(net, dev, px)
     for bs in (32, 128):
-        runtime(rt.example_input(cfg, bs, pixels=True, random=True))
+        runtime(example_input(cfg, bs, pixels=True, random=True))
     out = {}
     for bs in (32, 128):
         for kind in ("torch", "pool"):
             for w in worker_counts:
                 for forward in (False, True):
                     if kind == "torch":
-                        it = _torch_loader(paths, px[0], min_size, bs, w, object(), dev)
+                        it = torch_batches(paths, px[0], min_size, bs, w, object(), dev)
                     else:
                         it = decoded_batches(
                             paths, px[0], batch_size=bs, workers=w, min_size=min_size, keyed=True

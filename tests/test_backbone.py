@@ -16,7 +16,7 @@ from tlearn.backbone.models import create_model, data_config_for
 from tlearn.backbone.weights import _apply_state_dict, load_backbone
 from tlearn.core.errors import ModelError, UsageError, WeightsError
 from tlearn.core.spec import bundled_weights_file
-from tlearn.preprocess import eval_transform
+from tlearn.runtime.transforms import eval_transform
 
 
 def test_bundled_lite0_weights_classify_a_real_photo():

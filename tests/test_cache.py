@@ -14,14 +14,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+import tlearn.runtime.export as rt
 from tests.conftest import TINY, make_dataset
-from tlearn import runtime as rt
 from tlearn.backbone.cut import feature_network
 from tlearn.backbone.weights import load_backbone
 from tlearn.cache import FeatureStore, _shard_names, cache_info, cache_root, compact, hash_files
 from tlearn.cli import app
 from tlearn.core.hashing import content_key, file_key
 from tlearn.core.options import RunOptions
+from tlearn.engine import feature_engine
 from tlearn.features import extract_array, read_features_csv
 
 
@@ -41,7 +42,7 @@ def tiny():
 
 def _extract(net, spec, cfg, paths, *, cache=True, draft=True):
     run = RunOptions(backend="torch", device="cpu", cache=cache, draft=draft)
-    engine = rt.feature_engine(net, spec, cfg, run)
+    engine = feature_engine(net, spec, cfg, run)
     feats = extract_array(net, paths, cfg, workers=0, batch_size=4, **engine.kwargs())
     return feats, engine.summary()
 
@@ -81,7 +82,7 @@ def test_second_run_is_served_from_the_cache(cache_dir, image_folder, tiny, monk
 
     # both ways images get decoded: plain worker processes and torch's DataLoader
     monkeypatch.setattr(decode_module, "decoded_batches", no_workers)
-    monkeypatch.setattr(features_module, "_torch_loader", no_workers)
+    monkeypatch.setattr(features_module, "torch_batches", no_workers)
     second, s2 = _extract(net, spec, cfg, paths)
     assert s2 == {"backend": None, "device": "cpu", "cached": len(paths), "computed": 0}
     np.testing.assert_array_equal(second.X, first.X)
@@ -301,7 +302,7 @@ def test_csv_written_by_worker_processes_is_byte_identical(
 ):
     """On machines with cores to spare the CSV text is made in worker processes while
     extraction goes on: same bytes, same row order, as writing it in the main process."""
-    from tlearn import features
+    import tlearn.features as features
 
     assert features.csv_workers(2) == 0 and features.csv_workers(16) == 4
     first = sorted((image_folder / "grass").iterdir())[0]

@@ -539,8 +539,8 @@ def test_flip_tta_averages_the_scores_of_the_image_and_its_mirror(
 
 
 def test_ten_crop_views_are_corners_centre_and_their_mirrors():
-    from tlearn.augment import tta_transform
-    from tlearn.preprocess import eval_transform
+    from tlearn.runtime.augment import tta_transform
+    from tlearn.runtime.transforms import eval_transform
 
     cfg = {
         "input_size": [3, 32, 32],

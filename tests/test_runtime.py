@@ -3,18 +3,25 @@ checked, and falls back to torch with a note when it cannot be done."""
 
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 import pytest
 import torch
 
+import tlearn.runtime.export as rt
 from tests.conftest import TINY
-from tlearn import runtime as rt
 from tlearn.backbone.cut import feature_dim, feature_network
 from tlearn.backbone.weights import load_backbone
 from tlearn.cli import app
 from tlearn.core.errors import UsageError
 from tlearn.core.spec import DEFAULT_MODEL, bundled_weights_file
 from tlearn.features import extract_array, read_features_csv
+from tlearn.runtime.device import choose_backend, precision
+from tlearn.runtime.export import cached_onnx, export_onnx, open_runtime
+from tlearn.runtime.ort import OnnxRuntime, ort_providers
+from tlearn.runtime.torch_runtime import PixelInput, TorchRuntime
+from tlearn.runtime.transforms import pixel_path
 
 
 def _tiny(layers=None, pool="avg"):
@@ -28,7 +35,7 @@ def _paths(folder):
 
 
 def _features(backend, net, spec, cfg, paths, cache_root, pixels=None):
-    runtime = rt.open_runtime(
+    runtime = open_runtime(
         net,
         spec,
         cfg,
@@ -55,7 +62,7 @@ def assert_close(a, b, tol=1e-4):
 def test_onnx_and_torch_features_agree(tmp_path, image_folder, layers, pool):
     net, spec, cfg = _tiny(layers, pool)
     paths = _paths(image_folder)[::3]  # JPEGs and PNGs of every class
-    pixels = rt.pixel_path(cfg)
+    pixels = pixel_path(cfg)
     ref = extract_array(net, paths, cfg, workers=0).X  # plain torch, float32 transform
     assert ref.shape == (len(paths), feature_dim(net, cfg["input_size"]))
     assert np.abs(ref).max() > 0
@@ -73,21 +80,21 @@ def test_onnx_matches_torch_with_real_weights(tmp_path, image_folder):
     paths = _paths(image_folder)[:6]
     cfg = backbone.data_config
     b = _features("torch", net, spec, cfg, paths, tmp_path)
-    a = _features("onnx", net, spec, cfg, paths, tmp_path, rt.pixel_path(cfg))
+    a = _features("onnx", net, spec, cfg, paths, tmp_path, pixel_path(cfg))
     assert np.abs(b).max() > 1.0
     assert np.abs(a - b).max() <= 1e-4
 
 
 def test_exported_model_is_cached_and_keyed_by_cut(tmp_path, monkeypatch):
     calls = []
-    real = rt.export_onnx
+    real = export_onnx
     monkeypatch.setattr(rt, "export_onnx", lambda *a: (calls.append(a), real(*a)))
     net, spec, cfg = _tiny()
-    p1 = rt.cached_onnx(net, spec, cfg, tmp_path)
-    p2 = rt.cached_onnx(net, spec, cfg, tmp_path)
+    p1 = cached_onnx(net, spec, cfg, tmp_path)
+    p2 = cached_onnx(net, spec, cfg, tmp_path)
     assert p1 == p2 and p1.is_file() and len(calls) == 1
     net2, spec2, _ = _tiny("blocks.1")
-    p3 = rt.cached_onnx(net2, spec2, cfg, tmp_path)
+    p3 = cached_onnx(net2, spec2, cfg, tmp_path)
     assert p3 != p1 and len(calls) == 2
     assert not list((tmp_path / "onnx").glob("*.tmp")), "no temporary files left behind"
 
@@ -95,8 +102,8 @@ def test_exported_model_is_cached_and_keyed_by_cut(tmp_path, monkeypatch):
 @pytest.mark.parametrize("streams", [1, 2])
 def test_dynamic_batch_axis(tmp_path, streams):
     net, spec, cfg = _tiny()
-    path = rt.cached_onnx(net, spec, cfg, tmp_path)
-    runtime = rt.OnnxRuntime(path, torch.device("cpu"), streams=streams)
+    path = cached_onnx(net, spec, cfg, tmp_path)
+    runtime = OnnxRuntime(path, torch.device("cpu"), streams=streams)
     for n in (1, 5):
         x = torch.randn(n, *cfg["input_size"])
         with torch.inference_mode():
@@ -107,14 +114,14 @@ def test_dynamic_batch_axis(tmp_path, streams):
 def test_pixel_input_is_the_same_arithmetic_as_the_eval_transform(image_folder):
     """uint8 pixels normalised by the runtime give bit-identical input to the network."""
     from tlearn.data.image import load_image
-    from tlearn.preprocess import eval_transform, split_eval_transform
+    from tlearn.runtime.transforms import eval_transform, split_eval_transform
 
     _, _, cfg = _tiny()
     pixel_tf, mean, std = split_eval_transform(cfg)
     seen = []
     capture = torch.nn.Module()
     capture.forward = lambda x: seen.append(x) or x.flatten(1)[:, :4]
-    wrapper = rt.PixelInput(capture, mean, std)
+    wrapper = PixelInput(capture, mean, std)
     for p in _paths(image_folder)[:4]:
         img = load_image(p)
         pixels = pixel_tf(img)  # uint8 HWC: numpy from tlearn.pixels.PilSteps
@@ -129,7 +136,7 @@ def test_failed_export_falls_back_to_torch_with_a_note(tmp_path, monkeypatch):
     monkeypatch.setattr(rt, "export_onnx", broken)
     net, spec, cfg = _tiny()
     notes: list[str] = []
-    runtime = rt.open_runtime(
+    runtime = open_runtime(
         net, spec, cfg, backend="auto", device=torch.device("cpu"), cache_root=tmp_path, notes=notes
     )
     assert runtime.name == "torch"
@@ -147,9 +154,9 @@ def test_fallback_note_reaches_the_cli(tmp_path, image_folder, runner, monkeypat
 
 
 def test_no_cache_export_leaves_no_files(tmp_path, monkeypatch):
-    monkeypatch.setattr(rt.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     net, spec, cfg = _tiny()
-    runtime = rt.open_runtime(
+    runtime = open_runtime(
         net, spec, cfg, backend="onnx", device=torch.device("cpu"), cache_root=None
     )
     assert runtime.name == "onnx"
@@ -158,17 +165,17 @@ def test_no_cache_export_leaves_no_files(tmp_path, monkeypatch):
 
 def test_choose_backend():
     cpu = torch.device("cpu")
-    assert rt.choose_backend("auto", cpu) == "onnx"
-    assert rt.choose_backend("torch", cpu) == "torch"
-    assert rt.choose_backend("onnx", cpu) == "onnx"
-    assert rt.choose_backend("auto", torch.device("cuda")) == "torch"
-    assert rt.precision("torch", torch.device("cuda")) == "amp-fp16"
-    assert rt.precision("onnx", cpu) == rt.precision("torch", cpu) == "fp32"
+    assert choose_backend("auto", cpu) == "onnx"
+    assert choose_backend("torch", cpu) == "torch"
+    assert choose_backend("onnx", cpu) == "onnx"
+    assert choose_backend("auto", torch.device("cuda")) == "torch"
+    assert precision("torch", torch.device("cuda")) == "amp-fp16"
+    assert precision("onnx", cpu) == precision("torch", cpu) == "fp32"
     with pytest.raises(UsageError, match="allowed: auto, torch, onnx"):
-        rt.choose_backend("tensorrt", cpu)
-    if "CUDAExecutionProvider" not in rt._ort_providers():
+        choose_backend("tensorrt", cpu)
+    if "CUDAExecutionProvider" not in ort_providers():
         with pytest.raises(UsageError, match="--backend onnx"):
-            rt.choose_backend("onnx", torch.device("cuda"))
+            choose_backend("onnx", torch.device("cuda"))
 
 
 def test_cli_rejects_unknown_backend(tmp_path, image_folder, runner):
@@ -183,5 +190,5 @@ def test_torch_runtime_channels_last_matches_plain_forward():
     x = torch.randn(3, *cfg["input_size"])
     with torch.inference_mode():
         ref = net(x).numpy()
-    got = rt.TorchRuntime(net, torch.device("cpu"))(x)
+    got = TorchRuntime(net, torch.device("cpu"))(x)
     assert_close(got, ref, tol=1e-5)

@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 
+import tlearn.runtime.export as rt
 from tests.conftest import TINY, make_dataset
 from tlearn.backbone.cut import FeatureNetwork
 from tlearn.backbone.layers import Candidate, candidate_layers, list_layers
@@ -252,7 +253,6 @@ def test_sweep_logreg_head(image_folder, kind):
 
 
 def test_second_sweep_comes_from_the_feature_cache(runner, image_folder, tmp_path, monkeypatch):
-    import tlearn.runtime as rt
 
     monkeypatch.setenv("TLEARN_CACHE_DIR", str(tmp_path / "cache"))
     args = ["sweep", str(image_folder), "--json", "--no-pairs", "--C", "0.01", *TINY]

@@ -58,7 +58,7 @@ def cache(tmp_path) -> Path:
 
 
 def _timm_steps(cfg):
-    from tlearn.preprocess import eval_transform
+    from tlearn.runtime.transforms import eval_transform
 
     return eval_transform(cfg).transforms[:-2]
 
@@ -326,7 +326,7 @@ def test_a_damaged_cached_graph_is_exported_again(tmp_path, cache):
 )
 def test_onnx_runs_per_rank_do_not_oversubscribe_the_machine(monkeypatch, environ, expected):
     from tlearn.core.system import cpu_cores
-    from tlearn.onnxrt import cpu_streams
+    from tlearn.runtime.ort import cpu_streams
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK", "TLEARN_NUM_THREADS"):
         monkeypatch.delenv(k, raising=False)

@@ -8,7 +8,53 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.onnxrt import LazyRuntime
+from tlearn.runtime.ort import (
+    LazyRuntime,
+)
+
+
+def feature_engine(net, spec, data_config: dict, run) -> Engine:
+    """How features are computed for `run` (core.options.RunOptions) with the torch
+    feature network `net`: backend + feature cache."""
+    # the cold path: torch, and the exporter for the ONNX graph
+    from tlearn.cache import cache_root
+    from tlearn.runtime.device import choose_backend, precision, resolve_device
+    from tlearn.runtime.export import open_runtime
+    from tlearn.runtime.transforms import pixel_path
+
+    backend, device, cache, draft = run.backend, run.device, run.cache, run.draft
+
+    dev = resolve_device(device)
+    chosen = choose_backend(backend, dev)
+    root = cache_root() if cache else None
+    notes: list[str] = []
+    pixels = pixel_path(data_config)
+    from tlearn.warm import remember_pixels
+
+    remember_pixels(root, data_config, pixels)  # for runs without torch (tlearn.warm)
+
+    def opener():
+        return open_runtime(
+            net,
+            spec,
+            data_config,
+            backend=backend,
+            device=dev,
+            cache_root=root,
+            notes=notes,
+            pixels=pixels,
+        )
+
+    return Engine(
+        net=net,
+        spec=spec,
+        data_config=data_config,
+        runtime=LazyRuntime(opener, dev, pixels[0] if pixels else None),
+        cache_root=root,
+        draft=draft,
+        precision=precision(chosen, dev),
+        notes=notes,
+    )
 
 
 @dataclass

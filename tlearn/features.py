@@ -24,82 +24,11 @@ from tlearn.core.version import __version__
 from tlearn.data.decode import default_workers
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
-from tlearn.preprocess import eval_transform
+from tlearn.runtime.device import resolve_device
+from tlearn.runtime.loader import torch_batches
+from tlearn.runtime.transforms import eval_transform
 
 Progress = Callable[[int, int], None]  # (images done, images total)
-
-
-def resolve_device(device: str = "auto"):
-    """The torch.device for --device (imports torch)."""
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise DataError(f"unknown --device '{device}'; allowed: auto, cpu, cuda, cuda:N, mps")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DataError(f"--device {device}: CUDA is not available here; use --device cpu")
-    if device == "mps" and not torch.backends.mps.is_available():
-        raise DataError("--device mps: MPS is not available here; use --device cpu")
-    return torch.device(device)
-
-
-class ImageDataset:
-    """(index, tensor | None, reason | None) per image; never raises for a bad image.
-    A map-style dataset for torch's DataLoader (which needs only __len__/__getitem__)."""
-
-    def __init__(self, paths: Sequence[str], transform, min_size: int | None = None):
-        self.paths = list(paths)
-        self.transform = transform
-        self.min_size = min_size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    keyed = False  # KeyedImageDataset: also the content key of each decoded file
-
-    def __getitem__(self, i: int):
-        from tlearn.data.decode import decode_one
-
-        item, reason, key = decode_one(self.paths[i], self.transform, self.min_size, self.keyed)
-        return (i, item, reason, key) if self.keyed else (i, item, reason)
-
-
-def _stack(items):
-    """One tensor from per-image tensors or uint8 arrays (tlearn.pixels.PilSteps)."""
-    import torch
-
-    if isinstance(items[0], np.ndarray):
-        return torch.from_numpy(np.stack(items))
-    return torch.stack(items)
-
-
-def collate_skipping(batch):
-    ok = [(i, t) for i, t, _ in batch if t is not None]
-    bad = [(i, r) for i, _, r in batch if r is not None]
-    idx = [i for i, _ in ok]
-    x = _stack([t for _, t in ok]) if ok else None
-    return idx, x, bad
-
-
-class KeyedImageDataset(ImageDataset):
-    """Like ImageDataset, and hashes each file's bytes (the feature cache key) from the very
-    bytes it decodes, so a key can never name features of other content.
-    Items: (index, tensor | None, reason | None, key | None)."""
-
-    keyed = True
-
-
-def collate_keyed(batch):
-    """(indices, stacked tensors, bad, content keys of the decoded ones)."""
-    ok = [(i, t, k) for i, t, _, k in batch if t is not None]
-    bad = [(i, r) for i, _, r, _ in batch if r is not None]
-    x = _stack([t for _, t, _ in ok]) if ok else None
-    return [i for i, _, _ in ok], x, bad, [k for _, _, k in ok]
 
 
 @dataclass
@@ -143,7 +72,7 @@ def iter_features(
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be at least 1")
     if runtime is None:
-        from tlearn.runtime import TorchRuntime
+        from tlearn.runtime.torch_runtime import TorchRuntime
 
         runtime = TorchRuntime(net, resolve_device(device))
     n = len(paths)
@@ -249,7 +178,7 @@ def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache
             keyed=cache is not None,
         )
     else:
-        loader = _torch_loader(paths, transform, min_size, batch_size, n_workers, cache, dev)
+        loader = torch_batches(paths, transform, min_size, batch_size, n_workers, cache, dev)
     for idx, x, bad, keys in loader:
         feats = runtime(x) if x is not None else None
         if cache is not None and feats is not None:
@@ -260,57 +189,6 @@ def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache
                 sel = np.nonzero(known)[0]
                 cache.put([keys[j] for j in sel], feats[sel])
         yield idx, feats, bad
-
-
-def _torch_loader(paths, transform, min_size, batch_size, n_workers, cache, dev):
-    """torch's DataLoader (pinned memory for CUDA); items as tlearn.decode's batches."""
-    loader = image_loader(
-        paths,
-        transform,
-        batch_size=batch_size,
-        workers=n_workers,
-        min_size=min_size,
-        device=dev,
-        keyed=cache is not None,
-    )
-    for item in loader:
-        if cache is not None:
-            yield item
-        else:
-            yield (*item, None)
-
-
-def image_loader(
-    paths,
-    transform,
-    *,
-    batch_size,
-    workers,
-    order=None,
-    generator=None,
-    min_size=None,
-    device=None,
-    batches=None,
-    keyed: bool = False,
-):
-    """torch's DataLoader over ImageDataset (KeyedImageDataset with `keyed`): batches of
-    (indices, stacked tensors, [(index, reason)][, keys]); `order`: a sampler, `batches`:
-    explicit lists of indices, one per batch; pinned memory for CUDA."""
-    from torch.utils.data import DataLoader
-
-    dataset = KeyedImageDataset if keyed else ImageDataset
-    ds = dataset(paths, transform, min_size=min_size)
-    n_workers = default_workers(len(paths), batch_size) if workers is None else workers
-    common = {
-        "num_workers": n_workers,
-        "collate_fn": collate_keyed if keyed else collate_skipping,
-        "generator": generator,
-        "pin_memory": device is not None and device.type == "cuda",
-        "persistent_workers": False,
-    }
-    if batches is not None:
-        return DataLoader(ds, batch_sampler=batches, **common)
-    return DataLoader(ds, batch_size=batch_size, sampler=order, shuffle=False, **common)
 
 
 def extract_array(net, paths: Sequence[str], data_config: dict, **kwargs) -> Features:

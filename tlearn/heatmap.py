@@ -30,7 +30,7 @@ from tlearn.data.pixels import resize_target
 from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.features import extract_array
 from tlearn.heads.linear import HEAD_KINDS, LinearHead
-from tlearn.preprocess import eval_transform
+from tlearn.runtime.transforms import eval_transform
 
 # Heads saved as a torch nn.Linear on the pooled features (weight (K, D), bias (K,)):
 # head type -> (weight tensor name, bias tensor name) in head.safetensors. The fine-tuning

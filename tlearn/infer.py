@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tlearn.augment import check_tta, tta_transform
 from tlearn.backbone.cut import FeatureNetwork
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
-from tlearn.features import image_loader, resolve_device
+from tlearn.runtime.augment import check_tta, tta_transform
+from tlearn.runtime.device import resolve_device
+from tlearn.runtime.loader import image_loader
 
 
 @dataclass

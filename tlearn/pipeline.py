@@ -51,7 +51,7 @@ def open_engine(model: str, weights: str, layers, pool: str, run: RunOptions, se
 
     backbone = open_backbone(model, weights, seed)
     net, spec = feature_network(backbone, layers, pool)
-    from tlearn.runtime import feature_engine
+    from tlearn.engine import feature_engine
 
     engine = feature_engine(net, spec, backbone.data_config, run)
     if engine.cache_root is not None:
@@ -454,7 +454,7 @@ def _saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage:
 
         backbone = backbone_for_spec(saved.cut)
         net = FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval()
-        from tlearn.runtime import feature_engine
+        from tlearn.engine import feature_engine
 
         engine = feature_engine(net, saved.cut, saved.data_config, run)
     feats = extract_array(

@@ -802,7 +802,7 @@ class BatchExtractor:
         # The same inference backend as `tlearn extract` (ONNX Runtime on CPU by default),
         # so features match it bit for bit; no disk cache inside a batch mapper.
         run = RunOptions(device=device, backend=backend, cache=False)
-        from tlearn.runtime import feature_engine
+        from tlearn.engine import feature_engine
 
         self.engine = feature_engine(self.net, self.spec, self.data_config, run)
         self.dim = self.engine.feature_dim()

@@ -81,7 +81,7 @@ def extract_layers(
     run = run or RunOptions()
     net, spec = feature_network(backbone, list(layers), pool)
     dims = layer_dims(net, backbone.data_config["input_size"])
-    from tlearn.runtime import feature_engine
+    from tlearn.engine import feature_engine
 
     engine = feature_engine(net, spec, backbone.data_config, run)
     feats = extract_array(
@@ -456,7 +456,7 @@ class AutoLayerSource(_FeatureSource):
             self.net, self.spec = feature_network(self.backbone, names, self.pool)
             self.data_config = self.backbone.data_config
             self.dims = layer_dims(self.net, self.data_config["input_size"])
-            from tlearn.runtime import feature_engine
+            from tlearn.engine import feature_engine
 
             self.engine = feature_engine(self.net, self.spec, self.data_config, self.run)
 

@@ -39,7 +39,6 @@ import torch
 from torch import nn
 
 from tlearn import checkpoint as ckpt
-from tlearn.augment import CACHEABLE_AUGMENTS, train_transform
 from tlearn.backbone.cut import cut_spec, feature_dim
 from tlearn.backbone.layers import resolve_layers
 from tlearn.backbone.transfer import TransferNet
@@ -47,10 +46,12 @@ from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.spec import DEFAULT_MODEL
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
-from tlearn.features import image_loader, resolve_device
 from tlearn.groups import GroupPlan, apply_freeze, build_optimizer, plan_groups, set_train_mode
 from tlearn.heads.neural import NNHead, head_config
-from tlearn.preprocess import eval_transform
+from tlearn.runtime.augment import CACHEABLE_AUGMENTS, train_transform
+from tlearn.runtime.device import resolve_device
+from tlearn.runtime.loader import image_loader
+from tlearn.runtime.transforms import eval_transform
 from tlearn.traincache import TensorCache, compute_cache
 from tlearn.trainsetup import (
     DEFAULT_LR,

@@ -12,8 +12,8 @@ import torch
 from tlearn.core.errors import DataError
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
-from tlearn.features import image_loader
-from tlearn.preprocess import eval_transform
+from tlearn.runtime.loader import image_loader
+from tlearn.runtime.transforms import eval_transform
 
 
 class TensorCache:

@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlearn.augment import check_augment
 from tlearn.core.errors import DataError, UsageError
 from tlearn.core.spec import NN_HEADS
 from tlearn.data.imageset import ImageSet, Skipped
@@ -18,6 +17,7 @@ from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset, scan_class_folders
 from tlearn.data.split import stratified_split
 from tlearn.heads.neural import head_config
+from tlearn.runtime.augment import check_augment
 
 Events = Callable[[str, dict], None]
 BN_MODES = ("frozen", "train")

@@ -152,7 +152,7 @@ class Warm:
 
 
 def _warm(root: Path, spec: CutSpec, data_config: dict) -> Warm | None:
-    from tlearn.onnxrt import onnx_path
+    from tlearn.runtime.ort import onnx_path
 
     pixels = recall_pixels(root, data_config)
     if pixels is None:
@@ -163,11 +163,11 @@ def _warm(root: Path, spec: CutSpec, data_config: dict) -> Warm | None:
 
 def _usable(run) -> Path | None:
     """The cache root when `run` (pipeline.RunOptions) may take the warm path."""
-    from tlearn.onnxrt import _ort_installed
+    from tlearn.runtime.ort import ort_installed
 
     if not run.cache or run.backend not in ("auto", "onnx") or not cpu_only(run.device):
         return None
-    if os.environ.get("TLEARN_NO_WARM") or not _ort_installed():
+    if os.environ.get("TLEARN_NO_WARM") or not ort_installed():
         return None
     from tlearn.cache import cache_root
 
@@ -214,7 +214,7 @@ def engine(warm: Warm, run):
     """An Engine (tlearn.engine) running the cached graph on the CPU."""
     from tlearn.cache import cache_root
     from tlearn.engine import Engine
-    from tlearn.onnxrt import CpuDevice, LazyRuntime, OnnxRuntime
+    from tlearn.runtime.ort import CpuDevice, LazyRuntime, OnnxRuntime
 
     device = CpuDevice()
     steps = warm.pixels[0]
@@ -248,19 +248,20 @@ def _cold_runtime(warm: Warm, notes: list[str]):
     """The runtime a cold run would open for this cut (imports torch)."""
     import torch
 
-    from tlearn import runtime as rt
     from tlearn.backbone.cut import FeatureNetwork
     from tlearn.backbone.weights import backbone_for_spec
     from tlearn.cache import cache_root
+    from tlearn.runtime.export import open_runtime
+    from tlearn.runtime.transforms import pixel_path
 
     backbone = backbone_for_spec(warm.spec, seed=warm.seed)
     net = FeatureNetwork(backbone.model, warm.spec.layers, warm.spec.pool).eval()
-    return rt.open_runtime(
+    return open_runtime(
         net,
         warm.spec,
         warm.data_config,
         device=torch.device("cpu"),
         cache_root=cache_root(),
         notes=notes,
-        pixels=rt.pixel_path(warm.data_config),
+        pixels=pixel_path(warm.data_config),
     )

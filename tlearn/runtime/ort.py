@@ -33,7 +33,7 @@ class CpuDevice:
         return "cpu"
 
 
-def _device_type(device) -> str:
+def device_type(device) -> str:
     return getattr(device, "type", str(device))
 
 
@@ -47,12 +47,12 @@ def cpu_streams() -> int:
     return threads_per_rank(env) if env is not None else cpu_cores()
 
 
-def _ort_installed() -> bool:
+def ort_installed() -> bool:
     # Without importing it: a run served wholly from the cache never needs it.
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def _ort_providers() -> list[str]:
+def ort_providers() -> list[str]:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -88,7 +88,7 @@ class OnnxRuntime:
         self.device = device
         self.transform = transform  # set for a graph exported with PixelInput
         if streams is None:
-            streams = cpu_streams() if _device_type(device) == "cpu" else 1
+            streams = cpu_streams() if device_type(device) == "cpu" else 1
         self.streams = max(1, streams)
         self.micro_batch = max(1, micro_batch)
         so = ort.SessionOptions()
@@ -101,7 +101,7 @@ class OnnxRuntime:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         providers = ["CPUExecutionProvider"]
-        if _device_type(device) == "cuda":
+        if device_type(device) == "cuda":
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(model_path), so, providers=providers)
         self.input_name = self.session.get_inputs()[0].name

@@ -69,3 +69,9 @@ def split_eval_transform(data_config: dict):
 
 def _as_list(v) -> list:
     return v.tolist() if hasattr(v, "tolist") else list(v)
+
+
+def pixel_path(data_config: dict):
+    """(PixelTransform or PilSteps, mean, std), or None when the transform does not split
+    into PIL steps + ToTensor + Normalize."""
+    return split_eval_transform(data_config)

@@ -20,7 +20,7 @@ from torchvision import transforms as T
 
 from tlearn.core.errors import UsageError
 from tlearn.data.pixels import resize_target
-from tlearn.preprocess import eval_transform
+from tlearn.runtime.transforms import eval_transform
 
 AUGMENTS = ("none", "flip", "light", "standard")
 TTAS = ("none", "flip", "10crop")

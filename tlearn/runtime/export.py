@@ -1,4 +1,5 @@
-"""Inference backends for the cut network: ONNX Runtime on CPU, torch elsewhere.
+"""Exporting the cut network to ONNX (cached per cut) and opening the backend a run uses:
+ONNX Runtime on CPU, torch elsewhere.
 
 Measured on a 2-core AVX2/AVX-512 machine (tf_efficientnet_lite0, 224 px, batch 32,
 forward only): torch eager 30 img/s, torch channels_last 55, ONNX Runtime 189, with
@@ -26,126 +27,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlearn.core.errors import UsageError
 from tlearn.core.system import dist_version
 from tlearn.core.version import __version__
-from tlearn.engine import Engine  # noqa: F401  (re-exported)
-from tlearn.onnxrt import (
+from tlearn.runtime.device import choose_backend
+from tlearn.runtime.ort import (
     ONNX_OPSET,
     TMP_PREFIX,
-    LazyRuntime,
     OnnxRuntime,
-    _ort_installed,
-    _ort_providers,
     onnx_key,
     onnx_path,
 )
+from tlearn.runtime.torch_runtime import PixelInput, TorchRuntime, example_input
 
-BACKENDS = ("auto", "torch", "onnx")
 # Exported graphs must reproduce torch this closely on a random batch, else torch is used.
 EXPORT_ATOL = 1e-3
-
-
-def validate_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown --backend '{backend}'; allowed: {', '.join(BACKENDS)}")
-    return backend
-
-
-def choose_backend(backend: str, device: torch.device) -> str:
-    """The backend that will actually run: onnx only on CPU (or CUDA with onnxruntime-gpu
-    when asked for explicitly), torch otherwise."""
-    validate_backend(backend)
-    if backend == "torch":
-        return "torch"
-    if backend == "onnx":
-        if device.type == "cpu":
-            return "onnx"
-        if device.type == "cuda" and "CUDAExecutionProvider" in _ort_providers():
-            return "onnx"
-        raise UsageError(
-            f"--backend onnx runs on the CPU here (onnxruntime has no {device.type} provider); "
-            "use --device cpu, or --backend torch/auto for the GPU"
-        )
-    return "onnx" if device.type == "cpu" and _ort_installed() else "torch"
-
-
-def precision(backend: str, device: torch.device) -> str:
-    """What the numbers are computed in; part of the feature cache key. torch fp32 and
-    ONNX Runtime fp32 agree within 1e-4 and share cache entries; fp16 autocast does not."""
-    return "amp-fp16" if backend == "torch" and device.type == "cuda" else "fp32"
-
-
-# ----------------------------------------------------------------------------- runtimes
-
-
-class PixelInput(torch.nn.Module):
-    """uint8 NHWC pixels -> ToTensor + Normalize arithmetic -> the feature network."""
-
-    def __init__(self, net: torch.nn.Module, mean, std):
-        super().__init__()
-        self.net = net
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        # permute gives a channels_last view; the float math is ToTensor's and Normalize's.
-        x = pixels.permute(0, 3, 1, 2).float().div(255)
-        return self.net(x.sub(self.mean).div(self.std))
-
-
-def pixel_path(data_config: dict):
-    """(PixelTransform, mean, std) from preprocess, or None when the transform does not
-    split into PIL steps + ToTensor + Normalize."""
-    from tlearn.preprocess import split_eval_transform
-
-    return split_eval_transform(data_config)
-
-
-def example_input(data_config: dict, n: int, pixels: bool, random: bool = False):
-    c, h, w = data_config["input_size"]
-    g = torch.Generator().manual_seed(0)
-    if pixels:
-        if random:
-            return torch.randint(0, 256, (n, h, w, c), dtype=torch.uint8, generator=g)
-        return torch.zeros(n, h, w, c, dtype=torch.uint8)
-    return torch.randn(n, c, h, w, generator=g) if random else torch.zeros(n, c, h, w)
-
-
-class TorchRuntime:
-    """torch inference: channels_last (faster for convolutions on CPU and CUDA) and fp16
-    autocast on CUDA. With `pixels` (transform, mean, std) it takes uint8 NHWC batches and
-    normalises them on the device (on a GPU: 4x less to copy over PCIe)."""
-
-    name = "torch"
-
-    def __init__(self, net: torch.nn.Module, device: torch.device, pixels=None):
-        self.device = device
-        self.transform = None
-        if pixels is not None:
-            self.transform = pixels[0]
-            net = PixelInput(net, pixels[1], pixels[2])
-        self.channels_last = device.type in ("cpu", "cuda")
-        self.amp = device.type == "cuda"
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
-        net = net.to(device).eval()
-        if self.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        self.net = net
-
-    def __call__(self, x: torch.Tensor) -> np.ndarray:
-        if isinstance(x, np.ndarray):  # uint8 pixels from tlearn.decode
-            x = torch.from_numpy(x)
-        x = x.to(self.device, non_blocking=True)
-        if self.channels_last and x.ndim == 4 and x.dtype != torch.uint8:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with (
-            torch.inference_mode(),
-            torch.autocast(device_type="cuda", dtype=torch.float16, enabled=self.amp),
-        ):
-            y = self.net(x)
-        return y.float().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- ONNX export
@@ -280,48 +175,3 @@ def open_runtime(
                     f"({type(e).__name__}: {msg[:120]}); using torch"
                 )
     return TorchRuntime(net, device, pixels)
-
-
-def feature_engine(
-    net: torch.nn.Module,
-    spec,
-    data_config: dict,
-    run,
-) -> Engine:
-    """How features are computed for `run` (core.options.RunOptions): backend + feature
-    cache."""
-    backend, device, cache, draft = run.backend, run.device, run.cache, run.draft
-    from tlearn.cache import cache_root
-    from tlearn.features import resolve_device
-
-    dev = resolve_device(device)
-    chosen = choose_backend(backend, dev)
-    root = cache_root() if cache else None
-    notes: list[str] = []
-    pixels = pixel_path(data_config)
-    from tlearn.warm import remember_pixels
-
-    remember_pixels(root, data_config, pixels)  # for runs without torch (tlearn.warm)
-
-    def opener():
-        return open_runtime(
-            net,
-            spec,
-            data_config,
-            backend=backend,
-            device=dev,
-            cache_root=root,
-            notes=notes,
-            pixels=pixels,
-        )
-
-    return Engine(
-        net=net,
-        spec=spec,
-        data_config=data_config,
-        runtime=LazyRuntime(opener, dev, pixels[0] if pixels else None),
-        cache_root=root,
-        draft=draft,
-        precision=precision(chosen, dev),
-        notes=notes,
-    )
