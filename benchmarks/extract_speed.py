@@ -77,7 +77,7 @@ def child_phase(
     from tlearn.backbone.cut import feature_network
     from tlearn.backbone.layers import list_layers
     from tlearn.backbone.weights import load_backbone
-    from tlearn.cache import FeatureStore, cache_root
+    from tlearn.cache.store import FeatureStore, cache_root
     from tlearn.core.options import RunOptions
     from tlearn.core.spec import FINAL_LAYER
     from tlearn.engine import feature_engine

@@ -18,7 +18,8 @@ import tlearn.runtime.export as rt
 from tests.conftest import TINY, make_dataset
 from tlearn.backbone.cut import feature_network
 from tlearn.backbone.weights import load_backbone
-from tlearn.cache import FeatureStore, _shard_names, cache_info, cache_root, compact, hash_files
+from tlearn.cache.admin import cache_info
+from tlearn.cache.store import FeatureStore, cache_root, compact, hash_files, shard_names
 from tlearn.cli import app
 from tlearn.core.hashing import content_key, file_key
 from tlearn.core.options import RunOptions
@@ -235,9 +236,9 @@ def test_concurrent_writers_and_compaction(cache_dir, tiny):
         s.put(keys[i : i + 10], X[i : i + 10])
         s.flush()
     reader = FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")
-    assert len(_shard_names(a.folder)) == 10
+    assert len(shard_names(a.folder)) == 10
     assert compact(a.folder, max_shards=4) == 10
-    assert len(_shard_names(a.folder)) == 1
+    assert len(shard_names(a.folder)) == 1
     # a run that opened the store before the merge still reads the deleted shards
     np.testing.assert_array_equal(reader.get(keys), X)
     final = FeatureStore.open(cache_dir, spec, cfg, draft=True, precision="fp32")

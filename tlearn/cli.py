@@ -1082,7 +1082,7 @@ def cache_info_cmd(
     """
     from dataclasses import asdict
 
-    from tlearn.cache import cache_info
+    from tlearn.cache.admin import cache_info
 
     info = cache_info()
     if as_json:
@@ -1115,7 +1115,8 @@ def cache_clear_cmd(quiet: QuietOpt = False):
 
     Example: tlearn cache clear
     """
-    from tlearn.cache import cache_root, clear_cache
+    from tlearn.cache.admin import clear_cache
+    from tlearn.cache.store import cache_root
 
     freed = clear_cache()
     if not quiet:

@@ -84,7 +84,7 @@ def iter_features(
         # decoding) so cached images never reach the workers, and a fully cached run starts
         # none. A cold cut skips this, so each file is read once. Workers hash the bytes they
         # decode again: features are always stored under the key of what was decoded.
-        from tlearn.cache import hash_files
+        from tlearn.cache.store import hash_files
 
         keys = hash_files(paths)
         found = cache.known.positions([k or b"" for k in keys]) >= 0

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.artifacts import SavedModel, build_config, load_model, save_model
+from tlearn.cache.remembered import loaded_identity, remember_cut, request_key
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, FLATTEN_WARN_DIM, CutSpec, is_auto_layer
@@ -22,6 +23,8 @@ from tlearn.data.scan import load_images, resolve_dataset, scan_class_folders
 from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.data.skipped import SKIPPED_CSV, skipped_csv_bytes, strict_failure, write_skipped_csv
 from tlearn.data.split import stratified_split
+from tlearn.engine import engine as warm_engine
+from tlearn.engine import for_request, for_spec
 from tlearn.evaluate import classification_metrics
 from tlearn.features import (
     FeatureBatch,
@@ -35,8 +38,6 @@ from tlearn.features import (
 )
 from tlearn.heads.linear import LinearHead, parse_C
 from tlearn.shard import Shard, finish_features_part, plan_part, score_by_batch
-from tlearn.warm import engine as warm_engine
-from tlearn.warm import for_request, for_spec, loaded_identity, remember_cut, request_key
 
 
 def open_engine(model: str, weights: str, layers, pool: str, run: RunOptions, seed: int = 0):

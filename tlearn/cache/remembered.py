@@ -1,0 +1,124 @@
+"""What a request resolved to, remembered in the cache so that later runs need no torch:
+the CutSpec and timm's data config of a (model, weights, layer, pool) request
+(`resolved/cut-<key>.json`) and the PIL steps of that data config's eval transform
+(`resolved/pixels-<key>.json`). Keys include the library versions, so an upgrade
+resolves again. See features.engine for how warm runs use them."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+from tlearn.core.hashing import doc_sha256, file_sha256
+from tlearn.core.spec import BUNDLED_WEIGHTS, CutSpec, bundled_weights_file
+from tlearn.core.version import __version__
+
+FORMAT = 1
+
+
+def _versions() -> dict:
+    from tlearn.core.system import dist_version
+
+    return {name: dist_version(name) for name in ("timm", "torch", "torchvision")} | {
+        "tlearn": __version__
+    }
+
+
+def weights_identity(model: str, weights: str, seed: int) -> dict | None:
+    """What the weights of a request are, without loading them; None when only loading
+    can tell (timm's hub weights)."""
+    if weights == "none":  # random init: a function of the seed and the versions
+        return {"source": "none", "seed": int(seed)}
+    if weights == "auto":
+        path = bundled_weights_file(model)
+        if path is None:
+            return None
+        return {"source": f"bundled:{BUNDLED_WEIGHTS[model]}", "sha256": file_sha256(path)}
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        return None  # the ordinary path words the error
+    return {"source": str(path.resolve()), "sha256": file_sha256(path)}
+
+
+def loaded_identity(loaded, seed: int) -> dict | None:
+    """weights_identity from a loaded backbone's backbone.Weights (already hashed), so a
+    cold run does not read the weights file a second time."""
+    if loaded.source == "none":
+        return {"source": "none", "seed": int(seed)}
+    if loaded.source.startswith("timm:"):
+        return None
+    return {"source": loaded.source, "sha256": loaded.sha256}
+
+
+def request_key(
+    model: str, weights: str, layers, pool: str, seed: int, identity: dict | None = None
+) -> str | None:
+    """The key a request's resolved cut is remembered under; `identity`: its
+    weights_identity when already known."""
+    ident = identity if identity is not None else weights_identity(model, weights, seed)
+    if ident is None:
+        return None
+    if not isinstance(layers, (str, type(None))):
+        layers = list(layers)
+    doc = {"format": FORMAT, "model": model, "weights": ident, "layers": layers, "pool": pool}
+    return doc_sha256({**doc, "versions": _versions()})
+
+
+def pixels_key(data_config: dict) -> str:
+    return doc_sha256({"format": FORMAT, "data_config": data_config, "versions": _versions()})
+
+
+def _folder(root: Path) -> Path:
+    return Path(root) / "resolved"
+
+
+def _write(path: Path, doc: dict) -> None:
+    from tlearn.core.atomic import write_json
+
+    with contextlib.suppress(OSError):  # the cache only ever saves time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, doc)
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def remember_cut(root: Path | None, key: str | None, spec: CutSpec, data_config: dict) -> None:
+    if root is not None and key is not None:
+        doc = {"spec": spec.to_dict(), "data_config": data_config}
+        _write(_folder(root) / f"cut-{key}.json", doc)
+
+
+def remember_pixels(root: Path | None, data_config: dict, pixels) -> None:
+    """`pixels`: preprocess.split_eval_transform's (transform, mean, std) or None."""
+    from tlearn.data.pixels import PilSteps
+
+    if root is None or pixels is None or not isinstance(pixels[0], PilSteps):
+        return
+    doc = {"steps": pixels[0].to_dict(), "mean": pixels[1], "std": pixels[2]}
+    path = _folder(root) / f"pixels-{pixels_key(data_config)}.json"
+    if not path.is_file():
+        _write(path, doc)
+
+
+def recall_cut(root: Path, key: str) -> tuple[CutSpec, dict] | None:
+    doc = _read(_folder(root) / f"cut-{key}.json")
+    try:
+        return CutSpec.from_dict(doc["spec"]), doc["data_config"]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def recall_pixels(root: Path, data_config: dict):
+    from tlearn.data.pixels import PilSteps
+
+    doc = _read(_folder(root) / f"pixels-{pixels_key(data_config)}.json")
+    try:
+        return PilSteps.from_dict(doc["steps"]), doc["mean"], doc["std"]
+    except (KeyError, TypeError, ValueError):
+        return None
