@@ -12,7 +12,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
 )
 
-from tlearn.evaluate import classification_metrics
+from tlearn.report.metrics import classification_metrics
 
 
 @pytest.mark.parametrize("seed", range(6))

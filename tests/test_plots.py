@@ -8,7 +8,7 @@ import numpy as np
 
 from tests.conftest import CLASS_COLORS, draw
 from tlearn.cli import app
-from tlearn.plots import plot_curves, worst_mistakes
+from tlearn.report.plots import plot_curves, worst_mistakes
 
 
 def _png_ok(path, min_side=200):

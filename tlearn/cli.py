@@ -307,7 +307,7 @@ def layers_cmd(
     layers = list_layers(net, size)
     if plot is not None:
         from tlearn.backbone.layers import overview_layers
-        from tlearn.plots import plot_layers
+        from tlearn.report.plots import plot_layers
 
         plot_layers(overview_layers(net, layers), plot, f"{model} at {size}x{size}")
         err.print(f"wrote {plot}", highlight=False)
@@ -798,8 +798,8 @@ def evaluate_cmd(
 
     Example: tlearn evaluate roads-model sample_data/roads/val --json
     """
-    from tlearn.evaluate import write_reports
     from tlearn.pipeline import evaluate
+    from tlearn.report.metrics import write_reports
 
     with _Bars(quiet) as bars:
         res = evaluate(
@@ -814,7 +814,7 @@ def evaluate_cmd(
     m = res.metrics
     if output is not None:
         written = write_reports(output, m, res.skipped)
-        from tlearn.plots import write_evaluation_plots
+        from tlearn.report.plots import write_evaluation_plots
 
         written += write_evaluation_plots(output, res)
         if not quiet:

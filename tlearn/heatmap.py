@@ -260,7 +260,7 @@ def _unique_png(out_dir: Path, path: str, used: set[str]) -> Path:
 
 def write_heatmaps(result: HeatmapResult, out_dir: str | Path, alpha: float = 0.5) -> list[Path]:
     """One overlay PNG per image in out_dir; sets each item's `png`."""
-    from tlearn.plots import plot_heatmap
+    from tlearn.report.plots import plot_heatmap
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,6 @@ from tlearn.data.skipped import SKIPPED_CSV, skipped_csv_bytes, strict_failure, 
 from tlearn.data.split import stratified_split
 from tlearn.engine import engine as warm_engine
 from tlearn.engine import for_request, for_spec
-from tlearn.evaluate import classification_metrics
 from tlearn.features import (
     FeatureBatch,
     extract_array,
@@ -37,6 +36,7 @@ from tlearn.features import (
     write_features_csv,
 )
 from tlearn.heads.linear import LinearHead, parse_C
+from tlearn.report.metrics import classification_metrics
 from tlearn.shard import Shard, finish_features_part, plan_part, score_by_batch
 
 

@@ -422,7 +422,7 @@ def sweep(
 def write_sweep(result: SweepResult, out_dir: str | Path) -> list[Path]:
     """sweep.json and sweep.png (accuracy vs depth, cost on a second axis) in out_dir."""
     from tlearn.core.atomic import write_json
-    from tlearn.plots import plot_sweep
+    from tlearn.report.plots import plot_sweep
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -879,7 +879,7 @@ class _Run:
 
     def finish(self, t0: float) -> NNFitResult | None:
         from tlearn.artifacts import build_config, save_model
-        from tlearn.evaluate import classification_metrics
+        from tlearn.report.metrics import classification_metrics
 
         if self.best_weights is not None:
             self.net.load_state_dict(self.best_weights, strict=False)
@@ -981,7 +981,7 @@ def curves_png(history: list[dict]) -> bytes:
     """curves.png for the model directory: loss and accuracy per epoch."""
     import tempfile
 
-    from tlearn.plots import plot_curves
+    from tlearn.report.plots import plot_curves
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "history.csv"
