@@ -18,7 +18,6 @@ from safetensors.numpy import load_file, save_file
 
 from tests.conftest import TINY, make_dataset
 from tlearn import checkpoint as ckpt
-from tlearn.artifacts import load_model
 from tlearn.backbone.cut import feature_dim
 from tlearn.backbone.transfer import TransferNet
 from tlearn.backbone.weights import open_backbone
@@ -27,6 +26,7 @@ from tlearn.core.errors import ArtifactError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.groups import apply_freeze, build_optimizer, plan_groups
 from tlearn.heads.neural import NNHead, head_config
+from tlearn.modeldir import load_model
 from tlearn.train import TrainOptions, fit_nn, resume_nn
 
 MODEL = "test_efficientnet"

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tests.conftest import TINY
-from tlearn.artifacts import SavedModel, load_model
 from tlearn.backbone.cut import FeatureNetwork
 from tlearn.backbone.weights import load_backbone
 from tlearn.cli import app
 from tlearn.core.errors import UsageError
 from tlearn.heatmap import ScoreMapNetwork, check_spatial, fold_linear, heatmaps, linear_map
+from tlearn.modeldir import SavedModel, load_model
 from tlearn.pipeline import fit, predict
 
 

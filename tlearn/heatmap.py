@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tlearn.artifacts import SavedModel, load_model
 from tlearn.backbone.cut import CutNetwork, pool_maps
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
@@ -30,6 +29,7 @@ from tlearn.data.pixels import resize_target
 from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.features import extract_array
 from tlearn.heads.linear import HEAD_KINDS, LinearHead
+from tlearn.modeldir import SavedModel, load_model
 from tlearn.runtime.transforms import eval_transform
 
 # Heads saved as a torch nn.Linear on the pooled features (weight (K, D), bias (K,)):

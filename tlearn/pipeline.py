@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.artifacts import SavedModel, build_config, load_model, save_model
 from tlearn.cache.remembered import loaded_identity, remember_cut, request_key
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
@@ -36,6 +35,7 @@ from tlearn.features import (
     write_features_csv,
 )
 from tlearn.heads.linear import LinearHead, parse_C
+from tlearn.modeldir import SavedModel, build_config, load_model, save_model
 from tlearn.report.metrics import classification_metrics
 from tlearn.shard import Shard, finish_features_part, plan_part, score_by_batch
 

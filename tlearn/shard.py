@@ -45,6 +45,7 @@ from tlearn.core.errors import DataError, TlearnError, UsageError
 from tlearn.core.system import DistEnv, dist_env, threads_per_rank
 from tlearn.data.imageset import Skipped
 from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
+from tlearn.modeldir import model_sha256
 
 PREDICTIONS_FORMAT = "tlearn-predictions"
 
@@ -217,16 +218,6 @@ def score_by_batch(score, X, batch_of, n_classes: int):
         return np.zeros((0, n_classes))
     cuts = [0, *(np.flatnonzero(np.diff(batch_of)) + 1).tolist(), len(X)]
     return np.concatenate([score(X[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)])
-
-
-def model_sha256(model_dir: str | Path) -> str:
-    """Identity of a model directory: its config and tensors."""
-    h = hashlib.sha256()
-    root = Path(model_dir)
-    for p in sorted(root.iterdir()):
-        if p.name == "config.json" or p.suffix == ".safetensors":
-            h.update(p.name.encode("utf-8") + b"\0" + p.read_bytes())
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- merge

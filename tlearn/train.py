@@ -878,7 +878,7 @@ class _Run:
     # ------------------------------------------------------------------ final model
 
     def finish(self, t0: float) -> NNFitResult | None:
-        from tlearn.artifacts import build_config, save_model
+        from tlearn.modeldir import BACKBONE_FILE, build_config, save_model
         from tlearn.report.metrics import classification_metrics
 
         if self.best_weights is not None:
@@ -972,9 +972,6 @@ class _Run:
             "epochs": self.o.epochs,
             "device": str(self.device),
         }
-
-
-BACKBONE_FILE = "backbone.safetensors"
 
 
 def curves_png(history: list[dict]) -> bytes:

@@ -8,6 +8,7 @@ message instead of producing wrong predictions.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -282,3 +283,13 @@ def validate_head_tensors(config: dict, tensors: dict, where) -> None:
     expected = expected_shapes(head, config["feature_dim"], len(config["classes"]))
     subject = f"the {head['type']} head in the config"
     check_tensors(where, tensors, expected, subject=subject, needs=config_needs(config))
+
+
+def model_sha256(model_dir: str | Path) -> str:
+    """Identity of a model directory: its config and tensors."""
+    h = hashlib.sha256()
+    root = Path(model_dir)
+    for p in sorted(root.iterdir()):
+        if p.name == "config.json" or p.suffix == ".safetensors":
+            h.update(p.name.encode("utf-8") + b"\0" + p.read_bytes())
+    return h.hexdigest()
