@@ -80,8 +80,8 @@ def child_phase(
     from tlearn.cache.store import FeatureStore, cache_root
     from tlearn.core.options import RunOptions
     from tlearn.core.spec import FINAL_LAYER
-    from tlearn.engine import feature_engine
-    from tlearn.features import iter_features
+    from tlearn.features.engine import feature_engine
+    from tlearn.features.stream import iter_features
     from tlearn.runtime.export import cached_onnx
     from tlearn.runtime.ort import LazyRuntime, OnnxRuntime
     from tlearn.runtime.torch_runtime import example_input
@@ -386,7 +386,7 @@ def main() -> None:
 def _agreement(plain_npy: Path, csv_path: Path) -> str:
     import numpy as np
 
-    from tlearn.features import read_features_csv
+    from tlearn.features.table import read_features_csv
 
     if not plain_npy.is_file():
         return "(not compared)"

@@ -116,7 +116,7 @@ def child_pipeline(data: str, n_images: int, worker_counts: list[int]) -> None:
     from tlearn.backbone.weights import load_backbone
     from tlearn.data.decode import decoded_batches
     from tlearn.data.pixels import resize_target
-    from tlearn.features import csv_text
+    from tlearn.features.table import csv_text
     from tlearn.runtime.loader import torch_batches
     from tlearn.runtime.torch_runtime import TorchRuntime, example_input
     from tlearn.runtime.transforms import pixel_path

@@ -23,8 +23,9 @@ from tlearn.cache.store import FeatureStore, cache_root, compact, hash_files, sh
 from tlearn.cli import app
 from tlearn.core.hashing import content_key, file_key
 from tlearn.core.options import RunOptions
-from tlearn.engine import feature_engine
-from tlearn.features import extract_array, read_features_csv
+from tlearn.features.engine import Engine
+from tlearn.features.table import read_features_csv
+from tlearn.runtime.ort import LazyRuntime
 
 
 @pytest.fixture
@@ -42,9 +43,17 @@ def tiny():
 
 
 def _extract(net, spec, cfg, paths, *, cache=True, draft=True):
-    run = RunOptions(backend="torch", device="cpu", cache=cache, draft=draft)
-    engine = feature_engine(net, spec, cfg, run)
-    feats = extract_array(net, paths, cfg, workers=0, batch_size=4, **engine.kwargs())
+    """An engine on `net` with the torch backend (its runtime opened through
+    runtime.export.open_runtime, which _no_backbone refuses)."""
+    import torch
+
+    cpu = torch.device("cpu")
+    runtime = LazyRuntime(
+        lambda: rt.open_runtime(net, spec, cfg, backend="torch", device=cpu, cache_root=None), cpu
+    )
+    root = cache_root() if cache else None
+    engine = Engine(spec, cfg, runtime, root, draft=draft, precision="fp32", notes=[])
+    feats = engine.extract(paths, RunOptions(workers=0, batch_size=4), stage="extract")
     return feats, engine.summary()
 
 
@@ -70,7 +79,7 @@ def test_cache_location(monkeypatch, tmp_path):
 
 def test_second_run_is_served_from_the_cache(cache_dir, image_folder, tiny, monkeypatch):
     import tlearn.data.decode as decode_module
-    import tlearn.features as features_module
+    import tlearn.features.stream as stream_module
 
     net, spec, cfg = tiny
     paths = sorted(str(p) for p in image_folder.rglob("*.*"))
@@ -83,7 +92,7 @@ def test_second_run_is_served_from_the_cache(cache_dir, image_folder, tiny, monk
 
     # both ways images get decoded: plain worker processes and torch's DataLoader
     monkeypatch.setattr(decode_module, "decoded_batches", no_workers)
-    monkeypatch.setattr(features_module, "torch_batches", no_workers)
+    monkeypatch.setattr(stream_module, "torch_batches", no_workers)
     second, s2 = _extract(net, spec, cfg, paths)
     assert s2 == {"backend": None, "device": "cpu", "cached": len(paths), "computed": 0}
     np.testing.assert_array_equal(second.X, first.X)
@@ -303,15 +312,15 @@ def test_csv_written_by_worker_processes_is_byte_identical(
 ):
     """On machines with cores to spare the CSV text is made in worker processes while
     extraction goes on: same bytes, same row order, as writing it in the main process."""
-    import tlearn.features as features
+    import tlearn.features.table as table
 
-    assert features.csv_workers(2) == 0 and features.csv_workers(16) == 4
+    assert table.csv_workers(2) == 0 and table.csv_workers(16) == 4
     first = sorted((image_folder / "grass").iterdir())[0]
     shutil.copy(first, image_folder / "grass" / 'odd, "quoted"\nname.png')  # CSV quoting
     (image_folder / "grass" / "broken.jpg").write_bytes(b"not an image")  # a skipped one
     out = {}
     for n in (0, workers):
-        monkeypatch.setattr(features, "csv_workers", lambda n=n: n)
+        monkeypatch.setattr(table, "csv_workers", lambda n=n: n)
         csv = tmp_path / f"w{n}.csv"
         args = ["extract", str(image_folder), "-o", str(csv), "-b", "4", "-q", *TINY]
         r = runner.invoke(app, args)

@@ -114,9 +114,12 @@ def test_extract_quotes_awkward_paths(runner, tmp_path):
 
 def test_extract_features_are_float32_exact(runner, image_folder, tmp_path):
     """The CSV holds the exact float32 values (shortest round-trip text)."""
+    import torch
+
     from tlearn.backbone.cut import feature_network
     from tlearn.backbone.weights import open_backbone
-    from tlearn.features import extract_array
+    from tlearn.features.stream import extract_array
+    from tlearn.runtime.torch_runtime import TorchRuntime
 
     out = tmp_path / "f.csv"
     # Same backend as extract_array's default, and no cached features from another backend
@@ -127,7 +130,8 @@ def test_extract_features_are_float32_exact(runner, image_folder, tmp_path):
     df = pd.read_csv(out, dtype={f"f{i}": np.float32 for i in range(256)})
     backbone = open_backbone("test_efficientnet", "none")
     net, _ = feature_network(backbone, None, "avg")
-    feats = extract_array(net, list(df["path"]), backbone.data_config, workers=0)
+    cpu = TorchRuntime(net, torch.device("cpu"))
+    feats = extract_array(cpu, list(df["path"]), backbone.data_config, workers=0)
     np.testing.assert_array_equal(df.iloc[:, 2:].to_numpy(np.float32), feats.X)
 
 

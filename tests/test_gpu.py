@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import TINY
 from tests.test_shard import REPO
 from tlearn.cli import app
-from tlearn.features import read_features_csv
+from tlearn.features.table import read_features_csv
 
 
 def _cuda() -> bool:

@@ -180,7 +180,7 @@ def test_resume_refuses_a_partial_from_other_options(runner, image_folder, tmp_p
 
 
 def test_resume_drops_a_half_written_last_row(image_folder, tmp_path):
-    from tlearn.features import partial_rows
+    from tlearn.features.table import partial_rows
 
     out = tmp_path / "f.csv"
     meta = {"cut": {"model": "m"}, "data_config": {}, "feature_dim": 2}

@@ -16,7 +16,8 @@ from tlearn.backbone.weights import load_backbone
 from tlearn.cli import app
 from tlearn.core.errors import UsageError
 from tlearn.core.spec import DEFAULT_MODEL, bundled_weights_file
-from tlearn.features import extract_array, read_features_csv
+from tlearn.features.stream import extract_array
+from tlearn.features.table import read_features_csv
 from tlearn.runtime.device import choose_backend, precision
 from tlearn.runtime.export import cached_onnx, export_onnx, open_runtime
 from tlearn.runtime.ort import OnnxRuntime, ort_providers
@@ -46,7 +47,7 @@ def _features(backend, net, spec, cfg, paths, cache_root, pixels=None):
     )
     assert runtime.name == backend
     assert (runtime.transform is None) == (pixels is None)
-    return extract_array(net, paths, cfg, runtime=runtime, workers=0).X
+    return extract_array(runtime, paths, cfg, workers=0).X
 
 
 def assert_close(a, b, tol=1e-4):
@@ -63,7 +64,8 @@ def test_onnx_and_torch_features_agree(tmp_path, image_folder, layers, pool):
     net, spec, cfg = _tiny(layers, pool)
     paths = _paths(image_folder)[::3]  # JPEGs and PNGs of every class
     pixels = pixel_path(cfg)
-    ref = extract_array(net, paths, cfg, workers=0).X  # plain torch, float32 transform
+    cpu = TorchRuntime(net, torch.device("cpu"))
+    ref = extract_array(cpu, paths, cfg, workers=0).X  # plain torch, float32 transform
     assert ref.shape == (len(paths), feature_dim(net, cfg["input_size"]))
     assert np.abs(ref).max() > 0
     for backend in ("onnx", "torch"):

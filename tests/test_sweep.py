@@ -51,11 +51,13 @@ def test_extract_layers_matches_single_layer_extraction(image_folder):
     paths = sorted(str(p) for p in image_folder.rglob("*.*"))[:5]
     feats = extract_layers(backbone, ["blocks.1", "blocks.3", "final"], "avg", paths)
     assert feats.dims == (24, 48, 256) and feats.X.shape == (5, 24 + 48 + 256)
-    from tlearn.features import extract_array
+    from tlearn.features.stream import extract_array
+    from tlearn.runtime.torch_runtime import TorchRuntime
 
     for layer in ("blocks.3", "final"):
         net = FeatureNetwork(backbone.model, [layer], "avg").eval()
-        alone = extract_array(net, paths, backbone.data_config).X
+        cpu = TorchRuntime(net, torch.device("cpu"))
+        alone = extract_array(cpu, paths, backbone.data_config).X
         np.testing.assert_allclose(feats.select([layer]), alone, rtol=1e-5, atol=1e-5)
 
 

@@ -414,7 +414,7 @@ def extract_cmd(
                 shard=None if shard is None else Shard.parse(shard),
             )
     except KeyboardInterrupt:
-        from tlearn.features import partial_path
+        from tlearn.features.table import partial_path
 
         partial = partial_path(output)
         if output != "-" and shard is None and partial.is_file():

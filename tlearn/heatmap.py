@@ -27,9 +27,11 @@ from tlearn.data.image import load_image
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
 from tlearn.data.scan import scan_inputs as scan_unlabeled
-from tlearn.features import extract_array
+from tlearn.features.stream import extract_array
 from tlearn.heads.linear import HEAD_KINDS, LinearHead
 from tlearn.modeldir import SavedModel, load_model
+from tlearn.runtime.device import resolve_device
+from tlearn.runtime.torch_runtime import TorchRuntime
 from tlearn.runtime.transforms import eval_transform
 
 # Heads saved as a torch nn.Linear on the pooled features (weight (K, D), bias (K,)):
@@ -203,11 +205,10 @@ def heatmaps(
         raise DataError(f"no images found in {', '.join(map(str, inputs))}")
     net = ScoreMapNetwork(model, layer, lmap).eval()
     feats = extract_array(
-        net,
+        TorchRuntime(net, resolve_device(run.device)),
         images.paths,
         saved.data_config,
         batch_size=run.batch_size,
-        device=run.device,
         workers=run.workers,
         progress=run.bar("heatmap"),
     )

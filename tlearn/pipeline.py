@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.cache.remembered import loaded_identity, remember_cut, request_key
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, FLATTEN_WARN_DIM, CutSpec, is_auto_layer
@@ -22,14 +21,11 @@ from tlearn.data.scan import load_images, resolve_dataset, scan_class_folders
 from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.data.skipped import SKIPPED_CSV, skipped_csv_bytes, strict_failure, write_skipped_csv
 from tlearn.data.split import stratified_split
-from tlearn.engine import engine as warm_engine
-from tlearn.engine import for_request, for_spec
-from tlearn.features import (
-    FeatureBatch,
-    extract_array,
+from tlearn.features.engine import CutRequest, SavedCut, open_engine
+from tlearn.features.stream import FeatureBatch
+from tlearn.features.table import (
     feature_meta,
     is_features_csv,
-    iter_features,
     partial_rows,
     read_features_csv,
     write_features_csv,
@@ -38,29 +34,6 @@ from tlearn.heads.linear import LinearHead, parse_C
 from tlearn.modeldir import SavedModel, build_config, load_model, save_model
 from tlearn.report.metrics import classification_metrics
 from tlearn.shard import Shard, finish_features_part, plan_part, score_by_batch
-
-
-def open_engine(model: str, weights: str, layers, pool: str, run: RunOptions, seed: int = 0):
-    """(torch feature network or None, engine.Engine) for a request. Warm (tlearn.warm):
-    no network, the cached ONNX graph. Cold: load the backbone, cut it, and remember what
-    the request resolved to so that the next run can be warm."""
-    warm = for_request(model, weights, layers, pool, seed, run)
-    if warm is not None:
-        return None, warm_engine(warm, run)
-    from tlearn.backbone.cut import feature_network  # cold path: torch + timm
-    from tlearn.backbone.weights import open_backbone
-
-    backbone = open_backbone(model, weights, seed)
-    net, spec = feature_network(backbone, layers, pool)
-    from tlearn.engine import feature_engine
-
-    engine = feature_engine(net, spec, backbone.data_config, run)
-    if engine.cache_root is not None:
-        ident = loaded_identity(backbone.weights, seed)
-        key = request_key(model, weights, layers, pool, seed, ident) if ident else None
-        remember_cut(engine.cache_root, key, spec, backbone.data_config)
-    return net, engine
-
 
 # ----------------------------------------------------------------------------- extract
 
@@ -105,7 +78,7 @@ def extract(
         raise UsageError("--resume needs an output file, not -o -")
     if shard is not None and to_stdout:
         raise UsageError("--shard needs an output file, not -o -: each shard writes a part")
-    net, engine = open_engine(model, weights, layers, pool, run)
+    engine = open_engine(CutRequest(model, weights, layers, pool), run)
     spec, data_config = engine.spec, engine.data_config
     dim = engine.feature_dim()
     warnings = list(images.warnings)
@@ -125,17 +98,7 @@ def extract(
         part.check_resume(done, images.paths)
     todo = [i for i in range(lo, hi) if images.paths[i] not in done]
     skipped = list(images.skipped)
-    batches = iter_features(
-        net,
-        [images.paths[i] for i in todo],
-        data_config,
-        batch_size=run.batch_size,
-        device=run.device,
-        workers=run.workers,
-        skipped=skipped,
-        progress=run.bar("extract"),
-        **engine.kwargs(),
-    )
+    batches = engine.stream([images.paths[i] for i in todo], run, stage="extract", skipped=skipped)
     # iter_features numbers images within `todo`; map back to positions in `images`.
     batches = (FeatureBatch([todo[i] for i in b.indices], b.features) for b in batches)
 
@@ -198,30 +161,19 @@ class _FeatureSource:
     def __init__(self, model, weights, layers, pool, run: RunOptions, seed: int):
         self.model, self.weights, self.layers, self.pool = model, weights, layers, pool
         self.run, self.seed = run, seed
-        self.net = None
         self.spec: CutSpec | None = None
         self.data_config: dict | None = None
         self.engine = None
 
     def _open(self):
         if self.engine is None:
-            self.net, self.engine = open_engine(
-                self.model, self.weights, self.layers, self.pool, self.run, self.seed
-            )
+            request = CutRequest(self.model, self.weights, self.layers, self.pool, self.seed)
+            self.engine = open_engine(request, self.run)
             self.spec, self.data_config = self.engine.spec, self.engine.data_config
 
     def from_images(self, images: ImageSet, classes: list[str], stage: str) -> LabelledFeatures:
         self._open()
-        feats = extract_array(
-            self.net,
-            images.paths,
-            self.data_config,
-            batch_size=self.run.batch_size,
-            device=self.run.device,
-            workers=self.run.workers,
-            progress=self.run.bar(stage),
-            **self.engine.kwargs(),
-        )
+        feats = self.engine.extract(images.paths, self.run, stage=stage)
         y_all = np.asarray(images.labels, dtype=np.int64)
         # Re-map labels by name: `images` may list classes in another order.
         remap = np.asarray([classes.index(c) for c in images.classes], dtype=np.int64)
@@ -446,30 +398,8 @@ class PredictResult:
 
 
 def _saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage: str):
-    warm = for_spec(saved.cut, saved.data_config, run)
-    if warm is not None:
-        net, engine = None, warm_engine(warm, run)
-    else:
-        from tlearn.backbone.cut import FeatureNetwork  # cold path: torch + timm
-        from tlearn.backbone.weights import backbone_for_spec
-
-        backbone = backbone_for_spec(saved.cut)
-        net = FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval()
-        from tlearn.engine import feature_engine
-
-        engine = feature_engine(net, saved.cut, saved.data_config, run)
-    feats = extract_array(
-        net,
-        images.paths,
-        saved.data_config,  # preprocessing exactly as in fit
-        batch_size=run.batch_size,
-        device=run.device,
-        workers=run.workers,
-        progress=run.bar(stage),
-        **engine.kwargs(),
-    )
-    feats.notes = engine.notes
-    return feats
+    engine = open_engine(SavedCut(saved.cut, saved.data_config), run)
+    return engine.extract(images.paths, run, stage=stage)  # preprocessing exactly as in fit
 
 
 def _head(saved: SavedModel) -> LinearHead:

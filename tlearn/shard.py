@@ -407,7 +407,7 @@ def _merge_features_csv(parts: list[_Part], out: Path) -> None:
         if key != "shard":
             meta[key] = value
     meta["rows"] = sum(int(p.meta["rows"]) for p in parts)
-    from tlearn.features import sidecar_path
+    from tlearn.features.table import sidecar_path
 
     write_json(sidecar_path(out), meta)
 
@@ -782,38 +782,27 @@ class BatchExtractor:
         device: str = "auto",
         backend: str = "auto",
     ):
-        from tlearn.backbone.cut import feature_network
-        from tlearn.backbone.weights import open_backbone
         from tlearn.core.options import RunOptions
         from tlearn.core.spec import DEFAULT_MODEL
+        from tlearn.features.engine import CutRequest, open_engine
 
-        backbone = open_backbone(model or DEFAULT_MODEL, weights)
-        self.net, self.spec = feature_network(backbone, layers, pool)
-        self.data_config = backbone.data_config
-        # The same inference backend as `tlearn extract` (ONNX Runtime on CPU by default),
-        # so features match it bit for bit; no disk cache inside a batch mapper.
-        run = RunOptions(device=device, backend=backend, cache=False)
-        from tlearn.engine import feature_engine
-
-        self.engine = feature_engine(self.net, self.spec, self.data_config, run)
+        # The same engine as `tlearn extract` (ONNX Runtime on CPU by default), so features
+        # match it bit for bit; no disk cache inside a batch mapper.
+        self.run = RunOptions(device=device, backend=backend, cache=False, workers=0)
+        request = CutRequest(model or DEFAULT_MODEL, weights, layers, pool)
+        self.engine = open_engine(request, self.run)
+        self.spec, self.data_config = self.engine.spec, self.engine.data_config
         self.dim = self.engine.feature_dim()
-        self.device = device
 
     def __call__(self, batch: dict) -> dict:
+        from dataclasses import replace
+
         import numpy as np
 
-        from tlearn.features import extract_array
-
         paths = [str(p) for p in batch["path"]]
-        feats = extract_array(
-            self.net,
-            paths,
-            self.data_config,
-            batch_size=max(1, len(paths)),
-            device=self.device,
-            workers=0,  # the batch mapper parallelises; no worker processes inside it
-            **self.engine.kwargs(),
-        )
+        # one batch, decoded in this process: the batch mapper parallelises
+        run = replace(self.run, batch_size=max(1, len(paths)))
+        feats = self.engine.extract(paths, run, stage="extract")
         X = np.full((len(paths), self.dim), np.nan, dtype=np.float32)
         if len(feats.indices):
             X[feats.indices] = feats.X

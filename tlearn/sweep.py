@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.backbone.cut import feature_network, layer_dims
+from tlearn.backbone.cut import layer_dims
 from tlearn.backbone.layers import Candidate, candidate_layers
 from tlearn.backbone.weights import Backbone, open_backbone
 from tlearn.core.errors import DataError, UsageError
@@ -31,7 +31,7 @@ from tlearn.core.spec import DEFAULT_MODEL
 from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
-from tlearn.features import extract_array
+from tlearn.features.engine import CutRequest, open_engine
 from tlearn.heads.linear import LinearHead, make_estimator, parse_C
 from tlearn.pipeline import LabelledFeatures, _FeatureSource
 
@@ -79,23 +79,13 @@ def extract_layers(
     a second sweep over the same images and candidates does not run the backbone again.
     """
     run = run or RunOptions()
-    net, spec = feature_network(backbone, list(layers), pool)
-    dims = layer_dims(net, backbone.data_config["input_size"])
-    from tlearn.engine import feature_engine
-
-    engine = feature_engine(net, spec, backbone.data_config, run)
-    feats = extract_array(
-        net,
-        list(paths),
-        backbone.data_config,
-        batch_size=run.batch_size,
-        device=run.device,
-        workers=run.workers,
-        progress=run.bar("extract"),
-        **engine.kwargs(),
+    engine = open_engine(
+        CutRequest(backbone.name, layers=list(layers), pool=pool), run, backbone=backbone
     )
+    dims = layer_dims(engine.network, backbone.data_config["input_size"])
+    feats = engine.extract(list(paths), run, stage="extract")
     X = feats.X if len(feats.indices) else np.zeros((0, sum(dims)), np.float32)
-    return LayerFeatures(spec.layers, dims, feats.indices, X, feats.skipped)
+    return LayerFeatures(engine.spec.layers, dims, feats.indices, X, feats.skipped)
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -449,16 +439,14 @@ class AutoLayerSource(_FeatureSource):
         self.backbone: Backbone | None = None
 
     def _open(self):
-        if self.net is None:
+        if self.engine is None:
             self.backbone = open_backbone(self.model, self.weights, self.seed)
             self.candidates = candidate_layers(self.backbone.model, "stages")
             names = [c.name for c in self.candidates]
-            self.net, self.spec = feature_network(self.backbone, names, self.pool)
-            self.data_config = self.backbone.data_config
-            self.dims = layer_dims(self.net, self.data_config["input_size"])
-            from tlearn.engine import feature_engine
-
-            self.engine = feature_engine(self.net, self.spec, self.data_config, self.run)
+            request = CutRequest(self.backbone.name, layers=names, pool=self.pool)
+            self.engine = open_engine(request, self.run, backbone=self.backbone)
+            self.spec, self.data_config = self.engine.spec, self.engine.data_config
+            self.dims = layer_dims(self.engine.network, self.data_config["input_size"])
 
     def from_csv(self, path) -> LabelledFeatures:
         raise UsageError(

@@ -156,7 +156,7 @@ def load_datasets(
     """Training images and (optional) validation images, labels on the train classes."""
     if val is not None and val_split is not None:
         raise UsageError("use either --val DIR or --val-split, not both")
-    from tlearn.features import is_features_csv
+    from tlearn.features.table import is_features_csv
 
     if data is not None and is_features_csv(data):
         raise UsageError(
