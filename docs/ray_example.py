@@ -3,7 +3,7 @@
     pip install "ray[data]"
     python docs/ray_example.py sample_data/roads/train roads-features/
 
-`tlearn.shard.BatchExtractor` is a callable class for `Dataset.map_batches`: Ray starts a
+`tlearn.scale.ray.BatchExtractor` is a callable class for `Dataset.map_batches`: Ray starts a
 pool of actors, each loads the backbone once and turns batches of image paths into
 feature vectors (the same backbone, cut, pooling and preprocessing as `tlearn extract`
 with the same options). Every input row comes back with a `skipped` column: "" for a
@@ -32,7 +32,7 @@ def extract_with_ray(
     """A Ray Dataset with columns path, features, skipped (one row per path)."""
     import ray
 
-    from tlearn.shard import BatchExtractor
+    from tlearn.scale.ray import BatchExtractor
 
     ds = ray.data.from_items([{"path": str(p)} for p in paths])
     return ds.map_batches(

@@ -74,7 +74,7 @@ for kind, args in json.loads(sys.argv[1]):
     codes.append(app(args, standalone_mode=False, prog_name="tlearn"))
 with open(f"codes-{os.environ['RANK']}.json", "w") as f:
     json.dump(codes, f)
-from tlearn.shard import exit_rank  # as tlearn.cli.main ends a torchrun rank
+from tlearn.scale.group import exit_rank  # as tlearn.cli.main ends a torchrun rank
 exit_rank(0)
 """
 

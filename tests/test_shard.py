@@ -27,7 +27,9 @@ from tests.conftest import TINY, make_dataset
 from tlearn.cli import app
 from tlearn.core.errors import DataError, StrictModeError, TlearnError, UsageError
 from tlearn.core.system import DistEnv, dist_env, threads_per_rank
-from tlearn.shard import BatchExtractor, Shard, _raise_first_failure, _status, score_by_batch
+from tlearn.scale.group import raise_first_failure, status_of
+from tlearn.scale.ray import BatchExtractor
+from tlearn.scale.shard import Shard, score_by_batch
 
 REPO = Path(tlearn.__file__).resolve().parent.parent
 BS = ["--batch-size", "4", "--workers", "0"]  # decoding workers change no float; they cost time
@@ -417,7 +419,7 @@ from tlearn.cli import app
 codes = [app(a, standalone_mode=False, prog_name="tlearn") for a in json.loads(sys.argv[1])]
 with open(f"codes-{os.environ['RANK']}.json", "w") as f:
     json.dump(codes, f)
-from tlearn.shard import exit_rank  # as tlearn.cli.main ends a torchrun rank
+from tlearn.scale.group import exit_rank  # as tlearn.cli.main ends a torchrun rank
 exit_rank(0)
 """
 
@@ -506,18 +508,18 @@ def test_threads_per_rank():
 
 
 def test_a_failing_rank_fails_every_rank_with_its_error():
-    ok = _status(None)
-    strict = _status(StrictModeError("--strict: 1 unreadable image(s), nothing written: x"))
-    _raise_first_failure([ok, ok], rank=0, own=None)  # nothing failed
+    ok = status_of(None)
+    strict = status_of(StrictModeError("--strict: 1 unreadable image(s), nothing written: x"))
+    raise_first_failure([ok, ok], rank=0, own=None)  # nothing failed
     with pytest.raises(StrictModeError, match="unreadable") as e:
-        _raise_first_failure([ok, strict], rank=0, own=None)
+        raise_first_failure([ok, strict], rank=0, own=None)
     assert e.value.exit_code == 3
     own = DataError("mine")
     with pytest.raises(DataError, match="mine"):
-        _raise_first_failure([ok, strict], rank=1, own=own)
-    bug = _status(KeyError("boom"))
+        raise_first_failure([ok, strict], rank=1, own=own)
+    bug = status_of(KeyError("boom"))
     with pytest.raises(TlearnError, match="rank 1 failed: unexpected KeyError"):
-        _raise_first_failure([ok, bug], rank=0, own=None)
+        raise_first_failure([ok, bug], rank=0, own=None)
 
 
 # ----------------------------------------------------------------------------- Ray & co

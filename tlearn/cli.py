@@ -56,7 +56,7 @@ def _root(
 ):
     DEBUG["on"] = debug
     from tlearn.core.system import is_secondary_rank
-    from tlearn.shard import check_torchrun_command
+    from tlearn.scale.group import check_torchrun_command
 
     if is_secondary_rank():  # under torchrun only rank 0 prints
         out.quiet = err.quiet = True
@@ -396,7 +396,8 @@ def extract_cmd(
 
     Example: tlearn extract sample_data/roads/train -o features.csv --layer blocks.5
     """
-    from tlearn.shard import Shard, extract
+    from tlearn.jobs.distributed import extract
+    from tlearn.scale.shard import Shard
 
     try:
         with _Bars(quiet) as bars:
@@ -567,7 +568,7 @@ def fit_cmd(
     # The arguments as typer converted them (enums are enums). ctx.params holds click's
     # raw values, which are plain strings under older typer/click releases.
     params = {k: v for k, v in locals().items() if k != "ctx"}
-    from tlearn.shard import check_torchrun_fit
+    from tlearn.scale.group import check_torchrun_fit
 
     if resume is not None or head in (Head.linear, Head.mlp):
         return ct.fit_nn_command(ctx, params, err, out)
@@ -670,7 +671,8 @@ def predict_cmd(
     Example: tlearn predict roads-model photo1.jpg more_photos/ --format jsonl
     """
     from tlearn.core.errors import UsageError
-    from tlearn.shard import Shard, predict
+    from tlearn.jobs.distributed import predict
+    from tlearn.scale.shard import Shard
 
     part = None if shard is None else Shard.parse(shard)
     if part is not None and (output is None or fmt == Format.table):
@@ -701,7 +703,7 @@ def predict_cmd(
         records.append(rec)
     text = _render_predictions(records, fmt, res.classes, k, all_scores, res.score_kind)
     if output is not None and res.part is not None:
-        from tlearn.shard import write_predictions_part
+        from tlearn.scale.shard import write_predictions_part
 
         written = write_predictions_part(
             output,
@@ -1042,7 +1044,7 @@ def merge_cmd(
 
     Example: tlearn merge features.csv.part-* -o features.csv
     """
-    from tlearn.shard import merge_parts
+    from tlearn.scale.merge import merge_parts
 
     res = merge_parts(parts, output)
     if not quiet:
@@ -1135,7 +1137,7 @@ def main() -> None:
         app()
     except SystemExit as e:
         code = e.code
-    from tlearn.shard import exit_rank
+    from tlearn.scale.group import exit_rank
 
     exit_rank(code)
 

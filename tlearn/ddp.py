@@ -12,7 +12,7 @@ The design keeps a torchrun run equal to a single-process run with the same glob
   rank holds the cache a single process builds; validation runs in shards and its sums
   and predictions are gathered, so every rank takes the same early-stopping decisions;
 - only rank 0 writes; every write is followed by a status exchange, so an error on any
-  rank fails every rank with one message (see shard._raise_first_failure).
+  rank fails every rank with one message (see shard.raise_first_failure).
 
 Augmentation and dropout draw from a per-rank, per-epoch seed: reproducible, but not the
 draws of a single process.
@@ -30,7 +30,8 @@ from torch import nn
 
 from tlearn.core.errors import DataError, UsageError
 from tlearn.core.system import DistEnv
-from tlearn.shard import ProcessGroup, Shard, _raise_first_failure, _status
+from tlearn.scale.group import ProcessGroup, raise_first_failure, status_of
+from tlearn.scale.shard import Shard
 
 T = TypeVar("T")
 CHUNK_BYTES = 64 << 20  # cache rows are shared in broadcasts of at most this size
@@ -85,9 +86,9 @@ class Dist:
         error, else the lowest failing rank's). `agree`: a JSON value every rank must
         share with rank 0. Returns every rank's `payload`, in rank order."""
         msgs = self.group.all_gather_json(
-            {"status": _status(own), "payload": payload, "agree": agree}
+            {"status": status_of(own), "payload": payload, "agree": agree}
         )
-        _raise_first_failure([m["status"] for m in msgs], self.rank, own)
+        raise_first_failure([m["status"] for m in msgs], self.rank, own)
         for r, m in enumerate(msgs):
             if m["agree"] != msgs[0]["agree"]:
                 raise DataError(

@@ -33,7 +33,7 @@ from tlearn.features.table import (
 from tlearn.heads.linear import LinearHead, parse_C
 from tlearn.modeldir import SavedModel, build_config, load_model, save_model
 from tlearn.report.metrics import classification_metrics
-from tlearn.shard import Shard, finish_features_part, plan_part, score_by_batch
+from tlearn.scale.shard import Shard, finish_features_part, plan_part, score_by_batch
 
 # ----------------------------------------------------------------------------- extract
 

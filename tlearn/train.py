@@ -1132,7 +1132,7 @@ def _start(prepare, before_training, run, t0: float) -> NNFitResult | None:
         return _execute(r, t0)
 
     from tlearn.ddp import Dist, check_one_gpu_per_process
-    from tlearn.shard import ProcessGroup
+    from tlearn.scale.group import ProcessGroup
 
     with ProcessGroup(env) as group:
         dist = Dist(env, group)

@@ -1,11 +1,19 @@
-"""Every hash tlearn computes: canonical JSON documents (cache keys, sidecars) and file
-contents (weights, images), so that two places never hash the same thing two ways."""
+"""Every hash tlearn computes: canonical JSON documents (cache keys, sidecars), file
+contents (weights, images) and ordered input lists, so that two places never hash the
+same thing two ways."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Sequence
+
+
+def inputs_sha256(paths: Sequence[str], labels: Sequence[str | None] | None) -> str:
+    """Identity of the ordered input list (paths and their labels, if any)."""
+    text = json.dumps({"paths": list(paths), "labels": None if labels is None else list(labels)})
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def doc_sha256(doc: dict) -> str:
