@@ -44,7 +44,7 @@ def in_process(data: str, tmp: Path, C1: str, C2: str) -> tuple[float, float]:
     import os
 
     os.environ["TLEARN_CACHE_DIR"] = str(tmp / "cache-inproc")
-    from tlearn.pipeline import fit
+    from tlearn.jobs.fit import fit
 
     times = []
     for i, C in enumerate((C1, C2)):

@@ -36,7 +36,7 @@ def main() -> None:
     from tlearn.core.spec import DEFAULT_MODEL
     from tlearn.data.image import load_image
     from tlearn.data.pixels import resize_target
-    from tlearn.pipeline import fit
+    from tlearn.jobs.fit import fit
     from tlearn.runtime.transforms import eval_transform
 
     paths = bl.list_images(args.data)

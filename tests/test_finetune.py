@@ -528,7 +528,7 @@ def _mirror_copies(folder: Path, dest: Path) -> tuple[list[Path], list[Path]]:
 def test_flip_tta_averages_the_scores_of_the_image_and_its_mirror(
     kind, fitted_model, nn_model, split_folder, tmp_path
 ):
-    from tlearn.infer import score_images
+    from tlearn.jobs.torch_scores import score_images
 
     saved = load_model(fitted_model if kind == "svm" else nn_model)
     originals, mirrored = _mirror_copies(split_folder / "val", tmp_path / "mirror")

@@ -13,9 +13,10 @@ from tlearn.backbone.cut import FeatureNetwork
 from tlearn.backbone.weights import load_backbone
 from tlearn.cli import app
 from tlearn.core.errors import UsageError
-from tlearn.heatmap import ScoreMapNetwork, check_spatial, fold_linear, heatmaps, linear_map
+from tlearn.jobs.fit import fit
+from tlearn.jobs.heatmap import ScoreMapNetwork, check_spatial, fold_linear, heatmaps, linear_map
+from tlearn.jobs.predict import predict
 from tlearn.modeldir import SavedModel, load_model
-from tlearn.pipeline import fit, predict
 
 
 def _png_ok(path, min_side=200):

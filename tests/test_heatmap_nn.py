@@ -8,8 +8,8 @@ from PIL import Image
 
 from tests.conftest import TINY
 from tlearn.cli import app
-from tlearn.heatmap import heatmaps
-from tlearn.pipeline import predict
+from tlearn.jobs.heatmap import heatmaps
+from tlearn.jobs.predict import predict
 
 
 def test_linear_nn_head_heatmap_is_exact_and_curves_are_drawn(runner, image_folder, tmp_path):

@@ -15,7 +15,7 @@ from tlearn.backbone.cut import FeatureNetwork
 from tlearn.backbone.layers import Candidate, candidate_layers, list_layers
 from tlearn.backbone.weights import load_backbone
 from tlearn.cli import app
-from tlearn.sweep import LayerFeatures, extract_layers, sweep, sweep_features
+from tlearn.jobs.sweep import LayerFeatures, extract_layers, sweep, sweep_features
 
 FAST = ["--C", "0.01", "--folds", "3"]
 

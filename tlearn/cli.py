@@ -576,7 +576,7 @@ def fit_cmd(
     ct.check_not_nn(ctx)
     if output is None:
         raise UsageError("missing -o/--output: the model directory to create")
-    from tlearn.pipeline import fit
+    from tlearn.jobs.fit import fit
 
     with _Bars(quiet) as bars:
         res = fit(
@@ -800,7 +800,7 @@ def evaluate_cmd(
 
     Example: tlearn evaluate roads-model sample_data/roads/val --json
     """
-    from tlearn.pipeline import evaluate
+    from tlearn.jobs.evaluate import evaluate
     from tlearn.report.metrics import write_reports
 
     with _Bars(quiet) as bars:
@@ -926,7 +926,7 @@ def sweep_cmd(
 
     Example: tlearn sweep sample_data/roads/train --layers all -o sweep-roads
     """
-    from tlearn.sweep import sweep, write_sweep
+    from tlearn.jobs.sweep import sweep, write_sweep
 
     with _Bars(quiet) as bars:
         res = sweep(
@@ -991,7 +991,7 @@ def heatmap_cmd(
 
     Example: tlearn heatmap roads-model photo1.jpg photos/ -o heatmaps --class gravel
     """
-    from tlearn.heatmap import heatmaps, write_heatmaps
+    from tlearn.jobs.heatmap import heatmaps, write_heatmaps
 
     with _Bars(quiet) as bars:
         res = heatmaps(

@@ -18,7 +18,7 @@ def extract(data, out, *, shard: Shard | None = None, **kwargs):
     torchrun every rank writes its part and rank 0 merges them into `out`. Returns the
     ExtractResult (on rank 0; None on other ranks)."""
     from tlearn.core.options import RunOptions
-    from tlearn.pipeline import ExtractResult, extract
+    from tlearn.jobs.extract import ExtractResult, extract
 
     env = dist_env()
     if env is None:
@@ -82,7 +82,7 @@ def predict(model_dir, inputs, *, shard: Shard | None = None, **kwargs):
     (result.part describes it); under torchrun each rank predicts its part and rank 0
     gets all predictions in input order. Returns the PredictResult (None on ranks > 0)."""
     from tlearn.core.options import RunOptions
-    from tlearn.pipeline import Prediction, PredictResult, predict
+    from tlearn.jobs.predict import Prediction, PredictResult, predict
 
     env = dist_env()
     if env is None:

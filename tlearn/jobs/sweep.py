@@ -17,7 +17,7 @@ import json
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,6 @@ from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
 from tlearn.features.engine import CutRequest, open_engine
 from tlearn.heads.linear import LinearHead, make_estimator, parse_C
-from tlearn.pipeline import LabelledFeatures, _FeatureSource
 
 PAIR_POOL = 4  # pairs are formed among this many best single layers
 TIE_DECIMALS = 6  # CV accuracies equal to this many decimals are a tie
@@ -130,7 +129,7 @@ class SweepRow:
         }
 
 
-def _folds(y: np.ndarray, folds: int) -> int:
+def cv_folds(y: np.ndarray, folds: int) -> int:
     if folds < 2:
         raise UsageError(f"--folds {folds}: use at least 2")
     counts = np.bincount(y)
@@ -160,7 +159,7 @@ def score_cut(
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
-    folds = _folds(y, folds)
+    folds = cv_folds(y, folds)
     t0 = time.perf_counter()
     if C is None:
         h = LinearHead(kind=head, C=None, folds=folds, seed=seed)
@@ -393,7 +392,7 @@ def sweep(
         pool=pool,
         head=head,
         C=C_value,
-        folds=_folds(y, folds),
+        folds=cv_folds(y, folds),
         seed=seed,
         classes=classes,
         n_images=int(len(y)),
@@ -420,74 +419,3 @@ def write_sweep(result: SweepResult, out_dir: str | Path) -> list[Path]:
     write_json(paths[0], result.to_dict())
     plot_sweep(result.to_dict(), paths[1])
     return paths
-
-
-# ----------------------------------------------------------------------------- fit --layer auto
-
-
-class AutoLayerSource(_FeatureSource):
-    """Feature source for `fit --layer auto`: extracts every candidate layer in one pass,
-    then `choose` sweeps on the training features only (CV) and keeps the best layer's
-    columns for training and validation alike, so no image goes through the network twice.
-    """
-
-    def __init__(self, model, weights, pool, run: RunOptions, seed: int, *, head, C, folds=5):
-        super().__init__(model, weights, None, pool, run, seed)
-        self.head, self.C, self.folds = head, C, folds
-        self.candidates: list[Candidate] = []
-        self.dims: tuple[int, ...] = ()
-        self.backbone: Backbone | None = None
-
-    def _open(self):
-        if self.engine is None:
-            self.backbone = open_backbone(self.model, self.weights, self.seed)
-            self.candidates = candidate_layers(self.backbone.model, "stages")
-            names = [c.name for c in self.candidates]
-            request = CutRequest(self.backbone.name, layers=names, pool=self.pool)
-            self.engine = open_engine(request, self.run, backbone=self.backbone)
-            self.spec, self.data_config = self.engine.spec, self.engine.data_config
-            self.dims = layer_dims(self.engine.network, self.data_config["input_size"])
-
-    def from_csv(self, path) -> LabelledFeatures:
-        raise UsageError(
-            f"--layer auto sweeps the backbone's layers, so it needs image folders, not the "
-            f"features CSV {path}; give --layer NAME, or fit on images"
-        )
-
-    def choose(self, train: LabelledFeatures, valid: LabelledFeatures | None):
-        """Sweep on `train` (CV only), then keep the chosen layer's columns."""
-        t0 = time.perf_counter()
-        feats = LayerFeatures(self.spec.layers, self.dims, np.arange(len(train.y)), train.X)
-        rows, pair_rows, best, best_pair = sweep_features(
-            feats,
-            train.y,
-            train.classes,
-            self.candidates,
-            head=self.head,
-            C=self.C,
-            folds=self.folds,
-            seed=self.seed,
-            progress=self.run.bar("sweep layers"),
-        )
-        result = SweepResult(
-            model=self.spec.model,
-            weights_source=self.spec.weights_source,
-            pool=self.pool,
-            head=self.head,
-            C=self.C,
-            folds=_folds(train.y, self.folds),
-            seed=self.seed,
-            classes=list(train.classes),
-            n_images=int(len(train.y)),
-            rows=rows,
-            pairs=pair_rows,
-            best=best,
-            best_pair=best_pair,
-            seconds=time.perf_counter() - t0,
-        )
-        cols = feats.columns(best.layers)
-        train.X = np.ascontiguousarray(train.X[:, cols])
-        if valid is not None:
-            valid.X = np.ascontiguousarray(valid.X[:, cols])
-        self.spec = replace(self.spec, layers=best.layers)
-        return train, valid, result

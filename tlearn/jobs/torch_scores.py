@@ -1,8 +1,9 @@
-"""Scores for images from a saved model: neural-head models (with their fine-tuned
-backbone when one was trained) and linear models, with optional test-time augmentation.
+"""Scores computed with torch: neural-head models (with their fine-tuned backbone when one
+was trained) and linear models under test-time augmentation.
 
-TTA averages over the views of each image (augment.tta_transform): softmax probabilities
-for neural heads and logistic regression, decision scores (margins) for SVMs.
+TTA averages over the views of each image (runtime.augment.tta_transform): softmax
+probabilities for neural heads and logistic regression, decision scores (margins) for
+SVMs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tlearn.backbone.cut import FeatureNetwork
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
+from tlearn.heads.linear import LinearHead
 from tlearn.runtime.augment import check_tta, tta_transform
 from tlearn.runtime.device import resolve_device
 from tlearn.runtime.loader import image_loader
@@ -91,7 +93,6 @@ def score_images(
     progress=None,
 ) -> Scored:
     """Per-class scores for every readable image; unreadable ones go to `skipped`."""
-    from tlearn.heads.linear import LinearHead
 
     check_tta(tta)
     if batch_size < 1:

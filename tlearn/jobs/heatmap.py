@@ -196,7 +196,7 @@ def heatmaps(
             f"--class '{class_name}' is not in the model; classes: {', '.join(classes)}"
         )
     # The weights the model predicts with: fine-tuned ones from the model directory if any.
-    from tlearn.infer import build_backbone
+    from tlearn.jobs.torch_scores import build_backbone
 
     model = build_backbone(saved)
     size = check_spatial(model, layer, saved.data_config)

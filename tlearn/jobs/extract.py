@@ -1,0 +1,114 @@
+"""`tlearn extract`: features of every readable image to a table, unreadable images to
+skipped.csv, an interrupted run continued with --resume, one shard with --shard."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tlearn.core.errors import DataError, UsageError
+from tlearn.core.options import RunOptions
+from tlearn.core.spec import DEFAULT_MODEL, FLATTEN_WARN_DIM
+from tlearn.data.imageset import Skipped
+from tlearn.data.scan import load_images
+from tlearn.data.skipped import SKIPPED_CSV, strict_failure, write_skipped_csv
+from tlearn.features.engine import CutRequest, open_engine
+from tlearn.features.stream import FeatureBatch
+from tlearn.features.table import (
+    feature_meta,
+    partial_rows,
+    write_features_csv,
+)
+from tlearn.scale.shard import Shard, finish_features_part, plan_part
+
+# ----------------------------------------------------------------------------- extract
+
+
+@dataclass
+class ExtractResult:
+    rows: int
+    feature_dim: int
+    out: str
+    skipped: list[Skipped]
+    warnings: list[str]
+    seconds: float
+    engine: dict = field(default_factory=dict)  # backend, device, cached, computed
+
+
+def extract(
+    data: Sequence[str | Path],
+    out: str | Path,
+    *,
+    model: str = DEFAULT_MODEL,
+    weights: str = "auto",
+    layers: str | Sequence[str] | None = None,
+    pool: str = "avg",
+    labels_csv: str | Path | None = None,
+    strict: bool = False,
+    resume: bool = False,
+    run: RunOptions | None = None,
+    shard: Shard | None = None,
+) -> ExtractResult:
+    """Features of every readable image to CSV. Unreadable images are listed in
+    skipped.csv beside the output; with `strict` any of them fails the run and nothing
+    is written. With `resume`, rows of an interrupted run's partial file are kept.
+    With `shard`, only that shard's images go to the part file OUT.part-I-of-N, whose
+    sidecar lists its unreadable images (see tlearn.shard; `merge` joins the parts)."""
+    run = run or RunOptions()
+    t0 = time.perf_counter()
+    images = load_images(data, labels_csv)
+    if len(images) == 0:
+        raise DataError(f"no images found in {', '.join(map(str, data))}")
+    to_stdout = str(out) == "-"
+    if resume and to_stdout:
+        raise UsageError("--resume needs an output file, not -o -")
+    if shard is not None and to_stdout:
+        raise UsageError("--shard needs an output file, not -o -: each shard writes a part")
+    engine = open_engine(CutRequest(model, weights, layers, pool), run)
+    spec, data_config = engine.spec, engine.data_config
+    dim = engine.feature_dim()
+    warnings = list(images.warnings)
+    if pool == "flatten" and dim > FLATTEN_WARN_DIM:
+        warnings.append(
+            f"--pool flatten gives {dim} features per image; the CSV will be large "
+            "(avg or catavgmax pooling keep it small)"
+        )
+    meta = feature_meta(spec, data_config, dim)
+    labels = images.label_names if images.labels is not None else None
+    part, lo, hi = None, 0, len(images)
+    if shard is not None:
+        part = plan_part(shard, images.paths, labels, images.skipped, run.batch_size)
+        out, lo, hi, meta = part.path(out), part.start, part.stop, {**meta, "shard": part.info()}
+    done = set(partial_rows(out, meta)) if resume and not to_stdout else set()
+    if part is not None:
+        part.check_resume(done, images.paths)
+    todo = [i for i in range(lo, hi) if images.paths[i] not in done]
+    skipped = list(images.skipped)
+    batches = engine.stream([images.paths[i] for i in todo], run, stage="extract", skipped=skipped)
+    # iter_features numbers images within `todo`; map back to positions in `images`.
+    batches = (FeatureBatch([todo[i] for i in b.indices], b.features) for b in batches)
+
+    def check_strict():
+        if strict and skipped:
+            raise strict_failure(skipped)
+
+    rows = write_features_csv(
+        batches, images.paths, labels, out, meta, resume=bool(done), before_commit=check_strict
+    )
+    if to_stdout:
+        check_strict()
+    elif part is not None:
+        finish_features_part(out, skipped[len(images.skipped) :])
+    else:
+        write_skipped_csv(Path(out).parent / SKIPPED_CSV, skipped)
+    return ExtractResult(
+        rows=rows,
+        feature_dim=dim,
+        out=str(out),
+        skipped=skipped,
+        warnings=warnings + engine.notes,
+        seconds=time.perf_counter() - t0,
+        engine=engine.summary(),
+    )

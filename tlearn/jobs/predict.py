@@ -1,0 +1,118 @@
+"""`tlearn predict`: the class of each image (or feature row) with its score."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tlearn.core.errors import DataError
+from tlearn.core.options import RunOptions
+from tlearn.core.spec import CutSpec
+from tlearn.data.imageset import Skipped
+from tlearn.data.scan import scan_inputs as scan_unlabeled
+from tlearn.data.skipped import strict_failure
+from tlearn.features.table import (
+    is_features_csv,
+    read_features_csv,
+)
+from tlearn.jobs.score import (
+    feature_scores,
+    linear_head,
+    refuse_tta_on_features,
+    saved_features,
+    scored_images,
+)
+from tlearn.modeldir import load_model
+from tlearn.scale.shard import Shard, plan_part, score_by_batch
+
+# ----------------------------------------------------------------------------- predict
+
+
+@dataclass
+class Prediction:
+    path: str
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+@dataclass
+class PredictResult:
+    predictions: list[Prediction]
+    classes: list[str]
+    score_kind: str  # "probability" or "svm margin"
+    skipped: list[Skipped]
+    warnings: list[str]
+    part: dict | None = None  # with a shard: what tlearn.shard writes in the part's sidecar
+
+
+def predict(
+    model_dir: str | Path,
+    inputs: Sequence[str | Path],
+    *,
+    strict: bool = False,
+    tta: str = "none",
+    run: RunOptions | None = None,
+    shard: Shard | None = None,
+) -> PredictResult:
+    run = run or RunOptions()
+    saved = load_model(model_dir)
+    nn_model = saved.is_nn
+    head = None if nn_model else linear_head(saved)
+    score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
+    part, n_scan_skipped = None, 0
+    if len(inputs) == 1 and is_features_csv(inputs[0]):
+        table = read_features_csv(inputs[0])
+        if CutSpec.from_dict(table.meta["cut"]) != saved.cut:
+            raise DataError(f"{inputs[0]} was extracted with another cut than the model's")
+        refuse_tta_on_features(tta)
+        paths, X, skipped, warnings = table.paths, table.X, [], []
+        if shard is not None:
+            part = plan_part(shard, paths, None, [], run.batch_size)
+            paths, X = paths[part.start : part.stop], X[part.start : part.stop]
+        batch_of = np.arange(len(paths)) // max(1, run.batch_size)
+        scores = score_by_batch(
+            lambda x: feature_scores(saved, head, x), X, batch_of, len(saved.classes)
+        )
+    else:
+        images = scan_unlabeled(list(inputs))
+        if len(images) == 0 and not images.skipped:
+            raise DataError(f"no images found in {', '.join(map(str, inputs))}")
+        n_scan_skipped = len(images.skipped)
+        if shard is not None:
+            part = plan_part(shard, images.paths, None, images.skipped, run.batch_size)
+            images = images.subset(range(part.start, part.stop))
+        if nn_model or tta != "none":
+            scored = scored_images(saved, images.paths, tta, run, "predict")
+            paths = [images.paths[i] for i in scored.indices]
+            scores, skipped = scored.scores, images.skipped + scored.skipped
+            warnings = images.warnings
+        else:
+            feats = saved_features(saved, images, run, "predict")
+            paths = [images.paths[i] for i in feats.indices]
+            X, skipped = feats.X, images.skipped + feats.skipped
+            warnings = list(images.warnings) + feats.notes
+            batch_of = np.asarray(feats.indices) // max(1, run.batch_size)
+            scores = score_by_batch(head.scores, X, batch_of, len(saved.classes))
+    if strict and skipped:
+        raise strict_failure(skipped)
+    preds = [
+        Prediction(
+            path=p,
+            label=saved.classes[int(s.argmax())],
+            score=float(s.max()),
+            scores={c: float(v) for c, v in zip(saved.classes, s, strict=True)},
+        )
+        for p, s in zip(paths, scores, strict=True)
+    ]
+    return PredictResult(
+        predictions=preds,
+        classes=saved.classes,
+        score_kind=score_kind,
+        skipped=skipped,
+        warnings=list(warnings),
+        part=None if part is None else part.info(skipped[n_scan_skipped:]),
+    )
