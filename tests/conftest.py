@@ -96,7 +96,7 @@ def runner() -> CliRunner:
 @pytest.fixture
 def fitted_model(tmp_path, image_folder, runner) -> Path:
     """A linear SVM model directory fitted on `image_folder` with the tiny test model."""
-    from tlearn.cli import app
+    from tlearn.cli.app import app
 
     out = tmp_path / "model"
     result = runner.invoke(app, ["fit", str(image_folder), "-o", str(out), "-q", *TINY])

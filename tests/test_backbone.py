@@ -13,7 +13,7 @@ from PIL import Image
 from tlearn.backbone.cut import FeatureNetwork, pool_features
 from tlearn.backbone.layers import list_layers, resolve_layers
 from tlearn.backbone.models import create_model, data_config_for
-from tlearn.backbone.weights import _apply_state_dict, load_backbone
+from tlearn.backbone.weights import apply_state_dict, load_backbone
 from tlearn.core.errors import ModelError, UsageError, WeightsError
 from tlearn.core.spec import bundled_weights_file
 from tlearn.runtime.transforms import eval_transform
@@ -46,7 +46,7 @@ def test_bundled_mapping_is_checked_by_shape():
     first = next(iter(broken))
     broken[first] = torch.zeros(1, 1)  # a shape that fits nothing
     with pytest.raises(WeightsError):
-        _apply_state_dict(model, broken, "test")
+        apply_state_dict(model, broken, "test")
 
 
 def _tiny_state(tmp_path, fmt):

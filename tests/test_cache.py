@@ -20,7 +20,7 @@ from tlearn.backbone.cut import feature_network
 from tlearn.backbone.weights import load_backbone
 from tlearn.cache.admin import cache_info
 from tlearn.cache.store import FeatureStore, cache_root, compact, hash_files, shard_names
-from tlearn.cli import app
+from tlearn.cli.app import app
 from tlearn.core.hashing import content_key, file_key
 from tlearn.core.options import RunOptions
 from tlearn.features.engine import Engine

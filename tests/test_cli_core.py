@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.conftest import TINY, draw, make_dataset
-from tlearn.cli import app
+from tlearn.cli.app import app
 
 
 def _csv_rows(text: str) -> list[dict]:

@@ -28,7 +28,7 @@ from tests.conftest import make_dataset
 from tests.test_shard import REPO, torch_threads
 from tlearn import checkpoint as ckpt
 from tlearn.backbone.weights import open_backbone
-from tlearn.cli import app
+from tlearn.cli.app import app
 from tlearn.core.options import RunOptions
 from tlearn.core.system import DistEnv
 from tlearn.ddp import Dist
@@ -55,7 +55,7 @@ RUN = RunOptions(batch_size=4, workers=0)
 RUN_CLI = """
 import json, os, shutil, sys
 import tlearn.train
-from tlearn.cli import app
+from tlearn.cli.app import app
 
 real = tlearn.train._Run.train_epoch
 

@@ -21,7 +21,7 @@ from tlearn import checkpoint as ckpt
 from tlearn.backbone.cut import feature_dim
 from tlearn.backbone.transfer import TransferNet
 from tlearn.backbone.weights import open_backbone
-from tlearn.cli import app
+from tlearn.cli.app import app
 from tlearn.core.errors import ArtifactError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.groups import apply_freeze, build_optimizer, plan_groups
@@ -635,7 +635,7 @@ def test_terminal_progress_shows_one_bar_per_epoch_with_live_numbers():
 
     from rich.console import Console
 
-    from tlearn.cli_train import TrainView
+    from tlearn.cli.train import TrainView
 
     buf = io.StringIO()
     console = Console(file=buf, force_terminal=True, width=120)
@@ -684,9 +684,9 @@ def test_neural_fit_works_when_typer_hands_over_plain_strings(
     attribute 'value'"). The command must work from either."""
     from enum import Enum
 
-    from tlearn import cli_train
+    import tlearn.cli.fit as cli_fit
 
-    original = cli_train.fit_nn_command
+    original = cli_fit.fit_nn_command
     seen = []
 
     def as_older_typer(ctx, params, err, out):
@@ -694,7 +694,7 @@ def test_neural_fit_works_when_typer_hands_over_plain_strings(
         seen.extend(k for k, v in params.items() if isinstance(v, Enum))
         return original(ctx, plain, err, out)
 
-    monkeypatch.setattr(cli_train, "fit_nn_command", as_older_typer)
+    monkeypatch.setattr(cli_fit, "fit_nn_command", as_older_typer)
     out = tmp_path / "m"
     args = ["fit", str(split_folder), "--head", "linear", "-o", str(out), "--epochs", "1"]
     result = runner.invoke(app, [*args, "--optimizer", "sgd", "--pool", "max", *TINY])

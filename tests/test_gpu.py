@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import TINY
 from tests.test_shard import REPO
-from tlearn.cli import app
+from tlearn.cli.app import app
 from tlearn.features.table import read_features_csv
 
 

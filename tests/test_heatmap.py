@@ -11,7 +11,7 @@ import torch
 from tests.conftest import TINY
 from tlearn.backbone.cut import FeatureNetwork
 from tlearn.backbone.weights import load_backbone
-from tlearn.cli import app
+from tlearn.cli.app import app
 from tlearn.core.errors import UsageError
 from tlearn.jobs.fit import fit
 from tlearn.jobs.heatmap import ScoreMapNetwork, check_spatial, fold_linear, heatmaps, linear_map

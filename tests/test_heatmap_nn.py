@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from tests.conftest import TINY
-from tlearn.cli import app
+from tlearn.cli.app import app
 from tlearn.jobs.heatmap import heatmaps
 from tlearn.jobs.predict import predict
 

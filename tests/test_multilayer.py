@@ -12,7 +12,7 @@ from tests.conftest import TINY
 from tlearn.backbone.cut import FeatureNetwork
 from tlearn.backbone.layers import resolve_layers
 from tlearn.backbone.weights import load_backbone
-from tlearn.cli import app
+from tlearn.cli.app import app
 
 
 @pytest.fixture(scope="module")

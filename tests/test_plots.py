@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from tests.conftest import CLASS_COLORS, draw
-from tlearn.cli import app
+from tlearn.cli.app import app
 from tlearn.report.plots import plot_curves, worst_mistakes
 
 

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from tests import imagegen
 from tests.conftest import TINY, draw, make_dataset
-from tlearn.cli import app
+from tlearn.cli.app import app
 
 
 @pytest.fixture

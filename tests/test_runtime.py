@@ -13,7 +13,7 @@ import tlearn.runtime.export as rt
 from tests.conftest import TINY
 from tlearn.backbone.cut import feature_dim, feature_network
 from tlearn.backbone.weights import load_backbone
-from tlearn.cli import app
+from tlearn.cli.app import app
 from tlearn.core.errors import UsageError
 from tlearn.core.spec import DEFAULT_MODEL, bundled_weights_file
 from tlearn.features.stream import extract_array

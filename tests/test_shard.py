@@ -24,7 +24,7 @@ import torch
 
 import tlearn
 from tests.conftest import TINY, make_dataset
-from tlearn.cli import app
+from tlearn.cli.app import app
 from tlearn.core.errors import DataError, StrictModeError, TlearnError, UsageError
 from tlearn.core.system import DistEnv, dist_env, threads_per_rank
 from tlearn.scale.group import raise_first_failure, status_of
@@ -415,7 +415,7 @@ def test_torchrun_extract_equals_single_process_byte_for_byte(runs, tmp_path):
 
 RUN_CLI = """
 import json, os, sys
-from tlearn.cli import app
+from tlearn.cli.app import app
 codes = [app(a, standalone_mode=False, prog_name="tlearn") for a in json.loads(sys.argv[1])]
 with open(f"codes-{os.environ['RANK']}.json", "w") as f:
     json.dump(codes, f)

@@ -14,7 +14,7 @@ from tests.conftest import TINY, make_dataset
 from tlearn.backbone.cut import FeatureNetwork
 from tlearn.backbone.layers import Candidate, candidate_layers, list_layers
 from tlearn.backbone.weights import load_backbone
-from tlearn.cli import app
+from tlearn.cli.app import app
 from tlearn.jobs.sweep import LayerFeatures, extract_layers, sweep, sweep_features
 
 FAST = ["--C", "0.01", "--folds", "3"]

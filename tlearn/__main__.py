@@ -1,4 +1,4 @@
-from tlearn.cli import main
+from tlearn.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -86,7 +86,7 @@ def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(n + "." for n in names)
 
 
-def _apply_state_dict(model: nn.Module, sd: dict, where: str) -> None:
+def apply_state_dict(model: nn.Module, sd: dict, where: str) -> None:
     """Load `sd` into `model` by name, or else by order when names differ but every shape
     matches in order (the bundled packages). Never loads a partial backbone silently: only
     the ImageNet classifier may be missing or differ."""
@@ -135,7 +135,7 @@ def load_backbone(model_name: str = DEFAULT_MODEL, weights: str = "auto") -> Bac
         model = create_model(model_name, pretrained=False)
         if bundled is not None:
             sd = torch.load(str(bundled), map_location="cpu", weights_only=True)
-            _apply_state_dict(model, sd, f"bundled package {BUNDLED_WEIGHTS[model_name]}")
+            apply_state_dict(model, sd, f"bundled package {BUNDLED_WEIGHTS[model_name]}")
             w = Weights(f"bundled:{BUNDLED_WEIGHTS[model_name]}", file_sha256(bundled))
         else:
             model = _load_timm_pretrained(model_name)
@@ -148,7 +148,7 @@ def load_backbone(model_name: str = DEFAULT_MODEL, weights: str = "auto") -> Bac
                 f"--weights '{weights}' is not a file; use auto, none, or a .safetensors/.pth file"
             )
         model = create_model(model_name, pretrained=False)
-        _apply_state_dict(model, _read_state_dict(path), str(path))
+        apply_state_dict(model, _read_state_dict(path), str(path))
         w = Weights(str(path.resolve()), file_sha256(path))
     model.eval()
     return Backbone(model=model, name=model_name, weights=w, data_config=data_config_for(model))

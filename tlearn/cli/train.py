@@ -53,12 +53,6 @@ class Cache(str, Enum):
     off = "off"
 
 
-class TTA(str, Enum):
-    none = "none"
-    flip = "flip"
-    tencrop = "10crop"
-
-
 def _opt(*names, help: str, **kw):
     return typer.Option(*names, help=help, rich_help_panel=PANEL, **kw)
 
@@ -181,14 +175,6 @@ ResumeOpt = Annotated[
         "--resume",
         help="Continue the interrupted run in MODEL_DIR from its last checkpoint (same settings).",
         metavar="MODEL_DIR",
-    ),
-]
-TTAOpt = Annotated[
-    TTA,
-    typer.Option(
-        "--tta",
-        help="Test-time augmentation: none, flip, or 10crop (four corners + "
-        "centre and their mirrors); scores are averaged.",
     ),
 ]
 
@@ -318,9 +304,9 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         raise
     if res is None:  # a torchrun rank other than 0: rank 0 wrote the model and reports
         return
-    from tlearn.cli import _print_validation, _report_skips
+    from tlearn.cli.render import print_validation, report_skips
 
-    _report_skips(res.skipped, res.warnings, quiet)
+    report_skips(res.skipped, res.warnings, quiet)
     if p["as_json"]:
         typer.echo(
             json.dumps(
@@ -351,7 +337,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         f"{res.seconds:.1f}s -> {res.out_dir}",
         highlight=False,
     )
-    _print_validation(res.val_metrics, res.n_val)
+    print_validation(res.val_metrics, res.n_val)
 
 
 def _interrupted_hint(err, p) -> None:
@@ -427,7 +413,7 @@ class TrainView:
     otherwise; nothing with --quiet (errors still show)."""
 
     def __init__(self, err, quiet: bool):
-        from tlearn.cli_bars import Bars
+        from tlearn.cli.render import Bars
 
         self.err = err
         self.quiet = quiet

@@ -1,0 +1,57 @@
+"""The CLI's error policy: a TlearnError becomes one line on stderr and its exit code,
+Ctrl-C exit 130, anything else one "unexpected" line and exit 1 (--debug: traceback)."""
+
+from __future__ import annotations
+
+import functools
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from tlearn.cli.render import err
+from tlearn.core.errors import TlearnError
+
+DEBUG = {"on": False}
+
+
+def _error_console(e: BaseException) -> tuple[Console, str]:
+    """Where an error goes: stderr; under torchrun ranks other than 0 are silent, except
+    for an error that happened on that rank alone (see shard.ProcessGroup)."""
+    rank = getattr(e, "rank_only", None)
+    if rank is not None and rank != 0 and err.quiet:
+        return Console(stderr=True, soft_wrap=True), f"[red]error (rank {rank}):[/]"
+    return err, "[red]error:[/]"
+
+
+def handle_errors(fn):
+    """One line on stderr and a non-zero exit for anything the user can fix."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TlearnError as e:
+            if DEBUG["on"]:
+                raise
+            console, label = _error_console(e)
+            console.print(f"{label} {escape(str(e))}", highlight=False)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except Exception as e:  # a bug or an environment problem: still one line
+            if DEBUG["on"]:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            console, label = _error_console(e)
+            console.print(
+                f"{label} unexpected {type(e).__name__}: {escape(first)} "
+                "(rerun with tlearn --debug ... for the traceback)",
+                highlight=False,
+            )
+            raise typer.Exit(1) from None
+
+    return wrapper

@@ -1,0 +1,213 @@
+"""`tlearn fit`: linear heads here; neural heads and --resume go to cli.train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tlearn.cli.errors import handle_errors
+from tlearn.cli.options import (
+    Backend,
+    BackendOpt,
+    BatchOpt,
+    DeviceOpt,
+    Head,
+    LabelsOpt,
+    LayerOpt,
+    ModelOpt,
+    NoCacheOpt,
+    Pool,
+    PoolOpt,
+    QuietOpt,
+    StrictOpt,
+    WeightsOpt,
+    WorkersOpt,
+    run_options,
+)
+from tlearn.cli.render import err, out, print_validation, progress_bars, report_skips, sweep_table
+from tlearn.cli.train import (
+    BN,
+    AugmentOpt,
+    BNOpt,
+    Cache,
+    CacheDirOpt,
+    CacheOpt,
+    ClassWeightOpt,
+    DropoutOpt,
+    EpochsOpt,
+    FreezeEpochsOpt,
+    FreezeOpt,
+    FreezeToOpt,
+    HeadBNOpt,
+    HiddenOpt,
+    LayerDecayOpt,
+    LRGroupsOpt,
+    LROpt,
+    MomentumOpt,
+    Optimizer,
+    OptimizerOpt,
+    PatienceOpt,
+    ResumeOpt,
+    SmoothingOpt,
+    WarmupOpt,
+    WeightDecayOpt,
+    check_not_nn,
+    fit_nn_command,
+)
+from tlearn.core.errors import UsageError
+
+
+@handle_errors
+def fit_cmd(
+    ctx: typer.Context,
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="Folder of class sub-folders (or with train/ and val/), or a features CSV."
+        ),
+    ],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Model directory to create.")
+    ] = None,
+    head: Annotated[
+        Head,
+        typer.Option(
+            "--head",
+            help="svm/logreg: linear model on extracted features; linear/mlp: a new neural "
+            "head trained with the (partly) frozen network.",
+        ),
+    ] = Head.svm,
+    C: Annotated[
+        str, typer.Option("--C", help="Regularisation: a number, or auto (cross-validated).")
+    ] = "auto",
+    val: Annotated[
+        Path | None, typer.Option("--val", help="Validation folder (or features CSV).")
+    ] = None,
+    val_split: Annotated[
+        float | None, typer.Option("--val-split", help="Hold out this fraction for validation.")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for splits and solvers.")] = 0,
+    model: ModelOpt = "tf_efficientnet_lite0",
+    weights: WeightsOpt = "auto",
+    layer: LayerOpt = None,
+    pool: PoolOpt = Pool.avg,
+    labels: LabelsOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing model directory.")
+    ] = False,
+    strict: StrictOpt = False,
+    batch_size: BatchOpt = 32,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    backend: BackendOpt = Backend.auto,
+    no_cache: NoCacheOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    quiet: QuietOpt = False,
+    hidden: HiddenOpt = None,
+    dropout: DropoutOpt = None,
+    head_bn: HeadBNOpt = False,
+    freeze: FreezeOpt = None,
+    freeze_to: FreezeToOpt = None,
+    freeze_epochs: FreezeEpochsOpt = 0,
+    bn: BNOpt = BN.frozen,
+    lr: LROpt = None,
+    layer_decay: LayerDecayOpt = None,
+    lr_groups: LRGroupsOpt = None,
+    optimizer: OptimizerOpt = Optimizer.adamw,
+    momentum: MomentumOpt = 0.9,
+    weight_decay: WeightDecayOpt = 0.01,
+    warmup_epochs: WarmupOpt = 1.0,
+    label_smoothing: SmoothingOpt = 0.1,
+    class_weight: ClassWeightOpt = None,
+    epochs: EpochsOpt = 10,
+    patience: PatienceOpt = None,
+    augment: AugmentOpt = None,
+    cache: CacheOpt = Cache.memory,
+    cache_dir: CacheDirOpt = None,
+    resume: ResumeOpt = None,
+):
+    """Fit a linear SVM (or logistic regression) on extracted features, or train a new
+    neural head (--head linear|mlp), optionally fine-tuning part of the network.
+
+    Example: tlearn fit sample_data/roads/train --val sample_data/roads/val -o roads-model
+
+    Example: tlearn fit hymenoptera --head linear --freeze-to auto --layer-decay 0.5 -o bees
+
+    Several GPUs (neural heads; --batch-size is the global batch, split over the ranks):
+    torchrun --nproc-per-node 4 -m tlearn fit hymenoptera --head linear -o bees
+    """
+    # The arguments as typer converted them (enums are enums). ctx.params holds click's
+    # raw values, which are plain strings under older typer/click releases.
+    params = {k: v for k, v in locals().items() if k != "ctx"}
+    from tlearn.scale.group import check_torchrun_fit
+
+    if resume is not None or head in (Head.linear, Head.mlp):
+        return fit_nn_command(ctx, params, err, out)
+    check_torchrun_fit(head.value)
+    check_not_nn(ctx)
+    if output is None:
+        raise UsageError("missing -o/--output: the model directory to create")
+    from tlearn.jobs.fit import fit
+
+    with progress_bars(quiet) as bars:
+        res = fit(
+            data,
+            output,
+            head=head.value,
+            C=C,
+            val=val,
+            val_split=val_split,
+            seed=seed,
+            model=model,
+            weights=weights,
+            layers=layer,
+            pool=pool.value,
+            labels_csv=labels,
+            force=force,
+            strict=strict,
+            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+        )
+    report_skips(res.skipped, res.warnings, quiet)
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "model_dir": res.out_dir,
+                    "classes": res.classes,
+                    "n_train": res.n_train,
+                    "n_val": res.n_val,
+                    "C": res.head.C_,
+                    "cv": [r.__dict__ for r in res.head.cv_results_],
+                    "validation": res.val_metrics,
+                    "skipped": len(res.skipped),
+                    "layers": list(res.cut.layers),
+                    "layer_auto": res.sweep.summary() if res.sweep else None,
+                }
+            )
+        )
+        return
+    if res.sweep is not None and not quiet:
+        wide = err if err.is_terminal else Console(stderr=True, width=200)  # logs: no folding
+        wide.print(sweep_table(res.sweep, "--layer auto: CV accuracy per cut on training data"))
+        err.print(f"{res.sweep.method}; table saved as sweep.json", highlight=False)
+    if res.head.cv_results_ and not quiet:
+        t = Table(title=f"C chosen by {res.head.folds}-fold cross-validation")
+        for col in ("C", "CV accuracy", "std", "seconds"):
+            t.add_column(col, justify="right")
+        for r in res.head.cv_results_:
+            mark = " *" if r.C == res.head.C_ else ""
+            t.add_row(f"{r.C:g}{mark}", f"{r.mean:.3f}", f"{r.std:.3f}", f"{r.fit_seconds:.1f}")
+        err.print(t)
+    layers = ",".join(res.cut.layers)
+    out.print(
+        f"fitted {res.head.kind} (C={res.head.C_:g}) on {res.n_train} images, {len(res.classes)} "
+        f"classes, {res.feature_dim} features from {res.cut.model} at {layers} "
+        f"({res.cut.pool}) in {res.seconds:.1f}s -> {res.out_dir}",
+        highlight=False,
+    )
+    print_validation(res.val_metrics, res.n_val)

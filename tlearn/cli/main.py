@@ -1,0 +1,23 @@
+"""`tlearn` / `python -m tlearn` / `torchrun -m tlearn`: run the app; under torchrun a rank
+leaves without the interpreter's teardown (see scale.group.exit_rank)."""
+
+from __future__ import annotations
+
+from tlearn.cli.app import app
+
+
+def main() -> None:
+    from tlearn.core.system import dist_env
+
+    if dist_env() is None:
+        app()
+        return
+    # Under torchrun: leave without the interpreter's teardown (see shard.exit_rank).
+    code = 0
+    try:
+        app()
+    except SystemExit as e:
+        code = e.code
+    from tlearn.scale.group import exit_rank
+
+    exit_rank(code)

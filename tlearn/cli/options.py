@@ -1,0 +1,139 @@
+"""Options shared by several commands (typer Annotated types and their choices), and
+the RunOptions they make."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+# ----------------------------------------------------------------------------- options
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="timm architecture name (see `tlearn models`).")
+]
+WeightsOpt = Annotated[
+    str,
+    typer.Option(
+        "--weights",
+        help="auto (bundled offline package, else timm's pretrained weights), none (random "
+        "init), or a .safetensors/.pth file.",
+    ),
+]
+LayerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        "-l",
+        help="Where to cut: a name from `tlearn layers MODEL` (e.g. blocks.4), a feature stage "
+        "index like -1, or several joined by commas. Default: the final pooled features. "
+        "fit also takes auto: sweep the layers on the training data (CV) and pick the best.",
+    ),
+]
+
+
+class Pool(str, Enum):
+    avg = "avg"
+    max = "max"
+    avgmax = "avgmax"
+    catavgmax = "catavgmax"
+    flatten = "flatten"
+
+
+class Head(str, Enum):
+    svm = "svm"
+    logreg = "logreg"
+    linear = "linear"
+    mlp = "mlp"
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+    jsonl = "jsonl"
+
+
+PoolOpt = Annotated[
+    Pool, typer.Option("--pool", help="How to turn the cut feature map into a vector.")
+]
+BatchOpt = Annotated[
+    int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+WorkersOpt = Annotated[
+    int | None, typer.Option("--workers", min=0, help="Decoding processes (default: auto).")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or notes.")]
+StrictOpt = Annotated[
+    bool,
+    typer.Option("--strict", help="Fail (exit 3) if any image cannot be read; nothing is written."),
+]
+LabelsOpt = Annotated[
+    Path | None, typer.Option("--labels", help="CSV with header path,label instead of folders.")
+]
+ShardOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        metavar="I/N",
+        help="Do only shard I of N (0-based) and write OUTPUT.part-I-of-N (5 digits each); "
+        "join the parts with `tlearn merge`. Under torchrun the ranks shard and merge by "
+        "themselves.",
+    ),
+]
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+
+
+BackendOpt = Annotated[
+    Backend,
+    typer.Option(
+        "--backend",
+        help="Inference backend: auto (ONNX Runtime on CPU, torch on GPU), torch or onnx.",
+    ),
+]
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache",
+        help="Neither read nor write the feature cache (see `tlearn cache info`).",
+    ),
+]
+
+
+def run_options(
+    batch_size, device, workers, quiet, progress=None, backend=Backend.auto, no_cache=False
+):
+    from tlearn.core.options import RunOptions
+
+    return RunOptions(
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        progress=progress,
+        backend=Backend(backend).value,
+        cache=not no_cache,
+    )
+
+
+class TTA(str, Enum):
+    none = "none"
+    flip = "flip"
+    tencrop = "10crop"
+
+
+TTAOpt = Annotated[
+    TTA,
+    typer.Option(
+        "--tta",
+        help="Test-time augmentation: none, flip, or 10crop (four corners + "
+        "centre and their mirrors); scores are averaged.",
+    ),
+]

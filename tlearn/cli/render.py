@@ -1,0 +1,192 @@
+"""Output: the stdout/stderr consoles, progress bars, warnings and skipped images, and
+the tables several commands print. Everything user-supplied is escaped for rich."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+# Wide when piped, so tables in logs are not folded into 80 columns.
+out = Console() if sys.stdout.isatty() else Console(width=200)
+err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable logs
+
+
+def progress_bars(quiet: bool):
+    """Progress bars on stderr, only when it is a terminal and not --quiet."""
+
+    return Bars(err, enabled=not quiet and err.is_terminal and not err.quiet)
+
+
+def report_skips(skipped, warnings, quiet: bool) -> None:
+    for w in warnings:
+        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    if skipped:
+        if not quiet:
+            for s in skipped[:20]:
+                err.print(
+                    f"[yellow]skipped[/] {escape(s.path)}: {escape(s.reason)}", highlight=False
+                )
+            if len(skipped) > 20:
+                err.print(f"... and {len(skipped) - 20} more", highlight=False)
+        err.print(f"[yellow]{len(skipped)} image(s) skipped[/]", highlight=False)
+
+
+def pct3(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def engine_note(engine: dict) -> str:
+    if not engine:
+        return ""
+    if not engine.get("backend"):
+        return f" (all {engine.get('cached', 0)} from the feature cache)"
+    return (
+        f" ({engine['backend']}; {engine.get('computed', 0)} computed, "
+        f"{engine.get('cached', 0)} from the feature cache)"
+    )
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def print_validation(metrics: dict | None, n_val: int) -> None:
+    """After a fit: the per-class table and one summary line (nothing without --val)."""
+    if metrics:
+        out.print(metrics_table(metrics, f"validation on {n_val} images"))
+        out.print(
+            f"validation accuracy {metrics['accuracy']:.3f}, balanced "
+            f"{metrics['balanced_accuracy']:.3f}",
+            highlight=False,
+        )
+
+
+def metrics_table(metrics: dict, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("class", "precision", "recall", "f1", "support"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for cls, m in metrics["per_class"].items():
+        table.add_row(
+            escape(cls), pct3(m["precision"]), pct3(m["recall"]), pct3(m["f1"]), str(m["support"])
+        )
+    return table
+
+
+def confusion_table(metrics: dict) -> Table:
+    labels = metrics["confusion"]["labels"]
+    table = Table(title="confusion (rows: true, columns: predicted)")
+    table.add_column("true \\ pred")
+    for lab in labels:
+        table.add_column(escape(lab), justify="right")
+    for lab, row in zip(labels, metrics["confusion"]["matrix"], strict=True):
+        table.add_row(escape(lab), *[str(v) for v in row])
+    return table
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def sweep_table(res, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("layer", "dim", "output C x H x W", "GFLOPs", "CV accuracy", "C", "fit s"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for r in res.rows:
+        mark = " *" if r.layers == res.best.layers else ""
+        table.add_row(
+            f"{r.name}{mark}",
+            str(r.feature_dim),
+            " x ".join(map(str, r.shape)) if r.shape else "",
+            f"{r.gflops:.3f}",
+            f"{r.cv_mean:.3f} +- {r.cv_std:.3f}",
+            f"{r.C:g}",
+            f"{r.fit_seconds:.2f}",
+        )
+    for r in res.pairs:
+        table.add_row(
+            f"{r.name}{' (best pair)' if r is res.best_pair else ''}",
+            str(r.feature_dim),
+            "pair",
+            f"{r.gflops:.3f}",
+            f"{r.cv_mean:.3f} +- {r.cv_std:.3f}",
+            f"{r.C:g}",
+            f"{r.fit_seconds:.2f}",
+        )
+    return table
+
+
+def sweep_summary(res) -> list[str]:
+    b = res.best
+    lines = [
+        f"recommended cut: --layer {b.name} (CV accuracy {b.cv_mean:.3f} +- {b.cv_std:.3f}, "
+        f"{b.feature_dim} features, {b.gflops:.3f} GFLOPs)"
+    ]
+    p = res.best_pair
+    if p is not None:
+        gain = p.cv_mean - b.cv_mean
+        lines.append(
+            f"best pair: --layer {p.name} (CV accuracy {p.cv_mean:.3f} +- {p.cv_std:.3f}, "
+            f"{gain:+.3f} vs the recommended single layer, {p.feature_dim} features)"
+        )
+    return lines
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+class Bars:
+    """One bar per stage while `enabled` (a terminal, not --quiet). Called as the
+    library's progress callback: (stage, done, total). With `info`, a text column after
+    the bar that `update(task, info=...)` fills (training: loss and accuracy)."""
+
+    def __init__(self, console, enabled: bool, info: bool = False):
+        self.console = console
+        self.enabled = enabled
+        self.info = info
+        self.progress = None
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            last = TextColumn("{task.fields[info]}") if self.info else TimeRemainingColumn()
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                last,
+                console=self.console,
+                transient=False,
+            )
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def add(self, description: str, total: int) -> int:
+        fields = {"info": ""} if self.info else {}
+        return self.progress.add_task(description, total=total, **fields)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.progress is None:
+            return
+        if stage not in self.tasks:
+            self.tasks[stage] = self.add(stage, total)
+        self.progress.update(self.tasks[stage], completed=done, total=total)
