@@ -74,13 +74,12 @@ def child_phase(
     before the run), so each timed run is long enough to even out scheduler noise."""
     import torch
 
-    from tlearn.backbone.cut import feature_network
     from tlearn.backbone.layers import list_layers
     from tlearn.backbone.weights import load_backbone
     from tlearn.cache.store import FeatureStore, cache_root
     from tlearn.core.options import RunOptions
     from tlearn.core.spec import FINAL_LAYER
-    from tlearn.features.engine import feature_engine
+    from tlearn.features.engine import CutRequest, open_engine
     from tlearn.features.stream import iter_features
     from tlearn.runtime.export import cached_onnx
     from tlearn.runtime.ort import LazyRuntime, OnnxRuntime
@@ -98,11 +97,12 @@ def child_phase(
     if intra_op:
         runs.append(("final", True))
     for layer, whole_batch in runs:
-        net, spec = feature_network(backbone, None if layer == "final" else layer, "avg")
+        run = RunOptions(backend=backend, device="cpu", cache=True)
+        request = CutRequest(MODEL, "auto", None if layer == "final" else layer, "avg")
+        engine = open_engine(request, run, backbone=backbone)
+        net, spec = engine.network, engine.spec
         name = spec.layers[0] + (" intra-op" if whole_batch else "")
         gflops = full_gflops if spec.layers[0] == FINAL_LAYER else table[spec.layers[0]]
-        run = RunOptions(backend=backend, device="cpu", cache=True)
-        engine = feature_engine(net, spec, cfg, run)
         if whole_batch:  # for comparison: ORT on the whole batch with intra-op threads
             px = pixel_path(cfg)
             path = cached_onnx(net, spec, cfg, cache_root(), px)
@@ -130,11 +130,10 @@ def child_phase(
                 t = time.perf_counter()
                 n = 0
                 for b in iter_features(
-                    net,
+                    engine.runtime,
                     paths,
                     cfg,
                     batch_size=batch_size,
-                    runtime=engine.runtime,
                     cache=store,
                     workers=workers,
                 ):

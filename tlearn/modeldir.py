@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from tlearn.core.atomic import atomic_dir, write_json
 from tlearn.core.errors import ArtifactError
 from tlearn.core.spec import NN_HEADS, CutSpec
 from tlearn.core.system import versions
 from tlearn.core.version import __version__
+from tlearn.heads.linear import LinearHead
 
 FORMAT = "tlearn-model"
 FORMAT_VERSION = 1
@@ -86,7 +88,6 @@ def save_model(
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write the whole directory under a temporary name, then move it into place."""
-    from safetensors.numpy import save_file
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, force=force) as tmp:
@@ -102,7 +103,6 @@ def save_model(
 
 
 def load_model(model_dir: str | Path) -> SavedModel:
-    from safetensors.numpy import load_file
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -141,7 +141,6 @@ def load_model(model_dir: str | Path) -> SavedModel:
 def _load_backbone_tensors(model_dir: Path, config: dict) -> dict[str, np.ndarray] | None:
     """The fine-tuned backbone of an nn model, checked by name and shape against the
     architecture named in the config; None when the backbone was not trained."""
-    from safetensors.numpy import load_file
 
     info = config.get("backbone")
     if not isinstance(info, dict) or not isinstance(info.get("trained"), bool):
@@ -249,7 +248,6 @@ def validate_config(config: dict, where) -> None:
 
 
 def validate_tensors(config: dict, tensors: dict, where) -> None:
-    from tlearn.heads.linear import LinearHead
 
     if HEAD_FAMILIES[config["head"]["type"]] == "nn":
         validate_head_tensors(config, tensors, where)
@@ -270,7 +268,8 @@ def validate_head_tensors(config: dict, tensors: dict, where) -> None:
     """Refuse a head file whose tensors do not match config.json exactly."""
     # torch builds the head's shapes; only models with a neural head get here
     from tlearn.heads.neural import expected_shapes
-
+    # torch builds the head's shapes; only models with a neural head get here
+    
     head = config["head"]
     if head.get("type") == "mlp" and (
         not isinstance(head.get("hidden"), list)

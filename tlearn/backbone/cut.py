@@ -11,10 +11,7 @@ from torch import nn
 from tlearn.backbone.layers import resolve_layers
 from tlearn.backbone.weights import Backbone
 from tlearn.core.errors import UsageError
-from tlearn.core.spec import (
-    FINAL_LAYER,
-    CutSpec,
-)
+from tlearn.core.spec import FINAL_LAYER, CutSpec
 
 POOLS = ("avg", "max", "avgmax", "catavgmax", "flatten")
 
@@ -59,6 +56,7 @@ class CutNetwork(nn.Module):
             return
         inner = [n for n in self.layers if n != FINAL_LAYER]
         try:
+            # timm's FX extractor is optional: older timm may lack it
             from timm.models._features_fx import create_feature_extractor
 
             self.graph = create_feature_extractor(model, return_nodes={n: n for n in inner})

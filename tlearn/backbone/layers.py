@@ -13,9 +13,7 @@ from torch import nn
 
 from tlearn.backbone.models import data_config_for
 from tlearn.core.errors import ModelError, UsageError
-from tlearn.core.spec import (
-    FINAL_LAYER,
-)
+from tlearn.core.spec import FINAL_LAYER
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,13 @@ import timm
 from torch import nn
 
 from tlearn.core.errors import ModelError
-from tlearn.core.spec import (
-    bundled_weights_file,
-)
+from tlearn.core.spec import bundled_weights_file
 
 
 def _hub_cached(model_name: str) -> bool:
     """True when timm's pretrained weights for the model are in the local HF cache."""
     try:
+        # optional: a model without hub weights needs neither
         from huggingface_hub import try_to_load_from_cache
         from timm.models import get_pretrained_cfg
 

@@ -11,17 +11,13 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from tlearn.backbone.models import create_model, data_config_for, unknown_model_message
 from tlearn.core.errors import ModelError, WeightsError
 from tlearn.core.hashing import file_sha256
-from tlearn.core.spec import (
-    BUNDLED_WEIGHTS,
-    DEFAULT_MODEL,
-    CutSpec,
-    bundled_weights_file,
-)
+from tlearn.core.spec import BUNDLED_WEIGHTS, DEFAULT_MODEL, CutSpec, bundled_weights_file
 
 
 @dataclass(frozen=True)
@@ -56,8 +52,6 @@ def _read_state_dict(path: Path) -> dict:
     suffix = path.suffix.lower()
     try:
         if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             return load_file(str(path))
         if suffix in (".pth", ".pt", ".bin", ".ckpt"):
             # weights_only=True: never run code from a user's pickle.
@@ -188,7 +182,6 @@ def _load_timm_pretrained(model_name: str) -> nn.Module:
 
 def open_backbone(model: str, weights: str, seed: int = 0):
     """backbone.Backbone (imports torch and timm)."""
-    import torch
 
     # Random init (--weights none) must be the same in fit and predict.
     with torch.random.fork_rng(devices=[]):

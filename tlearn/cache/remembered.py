@@ -10,15 +10,17 @@ import contextlib
 import json
 from pathlib import Path
 
+from tlearn.core.atomic import write_json
 from tlearn.core.hashing import doc_sha256, file_sha256
 from tlearn.core.spec import BUNDLED_WEIGHTS, CutSpec, bundled_weights_file
+from tlearn.core.system import dist_version
 from tlearn.core.version import __version__
+from tlearn.data.pixels import PilSteps
 
 FORMAT = 1
 
 
 def _versions() -> dict:
-    from tlearn.core.system import dist_version
 
     return {name: dist_version(name) for name in ("timm", "torch", "torchvision")} | {
         "tlearn": __version__
@@ -74,7 +76,6 @@ def _folder(root: Path) -> Path:
 
 
 def _write(path: Path, doc: dict) -> None:
-    from tlearn.core.atomic import write_json
 
     with contextlib.suppress(OSError):  # the cache only ever saves time
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,6 @@ def remember_cut(root: Path | None, key: str | None, spec: CutSpec, data_config:
 
 def remember_pixels(root: Path | None, data_config: dict, pixels) -> None:
     """`pixels`: preprocess.split_eval_transform's (transform, mean, std) or None."""
-    from tlearn.data.pixels import PilSteps
 
     if root is None or pixels is None or not isinstance(pixels[0], PilSteps):
         return
@@ -115,7 +115,6 @@ def recall_cut(root: Path, key: str) -> tuple[CutSpec, dict] | None:
 
 
 def recall_pixels(root: Path, data_config: dict):
-    from tlearn.data.pixels import PilSteps
 
     doc = _read(_folder(root) / f"pixels-{pixels_key(data_config)}.json")
     try:

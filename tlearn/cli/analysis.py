@@ -75,6 +75,7 @@ def sweep_cmd(
 
     Example: tlearn sweep sample_data/roads/train --layers all -o sweep-roads
     """
+    # only the command that runs loads its job (torch for these)
     from tlearn.jobs.sweep import sweep, write_sweep
 
     with progress_bars(quiet) as bars:
@@ -139,6 +140,7 @@ def heatmap_cmd(
 
     Example: tlearn heatmap roads-model photo1.jpg photos/ -o heatmaps --class gravel
     """
+    # only the command that runs loads its job (torch for these)
     from tlearn.jobs.heatmap import heatmaps, write_heatmaps
 
     with progress_bars(quiet) as bars:

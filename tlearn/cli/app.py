@@ -21,7 +21,9 @@ import tlearn.cli.predict as predict
 from tlearn.cli.cache import cache_app
 from tlearn.cli.errors import DEBUG, handle_errors
 from tlearn.cli.render import err, out
+from tlearn.core.system import is_secondary_rank
 from tlearn.core.version import __version__
+from tlearn.scale.group import check_torchrun_command
 
 app = typer.Typer(
     name="tlearn",
@@ -50,8 +52,6 @@ def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
 ):
     DEBUG["on"] = debug
-    from tlearn.core.system import is_secondary_rank
-    from tlearn.scale.group import check_torchrun_command
 
     if is_secondary_rank():  # under torchrun only rank 0 prints
         out.quiet = err.quiet = True

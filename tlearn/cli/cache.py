@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
+from tlearn.cache.admin import cache_info, clear_cache
+from tlearn.cache.store import cache_root
 from tlearn.cli.errors import handle_errors
 from tlearn.cli.options import QuietOpt
 from tlearn.cli.render import err, human_size, out
@@ -30,9 +33,6 @@ def cache_info_cmd(
 
     Example: tlearn cache info
     """
-    from dataclasses import asdict
-
-    from tlearn.cache.admin import cache_info
 
     info = cache_info()
     if as_json:
@@ -65,8 +65,6 @@ def cache_clear_cmd(quiet: QuietOpt = False):
 
     Example: tlearn cache clear
     """
-    from tlearn.cache.admin import clear_cache
-    from tlearn.cache.store import cache_root
 
     freed = clear_cache()
     if not quiet:

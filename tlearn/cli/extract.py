@@ -27,6 +27,9 @@ from tlearn.cli.options import (
     run_options,
 )
 from tlearn.cli.render import engine_note, err, progress_bars, report_skips
+from tlearn.features.table import partial_path
+from tlearn.scale.merge import merge_parts
+from tlearn.scale.shard import Shard
 
 # ----------------------------------------------------------------------------- extract
 
@@ -62,8 +65,8 @@ def extract_cmd(
 
     Example: tlearn extract sample_data/roads/train -o features.csv --layer blocks.5
     """
+    # only the command that runs loads its job (fast --help)
     from tlearn.jobs.distributed import extract
-    from tlearn.scale.shard import Shard
 
     try:
         with progress_bars(quiet) as bars:
@@ -81,8 +84,6 @@ def extract_cmd(
                 shard=None if shard is None else Shard.parse(shard),
             )
     except KeyboardInterrupt:
-        from tlearn.features.table import partial_path
-
         partial = partial_path(output)
         if output != "-" and shard is None and partial.is_file():
             err.print(
@@ -121,7 +122,6 @@ def merge_cmd(
 
     Example: tlearn merge features.csv.part-* -o features.csv
     """
-    from tlearn.scale.merge import merge_parts
 
     res = merge_parts(parts, output)
     if not quiet:

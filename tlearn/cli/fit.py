@@ -60,6 +60,7 @@ from tlearn.cli.train import (
     fit_nn_command,
 )
 from tlearn.core.errors import UsageError
+from tlearn.scale.group import check_torchrun_fit
 
 
 @handle_errors
@@ -144,7 +145,6 @@ def fit_cmd(
     # The arguments as typer converted them (enums are enums). ctx.params holds click's
     # raw values, which are plain strings under older typer/click releases.
     params = {k: v for k, v in locals().items() if k != "ctx"}
-    from tlearn.scale.group import check_torchrun_fit
 
     if resume is not None or head in (Head.linear, Head.mlp):
         return fit_nn_command(ctx, params, err, out)
@@ -152,6 +152,7 @@ def fit_cmd(
     check_not_nn(ctx)
     if output is None:
         raise UsageError("missing -o/--output: the model directory to create")
+    # only the command that runs loads its job (fast --help)
     from tlearn.jobs.fit import fit
 
     with progress_bars(quiet) as bars:
@@ -172,6 +173,11 @@ def fit_cmd(
             strict=strict,
             run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
         )
+    render_linear_fit(res, quiet=quiet, as_json=as_json)
+
+
+def render_linear_fit(res, *, quiet: bool, as_json: bool) -> None:
+    """What `fit --head svm|logreg` prints: JSON, or the tables and the summary line."""
     report_skips(res.skipped, res.warnings, quiet)
     if as_json:
         typer.echo(

@@ -12,6 +12,7 @@ from rich.table import Table
 from tlearn.cli.errors import handle_errors
 from tlearn.cli.render import err, out
 from tlearn.core.errors import TlearnError
+from tlearn.report.plots import plot_layers
 
 # ----------------------------------------------------------------------------- models / layers
 
@@ -26,6 +27,7 @@ def models_cmd(
 
     Example: tlearn models lite
     """
+    # torch + timm: only the command that runs loads them
     from tlearn.backbone.models import list_models
 
     rows = list_models(pattern)
@@ -62,8 +64,10 @@ def layers_cmd(
 
     Example: tlearn layers tf_efficientnet_lite0 --input-size 224
     """
+    # torch + timm: only the command that runs loads them
     import timm
 
+    # torch + timm: only the command that runs loads them
     from tlearn.backbone.layers import list_layers
     from tlearn.backbone.models import create_model, data_config_for, unknown_model_message
 
@@ -73,8 +77,8 @@ def layers_cmd(
     size = input_size or data_config_for(net)["input_size"][1]
     layers = list_layers(net, size)
     if plot is not None:
+        # torch + timm: only the command that runs loads them
         from tlearn.backbone.layers import overview_layers
-        from tlearn.report.plots import plot_layers
 
         plot_layers(overview_layers(net, layers), plot, f"{model} at {size}x{size}")
         err.print(f"wrote {plot}", highlight=False)

@@ -4,10 +4,11 @@ leaves without the interpreter's teardown (see scale.group.exit_rank)."""
 from __future__ import annotations
 
 from tlearn.cli.app import app
+from tlearn.core.system import dist_env
+from tlearn.scale.group import exit_rank
 
 
 def main() -> None:
-    from tlearn.core.system import dist_env
 
     if dist_env() is None:
         app()
@@ -18,6 +19,5 @@ def main() -> None:
         app()
     except SystemExit as e:
         code = e.code
-    from tlearn.scale.group import exit_rank
 
     exit_rank(code)

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from tlearn.core.options import RunOptions
+
 # ----------------------------------------------------------------------------- options
 
 ModelOpt = Annotated[
@@ -111,7 +113,6 @@ NoCacheOpt = Annotated[
 def run_options(
     batch_size, device, workers, quiet, progress=None, backend=Backend.auto, no_cache=False
 ):
-    from tlearn.core.options import RunOptions
 
     return RunOptions(
         batch_size=batch_size,

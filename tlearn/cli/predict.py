@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -39,7 +40,12 @@ from tlearn.cli.render import (
     progress_bars,
     report_skips,
 )
+from tlearn.core.atomic import atomic_file
 from tlearn.core.errors import UsageError
+from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
+from tlearn.report.metrics import write_reports
+from tlearn.report.plots import write_evaluation_plots
+from tlearn.scale.shard import Shard, write_predictions_part
 
 # ----------------------------------------------------------------------------- predict
 
@@ -73,8 +79,8 @@ def predict_cmd(
 
     Example: tlearn predict roads-model photo1.jpg more_photos/ --format jsonl
     """
+    # only the command that runs loads its job (fast --help)
     from tlearn.jobs.distributed import predict
-    from tlearn.scale.shard import Shard
 
     part = None if shard is None else Shard.parse(shard)
     if part is not None and (output is None or fmt == Format.table):
@@ -105,8 +111,6 @@ def predict_cmd(
         records.append(rec)
     text = _render_predictions(records, fmt, res.classes, k, all_scores, res.score_kind)
     if output is not None and res.part is not None:
-        from tlearn.scale.shard import write_predictions_part
-
         written = write_predictions_part(
             output,
             text,
@@ -119,9 +123,6 @@ def predict_cmd(
         if not quiet:
             err.print(f"wrote {len(records)} predictions to {written}", highlight=False)
     elif output is not None:
-        from tlearn.core.atomic import atomic_file
-        from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
-
         with atomic_file(output, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         write_skipped_csv(output.parent / SKIPPED_CSV, res.skipped)
@@ -132,7 +133,6 @@ def predict_cmd(
 
 
 def _render_predictions(records, fmt: Format, classes, k, all_scores, score_kind):
-    import io
 
     if fmt == Format.json:
         return json.dumps({"score": score_kind, "predictions": records}, ensure_ascii=False) + "\n"
@@ -201,8 +201,8 @@ def evaluate_cmd(
 
     Example: tlearn evaluate roads-model sample_data/roads/val --json
     """
+    # only the command that runs loads its job (fast --help)
     from tlearn.jobs.evaluate import evaluate
-    from tlearn.report.metrics import write_reports
 
     with progress_bars(quiet) as bars:
         res = evaluate(
@@ -217,7 +217,6 @@ def evaluate_cmd(
     m = res.metrics
     if output is not None:
         written = write_reports(output, m, res.skipped)
-        from tlearn.report.plots import write_evaluation_plots
 
         written += write_evaluation_plots(output, res)
         if not quiet:

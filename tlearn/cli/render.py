@@ -7,6 +7,14 @@ import sys
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 # Wide when piped, so tables in logs are not folded into 80 columns.
@@ -154,15 +162,6 @@ class Bars:
 
     def __enter__(self):
         if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
             last = TextColumn("{task.fields[info]}") if self.info else TimeRemainingColumn()
             self.progress = Progress(
                 TextColumn("{task.description}"),

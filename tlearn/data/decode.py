@@ -25,6 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from tlearn.core.errors import DataError, ImageLoadError
+from tlearn.core.hashing import content_key
 from tlearn.data.image import load_image
 
 # (indices into the path list, pixels (B, H, W, 3) uint8 or None, [(index, reason)],
@@ -36,7 +37,6 @@ def decode_one(path: str, transform, min_size: int | None, keyed: bool):
     """(transformed image, None, key) or (None, reason, None); never raises for a bad
     image. With `keyed`, the file's bytes are read once, hashed (the feature cache key) and
     decoded from those very bytes. Also what features.ImageDataset returns per item."""
-    from tlearn.core.hashing import content_key
 
     content = None
     if keyed:

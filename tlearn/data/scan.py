@@ -14,9 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from tlearn.core.errors import (
-    DataError,
-)
+from tlearn.core.errors import DataError
 from tlearn.data.imageset import ImageSet, Skipped, entry_problem, is_image_name, no_images_error
 from tlearn.data.labels import read_labels_csv
 

@@ -17,7 +17,8 @@ def check_val_split(fraction: float) -> float:
 def stratified_split(labels, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices), each sorted: a `fraction` of the images held
     out, stratified by label when every class has at least two images."""
-    from sklearn.model_selection import train_test_split  # only when a split is asked for
+    # only when a split is asked for
+    from sklearn.model_selection import train_test_split
 
     check_val_split(fraction)
     y = np.asarray(labels)

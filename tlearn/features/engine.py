@@ -145,7 +145,8 @@ class Engine:
         if self.runtime.transform is not None:  # uint8 NHWC pixels
             x = np.zeros((1, h, w, c), dtype=np.uint8)
         else:
-            import torch  # a float-input runtime is a torch one: torch is loaded already
+            # a float-input runtime is a torch one: torch is loaded already
+            import torch
 
             x = torch.zeros(1, c, h, w)
         return int(self.runtime.open()(x).shape[1])

@@ -15,7 +15,7 @@ import numpy as np
 from tlearn.core.errors import DataError
 from tlearn.data.decode import default_workers
 from tlearn.data.imageset import Skipped
-from tlearn.data.pixels import resize_target
+from tlearn.data.pixels import PilSteps, resize_target
 from tlearn.runtime.loader import torch_batches
 from tlearn.runtime.transforms import eval_transform
 
@@ -145,7 +145,6 @@ def _computed_batches(runtime, paths, data_config, *, batch_size, workers, cache
     # A runtime may take uint8 pixels and normalise them itself (tlearn.runtime).
     transform = getattr(runtime, "transform", None) or eval_transform(data_config)
     n_workers = default_workers(len(paths), batch_size, dev.type) if workers is None else workers
-    from tlearn.data.pixels import PilSteps
 
     if isinstance(transform, PilSteps):
         # uint8 pixel batches from plain worker processes: no torch needed (tlearn.decode).

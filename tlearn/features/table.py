@@ -17,7 +17,9 @@ import numpy as np
 
 from tlearn.core.atomic import write_json
 from tlearn.core.errors import DataError
+from tlearn.core.system import cpu_cores, dist_version
 from tlearn.core.version import __version__
+from tlearn.data.decode import ordered_map
 from tlearn.features.stream import FeatureBatch
 
 # ----------------------------------------------------------------------------- CSV
@@ -156,7 +158,6 @@ def csv_workers(cores: int | None = None) -> int:
     each): none on small machines, where every core already decodes or computes; on a
     16-core GPU machine the text written in the main process capped extraction at that
     rate (docs/benchmarks.md, GPU section)."""
-    from tlearn.core.system import cpu_cores
 
     cores = cpu_cores() if cores is None else cores
     return 0 if cores < 8 else min(4, cores // 4)
@@ -173,7 +174,6 @@ def _csv_texts(batches, paths, labels):
         )
         for b in batches
     )
-    from tlearn.data.decode import ordered_map
 
     def died(job) -> DataError:
         return DataError(f"a CSV-writing worker process died near {job[0][0]}; run again")
@@ -186,7 +186,6 @@ def sidecar_path(csv_path: str | Path) -> Path:
 
 
 def feature_meta(spec, data_config: dict, dim: int) -> dict:
-    from tlearn.core.system import dist_version
 
     return {
         "format": "tlearn-features",
@@ -212,6 +211,7 @@ class FeatureTable:
 
 def read_features_csv(path: str | Path) -> FeatureTable:
     """Read a CSV written by `tlearn extract` (and its sidecar JSON)."""
+    # pandas costs ~0.5 s to import: only reading a table needs it
     import pandas as pd
 
     path = Path(path)

@@ -40,6 +40,7 @@ def parse_C(value: str | float) -> float | None:
 
 
 def make_estimator(kind: str, C: float, seed: int, max_iter: int):
+    # scikit-learn costs ~1 s to import: only fitting needs it, not predict
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -109,6 +110,7 @@ class LinearHead:
         return self
 
     def _fit_one(self, X, y, C):
+        # scikit-learn costs ~1 s to import: only fitting needs it, not predict
         from sklearn.exceptions import ConvergenceWarning
 
         est = make_estimator(self.kind, C, self.seed, self.iterations)
@@ -124,6 +126,7 @@ class LinearHead:
         return est
 
     def _choose_C(self, X: np.ndarray, y: np.ndarray) -> float:
+        # scikit-learn costs ~1 s to import: only fitting needs it, not predict
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.model_selection import StratifiedKFold, cross_val_score
 

@@ -5,24 +5,27 @@ from __future__ import annotations
 
 import time
 
+import tlearn.jobs.extract as one_extract
+import tlearn.jobs.predict as one_predict
 from tlearn.core.errors import DataError, UsageError
+from tlearn.core.options import RunOptions
 from tlearn.core.system import dist_env
 from tlearn.data.imageset import Skipped
+from tlearn.jobs.extract import ExtractResult
+from tlearn.jobs.predict import Prediction, PredictResult
 from tlearn.scale.group import ProcessGroup, raise_first_failure, status_of
 from tlearn.scale.merge import MergeResult, merge_parts
 from tlearn.scale.shard import Shard, part_path, remove_part
 
 
 def extract(data, out, *, shard: Shard | None = None, **kwargs):
-    """pipeline.extract, sharded: with `shard` this process writes that part; under
+    """jobs.extract.extract, sharded: with `shard` this process writes that part; under
     torchrun every rank writes its part and rank 0 merges them into `out`. Returns the
     ExtractResult (on rank 0; None on other ranks)."""
-    from tlearn.core.options import RunOptions
-    from tlearn.jobs.extract import ExtractResult, extract
 
     env = dist_env()
     if env is None:
-        return extract(data, out, shard=shard, **kwargs)
+        return one_extract.extract(data, out, shard=shard, **kwargs)
     if shard is not None:
         raise UsageError("--shard and torchrun both split the inputs; use one of them")
     if str(out) == "-":
@@ -35,7 +38,7 @@ def extract(data, out, *, shard: Shard | None = None, **kwargs):
         kwargs["run"] = group.run_options(kwargs.get("run") or RunOptions())
         res, own = None, None
         try:
-            res = extract(data, out, shard=mine, **kwargs)
+            res = one_extract.extract(data, out, shard=mine, **kwargs)
         except Exception as e:
             own = e
         statuses = group.all_gather_json(status_of(own))
@@ -78,22 +81,22 @@ def _merge_ranks(out, world_size: int) -> MergeResult:
 
 
 def predict(model_dir, inputs, *, shard: Shard | None = None, **kwargs):
-    """pipeline.predict, sharded: with `shard` only that part of the inputs is predicted
+    """jobs.predict.predict, sharded: with `shard` only that part of the inputs is predicted
     (result.part describes it); under torchrun each rank predicts its part and rank 0
     gets all predictions in input order. Returns the PredictResult (None on ranks > 0)."""
-    from tlearn.core.options import RunOptions
-    from tlearn.jobs.predict import Prediction, PredictResult, predict
 
     env = dist_env()
     if env is None:
-        return predict(model_dir, inputs, shard=shard, **kwargs)
+        return one_predict.predict(model_dir, inputs, shard=shard, **kwargs)
     if shard is not None:
         raise UsageError("--shard and torchrun both split the inputs; use one of them")
     with ProcessGroup(env) as group:
         kwargs["run"] = group.run_options(kwargs.get("run") or RunOptions())
         res, own = None, None
         try:
-            res = predict(model_dir, inputs, shard=Shard(env.rank, env.world_size), **kwargs)
+            res = one_predict.predict(
+                model_dir, inputs, shard=Shard(env.rank, env.world_size), **kwargs
+            )
         except Exception as e:
             own = e
         statuses = group.all_gather_json(status_of(own))

@@ -13,10 +13,7 @@ from tlearn.data.imageset import Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import scan_class_folders
 from tlearn.data.skipped import strict_failure
-from tlearn.features.table import (
-    is_features_csv,
-    read_features_csv,
-)
+from tlearn.features.table import is_features_csv, read_features_csv
 from tlearn.jobs.score import (
     feature_scores,
     linear_head,

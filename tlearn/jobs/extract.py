@@ -16,11 +16,7 @@ from tlearn.data.scan import load_images
 from tlearn.data.skipped import SKIPPED_CSV, strict_failure, write_skipped_csv
 from tlearn.features.engine import CutRequest, open_engine
 from tlearn.features.stream import FeatureBatch
-from tlearn.features.table import (
-    feature_meta,
-    partial_rows,
-    write_features_csv,
-)
+from tlearn.features.table import feature_meta, partial_rows, write_features_csv
 from tlearn.scale.shard import Shard, finish_features_part, plan_part
 
 # ----------------------------------------------------------------------------- extract

@@ -15,9 +15,7 @@ from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
 from tlearn.data.skipped import SKIPPED_CSV, skipped_csv_bytes, strict_failure
-from tlearn.features.table import (
-    is_features_csv,
-)
+from tlearn.features.table import is_features_csv
 from tlearn.heads.linear import LinearHead, parse_C
 from tlearn.jobs.sources import (
     FeatureSource,
@@ -76,6 +74,7 @@ def fit(
         raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
     auto = is_auto_layer(layers)
     if auto:
+        # --layer auto loads the backbone (torch): only then
         from tlearn.jobs.layer_auto import AutoLayerSource
 
         # one pass extracts every candidate layer; `choose` keeps the best (CV on train)

@@ -30,6 +30,7 @@ from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.features.stream import extract_array
 from tlearn.heads.linear import HEAD_KINDS, LinearHead
 from tlearn.modeldir import SavedModel, load_model
+from tlearn.report.plots import plot_heatmap
 from tlearn.runtime.device import resolve_device
 from tlearn.runtime.torch_runtime import TorchRuntime
 from tlearn.runtime.transforms import eval_transform
@@ -261,7 +262,6 @@ def _unique_png(out_dir: Path, path: str, used: set[str]) -> Path:
 
 def write_heatmaps(result: HeatmapResult, out_dir: str | Path, alpha: float = 0.5) -> list[Path]:
     """One overlay PNG per image in out_dir; sets each item's `png`."""
-    from tlearn.report.plots import plot_heatmap
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

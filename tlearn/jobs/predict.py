@@ -14,10 +14,7 @@ from tlearn.core.spec import CutSpec
 from tlearn.data.imageset import Skipped
 from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.data.skipped import strict_failure
-from tlearn.features.table import (
-    is_features_csv,
-    read_features_csv,
-)
+from tlearn.features.table import is_features_csv, read_features_csv
 from tlearn.jobs.score import (
     feature_scores,
     linear_head,

@@ -34,14 +34,16 @@ def feature_scores(saved: SavedModel, head: LinearHead | None, X: np.ndarray) ->
         return np.zeros((0, len(saved.classes)))
     if head is not None:
         return head.scores(X)
-    from tlearn.jobs.torch_scores import nn_scores_from_features  # a neural head: torch
+    # a neural head: torch
+    from tlearn.jobs.torch_scores import nn_scores_from_features
 
     return nn_scores_from_features(saved, X)
 
 
 def scored_images(saved: SavedModel, paths, tta: str, run: RunOptions, stage: str):
     """Scores through torch (neural head or TTA), for every readable image of `paths`."""
-    from tlearn.jobs.torch_scores import score_images  # neural heads and TTA run in torch
+    # neural heads and TTA run in torch
+    from tlearn.jobs.torch_scores import score_images
 
     return score_images(
         saved,

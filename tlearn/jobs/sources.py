@@ -15,10 +15,7 @@ from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.scan import scan_class_folders
 from tlearn.data.split import stratified_split
 from tlearn.features.engine import CutRequest, open_engine
-from tlearn.features.table import (
-    is_features_csv,
-    read_features_csv,
-)
+from tlearn.features.table import is_features_csv, read_features_csv
 
 # ----------------------------------------------------------------------------- fit
 

@@ -25,6 +25,7 @@ import numpy as np
 from tlearn.backbone.cut import layer_dims
 from tlearn.backbone.layers import Candidate, candidate_layers
 from tlearn.backbone.weights import Backbone, open_backbone
+from tlearn.core.atomic import write_json
 from tlearn.core.errors import DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL
@@ -33,6 +34,7 @@ from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
 from tlearn.features.engine import CutRequest, open_engine
 from tlearn.heads.linear import LinearHead, make_estimator, parse_C
+from tlearn.report.plots import plot_sweep
 
 PAIR_POOL = 4  # pairs are formed among this many best single layers
 TIE_DECIMALS = 6  # CV accuracies equal to this many decimals are a tie
@@ -156,6 +158,7 @@ def score_cut(
     """(mean, std, C, cv_seconds, fit_seconds, converged) of StandardScaler + linear head
     under stratified k-fold CV. C=None searches LinearHead's C grid and reports the best C
     (the same search `fit --C auto` runs); a number is used as is."""
+    # scikit-learn costs ~1 s to import: the CV loop imports it
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import StratifiedKFold, cross_val_score
 
@@ -410,8 +413,6 @@ def sweep(
 
 def write_sweep(result: SweepResult, out_dir: str | Path) -> list[Path]:
     """sweep.json and sweep.png (accuracy vs depth, cost on a second axis) in out_dir."""
-    from tlearn.core.atomic import write_json
-    from tlearn.report.plots import plot_sweep
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,13 @@ import numpy as np
 import torch
 
 from tlearn.backbone.cut import FeatureNetwork
+from tlearn.backbone.transfer import TransferNet
+from tlearn.backbone.weights import backbone_for_spec, open_backbone
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
 from tlearn.heads.linear import LinearHead
+from tlearn.heads.neural import NNHead
 from tlearn.runtime.augment import check_tta, tta_transform
 from tlearn.runtime.device import resolve_device
 from tlearn.runtime.loader import image_loader
@@ -35,7 +38,6 @@ class Scored:
 def build_backbone(saved):
     """The backbone a model predicts with: the fine-tuned weights saved in the model
     directory, or (frozen backbone) the original weights, checked by sha256."""
-    from tlearn.backbone.weights import backbone_for_spec, open_backbone
 
     if saved.backbone is None:
         return backbone_for_spec(saved.cut).model
@@ -53,8 +55,6 @@ def build_backbone(saved):
 
 def load_nn_net(saved):
     """The TransferNet of a saved neural-head model, in eval mode."""
-    from tlearn.backbone.transfer import TransferNet
-    from tlearn.heads.neural import NNHead
 
     cfg = saved.config
     model = build_backbone(saved)
@@ -68,7 +68,6 @@ def load_nn_net(saved):
 def nn_scores_from_features(saved, X: np.ndarray) -> np.ndarray:
     """Probabilities from pooled features (a features CSV) for a model whose backbone
     was not trained."""
-    from tlearn.heads.neural import NNHead
 
     if saved.backbone is not None:
         raise UsageError(
@@ -143,6 +142,5 @@ def score_images(
 
 
 def _linear_backbone(saved):
-    from tlearn.backbone.weights import backbone_for_spec
 
     return backbone_for_spec(saved.cut)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.core.atomic import atomic_file, write_json
+from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
 
 
 def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
@@ -64,7 +65,6 @@ def write_reports(out_dir: str | Path, metrics: dict, skipped=()) -> list[Path]:
             for label, row in zip(conf["labels"], conf["matrix"], strict=True):
                 w.writerow([label, *row])
         written.append(path)
-    from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
 
     written.append(write_skipped_csv(out_dir / SKIPPED_CSV, skipped))
     return written

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.core.atomic import atomic_file
+from tlearn.data.image import load_image
 
 DPI = 100
 
 
 def _figure(width: float, height: float):
+    # matplotlib costs ~1 s to import: only drawing a plot needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -144,6 +146,7 @@ def plot_layers(layers: Sequence, out_png: str | Path, title: str = "") -> Path:
 
 
 def _count_formatter():
+    # matplotlib costs ~1 s to import: only drawing a plot needs it
     from matplotlib.ticker import FuncFormatter
 
     return FuncFormatter(lambda v, _: _short(int(v)))
@@ -196,7 +199,6 @@ def plot_contact_sheet(
 ) -> Path:
     """A grid of images with a caption each. items: {"path", "caption"}; an unreadable
     image shows as a grey tile with its caption."""
-    from tlearn.data.image import load_image
 
     n = max(1, len(items))
     cols = min(columns, n)
@@ -317,6 +319,7 @@ def plot_curves(history_csv: str | Path, out_png: str | Path) -> Path:
 
 def upsample(score_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear upsampling of an (h, w) map to size (H, W), as torch does it."""
+    # torch's interpolation: heatmaps run in torch anyway
     import torch
     import torch.nn.functional as F
 

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import timm.data
 import torch
 from torchvision import transforms as T
 
@@ -43,7 +44,6 @@ def check_tta(tta: str) -> str:
 
 def train_transform(data_config: dict, augment: str):
     """The transform for training images."""
-    import timm.data
 
     check_augment(augment)
     if augment == "none":

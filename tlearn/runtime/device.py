@@ -5,10 +5,7 @@ the numbers in the feature cache."""
 from __future__ import annotations
 
 from tlearn.core.errors import DataError, UsageError
-from tlearn.runtime.ort import (
-    ort_installed,
-    ort_providers,
-)
+from tlearn.runtime.ort import ort_installed, ort_providers
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -46,7 +43,8 @@ def precision(backend: str, device) -> str:
 
 def resolve_device(device: str = "auto"):
     """The torch.device for --device."""
-    import torch  # only runs that open torch need a torch.device
+    # only runs that open torch need a torch.device
+    import torch
 
     if device == "auto":
         if torch.cuda.is_available():

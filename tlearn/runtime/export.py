@@ -27,16 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tlearn.core.atomic import write_json
 from tlearn.core.system import dist_version
 from tlearn.core.version import __version__
 from tlearn.runtime.device import choose_backend
-from tlearn.runtime.ort import (
-    ONNX_OPSET,
-    TMP_PREFIX,
-    OnnxRuntime,
-    onnx_key,
-    onnx_path,
-)
+from tlearn.runtime.ort import ONNX_OPSET, TMP_PREFIX, OnnxRuntime, onnx_key, onnx_path
 from tlearn.runtime.torch_runtime import PixelInput, TorchRuntime, example_input
 
 # Exported graphs must reproduce torch this closely on a random batch, else torch is used.
@@ -123,7 +118,6 @@ def cached_onnx(
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    from tlearn.core.atomic import write_json
 
     with contextlib.suppress(OSError):
         write_json(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tlearn.data.decode import default_workers
+from tlearn.data.decode import decode_one, default_workers
 
 
 class ImageDataset:
@@ -25,7 +25,6 @@ class ImageDataset:
     keyed = False  # KeyedImageDataset: also the content key of each decoded file
 
     def __getitem__(self, i: int):
-        from tlearn.data.decode import decode_one
 
         item, reason, key = decode_one(self.paths[i], self.transform, self.min_size, self.keyed)
         return (i, item, reason, key) if self.keyed else (i, item, reason)
@@ -33,6 +32,7 @@ class ImageDataset:
 
 def _stack(items):
     """One tensor from per-image tensors or uint8 arrays (tlearn.pixels.PilSteps)."""
+    # torch only when a DataLoader is built: warm runs import this module
     import torch
 
     if isinstance(items[0], np.ndarray):
@@ -98,6 +98,7 @@ def image_loader(
     """torch's DataLoader over ImageDataset (KeyedImageDataset with `keyed`): batches of
     (indices, stacked tensors, [(index, reason)][, keys]); `order`: a sampler, `batches`:
     explicit lists of indices, one per batch; pinned memory for CUDA."""
+    # torch only when a DataLoader is built: warm runs import this module
     from torch.utils.data import DataLoader
 
     dataset = KeyedImageDataset if keyed else ImageDataset

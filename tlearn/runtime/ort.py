@@ -11,12 +11,13 @@ import contextlib
 import importlib.metadata
 import importlib.util
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from tlearn.core.hashing import doc_sha256
-from tlearn.core.system import cpu_cores, dist_version
+from tlearn.core.system import cpu_cores, dist_env, dist_version, threads_per_rank
 from tlearn.core.version import __version__
 
 ONNX_OPSET = 17
@@ -41,7 +42,6 @@ def cpu_streams() -> int:
     """Concurrent single-image runs on the CPU: one per core, or under torchrun the
     cores of this machine divided by its ranks (TLEARN_NUM_THREADS overrides), so ranks
     sharing a machine do not oversubscribe it."""
-    from tlearn.core.system import dist_env, threads_per_rank
 
     env = dist_env()
     return threads_per_rank(env) if env is not None else cpu_cores()
@@ -54,6 +54,7 @@ def ort_installed() -> bool:
 
 def ort_providers() -> list[str]:
     try:
+        # onnxruntime costs ~0.3 s: a run served from the cache never opens it
         import onnxruntime as ort
     except ImportError:
         return []
@@ -83,6 +84,7 @@ class OnnxRuntime:
         micro_batch: int = 1,
         transform=None,
     ):
+        # onnxruntime costs ~0.3 s: a run served from the cache never opens it
         import onnxruntime as ort
 
         self.device = device
@@ -107,8 +109,6 @@ class OnnxRuntime:
         self.input_name = self.session.get_inputs()[0].name
         self._pool = None
         if self.streams > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             # session.run releases the GIL and is safe to call from several threads.
             self._pool = ThreadPoolExecutor(self.streams, thread_name_prefix="tlearn-ort")
 

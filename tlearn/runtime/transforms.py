@@ -7,9 +7,14 @@ rebuilds exactly the same transform from it.
 
 from __future__ import annotations
 
+import numpy as np
+
+from tlearn.data.pixels import describe
+
 
 def eval_transform(data_config: dict):
     """timm's eval transform: resize the shorter side to size / crop_pct, centre crop."""
+    # timm (and torch) only for the transform itself: warm runs use data.pixels
     import timm.data
 
     return timm.data.create_transform(
@@ -30,7 +35,7 @@ class PixelTransform:
         self.pil_steps = pil_steps
 
     def __call__(self, img):
-        import numpy as np
+        # torch only for the transform itself: warm runs use data.pixels
         import torch
 
         for step in self.pil_steps:
@@ -59,7 +64,6 @@ def split_eval_transform(data_config: dict):
     std = [float(v) for v in _as_list(normalize.std)]
     if len(mean) != 3 or len(std) != 3 or data_config["input_size"][0] != 3:
         return None
-    from tlearn.data.pixels import describe
 
     # Plain PIL steps when they are the usual Resize + CenterCrop: no torch in workers,
     # and a description the cache can keep (tlearn.warm).

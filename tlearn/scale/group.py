@@ -3,14 +3,19 @@ JSON messages between ranks, one error policy for every rank, and a clean exit."
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import datetime
 import json
+import logging
 import os
 import sys
+from dataclasses import replace
 from typing import NoReturn
 
 from tlearn.core import errors
 from tlearn.core.errors import TlearnError, UsageError
+from tlearn.core.spec import NN_HEADS
 from tlearn.core.system import DistEnv, dist_env, threads_per_rank
 
 TORCHRUN_COMMANDS = ("extract", "predict", "fit")  # fit: neural heads only (tlearn.ddp)
@@ -30,7 +35,6 @@ def check_torchrun_command(command: str | None) -> None:
 def check_torchrun_fit(head: str) -> None:
     """Under torchrun, fit trains neural heads only: svm/logreg fit in one process."""
     env = dist_env()
-    from tlearn.core.spec import NN_HEADS
 
     if env is not None and head not in NN_HEADS:
         raise UsageError(
@@ -57,8 +61,8 @@ class ProcessGroup:
         self.device: str | None = None
 
     def __enter__(self) -> ProcessGroup:
-        import datetime
 
+        # torch only when a process group runs: the CLI imports this module at start-up
         import torch
         import torch.distributed as dist
 
@@ -70,8 +74,6 @@ class ProcessGroup:
             self.device = f"cuda:{self.env.local_rank % n}"
             backend = "cpu:gloo,cuda:nccl"
         if not dist.is_initialized():
-            import atexit
-
             dist.init_process_group(
                 backend=backend, timeout=datetime.timedelta(seconds=self.TIMEOUT_S)
             )
@@ -87,7 +89,6 @@ class ProcessGroup:
 
     def run_options(self, run):
         """`run` with the device pinned to this rank's GPU when it would pick CUDA."""
-        from dataclasses import replace
 
         if self.device is not None and run.device in ("auto", "cuda"):
             return replace(run, device=self.device)
@@ -102,6 +103,7 @@ class ProcessGroup:
         return self._gather_json(obj, everyone=False)
 
     def _gather_json(self, obj, everyone: bool) -> list | None:
+        # torch only when a process group runs: the CLI imports this module at start-up
         import torch
         import torch.distributed as dist
 
@@ -137,8 +139,8 @@ def exit_rank(code=0) -> NoReturn:
     two-process fits on this 2-core machine, and torchrun then reports the whole job as
     failed. Leaving with os._exit after destroying the process group: 0 of 40. Everything
     tlearn writes is complete (and renamed into place) before this point."""
-    import logging
 
+    # torch only when a process group runs: the CLI imports this module at start-up
     import torch.distributed as dist
 
     if isinstance(code, str):  # sys.exit("message")
@@ -156,6 +158,7 @@ def exit_rank(code=0) -> NoReturn:
 
 
 def _destroy_process_group() -> None:
+    # torch only when a process group runs: the CLI imports this module at start-up
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -3,6 +3,8 @@ them into the output one process writes (features CSV + sidecar, or predictions)
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import shutil
 from collections.abc import Sequence
@@ -13,6 +15,7 @@ from tlearn.core.atomic import atomic_file, write_json
 from tlearn.core.errors import DataError, UsageError
 from tlearn.data.imageset import Skipped
 from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
+from tlearn.features.table import sidecar_path
 from tlearn.scale.shard import PREDICTIONS_FORMAT, Shard, part_path, part_sidecar
 
 # ----------------------------------------------------------------------------- merge
@@ -202,7 +205,6 @@ def _merge_features_csv(parts: list[_Part], out: Path) -> None:
         if key != "shard":
             meta[key] = value
     meta["rows"] = sum(int(p.meta["rows"]) for p in parts)
-    from tlearn.features.table import sidecar_path
 
     write_json(sidecar_path(out), meta)
 
@@ -223,9 +225,6 @@ def join_prediction_texts(fmt: str, texts: Sequence[str], names: Sequence[str]) 
     if fmt == "jsonl":
         return "".join(texts)
     if fmt == "csv":
-        import csv
-        import io
-
         header = None
         body = []
         for text, name in zip(texts, names, strict=True):

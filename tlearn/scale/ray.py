@@ -3,6 +3,14 @@ as `tlearn extract`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
+
+from tlearn.core.options import RunOptions
+from tlearn.core.spec import DEFAULT_MODEL
+from tlearn.features.engine import CutRequest, open_engine
+
 # ----------------------------------------------------------------------------- Ray & co
 
 
@@ -25,10 +33,6 @@ class BatchExtractor:
         device: str = "auto",
         backend: str = "auto",
     ):
-        from tlearn.core.options import RunOptions
-        from tlearn.core.spec import DEFAULT_MODEL
-        from tlearn.features.engine import CutRequest, open_engine
-
         # The same engine as `tlearn extract` (ONNX Runtime on CPU by default), so features
         # match it bit for bit; no disk cache inside a batch mapper.
         self.run = RunOptions(device=device, backend=backend, cache=False, workers=0)
@@ -38,9 +42,6 @@ class BatchExtractor:
         self.dim = self.engine.feature_dim()
 
     def __call__(self, batch: dict) -> dict:
-        from dataclasses import replace
-
-        import numpy as np
 
         paths = [str(p) for p in batch["path"]]
         # one batch, decoded in this process: the batch mapper parallelises

@@ -32,6 +32,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from tlearn.core.atomic import atomic_file, write_json
 from tlearn.core.errors import DataError, UsageError
 from tlearn.core.hashing import inputs_sha256
@@ -197,7 +199,6 @@ def score_by_batch(score, X, batch_of, n_classes: int):
     """`score(X)` computed one input batch at a time (`batch_of[i]`: the batch of row i).
     BLAS gives a row's result according to the matrix's shape, so scoring the same batches
     as a single run keeps predictions bit-identical however the inputs are sharded."""
-    import numpy as np
 
     if len(X) == 0:
         return np.zeros((0, n_classes))
