@@ -13,7 +13,7 @@ from tlearn.core import errors
 from tlearn.core.errors import TlearnError, UsageError
 from tlearn.core.system import DistEnv, dist_env, threads_per_rank
 
-TORCHRUN_COMMANDS = ("extract", "predict", "fit")  # fit: neural heads only (tlearn.ddp)
+TORCHRUN_COMMANDS = ("extract", "predict", "fit")  # fit: neural heads only (tlearn.train.dist)
 
 
 def check_torchrun_command(command: str | None) -> None:
