@@ -21,7 +21,7 @@ train.dist for how it stays equal to a single process.
 Nothing here prints: progress and results go through the `events` callback as
 (name, dict) pairs, and the CLI renders them.
 
-Modules, bottom to top: options, datasets, plan < lr_groups < groups, optim, schedule,
-dist, history < build < frozen, batches, steps, validate, checkpoint < ddp < loop <
-finish < api (fit_nn, resume_nn).
+Modules, bottom to top (each imports only those before it): options, datasets, plan,
+schedule, dist, history; lr_groups, groups, optim; build (the Setup of a run);
+checkpoint, frozen; batches, validate; steps, ddp; loop, finish; api (fit_nn, resume_nn).
 """

@@ -37,6 +37,8 @@ class Trainer:
         self.transform = None
 
     def run(self) -> None:
+        """The epochs from state.start_epoch on, each followed by validation and a
+        checkpoint, until --epochs or early stopping (--patience)."""
         s, o, st = self.setup, self.setup.options, self.state
         self.transform = train_transform(s.network.data_config, s.augment)
         since_best = 0
