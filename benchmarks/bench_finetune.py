@@ -174,7 +174,8 @@ def paired_run(
     (from the epoch_end callback, outside tlearn's timing), so that every pair of epochs
     sees the same machine load."""
     from tlearn.core.options import RunOptions
-    from tlearn.train import TrainOptions, fit_nn
+    from tlearn.train.api import fit_nn
+    from tlearn.train.options import TrainOptions
 
     starts: list[float] = []
     ends: list[float] = []

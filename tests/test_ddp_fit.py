@@ -26,13 +26,14 @@ from safetensors.numpy import load_file
 
 from tests.conftest import make_dataset
 from tests.test_shard import REPO, torch_threads
-from tlearn import checkpoint as ckpt
 from tlearn.backbone.weights import open_backbone
 from tlearn.cli.app import app
 from tlearn.core.options import RunOptions
 from tlearn.core.system import DistEnv
-from tlearn.ddp import Dist
-from tlearn.train import TrainOptions, fit_nn, resume_nn
+from tlearn.train import checkpoint as ckpt
+from tlearn.train.api import fit_nn, resume_nn
+from tlearn.train.dist import Dist
+from tlearn.train.options import TrainOptions
 
 MODEL = "test_convnext"
 COMMON = ["--head", "linear", "-m", MODEL, "--weights", "none", "--batch-size", "4"]
@@ -54,10 +55,10 @@ RUN = RunOptions(batch_size=4, workers=0)
 
 RUN_CLI = """
 import json, os, shutil, sys
-import tlearn.train
 from tlearn.cli.app import app
+from tlearn.train.loop import Trainer
 
-real = tlearn.train._Run.train_epoch
+real = Trainer.train_epoch
 
 def stop_before_epoch_2(self, epoch):  # on every rank, after epoch 1's checkpoint
     if epoch == 1:
@@ -70,7 +71,7 @@ for kind, args in json.loads(sys.argv[1]):
         if os.environ["RANK"] == "0":
             shutil.copytree(*args)
         continue
-    tlearn.train._Run.train_epoch = stop_before_epoch_2 if kind == "interrupt" else real
+    Trainer.train_epoch = stop_before_epoch_2 if kind == "interrupt" else real
     codes.append(app(args, standalone_mode=False, prog_name="tlearn"))
 with open(f"codes-{os.environ['RANK']}.json", "w") as f:
     json.dump(codes, f)
@@ -272,17 +273,17 @@ def test_resume_in_one_process_is_unchanged(runs, tmp_path):
 
 CRASH = """
 import os, sys
-import tlearn.train
 from tlearn.cli import main
+from tlearn.train.ddp import DistStepper
 
-real = tlearn.train._Run._steps_dist
+real = DistStepper.run
 
 def boom(self, batches, epoch, t0):  # rank 1 alone fails in the middle of training
     if epoch == 1 and os.environ["RANK"] == "1":
         raise RuntimeError("simulated failure")
     return real(self, batches, epoch, t0)
 
-tlearn.train._Run._steps_dist = boom
+DistStepper.run = boom
 sys.argv = ["tlearn", *sys.argv[1:]]
 main()
 """
@@ -325,7 +326,7 @@ def test_an_error_on_one_rank_stops_every_rank_and_names_the_rank(runs, tmp_path
 )
 def test_training_on_gpus_needs_one_gpu_per_process(local, gpus, device, refused):
     from tlearn.core.errors import UsageError
-    from tlearn.ddp import check_one_gpu_per_process
+    from tlearn.train.dist import check_one_gpu_per_process
 
     env = DistEnv(rank=0, world_size=local, local_rank=0, local_world_size=local)
     if not refused:

@@ -17,17 +17,20 @@ from PIL import Image, ImageOps
 from safetensors.numpy import load_file, save_file
 
 from tests.conftest import TINY, make_dataset
-from tlearn import checkpoint as ckpt
 from tlearn.backbone.cut import feature_dim
 from tlearn.backbone.transfer import TransferNet
 from tlearn.backbone.weights import open_backbone
 from tlearn.cli.app import app
 from tlearn.core.errors import ArtifactError, UsageError
 from tlearn.core.options import RunOptions
-from tlearn.groups import apply_freeze, build_optimizer, plan_groups
 from tlearn.heads.neural import NNHead, head_config
 from tlearn.modeldir import load_model
-from tlearn.train import TrainOptions, fit_nn, resume_nn
+from tlearn.train import checkpoint as ckpt
+from tlearn.train.api import fit_nn, resume_nn
+from tlearn.train.groups import plan_groups
+from tlearn.train.loop import Trainer
+from tlearn.train.optim import apply_freeze, build_optimizer
+from tlearn.train.options import TrainOptions
 
 MODEL = "test_efficientnet"
 RUN = RunOptions(batch_size=8, workers=0)
@@ -366,22 +369,20 @@ def test_interrupt_and_resume_give_the_same_weights_as_an_uninterrupted_run(spli
 
 
 def test_cli_interrupt_then_resume(split_folder, tmp_path, runner, monkeypatch):
-    import tlearn.train as train
-
     out = tmp_path / "m"
-    real = train._Run.train_epoch
+    real = Trainer.train_epoch
 
     def ctrl_c_in_epoch_2(self, epoch):
         if epoch == 1:
             raise KeyboardInterrupt
         return real(self, epoch)
 
-    monkeypatch.setattr(train._Run, "train_epoch", ctrl_c_in_epoch_2)
+    monkeypatch.setattr(Trainer, "train_epoch", ctrl_c_in_epoch_2)
     args = ["--head", "linear", "--epochs", "2", "--augment", "none", "-o", str(out), *TINY]
     stopped = runner.invoke(app, ["fit", str(split_folder), *args])
     assert stopped.exit_code == 130
     assert f"epoch 1 is saved in {out}; continue with: tlearn fit" in stopped.output
-    monkeypatch.setattr(train._Run, "train_epoch", real)
+    monkeypatch.setattr(Trainer, "train_epoch", real)
     base = ["fit", str(split_folder), "-q"]
     changed = runner.invoke(app, [*base, "--resume", str(out), "--lr", "0.5"])
     assert changed.exit_code == 2
@@ -419,16 +420,14 @@ def _table_rows(text: str) -> list[list[str]]:
 def test_printed_group_table_matches_the_optimizer(
     split_folder, tmp_path, runner, monkeypatch, args
 ):
-    import tlearn.train as train
-
     made = []
-    real = train.build_optimizer
+    real = Trainer.train_epoch
 
-    def spy(*a, **kw):
-        made.append(real(*a, **kw))
-        return made[-1]
+    def spy(self, epoch):  # the optimiser the run trains with
+        made.append(self.setup.optimizer)
+        return real(self, epoch)
 
-    monkeypatch.setattr(train, "build_optimizer", spy)
+    monkeypatch.setattr(Trainer, "train_epoch", spy)
     out = tmp_path / "m"
     result = runner.invoke(
         app,

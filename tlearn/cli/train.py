@@ -246,7 +246,8 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
     """`tlearn fit --head linear|mlp` and `--resume`. `p`: fit's arguments as typer
     converted them; `ctx` tells which of them were given."""
     from tlearn.core.options import RunOptions
-    from tlearn.train import TrainOptions, fit_nn, resume_nn
+    from tlearn.train.api import fit_nn, resume_nn
+    from tlearn.train.options import TrainOptions
 
     quiet = p["quiet"]
     if p.get("C") is not None and given(ctx, "C"):
@@ -341,7 +342,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
 
 
 def _interrupted_hint(err, p) -> None:
-    from tlearn.checkpoint import has_checkpoint, read_state
+    from tlearn.train.checkpoint import has_checkpoint, read_state
 
     target = p["resume"] or p["output"]
     if target is not None and has_checkpoint(target):

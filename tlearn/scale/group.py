@@ -18,7 +18,7 @@ from tlearn.core.errors import TlearnError, UsageError
 from tlearn.core.spec import NN_HEADS
 from tlearn.core.system import DistEnv, dist_env, threads_per_rank
 
-TORCHRUN_COMMANDS = ("extract", "predict", "fit")  # fit: neural heads only (tlearn.ddp)
+TORCHRUN_COMMANDS = ("extract", "predict", "fit")  # fit: neural heads only (tlearn.train.dist)
 
 
 def check_torchrun_command(command: str | None) -> None:

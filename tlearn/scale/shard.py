@@ -16,7 +16,7 @@ single run: kernels that pick their algorithm by batch size (oneDNN convolutions
 cuDNN) see the same batches, and the merged CSV is byte-identical to a single run's,
 provided every process uses the same --batch-size and the same number of torch threads.
 
-`fit --head linear|mlp` also runs under torchrun, data-parallel (see tlearn.ddp); this
+`fit --head linear|mlp` also runs under torchrun, data-parallel (see tlearn.train.dist); this
 module provides the process group and the status exchange it uses.
 
 Part sidecars record the shard (index, count, range, batch size) and the identity of the

@@ -1,21 +1,16 @@
-"""Fine-tuning options and datasets: what `fit --head linear|mlp` was asked to do, checked
-before any work, and the training/validation image sets it runs on (tlearn.train)."""
+"""What `fit --head linear|mlp` was asked to do, checked before any work: TrainOptions
+and their defaults, the Settings a checkpoint saves for --resume, the events callback
+type and the result of a run."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from tlearn.core.errors import DataError, UsageError
+from tlearn.core.errors import UsageError
 from tlearn.core.spec import NN_HEADS
-from tlearn.data.imageset import ImageSet, Skipped
-from tlearn.data.labels import read_labels_csv
-from tlearn.data.scan import resolve_dataset, scan_class_folders
-from tlearn.data.split import stratified_split
+from tlearn.data.imageset import Skipped
 from tlearn.heads.neural import head_config
 from tlearn.runtime.augment import check_augment
 
@@ -24,16 +19,6 @@ BN_MODES = ("frozen", "train")
 OPTIMIZERS = ("adamw", "sgd")
 CACHE_MODES = ("memory", "disk", "off")
 DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-2}
-HISTORY_COLUMNS = (
-    "epoch",
-    "lr",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "seconds",
-    "images_per_s",
-)
 
 
 @dataclass
@@ -68,6 +53,26 @@ class TrainOptions:
 
 
 @dataclass
+class Settings:
+    """Everything that determines a run; saved in the checkpoint for --resume."""
+
+    data: str | None
+    val: str | None
+    val_split: float | None
+    labels_csv: str | None
+    model: str
+    weights: str
+    layers: list[str] | None
+    pool: str
+    seed: int
+    batch_size: int
+    options: dict
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class NNFitResult:
     out_dir: str
     classes: list[str]
@@ -83,9 +88,6 @@ class NNFitResult:
     warnings: list[str]
     seconds: float
     settings: dict = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------- checks
 
 
 def check_options(o: TrainOptions) -> None:
@@ -132,60 +134,3 @@ def default_augment(backbone_trains: bool) -> str:
     folder overfits without it. flip for a frozen backbone: exact and cheap there, since
     the features of each image and of its mirror image are computed once."""
     return "light" if backbone_trains else "flip"
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def _fingerprint(train: ImageSet, val: ImageSet | None) -> str:
-    h = hashlib.sha256()
-    for s in (train, val):
-        if s is not None:
-            h.update(json.dumps([s.paths, s.labels, s.classes]).encode())
-    return h.hexdigest()
-
-
-def _split_images(images: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    tr, va = stratified_split(images.labels, fraction, seed)
-    return images.subset(tr.tolist()), images.subset(va.tolist())
-
-
-def load_datasets(
-    data, *, val=None, val_split=None, labels_csv=None, seed: int = 0
-) -> tuple[ImageSet, ImageSet | None]:
-    """Training images and (optional) validation images, labels on the train classes."""
-    if val is not None and val_split is not None:
-        raise UsageError("use either --val DIR or --val-split, not both")
-    from tlearn.features.table import is_features_csv
-
-    if data is not None and is_features_csv(data):
-        raise UsageError(
-            f"{data} is a features CSV: neural heads train from images (their backbone may "
-            "train); use --head svm|logreg for features CSVs"
-        )
-    found_val = None
-    if labels_csv is not None:
-        train = read_labels_csv(labels_csv)
-    else:
-        if data is None or not Path(data).is_dir():
-            raise DataError(f"{data} is not a folder of class sub-folders")
-        train, found_val = resolve_dataset(data)
-    if len(train) == 0:
-        raise DataError(f"no images found in {data}")
-    if len(train.classes) < 2:
-        raise DataError(
-            f"fit needs at least two classes with images; found {len(train.classes)} "
-            f"({', '.join(train.classes) or 'none'})"
-        )
-    valid = None
-    if val is not None:
-        if not Path(val).is_dir():
-            raise DataError(f"--val {val}: not a folder of class sub-folders")
-        valid = scan_class_folders(val, classes=train.classes)
-    elif val_split is not None:
-        if found_val is not None:
-            train = train.concat(found_val)
-        train, valid = _split_images(train, val_split, seed)
-    else:
-        valid = found_val
-    return train, valid

@@ -1,5 +1,6 @@
-"""Data-parallel fine-tuning under torchrun: the collective operations `tlearn.train` uses
-when `fit --head linear|mlp` runs as several processes (RANK/WORLD_SIZE set).
+"""Data-parallel fine-tuning under torchrun: the collective operations the train package
+uses when `fit --head linear|mlp` runs as several processes (RANK/WORLD_SIZE set); the
+training steps themselves are train.ddp.
 
 The design keeps a torchrun run equal to a single-process run with the same global
 --batch-size and seed:
@@ -12,7 +13,7 @@ The design keeps a torchrun run equal to a single-process run with the same glob
   rank holds the cache a single process builds; validation runs in shards and its sums
   and predictions are gathered, so every rank takes the same early-stopping decisions;
 - only rank 0 writes; every write is followed by a status exchange, so an error on any
-  rank fails every rank with one message (see shard.raise_first_failure).
+  rank fails every rank with one message (see scale.group.raise_first_failure).
 
 Augmentation and dropout draw from a per-rank, per-epoch seed: reproducible, but not the
 draws of a single process.
@@ -20,13 +21,12 @@ draws of a single process.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import numpy as np
 import torch
-from torch import nn
+import torch.distributed as tdist
 
 from tlearn.core.errors import DataError, UsageError
 from tlearn.core.system import DistEnv
@@ -113,10 +113,8 @@ class Dist:
 
     def sum(self, values: Sequence[float]) -> list[float]:
         """Element-wise sum over ranks (float64, on CPU)."""
-        import torch.distributed as dist
-
         t = torch.tensor([float(v) for v in values], dtype=torch.float64)
-        dist.all_reduce(t)
+        tdist.all_reduce(t)
         return t.tolist()
 
     def gather(self, obj) -> list:
@@ -125,10 +123,8 @@ class Dist:
 
     def average(self, tensors: Sequence[torch.Tensor]) -> None:
         """Replace each tensor by its mean over ranks (in place)."""
-        import torch.distributed as dist
-
         for t in tensors:
-            dist.all_reduce(t)
+            tdist.all_reduce(t)
             t.div_(self.world)
 
     # ------------------------------------------------------------------ caches
@@ -136,8 +132,6 @@ class Dist:
     def share_rows(self, counts: Sequence[int], local: torch.Tensor | None, dest) -> None:
         """Fill `dest` (a tensor or a numpy memmap) with every rank's rows in rank order:
         rank r contributes counts[r] rows; `local` holds this rank's."""
-        import torch.distributed as dist
-
         row_shape = tuple(dest.shape[1:])
         dtype = _torch_dtype(dest)
         row_bytes = max(1, int(np.prod(row_shape)) * torch.empty((), dtype=dtype).element_size())
@@ -150,34 +144,20 @@ class Dist:
                     buf = local[a:b].contiguous()
                 else:
                     buf = torch.empty((b - a, *row_shape), dtype=dtype)
-                dist.broadcast(buf.reshape(b - a, -1).view(torch.uint8), src=r)
+                tdist.broadcast(buf.reshape(b - a, -1).view(torch.uint8), src=r)
                 if isinstance(dest, np.ndarray):
                     dest[offset + a : offset + b] = buf.numpy()
                 else:
                     dest[offset + a : offset + b] = buf
             offset += n
 
-    # ------------------------------------------------------------------ the model
 
-    def wrap(self, module: nn.Module, device: torch.device) -> nn.Module:
-        """DistributedDataParallel over the parameters that require a gradient now.
-        Buffers are not broadcast at each step (BatchNorm statistics of trainable layers
-        are averaged at the end of each epoch instead, see train._Run)."""
-        import inspect
-        import warnings
-
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        # A performance notice for weights with a dimension of size 1 (depthwise
-        # convolutions), whose gradients come with other (equivalent) strides.
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
-        gc.collect()  # a replaced wrapper's gradient hooks must be gone first
-        ids = [device.index] if device.type == "cuda" else None
-        # newer torch names it forward_sync_buffers (and deprecates broadcast_buffers)
-        sync = "forward_sync_buffers"
-        if sync not in inspect.signature(DDP.__init__).parameters:
-            sync = "broadcast_buffers"
-        return DDP(module, device_ids=ids, output_device=ids[0] if ids else None, **{sync: False})
+def write_once(dist: Dist | None, fn: Callable[[], T]) -> T | None:
+    """fn() writes files: in one process just call it; under torchrun rank 0 calls it
+    and every rank waits for its status (an error fails every rank)."""
+    if dist is None:
+        return fn()
+    return dist.on_main(fn)
 
 
 def _torch_dtype(dest) -> torch.dtype:

@@ -7,19 +7,25 @@ A checkpoint is a folder MODEL_DIR/checkpoint/ holding
   best.safetensors      the same tensors at the best epoch so far
   optimizer.safetensors the optimiser's per-parameter state, flattened to
                         "state.<index>.<key>"; its param groups' scalars live in state.json
+  history.csv           the history so far, for people
 It is rewritten as a whole at the end of every epoch (atomic_dir), so an interrupted run
-leaves the previous epoch's checkpoint intact.
+leaves the previous epoch's checkpoint intact. `TrainState` is what the epochs have done;
+save/restore turn a run's state into these files and back.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
-from tlearn.core.atomic import atomic_dir, write_json
-from tlearn.core.errors import ArtifactError
+from tlearn.core.atomic import atomic_dir, atomic_file, write_json
+from tlearn.core.errors import ArtifactError, UsageError
+from tlearn.train.build import Setup
+from tlearn.train.history import history_csv
 
 CHECKPOINT_DIR = "checkpoint"
 STATE = "state.json"
@@ -77,8 +83,6 @@ def save_checkpoint(
     best: dict[str, torch.Tensor] | None,
     opt: torch.optim.Optimizer,
 ) -> Path:
-    from safetensors.torch import save_file
-
     path = Path(model_dir) / CHECKPOINT_DIR
     opt_tensors, opt_meta = optimizer_to_flat(opt)
     with atomic_dir(path, force=True) as tmp:
@@ -120,8 +124,6 @@ def read_state(model_dir: str | Path) -> dict:
 
 
 def load_tensors(model_dir: str | Path, name: str) -> dict[str, torch.Tensor] | None:
-    from safetensors.torch import load_file
-
     path = Path(model_dir) / CHECKPOINT_DIR / name
     if not path.is_file():
         return None
@@ -129,3 +131,95 @@ def load_tensors(model_dir: str | Path, name: str) -> dict[str, torch.Tensor] | 
         return load_file(str(path))
     except Exception as e:
         raise ArtifactError(f"{path}: unreadable checkpoint file ({e}); start a new run") from None
+
+
+# ----------------------------------------------------------------------------- a run's state
+
+
+@dataclass
+class TrainState:
+    """What the epochs have done so far."""
+
+    start_epoch: int = 0  # the first epoch still to run
+    step: int = 0  # optimiser steps taken
+    history: list[dict] = field(default_factory=list)
+    best: dict | None = None  # {"epoch", "val_acc", "val_loss"}
+    best_weights: dict[str, torch.Tensor] | None = None
+    stopped_early: bool = False
+
+
+def mutable_state(setup: Setup) -> dict[str, torch.Tensor]:
+    """A copy of the tensors training can change."""
+    sd = setup.net.state_dict()
+    return {k: v.detach().clone() for k, v in sd.items() if k in setup.mutable}
+
+
+def _load_mutable(setup: Setup, tensors: dict[str, torch.Tensor]) -> None:
+    want = set(setup.mutable)
+    if set(tensors) != want:
+        raise ArtifactError(
+            "the checkpoint's tensors do not match this network (settings changed?); "
+            "start a new run"
+        )
+    sd = setup.net.state_dict()
+    for k, v in tensors.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise ArtifactError(f"checkpoint tensor {k} has the wrong shape; start a new run")
+    setup.net.load_state_dict(tensors, strict=False)
+
+
+def _state_json(setup: Setup, state: TrainState, epoch_done: int) -> dict:
+    scaler = setup.amp.scaler
+    return {
+        "format": "tlearn-checkpoint",
+        "format_version": 1,
+        "epoch": epoch_done,
+        "step": state.step,
+        "settings": setup.settings.to_dict(),
+        "fingerprint": setup.fingerprint,
+        "history": state.history,
+        "best": state.best,
+        "stopped_early": state.stopped_early,
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
+
+
+def save(setup: Setup, state: TrainState, epoch_done: int) -> None:
+    """The checkpoint after `epoch_done` epochs."""
+    save_checkpoint(
+        setup.out_dir,
+        _state_json(setup, state, epoch_done),
+        mutable_state(setup),
+        state.best_weights,
+        setup.optimizer,
+    )
+    with atomic_file(setup.out_dir / CHECKPOINT_DIR / "history.csv", "w") as f:
+        f.write(history_csv(state.history))
+
+
+def restore(setup: Setup, saved: dict) -> TrainState:
+    """Load the checkpoint whose state.json holds `saved` into the set-up network and
+    optimiser; returns the state of its epochs."""
+    out_dir = setup.out_dir
+    if saved.get("fingerprint") != setup.fingerprint:
+        raise UsageError(
+            "the images differ from those the checkpoint was trained on (files added, "
+            "removed or relabelled); resume with the same data, or start a new run"
+        )
+    weights = load_tensors(out_dir, WEIGHTS)
+    if weights is None:
+        raise ArtifactError(f"{out_dir}: checkpoint has no {WEIGHTS}; start a new run")
+    _load_mutable(setup, weights)
+    best_weights = load_tensors(out_dir, BEST)
+    opt_tensors = load_tensors(out_dir, OPTIMIZER) or {}
+    optimizer_from_flat(setup.optimizer, opt_tensors, saved["optimizer"])
+    if setup.amp.scaler is not None and saved.get("scaler"):
+        setup.amp.scaler.load_state_dict(saved["scaler"])
+    return TrainState(
+        start_epoch=int(saved["epoch"]),
+        step=int(saved["step"]),
+        history=list(saved.get("history", [])),
+        best=saved.get("best"),
+        best_weights=best_weights,
+        stopped_early=bool(saved.get("stopped_early")),
+    )

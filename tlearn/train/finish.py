@@ -1,0 +1,97 @@
+"""The end of a run: the kept (best) weights validated once more and written as the model
+directory (config, head, the trained backbone if any part of it trained, metrics,
+history.csv, curves.png), and the result the CLI reports."""
+
+from __future__ import annotations
+
+import time
+
+from safetensors.numpy import save
+
+from tlearn.modeldir import BACKBONE_FILE, build_config, save_model
+from tlearn.report.metrics import classification_metrics
+from tlearn.train.build import Setup
+from tlearn.train.checkpoint import TrainState
+from tlearn.train.dist import write_once
+from tlearn.train.frozen import Caches
+from tlearn.train.history import curves_png, history_csv
+from tlearn.train.options import NNFitResult
+from tlearn.train.validate import Validation, validate
+
+
+def _train_info(setup: Setup, state: TrainState) -> dict:
+    """config.json's "train": how the model was trained."""
+    return {
+        "n_images": len(setup.train_set),
+        "n_val": len(setup.val_set) if setup.val_set else 0,
+        "settings": setup.settings.to_dict(),
+        "augment": setup.augment,
+        "mode": setup.mode,
+        "lr": setup.lr,
+        "freeze_to": setup.plan.freeze_to,
+        "layer_decay": setup.plan.layer_decay,
+        "groups": [r.to_dict() for r in setup.plan.rows],
+        "epochs_run": len(state.history),
+        "best_epoch": state.best["epoch"] if state.best else None,
+        "stopped_early": state.stopped_early,
+    }
+
+
+def write_model(setup: Setup, state: TrainState, v: Validation | None) -> dict | None:
+    """The model directory; returns the validation metrics (None without validation)."""
+    val_metrics = None
+    if v is not None:
+        val_metrics = classification_metrics(v[2], v[3], setup.classes)
+    net, network = setup.net, setup.network
+    backbone_changed = any(k.startswith("model.") for k in setup.mutable)
+    head_sd = net.head.state_dict()
+    head_tensors = {k: t.detach().cpu().numpy() for k, t in head_sd.items()}
+    extra = {
+        "history.csv": history_csv(state.history).encode(),
+        "curves.png": curves_png(state.history),
+    }
+    if backbone_changed:
+        sd = {k: t.detach().cpu().contiguous().numpy() for k, t in net.model.state_dict().items()}
+        extra[BACKBONE_FILE] = save(sd)
+    config = build_config(
+        cut=network.spec,
+        data_config=network.data_config,
+        classes=setup.classes,
+        head=network.head_cfg,
+        feature_dim=network.feature_dim,
+        backbone={
+            "trained": backbone_changed,
+            "file": BACKBONE_FILE if backbone_changed else None,
+        },
+        train=_train_info(setup, state),
+    )
+    metrics = {"validation": val_metrics, "history": state.history}
+    save_model(setup.out_dir, config, head_tensors, metrics=metrics, force=True, extra_files=extra)
+    return val_metrics
+
+
+def finish(setup: Setup, caches: Caches, state: TrainState, t0: float) -> NNFitResult | None:
+    """Load the kept weights, validate them and write the model directory (rank 0 under
+    torchrun, whose other ranks return None)."""
+    if state.best_weights is not None:
+        setup.net.load_state_dict(state.best_weights, strict=False)
+    v = validate(setup, caches)
+    val_metrics = write_once(setup.dist, lambda: write_model(setup, state, v))
+    if setup.dist is not None and not setup.dist.main:
+        return None
+    return NNFitResult(
+        out_dir=str(setup.out_dir),
+        classes=setup.classes,
+        n_train=len(setup.train_set),
+        n_val=len(setup.val_set) if setup.val_set else 0,
+        groups=[r.to_dict() for r in setup.plan.rows],
+        mode=setup.mode,
+        history=state.history,
+        best_epoch=state.best["epoch"] if state.best else None,
+        val_metrics=val_metrics,
+        stopped_early=state.stopped_early,
+        skipped=setup.skipped,
+        warnings=setup.warnings,
+        seconds=time.perf_counter() - t0,
+        settings={**setup.settings.to_dict(), "augment": setup.augment},
+    )

@@ -1,0 +1,248 @@
+"""Caches of what the frozen part of the network computes, per readable image: pooled
+features or a frozen prefix's maps, in memory or memory-mapped on disk. Built once before
+the first epoch (training images: in modes features and prefix; validation images:
+whenever a frozen part exists); under torchrun each rank computes its shard."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tlearn.core.errors import DataError
+from tlearn.data.imageset import Skipped
+from tlearn.data.pixels import resize_target
+from tlearn.runtime.loader import image_loader
+from tlearn.runtime.transforms import eval_transform
+from tlearn.train.build import Setup
+
+
+class TensorCache:
+    """Per-image tensors (pooled features or prefix maps) for the images that could be
+    read, in input order: in memory, or in a memory-mapped file on disk."""
+
+    def __init__(self, indices: np.ndarray, tensors: torch.Tensor | np.ndarray):
+        self.indices = indices
+        self.data = tensors
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get(self, rows: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.data, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(self.data[rows.numpy()]))
+        return self.data[rows]
+
+
+def _memmap(disk_dir: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> np.ndarray:
+    """A new .npy file in disk_dir for `shape` rows of float16 or float32."""
+    np_dtype = np.float16 if dtype == torch.float16 else np.float32
+    return np.lib.format.open_memmap(
+        disk_dir / f"{name}.npy", mode="w+", dtype=np_dtype, shape=shape
+    )
+
+
+def compute_cache(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    paths: Sequence[str],
+    data_config: dict,
+    *,
+    device: torch.device,
+    batch_size: int,
+    workers: int | None,
+    skipped: list[Skipped],
+    dtype: torch.dtype,
+    flip: bool = False,
+    disk_dir: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    autocast=None,
+    allow_empty: bool = False,
+) -> tuple[TensorCache, TensorCache | None]:
+    """fn(images) for every readable image (eval preprocessing), and for the mirrored
+    images too when `flip`. `allow_empty`: no readable image gives empty caches (a rank's
+    shard) instead of an error."""
+    loader = image_loader(
+        paths,
+        eval_transform(data_config),
+        batch_size=batch_size,
+        workers=workers,
+        min_size=resize_target(data_config),
+        device=device,
+    )
+    idx: list[int] = []
+    parts: list[torch.Tensor] = []
+    flipped: list[torch.Tensor] = []
+    done = 0
+    with torch.inference_mode():
+        for batch_idx, x, bad in loader:
+            skipped.extend(Skipped(str(paths[i]), r) for i, r in bad)
+            if x is not None:
+                x = x.to(device, non_blocking=True)
+                with autocast():
+                    parts.append(fn(x).to("cpu", dtype))
+                    if flip:
+                        flipped.append(fn(x.flip(-1)).to("cpu", dtype))
+                idx.extend(batch_idx)
+            done += len(batch_idx) + len(bad)
+            if progress is not None:
+                progress(done, len(paths))
+    indices = np.asarray(idx, dtype=np.int64)
+    if not parts:
+        if not allow_empty:
+            raise DataError("no readable images to train on")
+        return TensorCache(indices, torch.empty(0)), (
+            TensorCache(indices, torch.empty(0)) if flip else None
+        )
+
+    def store(chunks, name):
+        t = torch.cat(chunks)
+        if disk_dir is None:
+            return TensorCache(indices, t)
+        arr = _memmap(disk_dir, name, tuple(t.shape), dtype)
+        arr[:] = t.numpy()
+        arr.flush()
+        return TensorCache(indices, arr)
+
+    return store(parts, "x"), (store(flipped, "x_flip") if flip else None)
+
+
+def _sharded_cache(setup: Setup, fn, paths, kw: dict, *, disk_dir, share: bool, flip: bool):
+    """compute_cache under torchrun: each rank computes its shard of whole batches (the
+    batches of a single run); `share`: then every rank gets every rank's rows (the
+    training cache, sampled anew each epoch), else it keeps its own shard (validation
+    runs in the same shards)."""
+    d, dtype = setup.dist, kw["dtype"]
+    start, stop = d.shard(len(paths), setup.run.batch_size)
+    own, local, skipped, payload = None, (None, None), [], None
+    try:
+        local = compute_cache(
+            fn,
+            paths[start:stop],
+            setup.network.data_config,
+            skipped=skipped,
+            disk_dir=None if share else disk_dir,
+            allow_empty=True,
+            flip=flip,
+            **kw,
+        )
+        x = local[0]
+        payload = {
+            "skipped": [[sk.path, sk.reason] for sk in skipped],
+            "indices": (x.indices + start).tolist(),
+            "shape": list(x.data.shape[1:]) if len(x) else None,
+        }
+    except Exception as e:
+        own = e
+    infos = d.check(own, payload)
+    for info in infos:  # in rank order: input order, as a single run lists them
+        setup.skipped += [Skipped(*sk) for sk in info["skipped"]]
+    if not share:
+        for c in local:
+            if c is not None:
+                c.indices = c.indices + start
+        return local
+    indices = np.asarray([i for info in infos for i in info["indices"]], dtype=np.int64)
+    if not len(indices):
+        raise DataError("no readable images to train on")  # every rank alike
+    shape = (len(indices), *next(i["shape"] for i in infos if i["shape"] is not None))
+    counts = [len(info["indices"]) for info in infos]
+
+    def shared(c: TensorCache | None, name: str) -> TensorCache:
+        if disk_dir is None:
+            dest = torch.empty(shape, dtype=dtype)
+        else:
+            dest = _memmap(disk_dir, name, shape, dtype)
+        d.share_rows(counts, None if c is None else c.data, dest)
+        if disk_dir is not None:
+            dest.flush()
+        return TensorCache(indices, dest)
+
+    return shared(local[0], "x"), (shared(local[1], "x_flip") if flip else None)
+
+
+def cache_rows(setup: Setup, fn, paths, *, dtype, disk_dir, stage, share, flip=False):
+    """(cache, cache of the mirrored images or None) of fn over `paths`, in this process
+    or sharded over the torchrun ranks (see _sharded_cache for `share`)."""
+    kw = dict(
+        device=setup.device,
+        batch_size=setup.run.batch_size,
+        workers=setup.run.workers,
+        dtype=dtype,
+        progress=setup.run.bar(stage),
+        autocast=setup.amp.autocast,
+    )
+    if setup.dist is None:
+        return compute_cache(
+            fn,
+            paths,
+            setup.network.data_config,
+            skipped=setup.skipped,
+            disk_dir=disk_dir,
+            flip=flip,
+            **kw,
+        )
+    return _sharded_cache(setup, fn, paths, kw, disk_dir=disk_dir, share=share, flip=flip)
+
+
+class Caches:
+    """The caches of a run: the training images' (with their mirror images' for exact
+    flips of features), and the validation images'. `val_level` says what the validation
+    cache holds: "features" or "prefix" maps (None: no validation cache)."""
+
+    def __init__(self):
+        self.train: TensorCache | None = None
+        self.train_flip: TensorCache | None = None
+        self.val: TensorCache | None = None
+        self.val_level: str | None = None
+        self.tmp: Path | None = None  # the --cache disk folder, removed by cleanup()
+
+    def fill(self, setup: Setup) -> None:
+        o, net, mode = setup.options, setup.net, setup.mode
+        disk = None
+        if o.cache == "disk" and mode != "images":
+            base = o.cache_dir or None
+            if base:
+                Path(base).mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix="tlearn-cache-", dir=base))
+            disk = self.tmp
+        net.eval()
+        level = None
+        if mode == "features" or (
+            mode == "images"
+            and not setup.plan.backbone_trains
+            and o.bn == "frozen"
+            and o.cache != "off"
+        ):
+            level, level_fn, dtype = "features", net.features, torch.float32
+        elif setup.split > 0 and o.cache != "off":
+            level, level_fn, dtype = "prefix", net.forward_prefix, torch.float16
+        if mode in ("features", "prefix"):
+            self.train, self.train_flip = cache_rows(
+                setup,
+                level_fn,
+                setup.train_set.paths,
+                dtype=dtype,
+                flip=setup.augment == "flip" and mode == "features",
+                disk_dir=disk,
+                stage="cache train",
+                share=True,
+            )
+        if setup.val_set is not None and len(setup.val_set) and level is not None:
+            self.val_level = level
+            self.val, _ = cache_rows(
+                setup,
+                level_fn,
+                setup.val_set.paths,
+                dtype=dtype,
+                disk_dir=None,
+                stage="cache val",
+                share=False,
+            )
+
+    def cleanup(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
