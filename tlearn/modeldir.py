@@ -269,7 +269,7 @@ def validate_head_tensors(config: dict, tensors: dict, where) -> None:
     # torch builds the head's shapes; only models with a neural head get here
     from tlearn.heads.neural import expected_shapes
     # torch builds the head's shapes; only models with a neural head get here
-    
+
     head = config["head"]
     if head.get("type") == "mlp" and (
         not isinstance(head.get("hidden"), list)

@@ -16,7 +16,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from tlearn.cli.render import Bars, print_validation, report_skips
 from tlearn.core.errors import UsageError
+from tlearn.core.options import RunOptions
 
 PANEL = "Neural head and fine-tuning (--head linear|mlp)"
 
@@ -245,7 +247,7 @@ def check_not_nn(ctx: typer.Context) -> None:
 def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
     """`tlearn fit --head linear|mlp` and `--resume`. `p`: fit's arguments as typer
     converted them; `ctx` tells which of them were given."""
-    from tlearn.core.options import RunOptions
+    # fine-tuning needs torch: only this command loads it
     from tlearn.train.api import fit_nn, resume_nn
     from tlearn.train.options import TrainOptions
 
@@ -305,7 +307,6 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         raise
     if res is None:  # a torchrun rank other than 0: rank 0 wrote the model and reports
         return
-    from tlearn.cli.render import print_validation, report_skips
 
     report_skips(res.skipped, res.warnings, quiet)
     if p["as_json"]:
@@ -342,6 +343,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
 
 
 def _interrupted_hint(err, p) -> None:
+    # fine-tuning needs torch: only this command loads it
     from tlearn.train.checkpoint import has_checkpoint, read_state
 
     target = p["resume"] or p["output"]
@@ -414,7 +416,6 @@ class TrainView:
     otherwise; nothing with --quiet (errors still show)."""
 
     def __init__(self, err, quiet: bool):
-        from tlearn.cli.render import Bars
 
         self.err = err
         self.quiet = quiet
