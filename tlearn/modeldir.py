@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from tlearn.core.atomic import atomic_dir, write_json
+from tlearn.core.atomic import atomic_dir, read_json, write_json
 from tlearn.core.errors import ArtifactError
 from tlearn.core.spec import NN_HEADS, CutSpec
 from tlearn.core.system import versions
@@ -117,10 +116,7 @@ def load_model(model_dir: str | Path) -> SavedModel:
         )
     if not cfg_path.is_file():
         raise ArtifactError(f"{model_dir} has no {CONFIG}: not a tlearn model directory")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = read_json(cfg_path, ArtifactError)
     validate_config(config, cfg_path)
     head_path = model_dir / HEAD_FILE
     if not head_path.is_file():

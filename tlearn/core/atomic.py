@@ -31,6 +31,14 @@ def atomic_file(path: str | Path, mode: str = "w", **kwargs) -> Iterator:
         raise
 
 
+def read_json(path: str | Path, error: type[Exception], hint: str = ""):
+    """A JSON document tlearn wrote, or `error` naming the file ("not valid JSON")."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: not valid JSON ({e}){hint}") from None
+
+
 def write_json(path: str | Path, obj) -> None:
     with atomic_file(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=False)

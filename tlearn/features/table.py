@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.core.atomic import write_json
+from tlearn.core.atomic import read_json, write_json
 from tlearn.core.errors import DataError
 from tlearn.core.system import cpu_cores, dist_version
 from tlearn.core.version import __version__
@@ -221,10 +221,7 @@ def read_features_csv(path: str | Path) -> FeatureTable:
             f"{path} has no sidecar {side.name}; features CSVs must come from `tlearn extract` "
             "(the sidecar records the backbone, layer and preprocessing)"
         )
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{side}: not valid JSON ({e})") from None
+    meta = read_json(side, DataError)
     if meta.get("format") != "tlearn-features":
         raise DataError(f"{side}: not a tlearn features sidecar (format={meta.get('format')!r})")
     try:

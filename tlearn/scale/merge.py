@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlearn.core.atomic import atomic_file, write_json
+from tlearn.core.atomic import atomic_file, read_json, write_json
 from tlearn.core.errors import DataError, UsageError
 from tlearn.data.imageset import Skipped
 from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
@@ -46,10 +46,7 @@ def _read_part(path: Path) -> _Part:
             f"{path} has no sidecar {side.name}; merge takes the OUT.part-I-of-N files that "
             "extract/predict --shard write"
         )
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"{side}: not valid JSON ({e})") from None
+    meta = read_json(side, DataError)
     shard = meta.get("shard") if isinstance(meta, dict) else None
     if not isinstance(shard, dict):
         raise DataError(

@@ -15,14 +15,13 @@ save/restore turn a run's state into these files and back.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tlearn.core.atomic import atomic_dir, atomic_file, write_json
+from tlearn.core.atomic import atomic_dir, atomic_file, read_json, write_json
 from tlearn.core.errors import ArtifactError, UsageError
 from tlearn.train.build import Setup
 from tlearn.train.history import history_csv
@@ -109,10 +108,7 @@ def read_state(model_dir: str | Path) -> dict:
             f"{model_dir} has no training checkpoint to resume ({CHECKPOINT_DIR}/{STATE}); "
             "start a new run with -o (and --force to replace it)"
         )
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path}: not valid JSON ({e}); start a new run") from None
+    state = read_json(path, ArtifactError, "; start a new run")
     if not isinstance(state, dict) or state.get("format") != "tlearn-checkpoint":
         raise ArtifactError(f"{path}: not a tlearn checkpoint; start a new run")
     if state.get("format_version") != 1:
