@@ -129,7 +129,7 @@ def test_heatmap_refusals(tmp_path, image_folder, svm_model, runner):
         (["--layer", "blocks.2,blocks.3"], "one layer"),
         (["--layer", "blocks.3", "--pool", "max"], "--pool avg"),
     ):
-        m = tmp_path / extra[1].replace(",", "_") / extra[-1]
+        m = tmp_path / f"{extra[1].replace(',', '_')}_{extra[-1]}"
         r = runner.invoke(
             app, ["fit", str(image_folder), "-o", str(m), "-q", "--C", "0.01", *extra, *TINY]
         )

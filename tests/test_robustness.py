@@ -29,14 +29,14 @@ def messy(tmp_path):
 
 def test_extract_on_messy_folder_keeps_exactly_the_readable_images(runner, messy, tmp_path):
     root, info = messy
-    out = tmp_path / "out" / "f.csv"
+    out = tmp_path / "f.csv"
     r = runner.invoke(app, ["extract", str(root), "-o", str(out), *TINY])
     assert r.exit_code == 0, r.output
     readable = {p for paths in info["images"].values() for p in paths} - set(info["unreadable"])
     df = pd.read_csv(out, keep_default_na=False)
     assert set(df["path"]) == readable
     assert df["path"].is_unique
-    skipped = pd.read_csv(out.parent / "skipped.csv")
+    skipped = pd.read_csv(tmp_path / "f.csv.skipped.csv")  # named after the output
     expected = set(info["skipped"]) | set(info["unreadable"])
     assert set(skipped["path"]) == expected
     assert all(isinstance(reason, str) and reason for reason in skipped["reason"])
@@ -46,12 +46,13 @@ def test_extract_on_messy_folder_keeps_exactly_the_readable_images(runner, messy
 
 def test_strict_fails_with_exit_3_and_writes_nothing(runner, messy, tmp_path):
     root, _ = messy
+    (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "f.csv"
     r = runner.invoke(app, ["extract", str(root), "-o", str(out), "--strict", *TINY])
     assert r.exit_code == 3, r.output
     assert "--strict" in r.stderr and "truncated.jpg" in r.stderr
     assert not out.exists()
-    assert not (tmp_path / "out" / "f.csv.partial").exists()
+    assert list((tmp_path / "out").iterdir()) == []  # no partial, no skipped list
     model = tmp_path / "m"
     r = runner.invoke(app, ["fit", str(root), "-o", str(model), "--strict", *TINY])
     assert r.exit_code == 3

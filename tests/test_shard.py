@@ -69,6 +69,8 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("shards")
     data = _make_inputs(base / "data")
     r = {"base": base, "data": data}
+    for folder in ("single", "parts"):
+        (base / folder).mkdir()
     with torch_threads(1):
 
         def extract(out, *extra):
@@ -128,14 +130,15 @@ def test_shards_merge_to_the_single_run_byte_for_byte(runs, runner, tmp_path):
     assert all(n > 0 for n in rows) and sum(rows) == 15  # each shard did a share
     # a shell glob also matches the sidecars; the order of the arguments does not matter
     args = [str(p) for p in sorted(parts[0].parent.iterdir(), reverse=True)]
-    out = tmp_path / "merged" / "f.csv"
+    out = tmp_path / "f.csv"
     r = _ok(runner.invoke(app, ["merge", *args, "-o", str(out)]))
     assert "merged 3 features parts into" in r.stderr and ": 15 rows" in r.stderr
     single = runs["base"] / "single"
     assert out.read_bytes() == (single / "f.csv").read_bytes()
     assert Path(f"{out}.json").read_bytes() == (single / "f.csv.json").read_bytes()
-    assert (out.parent / "skipped.csv").read_bytes() == (single / "skipped.csv").read_bytes()
-    skipped = (out.parent / "skipped.csv").read_text()
+    skipped_list = Path(f"{out}.skipped.csv")
+    assert skipped_list.read_bytes() == (single / "f.csv.skipped.csv").read_bytes()
+    skipped = skipped_list.read_text()
     assert "empty.jpg" in skipped and "grass_99_bad.jpg" in skipped
 
 
@@ -211,7 +214,7 @@ def test_merge_refuses_parts_that_do_not_make_one_run(runs, runner, tmp_path, ca
     assert r.exit_code == 1, r.output
     assert message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    assert not out.exists() and not (tmp_path / "skipped.csv").exists()
+    assert not out.exists() and not Path(f"{out}.skipped.csv").exists()
 
 
 def test_strict_shard_fails_alone_and_writes_nothing(runs, runner, tmp_path):
@@ -221,6 +224,7 @@ def test_strict_shard_fails_alone_and_writes_nothing(runs, runner, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(runs["data"], data)
     (data / "gravel" / "empty.jpg").unlink()
+    (tmp_path / "o").mkdir()
     out = tmp_path / "o" / "f.csv"
     base = ["extract", str(data), "-o", str(out), "-q", "--strict", *TINY, *BS]
     bad = runner.invoke(app, [*base, "--shard", "1/2"])
@@ -313,6 +317,8 @@ def test_merge_has_help_with_example(runner):
 def test_predict_shards_merge_to_the_single_run_byte_for_byte(runs, runner, tmp_path, fmt):
     model, data = runs["base"] / "model", runs["data"]
     opts = ["-f", fmt, "-q", "--all-scores", "-k", "2", *BS]
+    for folder in ("s", "parts", "m"):
+        (tmp_path / folder).mkdir()
     with torch_threads(1):
         _ok(
             runner.invoke(
@@ -332,7 +338,7 @@ def test_predict_shards_merge_to_the_single_run_byte_for_byte(runs, runner, tmp_
     _ok(runner.invoke(app, ["merge", *map(str, parts), "-o", str(tmp_path / "m" / "p")]))
     single, merged = tmp_path / "s", tmp_path / "m"
     assert (merged / "p").read_bytes() == (single / "p").read_bytes()
-    assert (merged / "skipped.csv").read_bytes() == (single / "skipped.csv").read_bytes()
+    assert (merged / "p.skipped.csv").read_bytes() == (single / "p.skipped.csv").read_bytes()
     assert (merged / "p").read_bytes().count(b"grass_04") == 1
 
 
@@ -340,6 +346,8 @@ def test_predict_from_features_csv_in_more_shards_than_batches(runs, runner, tmp
     """15 rows in 4 batches of 4, 6 shards: the last two are empty and still merge."""
     model, features = str(runs["base"] / "model"), str(runs["base"] / "single" / "f.csv")
     opts = ["-f", "csv", "-q", *BS]
+    for folder in ("s", "parts", "m"):
+        (tmp_path / folder).mkdir()
     _ok(runner.invoke(app, ["predict", model, features, "-o", str(tmp_path / "s" / "p"), *opts]))
     for i in range(6):
         out = str(tmp_path / "parts" / "p")
@@ -401,14 +409,20 @@ def _torchrun(args, cwd, module=True) -> subprocess.CompletedProcess:
 
 
 def test_torchrun_extract_equals_single_process_byte_for_byte(runs, tmp_path):
+    (tmp_path / "out").mkdir()
     out = tmp_path / "out" / "f.csv"
     r = _torchrun(["extract", str(runs["data"]), "-o", str(out), *TINY, *BS], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     single = runs["base"] / "single"
     assert out.read_bytes() == (single / "f.csv").read_bytes()
     assert Path(f"{out}.json").read_bytes() == (single / "f.csv.json").read_bytes()
-    assert (out.parent / "skipped.csv").read_bytes() == (single / "skipped.csv").read_bytes()
-    assert sorted(p.name for p in out.parent.iterdir()) == ["f.csv", "f.csv.json", "skipped.csv"]
+    skipped_list = Path(f"{out}.skipped.csv")
+    assert skipped_list.read_bytes() == (single / "f.csv.skipped.csv").read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "f.csv",
+        "f.csv.json",
+        "f.csv.skipped.csv",
+    ]
     assert r.stderr.count("wrote 15 rows x 256 features") == 1  # only rank 0 reports
     assert r.stderr.count("2 image(s) skipped") == 1
 
@@ -431,6 +445,8 @@ def test_torchrun_predict_and_strict(runs, runner, tmp_path):
     model, data = str(runs["base"] / "model"), str(runs["data"])
     opts = ["--all-scores", "-k", "2", *BS]
     single = tmp_path / "single"
+    for folder in ("single", "dist", "strict"):
+        (tmp_path / folder).mkdir()
     with torch_threads(1):
         for fmt in ("jsonl", "csv"):
             r = runner.invoke(
@@ -455,7 +471,8 @@ def test_torchrun_predict_and_strict(runs, runner, tmp_path):
         assert codes == [None, None, 3, 2, 2]
     assert r.stdout == (single / "jsonl").read_text()  # printed once, by rank 0
     assert (tmp_path / "dist" / "csv").read_bytes() == (single / "csv").read_bytes()
-    assert (tmp_path / "dist" / "skipped.csv").read_bytes() == (single / "skipped.csv").read_bytes()
+    dist_list = tmp_path / "dist" / "csv.skipped.csv"
+    assert dist_list.read_bytes() == (single / "csv.skipped.csv").read_bytes()
     assert r.stderr.count("error: --strict: 1 unreadable image(s)") == 1
     assert "grass_99_bad.jpg" in r.stderr
     assert list((tmp_path / "strict").iterdir()) == []  # rank 0 removed its finished part

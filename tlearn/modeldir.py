@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
 from tlearn.core.atomic import atomic_dir, read_json, write_json
 from tlearn.core.errors import ArtifactError
@@ -92,7 +92,8 @@ def save_model(
     with atomic_dir(out_dir, force=force) as tmp:
         # reshape: ascontiguousarray turns 0-d arrays (e.g. num_batches_tracked) into 1-d.
         arrays = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in tensors.items()}
-        save_file(arrays, str(tmp / HEAD_FILE))
+        # save() + write_bytes, not save_file: that one makes 0600 files whatever the umask
+        (tmp / HEAD_FILE).write_bytes(save(arrays))
         write_json(tmp / CONFIG, config)
         if metrics is not None:
             write_json(tmp / METRICS, metrics)

@@ -117,7 +117,7 @@ def merge_cmd(
     quiet: QuietOpt = False,
 ):
     """Join the parts written by extract/predict --shard I/N into the output a single
-    process would have written (and skipped.csv beside it). Refuses a missing, duplicated
+    process would have written (and OUTPUT.skipped.csv beside it). Refuses a missing, duplicated
     or foreign part.
 
     Example: tlearn merge features.csv.part-* -o features.csv

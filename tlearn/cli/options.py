@@ -54,6 +54,7 @@ class Head(str, Enum):
 class Format(str, Enum):
     table = "table"
     csv = "csv"
+    tsv = "tsv"
     json = "json"
     jsonl = "jsonl"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import sys
@@ -40,11 +39,12 @@ from tlearn.cli.render import (
     progress_bars,
     report_skips,
 )
-from tlearn.core.atomic import atomic_file
+from tlearn.core.atomic import atomic_file, check_output_parent
 from tlearn.core.errors import UsageError
-from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
+from tlearn.data.skipped import skipped_path, write_skipped_csv
 from tlearn.report.metrics import write_reports
 from tlearn.report.plots import write_evaluation_plots
+from tlearn.report.predictions import choose_format, prediction_records, render_predictions
 from tlearn.scale.shard import Shard, write_predictions_part
 
 # ----------------------------------------------------------------------------- predict
@@ -56,7 +56,12 @@ def predict_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Images and/or folders (or a features CSV).")],
     fmt: Annotated[
         Format | None,
-        typer.Option("--format", "-f", help="table on a terminal, csv when piped (default)."),
+        typer.Option(
+            "--format",
+            "-f",
+            help="Default: from -o's extension (.csv .tsv .json .jsonl), else a table on a "
+            "terminal and csv when piped.",
+        ),
     ] = None,
     top_k: Annotated[
         int, typer.Option("--top-k", "-k", min=1, help="Show the K best classes.")
@@ -64,7 +69,15 @@ def predict_cmd(
     all_scores: Annotated[
         bool, typer.Option("--all-scores", help="Add every class's score.")
     ] = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to a file.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Write to a file (its list of unreadable images "
+            "goes to FILE.skipped.csv); - is stdout.",
+        ),
+    ] = None,
     strict: StrictOpt = False,
     tta: TTAOpt = TTA.none,
     batch_size: BatchOpt = 32,
@@ -82,9 +95,13 @@ def predict_cmd(
     # only the command that runs loads its job (fast --help)
     from tlearn.jobs.distributed import predict
 
+    to_file = output is not None and str(output) != "-"
+    chosen = choose_format(output, None if fmt is None else fmt.value, out.is_terminal)
     part = None if shard is None else Shard.parse(shard)
-    if part is not None and (output is None or fmt == Format.table):
-        raise UsageError("--shard writes a part file: add -o FILE, with --format csv/json/jsonl")
+    if part is not None and not to_file:
+        raise UsageError("--shard writes a part file: add -o FILE (csv, tsv, json or jsonl)")
+    if to_file:
+        check_output_parent(output)
     with progress_bars(quiet) as bars:
         res = predict(
             model_dir,
@@ -97,64 +114,36 @@ def predict_cmd(
     if res is None:  # a torchrun rank other than 0: rank 0 writes the predictions
         return
     report_skips(res.skipped, res.warnings, quiet)
-    if fmt is None:
-        fmt = Format.table if (output is None and out.is_terminal) else Format.csv
     k = min(top_k, len(res.classes))
-    records = []
-    for p in res.predictions:
-        ranked = sorted(p.scores.items(), key=lambda kv: -kv[1])[:k]
-        rec = {"path": p.path, "prediction": p.label, "score": p.score}
-        if k > 1:
-            rec["top_k"] = [{"class": c, "score": s} for c, s in ranked]
-        if all_scores:
-            rec["scores"] = p.scores
-        records.append(rec)
-    text = _render_predictions(records, fmt, res.classes, k, all_scores, res.score_kind)
-    if output is not None and res.part is not None:
+    records = prediction_records(res.predictions, k, all_scores)
+    if chosen == "table":
+        sys.stdout.write(predictions_table(records, k, res.score_kind))
+        return
+    text = render_predictions(records, chosen, res.classes, k, all_scores, res.score_kind)
+    if to_file and res.part is not None:
         written = write_predictions_part(
             output,
             text,
             res.part,
             rows=len(records),
-            output_format=fmt.value,
+            output_format=chosen,
             model_dir=model_dir,
             options={"top_k": k, "all_scores": all_scores},
         )
         if not quiet:
             err.print(f"wrote {len(records)} predictions to {written}", highlight=False)
-    elif output is not None:
+    elif to_file:
+        write_skipped_csv(skipped_path(output), res.skipped)
         with atomic_file(output, "w", encoding="utf-8", newline="") as f:
             f.write(text)
-        write_skipped_csv(output.parent / SKIPPED_CSV, res.skipped)
         if not quiet:
             err.print(f"wrote {len(records)} predictions to {output}", highlight=False)
     else:
         sys.stdout.write(text)
 
 
-def _render_predictions(records, fmt: Format, classes, k, all_scores, score_kind):
-
-    if fmt == Format.json:
-        return json.dumps({"score": score_kind, "predictions": records}, ensure_ascii=False) + "\n"
-    if fmt == Format.jsonl:
-        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if fmt == Format.csv:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        header = ["path", "prediction", "score"]
-        for i in range(2, k + 1):
-            header += [f"top{i}", f"top{i}_score"]
-        if all_scores:
-            header += [f"score_{c}" for c in classes]
-        w.writerow(header)
-        for r in records:
-            row = [r["path"], r["prediction"], f"{r['score']:.6g}"]
-            for t in r.get("top_k", [])[1:]:
-                row += [t["class"], f"{t['score']:.6g}"]
-            if all_scores:
-                row += [f"{r['scores'][c]:.6g}" for c in classes]
-            w.writerow(row)
-        return buf.getvalue()
+def predictions_table(records: list[dict], k: int, score_kind: str) -> str:
+    """The terminal table of predictions (user-supplied names escaped for rich)."""
     table = Table(title=f"predictions (score: {score_kind})")
     table.add_column("path", overflow="fold")
     table.add_column("prediction")

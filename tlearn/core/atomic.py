@@ -1,4 +1,8 @@
-"""Atomic writes: a killed process leaves the old file or the new one, never half of one."""
+"""Atomic writes: a killed process leaves the old file or the new one, never half of one.
+
+Files and folders are created with the user's umask (a colleague on the same server can
+read a model), and never in a folder that does not exist: a missing output folder is an
+error naming it, not a silent `mkdir -p`."""
 
 from __future__ import annotations
 
@@ -10,15 +14,51 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tlearn.core.errors import ArtifactError
+from tlearn.core.errors import ArtifactError, OutputError
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS tells (Linux)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, and put it back at once
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """What open() would give a new file: 0o666 minus the umask (0o644 under umask 022)."""
+    return 0o666 & ~current_umask()
+
+
+def dir_mode() -> int:
+    """What mkdir() would give a new folder: 0o777 minus the umask (0o755 under 022)."""
+    return 0o777 & ~current_umask()
+
+
+def check_output_parent(path: str | Path, option: str = "-o") -> Path:
+    """`path` is where an output goes: its folder must exist (no silent mkdir -p)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise OutputError(
+            f"{option} {path}: the folder {parent} {what}; create it first "
+            f"(mkdir -p {parent}) or choose another {option}"
+        )
+    return path
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | Path, mode: str = "w", **kwargs) -> Iterator:
-    """Write to a temporary file beside `path`, fsync, then rename over `path`."""
+    """Write to a temporary file beside `path`, fsync, then rename over `path`. The
+    folder must exist; the file gets the umask's permissions, like any new file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, file_mode())  # mkstemp makes 0600: a model must be readable as usual
     try:
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -54,8 +94,9 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         raise ArtifactError(f"{path} already exists; choose another -o or pass --force")
     if path.exists() and not path.is_dir():
         raise ArtifactError(f"{path} exists and is not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_parent(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, dir_mode())  # mkdtemp makes 0700
     try:
         yield tmp
         if path.exists():

@@ -43,5 +43,9 @@ class WeightsError(ModelError):
     """Pretrained weights are unavailable or do not match the architecture."""
 
 
+class OutputError(TlearnError):
+    """An output path that cannot be written (e.g. its folder does not exist)."""
+
+
 class ArtifactError(TlearnError):
     """A model directory that is missing, invalid, or would be overwritten."""

@@ -12,7 +12,13 @@ from tlearn.core.atomic import atomic_file
 from tlearn.core.errors import StrictModeError
 from tlearn.data.imageset import Skipped
 
-SKIPPED_CSV = "skipped.csv"
+SKIPPED_CSV = "skipped.csv"  # inside a folder tlearn makes (model directory, report folder)
+
+
+def skipped_path(output: str | Path) -> Path:
+    """The skipped list of an output file: named after it (`features.csv` ->
+    `features.csv.skipped.csv`), so two runs into one folder never share a list."""
+    return Path(f"{output}.skipped.csv")
 
 
 def skipped_csv_bytes(skipped: Sequence[Skipped]) -> bytes:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.core.atomic import read_json, write_json
+from tlearn.core.atomic import check_output_parent, read_json, write_json
 from tlearn.core.errors import DataError
 from tlearn.core.system import cpu_cores, dist_version
 from tlearn.core.version import __version__
@@ -52,7 +52,7 @@ def write_features_csv(
     out = Path(out)
     partial = partial_path(out)
     kept = len(partial_rows(out, meta)) if resume else 0
-    out.parent.mkdir(parents=True, exist_ok=True)
+    check_output_parent(out)
     write_json(Path(f"{partial}.json"), meta)
     try:
         with open(partial, "a" if kept else "w", newline="", encoding="utf-8") as f:

@@ -1,5 +1,5 @@
 """`tlearn extract`: features of every readable image to a table, unreadable images to
-skipped.csv, an interrupted run continued with --resume, one shard with --shard."""
+OUTPUT.skipped.csv, an interrupted run continued with --resume, one shard with --shard."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tlearn.core.atomic import check_output_parent
 from tlearn.core.errors import DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, FLATTEN_WARN_DIM
 from tlearn.data.imageset import Skipped
 from tlearn.data.scan import load_images
-from tlearn.data.skipped import SKIPPED_CSV, strict_failure, write_skipped_csv
+from tlearn.data.skipped import skipped_path, strict_failure, write_skipped_csv
 from tlearn.features.engine import CutRequest, open_engine
 from tlearn.features.stream import FeatureBatch
 from tlearn.features.table import feature_meta, partial_rows, write_features_csv
@@ -48,12 +49,14 @@ def extract(
     shard: Shard | None = None,
 ) -> ExtractResult:
     """Features of every readable image to CSV. Unreadable images are listed in
-    skipped.csv beside the output; with `strict` any of them fails the run and nothing
+    OUTPUT.skipped.csv (named in the sidecar); with `strict` any of them fails the run and nothing
     is written. With `resume`, rows of an interrupted run's partial file are kept.
     With `shard`, only that shard's images go to the part file OUT.part-I-of-N, whose
     sidecar lists its unreadable images (see tlearn.shard; `merge` joins the parts)."""
     run = run or RunOptions()
     t0 = time.perf_counter()
+    if str(out) != "-":
+        check_output_parent(out)
     images = load_images(data, labels_csv)
     if len(images) == 0:
         raise DataError(f"no images found in {', '.join(map(str, data))}")
@@ -77,6 +80,8 @@ def extract(
     if shard is not None:
         part = plan_part(shard, images.paths, labels, images.skipped, run.batch_size)
         out, lo, hi, meta = part.path(out), part.start, part.stop, {**meta, "shard": part.info()}
+    elif not to_stdout:
+        meta = {**meta, "skipped_csv": skipped_path(out).name}
     done = set(partial_rows(out, meta)) if resume and not to_stdout else set()
     if part is not None:
         part.check_resume(done, images.paths)
@@ -90,15 +95,18 @@ def extract(
         if strict and skipped:
             raise strict_failure(skipped)
 
+    def before_commit():  # the list is complete and on disk before the output appears
+        check_strict()
+        if part is None:
+            write_skipped_csv(skipped_path(out), skipped)
+
     rows = write_features_csv(
-        batches, images.paths, labels, out, meta, resume=bool(done), before_commit=check_strict
+        batches, images.paths, labels, out, meta, resume=bool(done), before_commit=before_commit
     )
     if to_stdout:
         check_strict()
     elif part is not None:
         finish_features_part(out, skipped[len(images.skipped) :])
-    else:
-        write_skipped_csv(Path(out).parent / SKIPPED_CSV, skipped)
     return ExtractResult(
         rows=rows,
         feature_dim=dim,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlearn.core.atomic import check_output_parent
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, CutSpec, is_auto_layer
@@ -69,7 +70,7 @@ def fit(
     estimator = LinearHead(kind=head, C=C_value, seed=seed)  # validates --head early
     if val is not None and val_split is not None:
         raise UsageError("use either --val DIR or --val-split, not both")
-    out_dir = Path(out_dir)
+    out_dir = check_output_parent(out_dir)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
     auto = is_auto_layer(layers)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tlearn.backbone.cut import CutNetwork, pool_maps
+from tlearn.core.atomic import check_output_parent
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import FINAL_LAYER
@@ -264,7 +265,8 @@ def write_heatmaps(result: HeatmapResult, out_dir: str | Path, alpha: float = 0.
     """One overlay PNG per image in out_dir; sets each item's `png`."""
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_parent(out_dir)
+    out_dir.mkdir(exist_ok=True)
     used: set[str] = set()
     written = []
     for item in result.items:

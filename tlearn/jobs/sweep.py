@@ -25,7 +25,7 @@ import numpy as np
 from tlearn.backbone.cut import layer_dims
 from tlearn.backbone.layers import Candidate, candidate_layers
 from tlearn.backbone.weights import Backbone, open_backbone
-from tlearn.core.atomic import write_json
+from tlearn.core.atomic import check_output_parent, write_json
 from tlearn.core.errors import DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL
@@ -415,7 +415,8 @@ def write_sweep(result: SweepResult, out_dir: str | Path) -> list[Path]:
     """sweep.json and sweep.png (accuracy vs depth, cost on a second axis) in out_dir."""
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_parent(out_dir)
+    out_dir.mkdir(exist_ok=True)
     paths = [out_dir / "sweep.json", out_dir / "sweep.png"]
     write_json(paths[0], result.to_dict())
     plot_sweep(result.to_dict(), paths[1])

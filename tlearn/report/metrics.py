@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.core.atomic import atomic_file, write_json
+from tlearn.core.atomic import atomic_file, check_output_parent, write_json
 from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
 
 
@@ -53,7 +53,8 @@ def classification_metrics(y_true, y_pred, classes: list[str]) -> dict:
 def write_reports(out_dir: str | Path, metrics: dict, skipped=()) -> list[Path]:
     """metrics.json, confusion.csv (rows = true class, columns = predicted), skipped.csv."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_parent(out_dir)
+    out_dir.mkdir(exist_ok=True)
     written = [out_dir / "metrics.json"]
     write_json(written[0], metrics)
     conf = metrics.get("confusion")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlearn.core.atomic import write_json
+from tlearn.core.atomic import file_mode, write_json
 from tlearn.core.system import dist_version
 from tlearn.core.version import __version__
 from tlearn.runtime.device import choose_backend
@@ -114,6 +114,7 @@ def cached_onnx(
     os.close(fd)
     try:
         export_onnx(net, data_config, tmp, pixels)
+        os.chmod(tmp, file_mode())  # mkstemp made it 0600
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

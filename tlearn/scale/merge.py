@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlearn.core.atomic import atomic_file, read_json, write_json
+from tlearn.core.atomic import atomic_file, check_output_parent, read_json, write_json
 from tlearn.core.errors import DataError, UsageError
 from tlearn.data.imageset import Skipped
-from tlearn.data.skipped import SKIPPED_CSV, write_skipped_csv
+from tlearn.data.skipped import skipped_path, write_skipped_csv
 from tlearn.features.table import sidecar_path
 from tlearn.scale.shard import PREDICTIONS_FORMAT, Shard, part_path, part_sidecar
 
@@ -165,21 +165,21 @@ def _meta_difference(a: dict, b: dict) -> str | None:
 
 def merge_parts(paths: Sequence[str | Path], out: str | Path) -> MergeResult:
     """Join checked parts in input order into `out` (atomically), as a single process
-    would have written it: features CSV + sidecar, or predictions; skipped.csv beside."""
+    would have written it: features CSV + sidecar, or predictions; OUT.skipped.csv beside."""
     parts = check_parts(paths)
-    out = Path(out)
+    out = check_output_parent(out)
     if any(out.resolve() == p.path.resolve() for p in parts):
         raise UsageError(f"-o {out} is one of the parts; choose the final output name")
     first = parts[0]
     kind = "predictions" if first.meta.get("format") == PREDICTIONS_FORMAT else "features"
+    skipped = [Skipped(*s) for s in first.shard["scan_skipped"]]
+    for p in parts:
+        skipped += [Skipped(*s) for s in p.shard["skipped"]]
+    write_skipped_csv(skipped_path(out), skipped)  # complete before the output appears
     if kind == "features":
         _merge_features_csv(parts, out)
     else:
         _merge_predictions(parts, out)
-    skipped = [Skipped(*s) for s in first.shard["scan_skipped"]]
-    for p in parts:
-        skipped += [Skipped(*s) for s in p.shard["skipped"]]
-    write_skipped_csv(out.parent / SKIPPED_CSV, skipped)
     rows = sum(int(p.meta["rows"]) for p in parts)
     return MergeResult(kind=kind, out=str(out), parts=len(parts), rows=rows, skipped=skipped)
 
@@ -199,8 +199,9 @@ def _merge_features_csv(parts: list[_Part], out: Path) -> None:
                 shutil.copyfileobj(src, f, 1 << 20)
     meta = {}
     for key, value in parts[0].meta.items():
-        if key != "shard":
+        if key not in ("shard", "rows"):
             meta[key] = value
+    meta["skipped_csv"] = skipped_path(out).name
     meta["rows"] = sum(int(p.meta["rows"]) for p in parts)
 
     write_json(sidecar_path(out), meta)
@@ -221,12 +222,15 @@ def join_prediction_texts(fmt: str, texts: Sequence[str], names: Sequence[str]) 
     """Concatenate rendered predictions of consecutive shards, as one render would be."""
     if fmt == "jsonl":
         return "".join(texts)
-    if fmt == "csv":
+    if fmt in ("csv", "tsv"):
+        delimiter = "\t" if fmt == "tsv" else ","
         header = None
         body = []
         for text, name in zip(texts, names, strict=True):
             buf = io.StringIO(text, newline="")
-            next(csv.reader(buf), None)  # csv-aware: a class name may be quoted
+            next(
+                csv.reader(buf, delimiter=delimiter), None
+            )  # csv-aware: a class name may be quoted
             head, rest = text[: buf.tell()], text[buf.tell() :]
             if header is None:
                 header = head
@@ -250,4 +254,4 @@ def join_prediction_texts(fmt: str, texts: Sequence[str], names: Sequence[str]) 
                 merged["predictions"] = merged["predictions"] + obj["predictions"]
         # Same dump as `tlearn predict --format json`; float reprs round-trip exactly.
         return json.dumps(merged, ensure_ascii=False) + "\n"
-    raise DataError(f"cannot merge predictions in format {fmt!r}; use csv, json or jsonl")
+    raise DataError(f"cannot merge predictions in format {fmt!r}; use csv, tsv, json or jsonl")

@@ -174,10 +174,10 @@ def write_predictions_part(
     model_dir: str | Path,
     options: dict,
 ) -> Path:
-    """Write one shard's rendered predictions (csv, json or jsonl) and its sidecar."""
-    if output_format not in ("csv", "json", "jsonl"):
+    """Write one shard's rendered predictions (csv, tsv, json or jsonl) and its sidecar."""
+    if output_format not in ("csv", "tsv", "json", "jsonl"):
         raise UsageError(
-            f"--format {output_format} cannot be split into shards; use csv, json or jsonl"
+            f"--format {output_format} cannot be split into shards; use csv, tsv, json or jsonl"
         )
     shard = Shard(part["index"], part["count"])
     path = part_path(output, shard)

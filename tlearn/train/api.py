@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from tlearn.core.atomic import check_output_parent
 from tlearn.core.errors import ArtifactError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL
@@ -62,7 +63,7 @@ def fit_nn(
     options = options or TrainOptions()
     check_options(options)
     run = run or RunOptions()
-    out_dir = Path(out_dir)
+    out_dir = check_output_parent(out_dir)
     if isinstance(layers, str):
         layers = [p.strip() for p in layers.split(",") if p.strip()]
     settings = Settings(

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as tensors_bytes
 
 from tlearn.core.atomic import atomic_dir, atomic_file, read_json, write_json
 from tlearn.core.errors import ArtifactError, UsageError
@@ -83,12 +84,16 @@ def save_checkpoint(
     opt: torch.optim.Optimizer,
 ) -> Path:
     path = Path(model_dir) / CHECKPOINT_DIR
+    # the model directory holds the checkpoint until the model joins it (its folder was
+    # checked when the run started)
+    Path(model_dir).mkdir(exist_ok=True)
     opt_tensors, opt_meta = optimizer_to_flat(opt)
     with atomic_dir(path, force=True) as tmp:
-        save_file(_cpu(weights), str(tmp / WEIGHTS))
+        # save() + write_bytes: safetensors' save_file makes 0600 files whatever the umask
+        (tmp / WEIGHTS).write_bytes(tensors_bytes(_cpu(weights)))
         if best is not None:
-            save_file(_cpu(best), str(tmp / BEST))
-        save_file(opt_tensors, str(tmp / OPTIMIZER))
+            (tmp / BEST).write_bytes(tensors_bytes(_cpu(best)))
+        (tmp / OPTIMIZER).write_bytes(tensors_bytes(opt_tensors))
         write_json(tmp / STATE, {**state, "optimizer": opt_meta})
     return path
 
