@@ -173,12 +173,18 @@ def test_unreadable_images_are_skipped_every_time_and_never_cached(cache_dir, tm
     assert info.images == len(good)
 
 
-def test_no_cache_reads_and_writes_nothing(cache_dir, image_folder, runner, tmp_path):
+def test_no_cache_reads_and_writes_no_features(cache_dir, image_folder, runner, tmp_path):
+    """--no-cache is about features: the exported graph is still cached (warm start-up)."""
     out = tmp_path / "f.csv"
     args = ["extract", str(image_folder), "-o", str(out), "-q", "--no-cache", *TINY]
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
-    assert not cache_dir.exists()
+    assert not (cache_dir / "features").exists()
+    assert list((cache_dir / "onnx").glob("*.onnx"))
+    r = runner.invoke(app, [*args[:3], str(tmp_path / "g.csv"), *args[4:]])
+    assert r.exit_code == 0, r.output
+    assert not (cache_dir / "features").exists()
+    assert (tmp_path / "g.csv").read_bytes() == out.read_bytes()
 
 
 def test_fit_again_with_another_C_and_evaluate_do_not_run_the_backbone(

@@ -23,7 +23,8 @@ from tlearn.backbone.weights import open_backbone
 from tlearn.cli.app import app
 from tlearn.core.errors import ArtifactError, UsageError
 from tlearn.core.options import RunOptions
-from tlearn.heads.neural import NNHead, head_config
+from tlearn.heads.neural import head_config
+from tlearn.heads.neural_torch import NNHead
 from tlearn.modeldir import load_model
 from tlearn.train import checkpoint as ckpt
 from tlearn.train.api import fit_nn, resume_nn

@@ -147,6 +147,7 @@ def test_failed_export_falls_back_to_torch_with_a_note(tmp_path, monkeypatch):
 
 
 def test_fallback_note_reaches_the_cli(tmp_path, image_folder, runner, monkeypatch):
+    monkeypatch.setenv("TLEARN_CACHE_DIR", str(tmp_path / "cache"))  # no graph exported yet
     monkeypatch.setattr(rt, "export_onnx", lambda *a: (_ for _ in ()).throw(ValueError("nope")))
     out = tmp_path / "f.csv"
     res = runner.invoke(app, ["extract", str(image_folder), "-o", str(out), "--no-cache", *TINY])

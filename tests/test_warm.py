@@ -246,10 +246,40 @@ def test_warm_run_respects_backend_and_no_cache(tmp_path, cache, runner):
     make_dataset(data, n=2)
     base = ["extract", data, "-q", *TINY]
     assert tlearn([*base, "-o", tmp_path / "a.csv"], cache)[0] == 0
-    for extra in (["--backend", "torch"], ["--no-cache"]):
-        rc, _, err, heavy = tlearn([*base, "-o", tmp_path / "b.csv", *extra], cache)
+    rc, _, err, heavy = tlearn([*base, "-o", tmp_path / "b.csv", "--backend", "torch"], cache)
+    assert rc == 0, err
+    assert "torch" in heavy
+    # --no-cache is about the feature cache: start-up stays warm, no features are stored
+    features = sorted((cache / "features").rglob("*.npy"))
+    rc, _, err, heavy = tlearn([*base, "-o", tmp_path / "c.csv", "--no-cache"], cache)
+    assert rc == 0, err
+    assert heavy == []
+    assert sorted((cache / "features").rglob("*.npy")) == features
+    assert (tmp_path / "c.csv").read_bytes() == (tmp_path / "a.csv").read_bytes()
+
+
+def test_a_frozen_neural_head_trains_on_cached_features_and_predicts_warm(tmp_path, cache):
+    """fit --head linear|mlp (frozen backbone) gets its features from the engine: a second
+    fit computes none, and predict/evaluate start warm like an SVM model's."""
+    data = tmp_path / "data"
+    make_dataset(data, n=4)
+    assert tlearn(["fit", data, "-o", tmp_path / "svm", "-q", *TINY], cache)[0] == 0
+    for head, lr in (("linear", "1e-3"), ("linear", "3e-3"), ("mlp", "1e-3")):
+        m = tmp_path / f"{head}-{lr}"
+        args = ["fit", data, "-o", m, "--head", head, "--lr", lr, "--epochs", "2", "--json"]
+        rc, out, err, heavy = tlearn([*args, *TINY], cache)
         assert rc == 0, err
-        assert "torch" in heavy, extra
+        res = json.loads(out)
+        assert res["features"]["computed"] == 0 or lr == "1e-3" and head == "linear"
+        assert "timm" not in heavy  # the backbone was never loaded
+        rc, pred, err, heavy = tlearn(["predict", m, data, "-f", "jsonl"], cache)
+        assert rc == 0, err
+        assert heavy == [], heavy
+        rc, ev, err, heavy = tlearn(["evaluate", m, data, "--json"], cache)
+        assert rc == 0 and heavy == [], (err, heavy)
+        assert json.loads(ev)["n_images"] == 12
+        rows = [json.loads(line) for line in pred.splitlines()]
+        assert len(rows) == 12 and all(0 < r["score"] <= 1 for r in rows)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="patches a forked worker")

@@ -21,6 +21,7 @@ from tlearn.core.spec import NN_HEADS, CutSpec
 from tlearn.core.system import versions
 from tlearn.core.version import __version__
 from tlearn.heads.linear import LinearHead
+from tlearn.heads.neural import expected_shapes as neural_shapes
 
 FORMAT = "tlearn-model"
 FORMAT_VERSION = 1
@@ -263,10 +264,6 @@ def validate_tensors(config: dict, tensors: dict, where) -> None:
 
 def validate_head_tensors(config: dict, tensors: dict, where) -> None:
     """Refuse a head file whose tensors do not match config.json exactly."""
-    # torch builds the head's shapes; only models with a neural head get here
-    from tlearn.heads.neural import expected_shapes
-    # torch builds the head's shapes; only models with a neural head get here
-
     head = config["head"]
     if head.get("type") == "mlp" and (
         not isinstance(head.get("hidden"), list)
@@ -276,7 +273,7 @@ def validate_head_tensors(config: dict, tensors: dict, where) -> None:
     if not isinstance(head.get("dropout"), (int, float)):
         raise ArtifactError(f"{where}: head 'dropout' is missing")
 
-    expected = expected_shapes(head, config["feature_dim"], len(config["classes"]))
+    expected = neural_shapes(head, config["feature_dim"], len(config["classes"]))
     subject = f"the {head['type']} head in the config"
     check_tensors(where, tensors, expected, subject=subject, needs=config_needs(config))
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from tlearn.backbone.cut import CutNetwork, check_pool, join_vectors, pool_maps
 from tlearn.core.spec import FINAL_LAYER
-from tlearn.heads.neural import NNHead
+from tlearn.heads.neural_torch import NNHead
 
 
 def _is_plain_sequential(m: nn.Module) -> bool:

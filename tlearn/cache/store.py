@@ -88,8 +88,11 @@ def hash_files(paths: Sequence[str], threads: int | None = None) -> list[bytes |
         return [key for run in pool.map(lambda r: [one(p) for p in r], runs) for key in run]
 
 
-def cut_key(spec, data_config: dict, *, draft: bool, precision: str) -> tuple[str, dict]:
-    """(hex key, the document it hashes) for one cut + preprocessing."""
+def cut_key(
+    spec, data_config: dict, *, draft: bool, precision: str, view: str = "plain"
+) -> tuple[str, dict]:
+    """(hex key, the document it hashes) for one cut + preprocessing. `view`: "plain", or
+    "hflip" for the features of the mirror images (training with --augment flip)."""
 
     doc = {
         "format": CACHE_FORMAT,
@@ -100,6 +103,8 @@ def cut_key(spec, data_config: dict, *, draft: bool, precision: str) -> tuple[st
         "timm": dist_version("timm"),
         "pillow": dist_version("pillow"),
     }
+    if view != "plain":  # plain keys stay as they were: caches written before still hit
+        doc["view"] = view
     return doc_sha256(doc), doc
 
 
@@ -156,8 +161,10 @@ class FeatureStore:
     served: int = 0  # images read from the cache
 
     @classmethod
-    def open(cls, root: Path, spec, data_config: dict, *, draft: bool, precision: str):
-        key, doc = cut_key(spec, data_config, draft=draft, precision=precision)
+    def open(
+        cls, root: Path, spec, data_config: dict, *, draft: bool, precision: str, view="plain"
+    ):
+        key, doc = cut_key(spec, data_config, draft=draft, precision=precision, view=view)
         store = cls(folder=Path(root) / "features" / key, doc=doc)
         store._load()
         return store

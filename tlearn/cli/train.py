@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tlearn.cli.render import Bars, print_validation, report_skips
+from tlearn.cli.render import Bars, engine_note, print_validation, report_skips
 from tlearn.core.errors import UsageError
 from tlearn.core.options import RunOptions
 
@@ -262,6 +262,8 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                 device=p["device"],
                 workers=p["workers"],
                 progress=view.progress_cb,
+                backend=_value(p["backend"]),
+                cache=not p["no_cache"],
             )
             if p["resume"] is not None:
                 same = (
@@ -325,12 +327,15 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                     "validation": res.val_metrics,
                     "skipped": len(res.skipped),
                     "seconds": res.seconds,
+                    "features": res.features,
                 }
             )
         )
         return
     if not quiet:
         out.print(history_table(res.history, res.best_epoch))
+        if res.features:
+            err.print(f"frozen features{engine_note(res.features)}", highlight=False)
     best = f", best epoch {res.best_epoch}" if res.best_epoch and res.n_val else ""
     stop = " (stopped early)" if res.stopped_early else ""
     out.print(
@@ -385,7 +390,7 @@ def groups_table(info: dict) -> Table:
         t.add_row(
             str(i),
             ", ".join(r["modules"]),
-            f"{r['n_params']:,}",
+            "-" if r["n_params"] is None else f"{r['n_params']:,}",
             _lr(r["lr"]),
             "no" if r["frozen"] else "yes",
         )

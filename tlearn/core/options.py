@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tlearn.core.errors import UsageError
+
 # progress(stage, done, total): the CLI draws bars from it; None = silent.
 Progress = Callable[[str, int, int], None]
 
@@ -26,3 +28,23 @@ class RunOptions:
         if self.progress is None:
             return None
         return lambda done, total: self.progress(stage, done, total)
+
+
+# --augment and --tta choices: checked before torch loads (runtime.augment builds them)
+AUGMENTS = ("none", "flip", "light", "standard")
+TTAS = ("none", "flip", "10crop")
+# Cached frozen outputs can stand in for these (flip: features of the mirror images, or
+# flipped prefix maps).
+CACHEABLE_AUGMENTS = ("none", "flip")
+
+
+def check_augment(augment: str) -> str:
+    if augment not in AUGMENTS:
+        raise UsageError(f"unknown --augment '{augment}'; allowed: {', '.join(AUGMENTS)}")
+    return augment
+
+
+def check_tta(tta: str) -> str:
+    if tta not in TTAS:
+        raise UsageError(f"unknown --tta '{tta}'; allowed: {', '.join(TTAS)}")
+    return tta

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,12 +82,24 @@ class Engine:
     precision: str
     notes: list[str]
     network: object = None  # the torch feature network of a cold engine; None when warm
+    view: str = "plain"  # or "hflip": features of the mirror images (see mirrored())
     stores: list = field(default_factory=list)
 
     def _open_store(self) -> FeatureStore:
         return FeatureStore.open(
-            self.cache_root, self.spec, self.data_config, draft=self.draft, precision=self.precision
+            self.cache_root,
+            self.spec,
+            self.data_config,
+            draft=self.draft,
+            precision=self.precision,
+            view=self.view,
         )
+
+    def mirrored(self) -> Engine:
+        """The same engine for the mirror images (left-right flipped after the crop, as
+        a flip of the network's input), cached under their own key."""
+        # the same stores list: summary() counts the mirror images too
+        return replace(self, runtime=MirroredRuntime(self.runtime), view="hflip")
 
     def _store(self) -> FeatureStore | None:
         if self.cache_root is None:
@@ -162,6 +174,22 @@ class Engine:
         }
 
 
+class MirroredRuntime:
+    """A runtime that flips each batch left-right first: uint8 NHWC pixels or float NCHW
+    tensors (what the decoding workers hand over)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):  # device, transform, name, images, opened, open
+        return getattr(self.inner, name)
+
+    def __call__(self, x):
+        if isinstance(x, np.ndarray):
+            return self.inner(np.ascontiguousarray(x[:, :, ::-1, :]))
+        return self.inner(x.flip(-1))
+
+
 # ----------------------------------------------------------------------------- the choice
 
 
@@ -178,8 +206,9 @@ def open_engine(cut: CutRequest | SavedCut, run: RunOptions, *, backbone=None) -
 
 
 def _warm_root(run: RunOptions) -> Path | None:
-    """The cache root when `run` may take the warm path."""
-    if not run.cache or run.backend not in ("auto", "onnx") or not cpu_only(run.device):
+    """The cache root when `run` may take the warm path (--no-cache too: it is about the
+    feature cache, not the exported graph)."""
+    if run.backend not in ("auto", "onnx") or not cpu_only(run.device):
         return None
     if os.environ.get("TLEARN_NO_WARM") or not ort_installed():
         return None
@@ -227,7 +256,7 @@ def _warm_engine(cut: CutRequest | SavedCut, run: RunOptions) -> Engine | None:
         spec=spec,
         data_config=data_config,
         runtime=LazyRuntime(opener, device, steps),
-        cache_root=root,
+        cache_root=root if run.cache else None,
         draft=run.draft,
         precision="fp32",
         notes=notes,
@@ -274,11 +303,11 @@ def _cold_engine(
         data_config = loaded.data_config
     dev = resolve_device(run.device)
     chosen = choose_backend(run.backend, dev)
-    root = cache_root() if run.cache else None
+    root = cache_root()  # exported graphs and resolved cuts; features only with run.cache
     notes = [] if notes is None else notes
     pixels = pixel_path(data_config)
     remember_pixels(root, data_config, pixels)
-    if remember and root is not None:
+    if remember:
         ident = loaded_identity(loaded.weights, cut.seed)
         if ident is not None:
             key = request_key(cut.model, cut.weights, cut.layers, cut.pool, cut.seed, ident)
@@ -301,7 +330,7 @@ def _cold_engine(
         spec=spec,
         data_config=data_config,
         runtime=LazyRuntime(opener, dev, pixels[0] if pixels else None),
-        cache_root=root,
+        cache_root=root if run.cache else None,
         draft=run.draft,
         precision=precision(chosen, dev),
         notes=notes,

@@ -1,17 +1,17 @@
 """New neural heads on pooled features: `linear` (dropout + one linear layer) and `mlp`
 (hidden layers with optional batch norm, ReLU and dropout, then a linear layer).
 
-The head is described by a small JSON-able dict (`head_config`), saved in config.json,
-from which the same module is rebuilt at predict time; its tensors are checked by name
-and shape against that rebuilt module before loading.
+The head is described by a small JSON-able dict (`head_config`), saved in config.json.
+This module is torch-free: the tensor names and shapes a head saves, and its forward
+pass in numpy (eval mode), so a model with a frozen backbone predicts warm like an SVM.
+heads.neural_torch holds the torch module that trains; a test keeps the two equal.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-from torch import nn
+import numpy as np
 
 from tlearn.core.errors import UsageError
 from tlearn.core.spec import NN_HEADS
@@ -66,42 +66,72 @@ def head_config(
     }
 
 
-class NNHead(nn.Module):
-    """Features (B, D) -> logits (B, K)."""
+BN_EPS = 1e-5  # torch.nn.BatchNorm1d's default eps
 
-    def __init__(self, config: dict, in_dim: int, n_classes: int):
-        super().__init__()
-        self.config = dict(config)
-        layers: list[nn.Module] = []
-        if config["type"] == "linear":
-            layers += [nn.Dropout(config["dropout"]), nn.Linear(in_dim, n_classes)]
-        elif config["type"] == "mlp":
-            prev = in_dim
-            for h in config["hidden"]:
-                layers.append(nn.Linear(prev, h, bias=not config.get("batchnorm")))
-                if config.get("batchnorm"):
-                    layers.append(nn.BatchNorm1d(h))
-                layers += [nn.ReLU(inplace=True), nn.Dropout(config["dropout"])]
-                prev = h
-            layers.append(nn.Linear(prev, n_classes))
-        else:
-            raise UsageError(f"unknown neural head '{config['type']}'")
-        self.layers = nn.Sequential(*layers)
-        self._init()
 
-    def _init(self) -> None:
-        # Small final layer: a new head starts near uniform predictions, so the first
-        # steps do not send large gradients into a pretrained backbone.
-        last = self.layers[-1]
-        nn.init.normal_(last.weight, std=0.01)
-        nn.init.zeros_(last.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+def layer_names(config: dict) -> list[tuple[str, str]]:
+    """(kind, index) of each layer of the head's nn.Sequential, in order: the names its
+    tensors are saved under are layers.<index>.<weight|bias|...>."""
+    if config["type"] == "linear":
+        return [("dropout", "0"), ("linear", "1")]
+    if config["type"] != "mlp":
+        raise UsageError(f"unknown neural head '{config['type']}'")
+    out, i = [], 0
+    for _ in config["hidden"]:
+        out.append(("linear", str(i)))
+        i += 1
+        if config.get("batchnorm"):
+            out.append(("batchnorm", str(i)))
+            i += 1
+        out += [("relu", str(i)), ("dropout", str(i + 1))]
+        i += 2
+    return [*out, ("linear", str(i))]
 
 
 def expected_shapes(config: dict, in_dim: int, n_classes: int) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a head (as saved in head.safetensors)."""
-    with torch.device("meta"):
-        head = NNHead(config, in_dim, n_classes)
-    return {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    sizes = [*(config["hidden"] if config["type"] == "mlp" else []), n_classes]
+    shapes: dict[str, tuple[int, ...]] = {}
+    prev, k = in_dim, 0
+    for kind, index in layer_names(config):
+        name = f"layers.{index}"
+        if kind == "linear":
+            out = sizes[k]
+            shapes[f"{name}.weight"] = (out, prev)
+            last = k == len(sizes) - 1
+            if last or not config.get("batchnorm"):
+                shapes[f"{name}.bias"] = (out,)
+            prev, k = out, k + 1
+        elif kind == "batchnorm":
+            for t in ("weight", "bias", "running_mean", "running_var"):
+                shapes[f"{name}.{t}"] = (prev,)
+            shapes[f"{name}.num_batches_tracked"] = ()
+    return shapes
+
+
+def head_logits(config: dict, tensors: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
+    """The head's logits for pooled features X (B, D), in eval mode (dropout off,
+    batch norm with its running statistics), in float32 as torch computes them."""
+    x = np.asarray(X, dtype=np.float32)
+    for kind, index in layer_names(config):
+        name = f"layers.{index}"
+        if kind == "linear":
+            x = x @ np.asarray(tensors[f"{name}.weight"], np.float32).T
+            if f"{name}.bias" in tensors:
+                x = x + np.asarray(tensors[f"{name}.bias"], np.float32)
+        elif kind == "batchnorm":
+            mean = np.asarray(tensors[f"{name}.running_mean"], np.float32)
+            var = np.asarray(tensors[f"{name}.running_var"], np.float32)
+            w = np.asarray(tensors[f"{name}.weight"], np.float32)
+            b = np.asarray(tensors[f"{name}.bias"], np.float32)
+            x = (x - mean) / np.sqrt(var + np.float32(BN_EPS)) * w + b
+        elif kind == "relu":
+            x = np.maximum(x, np.float32(0))
+    return x
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax (probabilities summing to 1)."""
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

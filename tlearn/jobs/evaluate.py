@@ -14,13 +14,7 @@ from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import scan_class_folders
 from tlearn.data.skipped import strict_failure
 from tlearn.features.table import is_features_csv, read_features_csv
-from tlearn.jobs.score import (
-    feature_scores,
-    linear_head,
-    refuse_tta_on_features,
-    saved_features,
-    scored_images,
-)
+from tlearn.jobs.score import ModelScorer, refuse_tta_on_features, score_images
 from tlearn.modeldir import load_model
 from tlearn.report.metrics import classification_metrics
 
@@ -51,9 +45,7 @@ def evaluate(
 ) -> EvaluateResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
-    nn_model = saved.is_nn
-    head = None if nn_model else linear_head(saved)
-    score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
+    scorer = ModelScorer(saved)
     classes = saved.classes
     if is_features_csv(data):
         table = read_features_csv(data)
@@ -65,7 +57,7 @@ def evaluate(
             raise DataError(f"{data}: class(es) {', '.join(unknown)} are not in the model")
         refuse_tta_on_features(tta)
         y = np.asarray([classes.index(lab) for lab in table.labels], dtype=np.int64)
-        scores = feature_scores(saved, head, table.X)
+        scores = scorer.scores(table.X)
         skipped, warnings = [], []
         paths = list(table.paths)
     else:
@@ -78,16 +70,9 @@ def evaluate(
         if len(images) == 0:
             raise DataError(f"no images found in {data}")
         remap = np.asarray([classes.index(c) for c in images.classes], dtype=np.int64)
-        if nn_model or tta != "none":
-            scored = scored_images(saved, images.paths, tta, run, "evaluate")
-            indices, scores = scored.indices, scored.scores
-            skipped, notes = images.skipped + scored.skipped, []
-        else:
-            feats = saved_features(saved, images, run, "evaluate")
-            indices = feats.indices
-            scores = head.scores(feats.X) if len(indices) else np.zeros((0, len(classes)))
-            skipped = images.skipped + feats.skipped
-            notes = feats.notes
+        scored = score_images(scorer, images, tta, run, "evaluate")
+        indices, scores = scored.indices, scored.scores
+        skipped, notes = images.skipped + scored.skipped, scored.notes
         y = remap[np.asarray(images.labels, dtype=np.int64)[indices]]
         warnings = list(images.warnings) + notes
         paths = [images.paths[i] for i in indices]
@@ -107,5 +92,5 @@ def evaluate(
         y_true=y,
         y_pred=y_pred,
         scores=scores,
-        score_kind=score_kind,
+        score_kind=scorer.kind,
     )

@@ -15,13 +15,7 @@ from tlearn.data.imageset import Skipped
 from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.data.skipped import strict_failure
 from tlearn.features.table import is_features_csv, read_features_csv
-from tlearn.jobs.score import (
-    feature_scores,
-    linear_head,
-    refuse_tta_on_features,
-    saved_features,
-    scored_images,
-)
+from tlearn.jobs.score import ModelScorer, refuse_tta_on_features, score_images
 from tlearn.modeldir import load_model
 from tlearn.scale.shard import Shard, plan_part, score_by_batch
 
@@ -57,9 +51,7 @@ def predict(
 ) -> PredictResult:
     run = run or RunOptions()
     saved = load_model(model_dir)
-    nn_model = saved.is_nn
-    head = None if nn_model else linear_head(saved)
-    score_kind = "probability" if nn_model or head.kind == "logreg" else "svm margin"
+    scorer = ModelScorer(saved)
     part, n_scan_skipped = None, 0
     if len(inputs) == 1 and is_features_csv(inputs[0]):
         table = read_features_csv(inputs[0])
@@ -71,9 +63,7 @@ def predict(
             part = plan_part(shard, paths, None, [], run.batch_size)
             paths, X = paths[part.start : part.stop], X[part.start : part.stop]
         batch_of = np.arange(len(paths)) // max(1, run.batch_size)
-        scores = score_by_batch(
-            lambda x: feature_scores(saved, head, x), X, batch_of, len(saved.classes)
-        )
+        scores = score_by_batch(scorer.scores, X, batch_of, len(saved.classes))
     else:
         images = scan_unlabeled(list(inputs))
         if len(images) == 0 and not images.skipped:
@@ -82,18 +72,10 @@ def predict(
         if shard is not None:
             part = plan_part(shard, images.paths, None, images.skipped, run.batch_size)
             images = images.subset(range(part.start, part.stop))
-        if nn_model or tta != "none":
-            scored = scored_images(saved, images.paths, tta, run, "predict")
-            paths = [images.paths[i] for i in scored.indices]
-            scores, skipped = scored.scores, images.skipped + scored.skipped
-            warnings = images.warnings
-        else:
-            feats = saved_features(saved, images, run, "predict")
-            paths = [images.paths[i] for i in feats.indices]
-            X, skipped = feats.X, images.skipped + feats.skipped
-            warnings = list(images.warnings) + feats.notes
-            batch_of = np.asarray(feats.indices) // max(1, run.batch_size)
-            scores = score_by_batch(head.scores, X, batch_of, len(saved.classes))
+        scored = score_images(scorer, images, tta, run, "predict")
+        paths = [images.paths[i] for i in scored.indices]
+        scores, skipped = scored.scores, images.skipped + scored.skipped
+        warnings = list(images.warnings) + scored.notes
     if strict and skipped:
         raise strict_failure(skipped)
     preds = [
@@ -108,7 +90,7 @@ def predict(
     return PredictResult(
         predictions=preds,
         classes=saved.classes,
-        score_kind=score_kind,
+        score_kind=scorer.kind,
         skipped=skipped,
         warnings=list(warnings),
         part=None if part is None else part.info(skipped[n_scan_skipped:]),

@@ -1,23 +1,59 @@
-"""Scores of a saved model for images or feature rows, shared by predict and evaluate:
-linear heads on features from the engine (warm when possible), neural heads and TTA
-through torch (jobs.torch_scores, imported only then)."""
+"""Scores of a saved model for images or feature rows, shared by predict and evaluate.
+
+Linear heads, and neural heads whose backbone stayed frozen, score pooled features from
+the engine (warm when possible: no torch import) with the head in numpy. Fine-tuned
+backbones and test-time augmentation run in torch (jobs.torch_scores, imported only
+then)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from tlearn.core.errors import UsageError
 from tlearn.core.options import RunOptions
-from tlearn.data.imageset import ImageSet
+from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.features.engine import SavedCut, open_engine
 from tlearn.heads.linear import LinearHead
+from tlearn.heads.neural import head_logits, softmax
 from tlearn.modeldir import SavedModel
+from tlearn.scale.shard import score_by_batch
 
 
-def saved_features(saved: SavedModel, images: ImageSet, run: RunOptions, stage: str):
-    """Features of `images` at the model's cut, through the engine (warm when possible)."""
-    engine = open_engine(SavedCut(saved.cut, saved.data_config), run)
-    return engine.extract(images.paths, run, stage=stage)  # preprocessing exactly as in fit
+class ModelScorer:
+    """How a saved model turns pooled features into per-class scores."""
+
+    def __init__(self, saved: SavedModel):
+        self.saved = saved
+        self.linear = None if saved.is_nn else linear_head(saved)
+        probabilities = saved.is_nn or self.linear.kind == "logreg"
+        self.kind = "probability" if probabilities else "svm margin"
+        # a neural head on a frozen backbone sees exactly the features extraction gives
+        self.on_features = not saved.is_nn or saved.backbone is None
+
+    def scores(self, X: np.ndarray) -> np.ndarray:
+        if len(X) == 0:
+            return np.zeros((0, len(self.saved.classes)))
+        if self.linear is not None:
+            return self.linear.scores(X)
+        if not self.on_features:
+            raise UsageError(
+                "this model fine-tuned its backbone, so features extracted with the original "
+                "weights do not fit it; give images instead of a features table"
+            )
+        cfg = self.saved.config
+        return softmax(head_logits(cfg["head"], self.saved.tensors, X))
+
+
+@dataclass
+class ImageScores:
+    """Scores of the images that could be read (positions in the input list)."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+    skipped: list[Skipped] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def linear_head(saved: SavedModel) -> LinearHead:
@@ -29,28 +65,29 @@ def refuse_tta_on_features(tta: str) -> None:
         raise UsageError(f"--tta {tta} needs images, not a features CSV; use --tta none")
 
 
-def feature_scores(saved: SavedModel, head: LinearHead | None, X: np.ndarray) -> np.ndarray:
-    if len(X) == 0:
-        return np.zeros((0, len(saved.classes)))
-    if head is not None:
-        return head.scores(X)
-    # a neural head: torch
-    from tlearn.jobs.torch_scores import nn_scores_from_features
+def score_images(
+    scorer: ModelScorer, images: ImageSet, tta: str, run: RunOptions, stage: str
+) -> ImageScores:
+    """Per-class scores for every readable image: through the engine and the head on its
+    features when the model allows, else through torch (fine-tuned backbone, TTA)."""
+    saved = scorer.saved
+    if scorer.on_features and tta == "none":
+        engine = open_engine(SavedCut(saved.cut, saved.data_config), run)
+        feats = engine.extract(images.paths, run, stage=stage)  # preprocessing as in fit
+        # scored a batch at a time, as a single run batches them: shards stay bit-equal
+        batch_of = np.asarray(feats.indices) // max(1, run.batch_size)
+        scores = score_by_batch(scorer.scores, feats.X, batch_of, len(saved.classes))
+        return ImageScores(feats.indices, scores, feats.skipped, list(feats.notes))
+    # neural heads on fine-tuned backbones and TTA run in torch
+    from tlearn.jobs.torch_scores import score_images as torch_scores
 
-    return nn_scores_from_features(saved, X)
-
-
-def scored_images(saved: SavedModel, paths, tta: str, run: RunOptions, stage: str):
-    """Scores through torch (neural head or TTA), for every readable image of `paths`."""
-    # neural heads and TTA run in torch
-    from tlearn.jobs.torch_scores import score_images
-
-    return score_images(
+    scored = torch_scores(
         saved,
-        paths,
+        images.paths,
         tta=tta,
         batch_size=run.batch_size,
         device=run.device,
         workers=run.workers,
         progress=run.bar(stage),
     )
+    return ImageScores(scored.indices, scored.scores, scored.skipped)

@@ -17,12 +17,13 @@ import torch
 from tlearn.backbone.cut import FeatureNetwork
 from tlearn.backbone.transfer import TransferNet
 from tlearn.backbone.weights import backbone_for_spec, open_backbone
-from tlearn.core.errors import ArtifactError, DataError, UsageError
+from tlearn.core.errors import ArtifactError, DataError
+from tlearn.core.options import check_tta
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
 from tlearn.heads.linear import LinearHead
-from tlearn.heads.neural import NNHead
-from tlearn.runtime.augment import check_tta, tta_transform
+from tlearn.heads.neural_torch import NNHead
+from tlearn.runtime.augment import tta_transform
 from tlearn.runtime.device import resolve_device
 from tlearn.runtime.loader import image_loader
 
@@ -63,22 +64,6 @@ def load_nn_net(saved):
     head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in saved.tensors.items()})
     net = TransferNet(model, saved.cut.layers, saved.cut.pool, head, size)
     return net.eval()
-
-
-def nn_scores_from_features(saved, X: np.ndarray) -> np.ndarray:
-    """Probabilities from pooled features (a features CSV) for a model whose backbone
-    was not trained."""
-
-    if saved.backbone is not None:
-        raise UsageError(
-            "this model fine-tuned its backbone, so features extracted with the original "
-            "weights do not fit it; give images instead of a features CSV"
-        )
-    head = NNHead(saved.config["head"], int(saved.config["feature_dim"]), len(saved.classes))
-    head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in saved.tensors.items()})
-    head.eval()
-    with torch.inference_mode():
-        return torch.softmax(head(torch.as_tensor(X, dtype=torch.float32)), 1).numpy()
 
 
 def score_images(

@@ -15,35 +15,20 @@
 
 from __future__ import annotations
 
-import timm.data
 import torch
 from torchvision import transforms as T
 
-from tlearn.core.errors import UsageError
+from tlearn.core.options import check_augment, check_tta
 from tlearn.data.pixels import resize_target
 from tlearn.runtime.transforms import eval_transform
 
-AUGMENTS = ("none", "flip", "light", "standard")
-TTAS = ("none", "flip", "10crop")
-# Cached prefix outputs can stand in for these (flip: by flipping the cached maps).
-CACHEABLE_AUGMENTS = ("none", "flip")
 LIGHT_SCALE = (0.25, 1.0)
-
-
-def check_augment(augment: str) -> str:
-    if augment not in AUGMENTS:
-        raise UsageError(f"unknown --augment '{augment}'; allowed: {', '.join(AUGMENTS)}")
-    return augment
-
-
-def check_tta(tta: str) -> str:
-    if tta not in TTAS:
-        raise UsageError(f"unknown --tta '{tta}'; allowed: {', '.join(TTAS)}")
-    return tta
 
 
 def train_transform(data_config: dict, augment: str):
     """The transform for training images."""
+
+    import timm.data  # timm's training transforms; torch is loaded by then anyway
 
     check_augment(augment)
     if augment == "none":

@@ -8,25 +8,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from tlearn.backbone.cut import cut_spec, feature_dim
-from tlearn.backbone.layers import resolve_layers
-from tlearn.backbone.transfer import TransferNet, execution_order
-from tlearn.backbone.weights import open_backbone
 from tlearn.core.errors import UsageError
-from tlearn.core.options import RunOptions
+from tlearn.core.options import CACHEABLE_AUGMENTS, RunOptions
 from tlearn.core.spec import CutSpec
 from tlearn.data.imageset import ImageSet, Skipped
-from tlearn.heads.neural import NNHead, head_config
-from tlearn.runtime.augment import CACHEABLE_AUGMENTS
+from tlearn.features.engine import CutRequest, Engine, open_engine
+from tlearn.heads.neural import head_config
+from tlearn.heads.neural_torch import NNHead
 from tlearn.runtime.device import resolve_device
 from tlearn.train.datasets import data_fingerprint, load_datasets
 from tlearn.train.dist import Dist
-from tlearn.train.groups import plan_groups
 from tlearn.train.optim import Amp, amp_for, apply_freeze, build_optimizer, frozen_modules
 from tlearn.train.options import (
     DEFAULT_LR,
@@ -35,8 +32,12 @@ from tlearn.train.options import (
     check_options,
     default_augment,
 )
-from tlearn.train.plan import GroupPlan
+from tlearn.train.plan import HEAD, GroupPlan, GroupRow
 from tlearn.train.schedule import Schedule
+
+if TYPE_CHECKING:  # timm costs seconds to import: only the full network path needs it
+    from tlearn.backbone.transfer import TransferNet
+    from tlearn.backbone.weights import Backbone
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Network:
     data_config: dict
     feature_dim: int
     head_cfg: dict
+    backbone: Backbone | None  # for the feature engine; None: the engine needs none
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Setup:
     y_val: torch.Tensor | None
     warnings: list[str]
     skipped: list[Skipped]  # grows as caches and epochs find unreadable images
+    engine: Engine | None = None  # of frozen features: opened by build or when needed
 
     @property
     def net(self) -> TransferNet:
@@ -141,6 +144,12 @@ def _check_batch_size(run: RunOptions, batch_size: int, dist: Dist | None) -> No
 
 
 def _network(s: Settings, o: TrainOptions, n_classes: int) -> Network:
+    # the backbone itself (torch + timm): a frozen backbone's head never needs it
+    from tlearn.backbone.cut import cut_spec, feature_dim
+    from tlearn.backbone.layers import resolve_layers
+    from tlearn.backbone.transfer import TransferNet
+    from tlearn.backbone.weights import open_backbone
+
     backbone = open_backbone(s.model, s.weights, s.seed)
     layers = resolve_layers(backbone.model, s.layers)
     spec = cut_spec(backbone, layers, s.pool)
@@ -153,12 +162,72 @@ def _network(s: Settings, o: TrainOptions, n_classes: int) -> Network:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)
         net.head = NNHead(head_cfg, dim, n_classes)
-    return Network(net, spec, data_config, dim, head_cfg)
+    return Network(net, spec, data_config, dim, head_cfg, backbone)
+
+
+class HeadOnly(nn.Module):
+    """What trains when the whole backbone is frozen: the head alone, named head.* as in
+    TransferNet. Its pooled features come from the feature engine (warm, cached), so the
+    backbone is not even loaded when the engine has them."""
+
+    def __init__(self, head: nn.Module, layers):
+        super().__init__()
+        self.model = nn.Module()  # no backbone here: nothing of it runs or trains
+        self.head = head
+        self.layers = tuple(layers)
+        self.chain = None
+        self.split = 0
+
+    def prefix_module_names(self) -> list[str]:
+        return []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def frozen_features_only(o: TrainOptions) -> bool:
+    """The options freeze the whole backbone and train on cached pooled features (the
+    default --head linear|mlp): then only the head is built."""
+    augment = o.augment or default_augment(False)
+    return (
+        o.freeze in (None, "all")
+        and o.freeze_to is None
+        and o.layer_decay is None
+        and o.lr_groups is None
+        and o.bn == "frozen"
+        and o.cache != "off"
+        and augment in CACHEABLE_AUGMENTS
+    )
+
+
+def _head_only(
+    s: Settings, o: TrainOptions, n_classes: int, run: RunOptions, lr: float
+) -> tuple[Network, GroupPlan, Engine]:
+    """The head on features from the engine (warm when the cache has the cut), and the
+    plan: the frozen backbone, then the head."""
+    engine = open_engine(CutRequest(s.model, s.weights, s.layers, s.pool, s.seed), run)
+    dim = engine.feature_dim()
+    head_cfg = head_config(o.head, hidden=o.hidden, dropout=o.dropout, batchnorm=o.head_bn)
+    with torch.random.fork_rng(devices=[]):  # the seed alone sets the initial weights
+        torch.manual_seed(s.seed)
+        head = NNHead(head_cfg, dim, n_classes)
+    net = HeadOnly(head, engine.spec.layers)
+    params = [n for n, _ in net.named_parameters()]
+    count = sum(p.numel() for p in net.parameters())
+    cut = ",".join(engine.spec.layers)
+    rows = [
+        GroupRow("backbone", [f"backbone up to {cut}"], [], None, None, True),
+        GroupRow(HEAD, [HEAD], params, count, lr, False),
+    ]
+    network = Network(net, engine.spec, engine.data_config, dim, head_cfg, None)
+    return network, GroupPlan(rows=rows), engine
 
 
 def mutable_names(net: TransferNet, plan: GroupPlan, bn: str) -> set[str]:
     """state_dict keys training can change: trainable parameters, the head, and the
     buffers (BatchNorm statistics) of used modules that run in train mode."""
+    from tlearn.backbone.transfer import execution_order  # the full network path (timm)
+
     frozen_ids = {id(m) for m in frozen_modules(net)} if bn == "frozen" else set()
     frozen = [n for n, m in net.named_modules() if id(m) in frozen_ids]
     used = set(execution_order(net))
@@ -207,17 +276,23 @@ def build(settings: Settings, out_dir: Path, run: RunOptions, dist: Dist | None)
     fingerprint = data_fingerprint(train_set, val_set)
     device = resolve_device(run.device)
     _check_batch_size(run, s.batch_size, dist)
-    network = _network(s, o, len(classes))
-    net = network.net
     lr = o.lr if o.lr is not None else DEFAULT_LR[o.optimizer]
-    plan = plan_groups(
-        net,
-        lr=lr,
-        freeze=o.freeze,
-        freeze_to=o.freeze_to,
-        layer_decay=o.layer_decay,
-        lr_groups=o.lr_groups,
-    )
+    engine = None
+    if frozen_features_only(o):
+        network, plan, engine = _head_only(s, o, len(classes), run, lr)
+    else:
+        from tlearn.train.groups import plan_groups  # the full network path (timm)
+
+        network = _network(s, o, len(classes))
+        plan = plan_groups(
+            network.net,
+            lr=lr,
+            freeze=o.freeze,
+            freeze_to=o.freeze_to,
+            layer_decay=o.layer_decay,
+            lr_groups=o.lr_groups,
+        )
+    net = network.net
     warnings += plan.notes
     if o.freeze_epochs and not plan.backbone_trains:
         raise UsageError(
@@ -226,7 +301,8 @@ def build(settings: Settings, out_dir: Path, run: RunOptions, dist: Dist | None)
         )
     augment = o.augment or default_augment(plan.backbone_trains)
     apply_freeze(net, plan)
-    mutable = mutable_names(net, plan, o.bn)
+    # the head alone: all of it (parameters and batch-norm statistics) trains
+    mutable = set(net.state_dict()) if engine is not None else mutable_names(net, plan, o.bn)
     split = _frozen_split(net, plan, o.bn)
     net.split = split
     mode = _mode(o, plan, split, augment)
@@ -268,4 +344,5 @@ def build(settings: Settings, out_dir: Path, run: RunOptions, dist: Dist | None)
         y_val=None if val_set is None else torch.as_tensor(val_set.labels, dtype=torch.long),
         warnings=warnings,
         skipped=skipped,
+        engine=engine,
     )

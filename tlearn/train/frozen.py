@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from tlearn.core.errors import DataError
+from tlearn.core.options import RunOptions
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
+from tlearn.features.engine import CutRequest, Engine, open_engine
 from tlearn.runtime.loader import image_loader
 from tlearn.runtime.transforms import eval_transform
 from tlearn.train.build import Setup
@@ -110,25 +112,51 @@ def compute_cache(
     return store(parts, "x"), (store(flipped, "x_flip") if flip else None)
 
 
-def _sharded_cache(setup: Setup, fn, paths, kw: dict, *, disk_dir, share: bool, flip: bool):
-    """compute_cache under torchrun: each rank computes its shard of whole batches (the
-    batches of a single run); `share`: then every rank gets every rank's rows (the
-    training cache, sampled anew each epoch), else it keeps its own shard (validation
-    runs in the same shards)."""
-    d, dtype = setup.dist, kw["dtype"]
+def engine_cache(
+    engine: Engine,
+    paths: Sequence[str],
+    run: RunOptions,
+    *,
+    skipped: list[Skipped],
+    stage: str,
+    flip: bool = False,
+    disk_dir: Path | None = None,
+    allow_empty: bool = False,
+) -> tuple[TensorCache, TensorCache | None]:
+    """Pooled features of every readable image (and of the mirror images with `flip`)
+    from the feature engine, the one that extract and the SVM use: ONNX Runtime on CPU,
+    through the on-disk feature cache, so a second fit on the same images runs no
+    backbone."""
+    feats = engine.extract(paths, run, stage=stage)
+    skipped.extend(feats.skipped)
+    mirror = engine.mirrored().extract(paths, run, stage=f"{stage} (mirror)") if flip else None
+    if not len(feats.indices):
+        if not allow_empty:
+            raise DataError("no readable images to train on")
+        empty = TensorCache(feats.indices, torch.empty(0))
+        return empty, (TensorCache(feats.indices, torch.empty(0)) if flip else None)
+
+    def store(X: np.ndarray, name: str) -> TensorCache:
+        if disk_dir is None:
+            return TensorCache(feats.indices, torch.from_numpy(X))
+        arr = _memmap(disk_dir, name, X.shape, torch.float32)
+        arr[:] = X
+        arr.flush()
+        return TensorCache(feats.indices, arr)
+
+    return store(feats.X, "x"), (store(mirror.X, "x_flip") if mirror is not None else None)
+
+
+def _sharded_cache(setup: Setup, compute, paths, *, dtype, disk_dir, share: bool, flip: bool):
+    """compute(paths, skipped, disk_dir, allow_empty, flip) under torchrun: each rank
+    computes its shard of whole batches (the batches of a single run); `share`: then
+    every rank gets every rank's rows (the training cache, sampled anew each epoch), else
+    it keeps its own shard (validation runs in the same shards)."""
+    d = setup.dist
     start, stop = d.shard(len(paths), setup.run.batch_size)
     own, local, skipped, payload = None, (None, None), [], None
     try:
-        local = compute_cache(
-            fn,
-            paths[start:stop],
-            setup.network.data_config,
-            skipped=skipped,
-            disk_dir=None if share else disk_dir,
-            allow_empty=True,
-            flip=flip,
-            **kw,
-        )
+        local = compute(paths[start:stop], skipped, None if share else disk_dir, True, flip)
         x = local[0]
         payload = {
             "skipped": [[sk.path, sk.reason] for sk in skipped],
@@ -164,28 +192,61 @@ def _sharded_cache(setup: Setup, fn, paths, kw: dict, *, disk_dir, share: bool, 
     return shared(local[0], "x"), (shared(local[1], "x_flip") if flip else None)
 
 
-def cache_rows(setup: Setup, fn, paths, *, dtype, disk_dir, stage, share, flip=False):
-    """(cache, cache of the mirrored images or None) of fn over `paths`, in this process
-    or sharded over the torchrun ranks (see _sharded_cache for `share`)."""
-    kw = dict(
-        device=setup.device,
-        batch_size=setup.run.batch_size,
-        workers=setup.run.workers,
-        dtype=dtype,
-        progress=setup.run.bar(stage),
-        autocast=setup.amp.autocast,
-    )
+def cache_rows(setup: Setup, level: str, paths, *, disk_dir, stage, share, flip=False):
+    """(cache, cache of the mirrored images or None) of the frozen part's output over
+    `paths` (`level`: "features" through the feature engine, "prefix" maps in torch), in
+    this process or sharded over the torchrun ranks (see _sharded_cache for `share`)."""
+    run = setup.run
+    if level == "features":
+        dtype, engine = torch.float32, features_engine(setup)
+
+        def compute(sub, skipped, disk, allow_empty, flip):
+            return engine_cache(
+                engine,
+                sub,
+                run,
+                skipped=skipped,
+                stage=stage,
+                flip=flip,
+                disk_dir=disk,
+                allow_empty=allow_empty,
+            )
+
+    else:
+        dtype = torch.float16
+
+        def compute(sub, skipped, disk, allow_empty, flip):
+            return compute_cache(
+                setup.net.forward_prefix,
+                sub,
+                setup.network.data_config,
+                device=setup.device,
+                batch_size=run.batch_size,
+                workers=run.workers,
+                skipped=skipped,
+                dtype=dtype,
+                flip=flip,
+                disk_dir=disk,
+                progress=run.bar(stage),
+                autocast=setup.amp.autocast,
+                allow_empty=allow_empty,
+            )
+
     if setup.dist is None:
-        return compute_cache(
-            fn,
-            paths,
-            setup.network.data_config,
-            skipped=setup.skipped,
-            disk_dir=disk_dir,
-            flip=flip,
-            **kw,
-        )
-    return _sharded_cache(setup, fn, paths, kw, disk_dir=disk_dir, share=share, flip=flip)
+        return compute(paths, setup.skipped, disk_dir, False, flip)
+    return _sharded_cache(
+        setup, compute, paths, dtype=dtype, disk_dir=disk_dir, share=share, flip=flip
+    )
+
+
+def features_engine(setup: Setup) -> Engine:
+    """The feature engine on the run's own backbone (opened once per run): the cut, its
+    exported graph and the feature cache are those of extract and the SVM heads."""
+    if setup.engine is None:
+        spec = setup.network.spec
+        request = CutRequest(spec.model, layers=list(spec.layers), pool=spec.pool)
+        setup.engine = open_engine(request, setup.run, backbone=setup.network.backbone)
+    return setup.engine
 
 
 class Caches:
@@ -217,15 +278,14 @@ class Caches:
             and o.bn == "frozen"
             and o.cache != "off"
         ):
-            level, level_fn, dtype = "features", net.features, torch.float32
+            level = "features"
         elif setup.split > 0 and o.cache != "off":
-            level, level_fn, dtype = "prefix", net.forward_prefix, torch.float16
+            level = "prefix"
         if mode in ("features", "prefix"):
             self.train, self.train_flip = cache_rows(
                 setup,
-                level_fn,
+                level,
                 setup.train_set.paths,
-                dtype=dtype,
                 flip=setup.augment == "flip" and mode == "features",
                 disk_dir=disk,
                 stage="cache train",
@@ -235,13 +295,14 @@ class Caches:
             self.val_level = level
             self.val, _ = cache_rows(
                 setup,
-                level_fn,
+                level,
                 setup.val_set.paths,
-                dtype=dtype,
                 disk_dir=None,
                 stage="cache val",
                 share=False,
             )
+        if setup.engine is not None:  # e.g. an ONNX export that fell back to torch
+            setup.warnings += [n for n in setup.engine.notes if n not in setup.warnings]
 
     def cleanup(self) -> None:
         if self.tmp is not None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 
-from tlearn.runtime.augment import train_transform
 from tlearn.train.batches import SkipLog, epoch_batches
 from tlearn.train.build import Setup
 from tlearn.train.checkpoint import TrainState, mutable_state, save
@@ -40,7 +39,11 @@ class Trainer:
         """The epochs from state.start_epoch on, each followed by validation and a
         checkpoint, until --epochs or early stopping (--patience)."""
         s, o, st = self.setup, self.setup.options, self.state
-        self.transform = train_transform(s.network.data_config, s.augment)
+        if s.mode == "images":  # only epochs over images augment them
+            # torchvision + timm build the training transform: images mode needs them
+            from tlearn.runtime.augment import train_transform
+
+            self.transform = train_transform(s.network.data_config, s.augment)
         since_best = 0
         if st.best is not None and st.history:
             since_best = st.history[-1]["epoch"] - st.best["epoch"]

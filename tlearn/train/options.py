@@ -9,10 +9,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tlearn.core.errors import UsageError
+from tlearn.core.options import check_augment
 from tlearn.core.spec import NN_HEADS
 from tlearn.data.imageset import Skipped
 from tlearn.heads.neural import head_config
-from tlearn.runtime.augment import check_augment
 
 Events = Callable[[str, dict], None]
 BN_MODES = ("frozen", "train")
@@ -88,6 +88,8 @@ class NNFitResult:
     warnings: list[str]
     seconds: float
     settings: dict = field(default_factory=dict)
+    # frozen features: backend that ran (None: all cached), images cached and computed
+    features: dict | None = None
 
 
 def check_options(o: TrainOptions) -> None:

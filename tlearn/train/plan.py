@@ -20,7 +20,7 @@ class GroupRow:
     name: str
     modules: list[str]  # compact module names (backbone names without the "model." prefix)
     params: list[str]  # parameter names in the network (model.* / head.*)
-    n_params: int
+    n_params: int | None  # None: a frozen backbone that was never loaded (warm run)
     lr: float | None  # None when frozen
     frozen: bool
 
