@@ -291,6 +291,24 @@ def test_prefix_cache_trains_like_the_uncached_network(split_folder, tmp_path):
     assert not list((tmp_path / "c").iterdir())  # the disk cache is removed afterwards
 
 
+def test_frozen_prefix_maps_are_cached_on_disk_across_runs(split_folder, tmp_path, monkeypatch):
+    """A second run with another learning rate reads the frozen prefix's maps from the
+    feature cache instead of running the prefix again, and trains the same way."""
+    monkeypatch.setenv("TLEARN_CACHE_DIR", str(tmp_path / "cache"))
+    kw = dict(freeze_to="blocks.3", augment="flip", epochs=2)
+    first = fit(split_folder, tmp_path / "a", lr=1e-3, **kw)
+    second = fit(split_folder, tmp_path / "b", lr=1e-3, **kw)
+    third = fit(split_folder, tmp_path / "c", lr=3e-3, **kw)
+    assert first.mode == second.mode == "prefix"
+    n = len(list((split_folder / "train").rglob("*.*"))) + len(
+        list((split_folder / "val").rglob("*.*"))
+    )
+    assert first.prefix_maps == {"cached": 0, "computed": n}
+    assert second.prefix_maps == third.prefix_maps == {"cached": n, "computed": 0}
+    assert [h["train_loss"] for h in second.history] == [h["train_loss"] for h in first.history]
+    assert third.history[-1]["lr"] != first.history[-1]["lr"]
+
+
 class _Stop(Exception):
     pass
 

@@ -159,13 +159,24 @@ class FeatureStore:
     _written: int = 0
     _write_failed: bool = False
     served: int = 0  # images read from the cache
+    dtype: str = "float32"  # float16 for cached maps of a frozen prefix (train.frozen)
 
     @classmethod
     def open(
-        cls, root: Path, spec, data_config: dict, *, draft: bool, precision: str, view="plain"
+        cls,
+        root: Path,
+        spec,
+        data_config: dict,
+        *,
+        draft: bool,
+        precision: str,
+        view="plain",
+        dtype: str = "float32",
     ):
         key, doc = cut_key(spec, data_config, draft=draft, precision=precision, view=view)
-        store = cls(folder=Path(root) / "features" / key, doc=doc)
+        if dtype != "float32":  # float32 keys stay as they were
+            key, doc = doc_sha256({**doc, "dtype": dtype}), {**doc, "dtype": dtype}
+        store = cls(folder=Path(root) / "features" / key, doc=doc, dtype=dtype)
         store._load()
         return store
 
@@ -184,6 +195,8 @@ class FeatureStore:
             except (OSError, ValueError):
                 continue  # removed under us, or damaged: those images are simply misses
             if k.ndim != 2 or k.shape[1] != KEY_BYTES or f.ndim != 2 or len(f) != len(k):
+                continue
+            if f.dtype != np.dtype(self.dtype):
                 continue
             if self.dim is None:
                 self.dim = int(f.shape[1])
@@ -207,7 +220,7 @@ class FeatureStore:
         if (pos < 0).any():
             raise KeyError("feature cache lookup of an image that is not cached")
         self.served += len(keys)
-        out = np.empty((len(keys), self.dim or 0), dtype=np.float32)
+        out = np.empty((len(keys), self.dim or 0), dtype=self.dtype)
         where = self._where[pos]
         for s in np.unique(where[:, 0]):
             sel = np.nonzero(where[:, 0] == s)[0]
@@ -220,7 +233,7 @@ class FeatureStore:
         """Buffer newly computed features; committed as a shard every FLUSH_BYTES."""
         if self._write_failed or len(keys) == 0:
             return
-        feats = np.asarray(feats, dtype=np.float32)
+        feats = np.asarray(feats, dtype=self.dtype)
         self._pending_keys.extend(keys)
         self._pending.append(feats)
         self._pending_bytes += feats.nbytes

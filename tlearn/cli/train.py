@@ -328,6 +328,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                     "skipped": len(res.skipped),
                     "seconds": res.seconds,
                     "features": res.features,
+                    "prefix_maps": res.prefix_maps,
                 }
             )
         )
@@ -336,6 +337,12 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         out.print(history_table(res.history, res.best_epoch))
         if res.features:
             err.print(f"frozen features{engine_note(res.features)}", highlight=False)
+        if res.prefix_maps:
+            pm = res.prefix_maps
+            err.print(
+                f"frozen prefix maps: {pm['computed']} computed, {pm['cached']} from the cache",
+                highlight=False,
+            )
     best = f", best epoch {res.best_epoch}" if res.best_epoch and res.n_val else ""
     stop = " (stopped early)" if res.stopped_early else ""
     out.print(

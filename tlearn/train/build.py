@@ -6,7 +6,7 @@ reads; it also knows the training forward and the loss of its mode."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,6 +82,7 @@ class Setup:
     warnings: list[str]
     skipped: list[Skipped]  # grows as caches and epochs find unreadable images
     engine: Engine | None = None  # of frozen features: opened by build or when needed
+    prefix_maps: dict = field(default_factory=dict)  # frozen prefix maps: cached, computed
 
     @property
     def net(self) -> TransferNet:

@@ -95,4 +95,5 @@ def finish(setup: Setup, caches: Caches, state: TrainState, t0: float) -> NNFitR
         seconds=time.perf_counter() - t0,
         settings={**setup.settings.to_dict(), "augment": setup.augment},
         features=None if setup.engine is None else setup.engine.summary(),
+        prefix_maps=setup.prefix_maps or None,
     )

@@ -8,11 +8,13 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from tlearn.cache.store import FeatureStore, cache_root, hash_files
 from tlearn.core.errors import DataError
 from tlearn.core.options import RunOptions
 from tlearn.data.imageset import Skipped
@@ -58,58 +60,96 @@ def compute_cache(
     workers: int | None,
     skipped: list[Skipped],
     dtype: torch.dtype,
-    flip: bool = False,
     disk_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
     autocast=None,
     allow_empty: bool = False,
-) -> tuple[TensorCache, TensorCache | None]:
-    """fn(images) for every readable image (eval preprocessing), and for the mirrored
-    images too when `flip`. `allow_empty`: no readable image gives empty caches (a rank's
-    shard) instead of an error."""
-    loader = image_loader(
-        paths,
-        eval_transform(data_config),
-        batch_size=batch_size,
-        workers=workers,
-        min_size=resize_target(data_config),
-        device=device,
-    )
-    idx: list[int] = []
-    parts: list[torch.Tensor] = []
-    flipped: list[torch.Tensor] = []
-    done = 0
-    with torch.inference_mode():
-        for batch_idx, x, bad in loader:
-            skipped.extend(Skipped(str(paths[i]), r) for i, r in bad)
-            if x is not None:
-                x = x.to(device, non_blocking=True)
-                with autocast():
-                    parts.append(fn(x).to("cpu", dtype))
-                    if flip:
-                        flipped.append(fn(x.flip(-1)).to("cpu", dtype))
-                idx.extend(batch_idx)
-            done += len(batch_idx) + len(bad)
-            if progress is not None:
-                progress(done, len(paths))
-    indices = np.asarray(idx, dtype=np.int64)
-    if not parts:
+    store: FeatureStore | None = None,
+) -> tuple[TensorCache, None]:
+    """fn(images) for every readable image (eval preprocessing): a frozen prefix's maps.
+    With `store`, maps of images already there (by content) are read from it and the
+    others are added, so another run on the same images computes none. `allow_empty`: no
+    readable image gives an empty cache (a rank's shard) instead of an error."""
+    n = len(paths)
+    todo, hits, keys = list(range(n)), [], []
+    if store is not None and len(store.known):
+        keys = hash_files(paths)
+        found = store.known.positions([k or b"" for k in keys]) >= 0
+        todo = [i for i in range(n) if not found[i]]
+        hits = [i for i in range(n) if found[i]]
+    rows: dict[int, torch.Tensor] = {}
+    done = len(hits)
+    if todo:
+        loader = image_loader(
+            [paths[i] for i in todo],
+            eval_transform(data_config),
+            batch_size=batch_size,
+            workers=workers,
+            min_size=resize_target(data_config),
+            device=device,
+            keyed=store is not None,
+        )
+        with torch.inference_mode():
+            for item in loader:
+                batch_idx, x, bad = item[:3]
+                skipped.extend(Skipped(str(paths[todo[i]]), r) for i, r in bad)
+                if x is not None:
+                    with autocast():
+                        out = fn(x.to(device, non_blocking=True)).to("cpu", dtype)
+                    rows.update((todo[i], out[j]) for j, i in enumerate(batch_idx))
+                    if store is not None:
+                        store.put(item[3], out.reshape(len(out), -1).numpy())
+                done += len(batch_idx) + len(bad)
+                if progress is not None:
+                    progress(done, n)
+    if store is not None:
+        store.close()
+    if hits:
+        shape = _map_shape(fn, rows, data_config, device, autocast)
+        cached = torch.from_numpy(store.get([keys[i] for i in hits]).copy())
+        rows.update(zip(hits, cached.reshape(len(hits), *shape), strict=True))
+        if progress is not None:
+            progress(done, n)
+    indices = np.asarray(sorted(rows), dtype=np.int64)
+    if not len(indices):
         if not allow_empty:
             raise DataError("no readable images to train on")
-        return TensorCache(indices, torch.empty(0)), (
-            TensorCache(indices, torch.empty(0)) if flip else None
-        )
+        return TensorCache(indices, torch.empty(0)), None
+    t = torch.stack([rows[i] for i in indices.tolist()])
+    if disk_dir is None:
+        return TensorCache(indices, t), None
+    arr = _memmap(disk_dir, "x", tuple(t.shape), dtype)
+    arr[:] = t.numpy()
+    arr.flush()
+    return TensorCache(indices, arr), None
 
-    def store(chunks, name):
-        t = torch.cat(chunks)
-        if disk_dir is None:
-            return TensorCache(indices, t)
-        arr = _memmap(disk_dir, name, tuple(t.shape), dtype)
-        arr[:] = t.numpy()
-        arr.flush()
-        return TensorCache(indices, arr)
 
-    return store(parts, "x"), (store(flipped, "x_flip") if flip else None)
+def _map_shape(fn, rows, data_config: dict, device, autocast) -> tuple[int, ...]:
+    """The shape of one image's map: from a computed row, else one zero image."""
+    if rows:
+        return tuple(next(iter(rows.values())).shape)
+    with torch.inference_mode(), autocast():
+        return tuple(fn(torch.zeros(1, *data_config["input_size"], device=device)).shape[1:])
+
+
+def prefix_store(setup: Setup) -> FeatureStore | None:
+    """The on-disk cache of the frozen prefix's maps, keyed like features (backbone and
+    weights, where the prefix ends, preprocessing, precision): a second run with another
+    learning rate reads them instead of running the prefix again."""
+    if not setup.run.cache:
+        return None
+    spec = setup.network.spec
+    end = setup.net.prefix_module_names()[-1].removeprefix("model.")
+    prefix = replace(spec, layers=(end,), pool="prefix-map")
+    precision = "amp" if setup.device.type == "cuda" else "fp32"
+    return FeatureStore.open(
+        cache_root(),
+        prefix,
+        setup.network.data_config,
+        draft=True,  # image_loader decodes JPEGs at the reduced scale, as extraction does
+        precision=f"{precision}-to-fp16",
+        dtype="float16",
+    )
 
 
 def engine_cache(
@@ -196,7 +236,7 @@ def cache_rows(setup: Setup, level: str, paths, *, disk_dir, stage, share, flip=
     """(cache, cache of the mirrored images or None) of the frozen part's output over
     `paths` (`level`: "features" through the feature engine, "prefix" maps in torch), in
     this process or sharded over the torchrun ranks (see _sharded_cache for `share`)."""
-    run = setup.run
+    run, store = setup.run, None
     if level == "features":
         dtype, engine = torch.float32, features_engine(setup)
 
@@ -215,7 +255,9 @@ def cache_rows(setup: Setup, level: str, paths, *, disk_dir, stage, share, flip=
     else:
         dtype = torch.float16
 
-        def compute(sub, skipped, disk, allow_empty, flip):
+        store = prefix_store(setup)
+
+        def compute(sub, skipped, disk, allow_empty, flip):  # flip: mirrored maps, per batch
             return compute_cache(
                 setup.net.forward_prefix,
                 sub,
@@ -225,18 +267,24 @@ def cache_rows(setup: Setup, level: str, paths, *, disk_dir, stage, share, flip=
                 workers=run.workers,
                 skipped=skipped,
                 dtype=dtype,
-                flip=flip,
                 disk_dir=disk,
                 progress=run.bar(stage),
                 autocast=setup.amp.autocast,
                 allow_empty=allow_empty,
+                store=store,
             )
 
     if setup.dist is None:
-        return compute(paths, setup.skipped, disk_dir, False, flip)
-    return _sharded_cache(
-        setup, compute, paths, dtype=dtype, disk_dir=disk_dir, share=share, flip=flip
-    )
+        caches = compute(paths, setup.skipped, disk_dir, False, flip)
+    else:
+        caches = _sharded_cache(
+            setup, compute, paths, dtype=dtype, disk_dir=disk_dir, share=share, flip=flip
+        )
+    if level == "prefix" and store is not None:  # what this rank read and computed
+        stats = setup.prefix_maps
+        stats["cached"] = stats.get("cached", 0) + store.served
+        stats["computed"] = stats.get("computed", 0) + store.written
+    return caches
 
 
 def features_engine(setup: Setup) -> Engine:

@@ -90,6 +90,7 @@ class NNFitResult:
     settings: dict = field(default_factory=dict)
     # frozen features: backend that ran (None: all cached), images cached and computed
     features: dict | None = None
+    prefix_maps: dict | None = None  # frozen prefix maps: read from the cache, computed
 
 
 def check_options(o: TrainOptions) -> None:
