@@ -15,6 +15,7 @@ import typer
 
 import tlearn.cli.analysis as analysis
 import tlearn.cli.audit as audit
+import tlearn.cli.export as export
 import tlearn.cli.extract as extract
 import tlearn.cli.fit as fit
 import tlearn.cli.info as info
@@ -71,3 +72,4 @@ app.command("sweep")(analysis.sweep_cmd)
 app.command("heatmap")(analysis.heatmap_cmd)
 app.command("merge")(extract.merge_cmd)
 app.command("audit")(audit.audit_cmd)
+app.command("export")(export.export_cmd)
