@@ -108,7 +108,7 @@ def export_model(
         if quantize is not None:
             calib = _calibration_images(calibration, check, images, steps, saved, notes)
             result_file = Path(tmp) / "model.int8.onnx"
-            _quantize(fp32, result_file, calib, dynamic_batch)
+            _quantize(fp32, result_file, calib)
             _add_metadata(result_file, {**meta, "tlearn.quantization": "int8"})
             q = _run(result_file, images, batch_size, dynamic_batch)
             quantized = {
@@ -270,7 +270,7 @@ def _calibration_images(calibration, check, images, steps, saved, notes: list[st
     return images
 
 
-def _quantize(src: Path, dst: Path, calib: np.ndarray, dynamic: bool) -> None:
+def _quantize(src: Path, dst: Path, calib: np.ndarray) -> None:
     # ONNX Runtime's quantization tools: only `export --quantize` needs them
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -279,13 +279,14 @@ def _quantize(src: Path, dst: Path, calib: np.ndarray, dynamic: bool) -> None:
         QuantType,
         quantize_static,
     )
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    step = 8 if dynamic else 1
+    # (the same tools' shape inference, run before quantizing)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter(calib[i : i + step] for i in range(0, len(calib), step))
+            # one image a run: the percentile calibrator needs batches of one shape
+            self.batches = iter(calib[i : i + 1] for i in range(len(calib)))
 
         def get_next(self):
             x = next(self.batches, None)

@@ -49,8 +49,8 @@ def preprocess_doc(steps: PilSteps, mean, std, data_config: dict) -> dict:
         "interpolation": steps.interpolation,
         "crop": list(steps.crop),
         "crop_rounding": "centre crop, offsets round((size - crop) / 2)",
-        "mean": list(mean),
-        "std": list(std),
+        "mean": [float(v) for v in data_config.get("mean", mean)],
+        "std": [float(v) for v in data_config.get("std", std)],
         "normalisation": "in the graph: (pixels / 255 - mean) / std",
     }
 
