@@ -5,7 +5,7 @@ Copies DATA (DATA/train + DATA/val class folders) to a temporary folder, then pl
   from val into train, into the same class), each slightly cropped (2-4% per side),
   resized to 90% and re-encoded as JPEG quality 70;
 - label errors: `--flip` of the other images (default 5%) moved to another class folder.
-Runs `tlearn audit COPY -o REPORT --json` twice and reports:
+Runs `tlearn audit COPY -o REPORT --json` twice with a fresh feature cache and reports:
 - duplicate pairs: recall and precision against the planted pairs (a listed pair that
   was not planted counts against precision, also when it is a real duplicate in DATA);
 - label errors: how many flipped images are among the first 2 x (number flipped) rows
@@ -64,11 +64,12 @@ def plant(data: Path, copy: Path, n_dups: int, flip: float, seed: int):
     return pairs, flipped
 
 
-def run_audit(copy: Path, report: Path, threshold: float) -> tuple[dict, float]:
+def run_audit(copy: Path, report: Path, threshold: float, cache: Path) -> tuple[dict, float]:
     cmd = [sys.executable, "-m", "tlearn", "audit", str(copy), "-o", str(report), "--json"]
     cmd += ["--threshold", str(threshold), "-q"]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), cwd=REPO)
+    env = child_env(TLEARN_CACHE_DIR=str(cache))  # a fresh cache: the first run computes
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if p.returncode != 0:
         sys.exit(f"audit failed: {p.stderr}")
     return json.loads(p.stdout), time.perf_counter() - t0
@@ -85,8 +86,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tlearn-audit-") as tmp:
         copy, report = Path(tmp) / "data", Path(tmp) / "report"
         pairs, flipped = plant(args.data, copy, args.dups, args.flip, args.seed)
-        first, t1 = run_audit(copy, report, args.threshold)
-        second, t2 = run_audit(copy, report, args.threshold)
+        cache = Path(tmp) / "cache"
+        first, t1 = run_audit(copy, report, args.threshold, cache)
+        second, t2 = run_audit(copy, report, args.threshold, cache)
         with open(report / "duplicates.csv", newline="", encoding="utf-8") as f:
             found = [
                 frozenset((str(Path(r["path_a"]).resolve()), str(Path(r["path_b"]).resolve())))
@@ -105,6 +107,7 @@ def main() -> None:
         "duplicate_precision": hits / len(found) if found else 1.0,
         "flipped": len(flipped),
         "label_issues_listed": len(ranked),
+        "flagged_by_confident_learning": first["label_issues"]["confident_learning"],
         "flipped_in_first_2x": caught,
         "flipped_in_first_2x_share": caught / len(flipped) if flipped else 1.0,
         "threshold": args.threshold,

@@ -53,8 +53,8 @@ def example(onnx: Path, images: list[str]) -> dict[str, tuple[str, np.ndarray]]:
         check=True,
     )
     out = {}
-    for line in p.stdout.splitlines():
-        path, label, *scores = line.rsplit(" ", 1 + len(line.split()) - 2)
+    for line, path in zip(p.stdout.splitlines(), images, strict=True):  # one line per image
+        label, *scores = line[len(path) + 1 :].split(" ")
         out[str(Path(path).resolve())] = (label, np.array(list(map(float, scores))))
     return out
 

@@ -7,15 +7,16 @@ whose pooled features have a cosine similarity at or above a threshold.
 
 How the pairs are found: exact blocked matrix products (`similar_pairs`). Each block of
 rows of the unit-normalised feature matrix is multiplied with the rows at or after it
-(the upper triangle: n^2/2 dot products) and only the entries above the threshold are
-kept, so memory stays at one block x n. Measured on this project's 2-core machine with
-20,000 random 1280-d vectors (benchmarks/dup_index.py, docs/benchmarks.md section 12):
-the blocked products took about as long as faiss's exact IndexFlatIP range search (both
-are one BLAS matrix product) and gave the same pairs, while usearch's HNSW graph was
-slower to build than the whole exact search at this size and, being approximate, missed
-pairs. At 100,000 images the exact search costs minutes on 2 cores, well below the
-extraction of the features themselves, and needs no extra dependency; an approximate
-index pays only far beyond that.
+(the upper triangle: n^2/2 dot products, one BLAS call per block) and only the entries
+at or above the threshold are kept, so memory stays at one block of at most 2^25
+similarities. Measured on this project's 2-core machine with 20,000 random 1280-d
+vectors and 200 planted pairs (benchmarks/dup_index.py, docs/benchmarks.md section 11):
+blocked products 5.6 s; faiss's exact IndexFlatIP range search 5.9x that (its range
+search does not batch into one matrix product); usearch's HNSW graph (build + 10-NN
+search) 22x, being approximate besides. All three found the 200 pairs. So tlearn uses
+the blocked products: exact, fastest at the sizes audits see, and no new dependency;
+100,000 images take minutes on 2 cores (docs/benchmarks.md), less than extracting their
+features. An approximate index would pay only far beyond that, where n^2 grows past it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 BLOCK_ROWS = 2048
+BLOCK_ENTRIES = 1 << 25  # one block of similarities: at most 128 MiB of float32
 MAX_PAIRS = 200_000  # a threshold far too low would otherwise list every pair
 
 
@@ -46,12 +48,18 @@ def unit_rows(X: np.ndarray) -> np.ndarray:
     return np.divide(X, norms, out=np.zeros_like(X), where=norms > 0)
 
 
+def block_rows(n_columns: int) -> int:
+    """Rows per block so that one block of similarities stays within BLOCK_ENTRIES."""
+    return int(max(16, min(BLOCK_ROWS, BLOCK_ENTRIES // max(1, n_columns))))
+
+
 def similar_pairs(
-    Z: np.ndarray, threshold: float, *, block: int = BLOCK_ROWS, limit: int = MAX_PAIRS
+    Z: np.ndarray, threshold: float, *, block: int | None = None, limit: int = MAX_PAIRS
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
     """(i, j, cosine similarity, truncated) for every pair i < j of unit rows of `Z` with
     similarity >= threshold, most similar first; at most `limit` pairs (then truncated)."""
     n = len(Z)
+    block = block or block_rows(n)
     ii, jj, ss = [], [], []
     kept = 0
     truncated = False

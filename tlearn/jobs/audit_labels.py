@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tlearn.heads.linear import MAX_ITER, LinearHead, make_estimator
-from tlearn.jobs.audit_dups import BLOCK_ROWS, unit_rows
+from tlearn.jobs.audit_dups import block_rows, unit_rows
 
 
 @dataclass
@@ -163,8 +163,9 @@ def knn_distances(X: np.ndarray, y: np.ndarray, folds: np.ndarray, k: int) -> np
             if len(ref) == 0:
                 continue
             kk = min(k, len(ref))
-            for start in range(0, len(q), BLOCK_ROWS):
-                rows = q[start : start + BLOCK_ROWS]
+            step = block_rows(len(ref))
+            for start in range(0, len(q), step):
+                rows = q[start : start + step]
                 d = 1.0 - Z[rows] @ Z[ref].T
                 near = np.partition(d, kk - 1, axis=1)[:, :kk]
                 out[rows] = near.mean(axis=1)

@@ -96,7 +96,7 @@ def export_model(
     steps, mean, std = pixels
     whole = WholeModel(saved, mean, std).eval()
     notes: list[str] = []
-    images, source = _check_images(check, steps, saved.data_config, notes)
+    images, source = _check_images(check, steps, saved.data_config)
     outputs = list(whole.scoring.outputs)
     meta = _metadata(saved, steps, mean, std, whole, outputs)
     with tempfile.TemporaryDirectory(prefix="tlearn-export-") as tmp:
@@ -231,7 +231,7 @@ def _decode(folder, steps: PilSteps, data_config: dict, what: str, limit: int | 
     return np.concatenate(arrays)
 
 
-def _check_images(check, steps: PilSteps, data_config: dict, notes: list[str]):
+def _check_images(check, steps: PilSteps, data_config: dict):
     if check is not None:
         return _decode(check, steps, data_config, "--check"), str(check)
     return synthetic_images(SYNTHETIC_IMAGES, steps.crop), "synthetic"
