@@ -218,3 +218,27 @@ def test_predict_onnx_refuses_what_it_cannot_do(models, data, tmp_path, runner):
     assert result.exit_code == 0 and "1 image(s) skipped" in result.output
     result = runner.invoke(app, ["predict", str(onnx), str(broken), "--strict"])
     assert result.exit_code == 3
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("tlearn.classes", '["only one"]'),
+        ("tlearn.preprocess", '{"resize": [0], "crop": [160, 160], "interpolation": "bicubic"}'),
+        ("tlearn.score_kind", "logits"),
+        ("tlearn.format", "tlearn-onnx/99"),
+    ],
+)
+def test_predict_onnx_validates_the_metadata(key, value, models, data, tmp_path, runner):
+    import onnx as onnx_lib
+
+    onnx = tmp_path / "model.onnx"
+    assert runner.invoke(app, ["export", str(models("svm")), "-o", str(onnx)]).exit_code == 0
+    m = onnx_lib.load(str(onnx))
+    for prop in m.metadata_props:
+        if prop.key == key:
+            prop.value = value
+    onnx_lib.save(m, str(onnx))
+    result = runner.invoke(app, ["predict", str(onnx), str(data)])
+    assert result.exit_code == 1, result.output
+    assert str(onnx) in result.output and "export it again" in result.output

@@ -20,7 +20,7 @@ from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.data.decode import decoded_batches, default_workers
 from tlearn.data.imageset import Skipped
-from tlearn.data.pixels import PilSteps, resize_target
+from tlearn.data.pixels import RESAMPLE, PilSteps, resize_target
 from tlearn.data.scan import scan_inputs
 from tlearn.runtime.ort import CpuDevice, OnnxRuntime, ort_installed
 from tlearn.scale.shard import Shard, plan_part
@@ -86,7 +86,9 @@ def read_onnx_model(path, runtime: OnnxRuntime) -> OnnxModel:
         min_size = int(pre["decode"]["jpeg_draft_min_size"])
         kind = meta["tlearn.score_kind"]
     except (KeyError, ValueError, TypeError) as e:
-        raise ArtifactError(f"{path}: damaged tlearn metadata ({type(e).__name__}: {e})") from None
+        raise ArtifactError(
+            f"{path}: damaged tlearn metadata ({type(e).__name__}: {e}); export it again"
+        ) from None
     names = [o.name for o in runtime.session.get_outputs()]
     if (
         not isinstance(classes, list)
@@ -95,6 +97,9 @@ def read_onnx_model(path, runtime: OnnxRuntime) -> OnnxModel:
         or names[:1] != ["scores"]
         or min_size < 1
         or min(steps.crop) < 1
+        or min(steps.resize) < 1
+        or steps.interpolation not in RESAMPLE
+        or kind not in ("probability", "svm margin")
     ):
         raise ArtifactError(f"{path}: metadata does not match the graph; export it again")
     return OnnxModel(Path(path), classes, kind, outputs, steps, min_size, meta)
