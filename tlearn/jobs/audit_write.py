@@ -196,7 +196,8 @@ def _contact_sheets(out: Path, dups, issues, outs) -> list[Path]:
         plot_contact_sheet(
             issue_items,
             out / "label_issues.png",
-            f"{len(issue_items)} of {len(issues)} likely label errors (most likely first)",
+            f"{len(issue_items)} of the {len(issues)} images in label_issues.csv "
+            "(most likely mislabelled first)",
             empty="no likely label errors",
         ),
         plot_contact_sheet(
