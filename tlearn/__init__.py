@@ -43,6 +43,8 @@ _PUBLIC = {
     "evaluate": "tlearn.jobs.evaluate",
     "sweep": "tlearn.jobs.sweep",
     "heatmaps": "tlearn.jobs.heatmap",
+    "audit": "tlearn.jobs.audit",
+    "export_model": "tlearn.jobs.export",
     "merge_parts": "tlearn.scale.merge",
     "Shard": "tlearn.scale.shard",
     "BatchExtractor": "tlearn.scale.ray",

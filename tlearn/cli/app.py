@@ -14,6 +14,8 @@ from typing import Annotated
 import typer
 
 import tlearn.cli.analysis as analysis
+import tlearn.cli.audit as audit
+import tlearn.cli.export as export
 import tlearn.cli.extract as extract
 import tlearn.cli.fit as fit
 import tlearn.cli.info as info
@@ -69,3 +71,5 @@ app.command("evaluate")(predict.evaluate_cmd)
 app.command("sweep")(analysis.sweep_cmd)
 app.command("heatmap")(analysis.heatmap_cmd)
 app.command("merge")(extract.merge_cmd)
+app.command("audit")(audit.audit_cmd)
+app.command("export")(export.export_cmd)

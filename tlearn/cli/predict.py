@@ -52,7 +52,9 @@ from tlearn.scale.shard import Shard, write_predictions_part
 
 @handle_errors
 def predict_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="Model directory from tlearn fit.")],
+    model_dir: Annotated[
+        Path, typer.Argument(help="Model directory from tlearn fit, or a .onnx from tlearn export.")
+    ],
     paths: Annotated[list[Path], typer.Argument(help="Images and/or folders (or a features CSV).")],
     fmt: Annotated[
         Format | None,

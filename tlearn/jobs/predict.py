@@ -15,6 +15,7 @@ from tlearn.data.imageset import Skipped
 from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.data.skipped import strict_failure
 from tlearn.features.table import is_features_csv, read_features_csv
+from tlearn.jobs.onnx_model import OnnxScores, is_onnx_model, onnx_scores
 from tlearn.jobs.score import ModelScorer, refuse_tta_on_features, score_images
 from tlearn.modeldir import load_model
 from tlearn.scale.shard import Shard, plan_part, score_by_batch
@@ -50,6 +51,9 @@ def predict(
     shard: Shard | None = None,
 ) -> PredictResult:
     run = run or RunOptions()
+    if is_onnx_model(model_dir):  # a whole model exported by tlearn export (jobs.onnx_model)
+        scored = onnx_scores(model_dir, inputs, tta=tta, run=run, shard=shard)
+        return onnx_prediction(scored, strict)
     saved = load_model(model_dir)
     scorer = ModelScorer(saved)
     part, n_scan_skipped = None, 0
@@ -94,4 +98,28 @@ def predict(
         skipped=skipped,
         warnings=list(warnings),
         part=None if part is None else part.info(skipped[n_scan_skipped:]),
+    )
+
+
+def onnx_prediction(scored: OnnxScores, strict: bool) -> PredictResult:
+    """The PredictResult of an exported .onnx model's scores (jobs.onnx_model)."""
+    if strict and scored.skipped:
+        raise strict_failure(scored.skipped)
+    preds = [
+        Prediction(
+            path=p,
+            label=scored.classes[int(s.argmax())],
+            score=float(s.max()),
+            scores={c: float(v) for c, v in zip(scored.classes, s, strict=True)},
+        )
+        for p, s in zip(scored.paths, scored.scores, strict=True)
+    ]
+    part = scored.part
+    return PredictResult(
+        predictions=preds,
+        classes=scored.classes,
+        score_kind=scored.score_kind,
+        skipped=scored.skipped,
+        warnings=scored.warnings,
+        part=None if part is None else part.info(scored.skipped[scored.n_scan_skipped :]),
     )

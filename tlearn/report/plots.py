@@ -195,10 +195,14 @@ def plot_confusion(metrics: dict, out_png: str | Path) -> Path:
 
 
 def plot_contact_sheet(
-    items: Sequence[dict], out_png: str | Path, title: str = "", columns: int = 4
+    items: Sequence[dict],
+    out_png: str | Path,
+    title: str = "",
+    columns: int = 4,
+    empty: str = "no misclassified images",
 ) -> Path:
     """A grid of images with a caption each. items: {"path", "caption"}; an unreadable
-    image shows as a grey tile with its caption."""
+    image shows as a grey tile with its caption; `empty` is the text shown for none."""
 
     n = max(1, len(items))
     cols = min(columns, n)
@@ -217,7 +221,7 @@ def plot_contact_sheet(
         ax.set_axis_off()
     if not items:
         ax = fig.add_subplot()
-        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        ax.text(0.5, 0.5, empty, ha="center", va="center")
         ax.set_axis_off()
     if title:
         fig.suptitle(title, fontsize=10)
