@@ -68,6 +68,13 @@ def sweep_cmd(
     backend: BackendOpt = Backend.auto,
     no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
+    multi_label: Annotated[
+        bool,
+        typer.Option(
+            "--multi-label",
+            help="--labels FILE holds label sets (joined by ';'): score cuts by CV mAP.",
+        ),
+    ] = False,
 ):
     """Where to cut: one forward pass per image collects pooled features at every candidate
     layer, then a cross-validated linear head scores each layer (and pairs of the best).
@@ -92,6 +99,7 @@ def sweep_cmd(
             pairs=pairs,
             labels_csv=labels,
             run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            multi_label=multi_label,
         )
     report_skips(res.skipped, res.warnings, quiet)
     if output is not None:
@@ -101,7 +109,7 @@ def sweep_cmd(
     if as_json:
         typer.echo(json.dumps(res.to_dict()))
         return
-    title = f"{res.model}: CV accuracy per cut on {res.n_images} images (* = recommended)"
+    title = f"{res.model}: CV {res.metric} per cut on {res.n_images} images (* = recommended)"
     out.print(sweep_table(res, title))
     for line in sweep_summary(res):
         out.print(line, highlight=False)

@@ -59,6 +59,14 @@ def extract_cmd(
     no_cache: NoCacheOpt = False,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
+    multi_label: Annotated[
+        bool,
+        typer.Option(
+            "--multi-label",
+            help="--labels FILE holds label sets (joined by ';', empty = none), kept as such "
+            "in the label column for fit --multi-label.",
+        ),
+    ] = False,
 ):
     """Extract pooled features at the cut and write CSV columns path,label,f0..fN, plus a
     sidecar OUTPUT.json recording the backbone, layer, pool and preprocessing.
@@ -80,6 +88,7 @@ def extract_cmd(
                 labels_csv=labels,
                 strict=strict,
                 resume=resume,
+                multi_label=multi_label,
                 run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
                 shard=None if shard is None else Shard.parse(shard),
             )
