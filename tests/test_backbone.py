@@ -154,3 +154,31 @@ def test_pool_features():
     assert torch.equal(pool_features(fmap, "max"), fmap.amax((2, 3)))
     assert pool_features(fmap, "catavgmax").shape == (2, 6)
     assert pool_features(fmap, "flatten").shape == (2, 12)
+
+
+def test_offline_hub_weights_fail_at_once_naming_installed_backbones(monkeypatch):
+    """TLEARN_OFFLINE=1 (or no reachable hub): one line at once, no minutes of retries,
+    suggesting only the bundled backbones that are installed."""
+    import time
+
+    from tlearn.backbone.weights import hub_reachable
+
+    monkeypatch.setenv("TLEARN_OFFLINE", "1")
+    assert hub_reachable() is False
+
+    def must_not_download(*args, pretrained=False, **kwargs):
+        assert not pretrained, "tried the hub although it is offline"
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", must_not_download)
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError, match="not reachable") as e:
+        load_backbone("test_resnet", "auto")
+    assert time.perf_counter() - t0 < 5
+    message = str(e.value)
+    assert "tf_efficientnet_lite0" in message  # installed with tlearn
+    from tlearn.core.spec import BUNDLED_WEIGHTS, bundled_weights_file
+
+    for name in BUNDLED_WEIGHTS:
+        assert (name in message) == (bundled_weights_file(name) is not None)

@@ -73,7 +73,7 @@ def sweep_cmd(
     layer, then a cross-validated linear head scores each layer (and pairs of the best).
     Uses the training images only; recommends the most accurate cut (ties: the cheaper).
 
-    Example: tlearn sweep sample_data/roads/train --layers all -o sweep-roads
+    Example: tlearn sweep sample_data/roads/train --layers all -o sweep-out
     """
     # only the command that runs loads its job (torch for these)
     from tlearn.jobs.sweep import sweep, write_sweep
@@ -138,7 +138,7 @@ def heatmap_cmd(
     (red: evidence for the class, blue: against). Needs a linear head (svm, logreg) at a
     single layer with avg pooling.
 
-    Example: tlearn heatmap roads-model photo1.jpg photos/ -o heatmaps --class gravel
+    Example: tlearn heatmap roads-model photo.jpg -o heatmaps --class gravel
     """
     # only the command that runs loads its job (torch for these)
     from tlearn.jobs.heatmap import heatmaps, write_heatmaps

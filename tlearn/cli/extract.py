@@ -63,7 +63,7 @@ def extract_cmd(
     """Extract pooled features at the cut and write CSV columns path,label,f0..fN, plus a
     sidecar OUTPUT.json recording the backbone, layer, pool and preprocessing.
 
-    Example: tlearn extract sample_data/roads/train -o features.csv --layer blocks.5
+    Example: tlearn extract sample_data/roads/train -o f.csv --layer blocks.5
     """
     # only the command that runs loads its job (fast --help)
     from tlearn.jobs.distributed import extract

@@ -135,12 +135,12 @@ def fit_cmd(
     """Fit a linear SVM (or logistic regression) on extracted features, or train a new
     neural head (--head linear|mlp), optionally fine-tuning part of the network.
 
-    Example: tlearn fit sample_data/roads/train --val sample_data/roads/val -o roads-model
+    Example: tlearn fit sample_data/roads -o roads-model
 
-    Example: tlearn fit hymenoptera --head linear --freeze-to auto --layer-decay 0.5 -o bees
+    Example: tlearn fit bees --head linear --freeze-to auto --layer-decay 0.5
 
     Several GPUs (neural heads; --batch-size is the global batch, split over the ranks):
-    torchrun --nproc-per-node 4 -m tlearn fit hymenoptera --head linear -o bees
+    torchrun --nproc-per-node 4 -m tlearn fit bees --head linear -o m
     """
     # The arguments as typer converted them (enums are enums). ctx.params holds click's
     # raw values, which are plain strings under older typer/click releases.
@@ -202,7 +202,7 @@ def render_linear_fit(res, *, quiet: bool, as_json: bool) -> None:
         wide.print(sweep_table(res.sweep, "--layer auto: CV accuracy per cut on training data"))
         err.print(f"{res.sweep.method}; table saved as sweep.json", highlight=False)
     if res.head.cv_results_ and not quiet:
-        t = Table(title=f"C chosen by {res.head.folds}-fold cross-validation")
+        t = Table(title=f"C chosen by {res.head.folds_}-fold cross-validation")
         for col in ("C", "CV accuracy", "std", "seconds"):
             t.add_column(col, justify="right")
         for r in res.head.cv_results_:

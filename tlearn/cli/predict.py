@@ -92,7 +92,7 @@ def predict_cmd(
 ):
     """Predict the class of each image: path, predicted class, score.
 
-    Example: tlearn predict roads-model photo1.jpg more_photos/ --format jsonl
+    Example: tlearn predict roads-model photos/ -o predictions.jsonl
     """
     # only the command that runs loads its job (fast --help)
     from tlearn.jobs.distributed import predict

@@ -35,6 +35,7 @@ from tlearn.cache.remembered import (
     recall_cut,
     recall_pixels,
     remember_cut,
+    remember_layers,
     remember_pixels,
     request_key,
 )
@@ -286,6 +287,7 @@ def _cold_engine(
     is remembered so that the next run of it can be warm."""
     # the cold path: torch, timm and the ONNX exporter
     from tlearn.backbone.cut import FeatureNetwork, feature_network
+    from tlearn.backbone.layers import layer_names
     from tlearn.backbone.weights import backbone_for_spec, open_backbone
     from tlearn.runtime.device import choose_backend, precision, resolve_device
     from tlearn.runtime.export import open_runtime
@@ -307,6 +309,7 @@ def _cold_engine(
     notes = [] if notes is None else notes
     pixels = pixel_path(data_config)
     remember_pixels(root, data_config, pixels)
+    remember_layers(root, layer_names(loaded.model, spec.model))  # --layer checks, no torch
     if remember:
         ident = loaded_identity(loaded.weights, cut.seed)
         if ident is not None:

@@ -81,6 +81,7 @@ class LinearHead:
     coef_: np.ndarray | None = None  # (K, D), one row per class, even for K=2
     intercept_: np.ndarray | None = None  # (K,)
     C_: float | None = None
+    folds_: int | None = None  # the folds CV actually used (fewer for a small class)
     cv_results_: list[CVResult] = field(default_factory=list)
     converged_: bool = True
     notes_: list[str] = field(default_factory=list)
@@ -133,6 +134,7 @@ class LinearHead:
         counts = np.bincount(y)
         counts = counts[counts > 0]
         folds = int(min(self.folds, counts.min()))
+        self.folds_ = folds if folds >= 2 else None
         if folds < 2:
             self.notes_.append(
                 f"a class has only {counts.min()} image(s): cannot cross-validate C; "
@@ -222,7 +224,8 @@ class LinearHead:
             "type": self.kind,
             "C": self.C_,
             "C_requested": "auto" if self.C is None else self.C,
-            "folds": self.folds,
+            "folds": self.folds_,  # what CV used (None: no CV); the request is below
+            "folds_requested": self.folds,
             "max_iter": self.iterations,
             "seed": self.seed,
             "converged": self.converged_,

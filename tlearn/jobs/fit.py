@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tlearn.cache.remembered import check_layers
+from tlearn.cache.store import cache_root
 from tlearn.core.atomic import check_output_parent
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
@@ -16,6 +18,7 @@ from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
 from tlearn.data.skipped import SKIPPED_CSV, skipped_csv_bytes, strict_failure
+from tlearn.data.split import check_val_split
 from tlearn.features.table import is_features_csv
 from tlearn.heads.linear import LinearHead, parse_C
 from tlearn.jobs.sources import (
@@ -70,10 +73,14 @@ def fit(
     estimator = LinearHead(kind=head, C=C_value, seed=seed)  # validates --head early
     if val is not None and val_split is not None:
         raise UsageError("use either --val DIR or --val-split, not both")
+    if val_split is not None:
+        check_val_split(val_split)
+    auto = is_auto_layer(layers)
+    if not auto and not is_features_csv(data):
+        check_layers(cache_root(), model, layers)  # before torch loads, when known
     out_dir = check_output_parent(out_dir)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
-    auto = is_auto_layer(layers)
     if auto:
         # --layer auto loads the backbone (torch): only then
         from tlearn.jobs.layer_auto import AutoLayerSource

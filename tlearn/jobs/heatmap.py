@@ -214,11 +214,13 @@ def heatmaps(
         workers=run.workers,
         progress=run.bar("heatmap"),
     )
-    logreg = saved.head_type == "logreg"
+    # scores as predict reports them: probabilities for logreg and neural heads (softmax
+    # of the maps' means, which are their logits), margins for an SVM
+    probabilities = saved.head_type != "svm"
     items = []
     for i, maps in zip(feats.indices, feats.X, strict=True):
         decision = maps.astype(np.float64).mean(axis=(1, 2))
-        scores = _softmax(decision) if logreg else decision
+        scores = _softmax(decision) if probabilities else decision
         k = int(np.argmax(decision))
         items.append(
             HeatmapItem(
@@ -235,8 +237,8 @@ def heatmaps(
         classes=classes,
         layer=layer,
         map_size=size,
-        score_kind="probability" if logreg else "svm margin",
-        decision_kind="logit" if logreg else "svm margin",
+        score_kind="probability" if probabilities else "svm margin",
+        decision_kind="logit" if probabilities else "svm margin",
         data_config=saved.data_config,
         skipped=list(images.skipped) + feats.skipped,
         warnings=list(images.warnings),
