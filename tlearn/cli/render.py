@@ -4,6 +4,7 @@ the tables several commands print. Everything user-supplied is escaped for rich.
 from __future__ import annotations
 
 import sys
+import time
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,9 +24,10 @@ err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable l
 
 
 def progress_bars(quiet: bool):
-    """Progress bars on stderr, only when it is a terminal and not --quiet."""
-
-    return Bars(err, enabled=not quiet and err.is_terminal and not err.quiet)
+    """Progress on stderr unless --quiet: bars on a terminal, else (a log, a pipe) a line
+    every ~10 s or 10% of each stage (count, rate, ETA)."""
+    shown = not quiet and not err.quiet
+    return Bars(err, enabled=shown and err.is_terminal, log=shown and not err.is_terminal)
 
 
 def report_skips(skipped, warnings, quiet: bool) -> None:
@@ -148,17 +150,57 @@ def human_size(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
-class Bars:
-    """One bar per stage while `enabled` (a terminal, not --quiet). Called as the
-    library's progress callback: (stage, done, total). With `info`, a text column after
-    the bar that `update(task, info=...)` fills (training: loss and accuracy)."""
+class LogLines:
+    """Progress for logs: one line per stage when it starts, then one every `every_s`
+    seconds or `step` of the way, and one when it ends: count, rate and ETA. A stage
+    announced with total 0 is a phase without a count (loading, exporting)."""
 
-    def __init__(self, console, enabled: bool, info: bool = False):
+    def __init__(self, console, every_s: float = 10.0, step: float = 0.1, clock=time.monotonic):
+        self.console, self.every_s, self.step, self.clock = console, every_s, step, clock
+        self.stages: dict[str, dict] = {}
+
+    def __call__(self, stage: str, done: int, total: int, info: str = "") -> None:
+        now = self.clock()
+        s = self.stages.get(stage)
+        if s is None:
+            s = self.stages[stage] = {"t0": now, "last": None, "bucket": -1}
+        if total <= 0:
+            if s["last"] is None:
+                self._print(f"{stage} ...")
+                s["last"] = now
+            return
+        bucket = int(done / total / self.step) if total else 0
+        finished = done >= total
+        due = s["last"] is None or now - s["last"] >= self.every_s or bucket > s["bucket"]
+        if not (due or finished) or s.get("finished"):
+            return
+        s["last"], s["bucket"], s["finished"] = now, bucket, finished
+        elapsed = now - s["t0"]
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 and not finished else None
+        parts = [f"{stage}: {done}/{total} ({100 * done / total:.0f}%)"]
+        if elapsed > 0 and done:
+            parts.append(f"{rate:.1f}/s")
+        parts.append(f"{elapsed:.0f}s" if finished else (f"ETA {eta:.0f}s" if eta else ""))
+        self._print(", ".join(p for p in parts if p) + (f" | {info}" if info else ""))
+
+    def _print(self, line: str) -> None:
+        self.console.print(escape(line), highlight=False, soft_wrap=True)
+
+
+class Bars:
+    """One bar per stage while `enabled` (a terminal, not --quiet), or lines for a log
+    with `log` (LogLines). Called as the library's progress callback: (stage, done,
+    total). With `info`, a text column after the bar that `update(task, info=...)` fills
+    (training: loss and accuracy)."""
+
+    def __init__(self, console, enabled: bool, info: bool = False, log: bool = False):
         self.console = console
         self.enabled = enabled
         self.info = info
         self.progress = None
         self.tasks: dict[str, int] = {}
+        self.lines = LogLines(console) if log and not enabled else None
 
     def __enter__(self):
         if self.enabled:
@@ -184,8 +226,10 @@ class Bars:
         return self.progress.add_task(description, total=total, **fields)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.lines is not None:
+            self.lines(stage, done, total)
         if self.progress is None:
             return
         if stage not in self.tasks:
-            self.tasks[stage] = self.add(stage, total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
+            self.tasks[stage] = self.add(stage, total or None)  # 0: a phase, no count
+        self.progress.update(self.tasks[stage], completed=done, total=total or None)

@@ -431,7 +431,8 @@ class TrainView:
 
         self.err = err
         self.quiet = quiet
-        self.bars = Bars(err, enabled=not quiet and err.is_terminal, info=True)
+        shown = not quiet
+        self.bars = Bars(err, enabled=shown and err.is_terminal, info=True, log=shown)
         self.progress_cb = self.bars  # the library's progress callback
         self.epoch_task = None
 
@@ -454,6 +455,14 @@ class TrainView:
         elif name == "epoch_start" and self.progress is not None:
             title = f"epoch {data['epoch']}/{data['epochs']}"
             self.epoch_task = self.bars.add(title, data["total"])
+        elif name == "batch" and self.bars.lines is not None and data["done"] < data["total"]:
+            # a log: a line every ~10 s of a long epoch (the epoch's end has its own line)
+            self.bars.lines(
+                f"epoch {data['epoch']}",
+                data["done"],
+                data["total"],
+                info=f"loss {data['loss']:.3f} acc {data['acc']:.3f}",
+            )
         elif name == "batch" and self.progress is not None and self.epoch_task is not None:
             self.progress.update(
                 self.epoch_task,

@@ -294,6 +294,9 @@ def _cold_engine(
     from tlearn.runtime.transforms import pixel_path
 
     remember = False
+    loading = run.bar("load backbone")
+    if loading is not None and backbone is None:
+        loading(0, 0)  # a phase of seconds (timm's import, the weights): say so in logs
     if isinstance(cut, SavedCut):
         loaded = backbone_for_spec(cut.spec, seed=cut.seed)
         net = FeatureNetwork(loaded.model, cut.spec.layers, cut.spec.pool).eval()
@@ -317,6 +320,9 @@ def _cold_engine(
             remember_cut(root, key, spec, data_config)
 
     def opener():
+        preparing = run.bar("prepare the inference runtime")
+        if preparing is not None:
+            preparing(0, 0)  # exporting the ONNX graph the first time takes seconds
         return open_runtime(
             net,
             spec,

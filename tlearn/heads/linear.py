@@ -94,7 +94,9 @@ class LinearHead:
     def iterations(self) -> int:
         return self.max_iter or MAX_ITER[self.kind]
 
-    def fit(self, X: np.ndarray, y: np.ndarray, classes: list[str]) -> LinearHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, classes: list[str], progress=None) -> LinearHead:
+        """Fit on features X with labels y (indices into `classes`); `progress(done,
+        total)` follows the C grid's cross-validation."""
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y)
         present = np.unique(y)
@@ -105,7 +107,7 @@ class LinearHead:
             )
         self.classes_ = list(classes)
         self.notes_ = []
-        self.C_ = self.C if self.C is not None else self._choose_C(X, y)
+        self.C_ = self.C if self.C is not None else self._choose_C(X, y, progress)
         est = self._fit_one(X, y, self.C_)
         self._take_arrays(est, y)
         return self
@@ -126,7 +128,7 @@ class LinearHead:
             )
         return est
 
-    def _choose_C(self, X: np.ndarray, y: np.ndarray) -> float:
+    def _choose_C(self, X: np.ndarray, y: np.ndarray, progress=None) -> float:
         # scikit-learn costs ~1 s to import: only fitting needs it, not predict
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -160,12 +162,16 @@ class LinearHead:
                 )
             r = CVResult(C, float(scores.mean()), float(scores.std()), time.perf_counter() - t0)
             self.cv_results_.append(r)
+            if progress is not None:
+                progress(len(self.cv_results_), len(C_GRID))
             if best is None or r.mean > best.mean + 1e-9:
                 best, worse_in_a_row = r, 0
             else:
                 worse_in_a_row += 1
                 if worse_in_a_row >= 2 and r.mean < best.mean:
                     break
+        if progress is not None:  # the grid may stop early: the stage is done either way
+            progress(len(C_GRID), len(C_GRID))
         return best.C
 
     def _take_arrays(self, est, y) -> None:

@@ -127,7 +127,7 @@ def fit(
     sweep_result = None
     if auto:
         train, valid, sweep_result = source.choose(train, valid)
-    estimator.fit(train.X, train.y, train.classes)
+    estimator.fit(train.X, train.y, train.classes, progress=run.bar("cross-validate C"))
     val_metrics = None
     if valid is not None and len(valid.y):
         val_metrics = classification_metrics(valid.y, estimator.predict(valid.X), train.classes)
