@@ -88,14 +88,21 @@ def hash_files(paths: Sequence[str], threads: int | None = None) -> list[bytes |
         return [key for run in pool.map(lambda r: [one(p) for p in r], runs) for key in run]
 
 
-def cut_key(spec, data_config: dict, *, draft: bool, precision: str) -> tuple[str, dict]:
-    """(hex key, the document it hashes) for one cut + preprocessing."""
+def cut_key(
+    spec, data_config: dict, *, draft: bool, precision: str, decoder: str = "cpu"
+) -> tuple[str, dict]:
+    """(hex key, the document it hashes) for one cut + preprocessing. Features of JPEGs
+    decoded on the GPU (`decoder` "gpu": nvJPEG, resized by torch) differ slightly from
+    Pillow's, so they get their own key; the CPU key is what it always was."""
 
+    decode: dict = {"jpeg_draft": bool(draft)}
+    if decoder != "cpu":
+        decode["decoder"] = decoder
     doc = {
         "format": CACHE_FORMAT,
         "cut": spec.identity(),
         "data_config": data_config,
-        "decode": {"jpeg_draft": bool(draft)},
+        "decode": decode,
         "precision": precision,
         "timm": dist_version("timm"),
         "pillow": dist_version("pillow"),
@@ -156,8 +163,10 @@ class FeatureStore:
     served: int = 0  # images read from the cache
 
     @classmethod
-    def open(cls, root: Path, spec, data_config: dict, *, draft: bool, precision: str):
-        key, doc = cut_key(spec, data_config, draft=draft, precision=precision)
+    def open(
+        cls, root: Path, spec, data_config: dict, *, draft: bool, precision: str, decoder="cpu"
+    ):
+        key, doc = cut_key(spec, data_config, draft=draft, precision=precision, decoder=decoder)
         store = cls(folder=Path(root) / "features" / key, doc=doc)
         store._load()
         return store

@@ -20,6 +20,8 @@ from tlearn.cli.options import (
     Backend,
     BackendOpt,
     BatchOpt,
+    Decode,
+    DecodeOpt,
     DeviceOpt,
     Format,
     LabelsOpt,
@@ -53,7 +55,9 @@ from tlearn.scale.shard import Shard, write_predictions_part
 @handle_errors
 def predict_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Model directory from tlearn fit.")],
-    paths: Annotated[list[Path], typer.Argument(help="Images and/or folders (or a features CSV).")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="Images and/or folders (or a features table).")
+    ],
     fmt: Annotated[
         Format | None,
         typer.Option("--format", "-f", help="table on a terminal, csv when piped (default)."),
@@ -72,6 +76,7 @@ def predict_cmd(
     workers: WorkersOpt = None,
     backend: BackendOpt = Backend.auto,
     no_cache: NoCacheOpt = False,
+    decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
 ):
@@ -91,7 +96,7 @@ def predict_cmd(
             paths,
             strict=strict,
             tta=tta.value,
-            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
             shard=part,
         )
     if res is None:  # a torchrun rank other than 0: rank 0 writes the predictions
@@ -177,7 +182,7 @@ def _render_predictions(records, fmt: Format, classes, k, all_scores, score_kind
 @handle_errors
 def evaluate_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Model directory from tlearn fit.")],
-    data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a features CSV.")],
+    data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a features table.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     output: Annotated[
         Path | None,
@@ -195,6 +200,7 @@ def evaluate_cmd(
     workers: WorkersOpt = None,
     backend: BackendOpt = Backend.auto,
     no_cache: NoCacheOpt = False,
+    decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
 ):
     """Accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix.
@@ -211,7 +217,7 @@ def evaluate_cmd(
             labels_csv=labels,
             strict=strict,
             tta=tta.value,
-            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
         )
     report_skips(res.skipped, res.warnings, quiet)
     m = res.metrics

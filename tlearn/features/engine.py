@@ -39,12 +39,15 @@ from tlearn.cache.remembered import (
     request_key,
 )
 from tlearn.cache.store import FeatureStore, cache_root
+from tlearn.core.errors import UsageError
 from tlearn.core.hashing import file_sha256
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, CutSpec, bundled_weights_file
+from tlearn.core.stages import AUTOTUNE, Stages
 from tlearn.core.system import cpu_only
 from tlearn.data.imageset import Skipped
 from tlearn.features.stream import FeatureBatch, Features, extract_array, iter_features
+from tlearn.runtime.device import validate_decode
 from tlearn.runtime.ort import CpuDevice, LazyRuntime, OnnxRuntime, onnx_path, ort_installed
 
 
@@ -83,10 +86,20 @@ class Engine:
     notes: list[str]
     network: object = None  # the torch feature network of a cold engine; None when warm
     stores: list = field(default_factory=list)
+    decode: str = "cpu"  # where JPEGs are decoded: cpu or gpu (runtime.device.choose_decode)
+    stages: Stages = field(default_factory=Stages)  # where the time goes
+
+    def __post_init__(self) -> None:
+        self.runtime.stages = self.stages
 
     def _open_store(self) -> FeatureStore:
         return FeatureStore.open(
-            self.cache_root, self.spec, self.data_config, draft=self.draft, precision=self.precision
+            self.cache_root,
+            self.spec,
+            self.data_config,
+            draft=self.draft,
+            precision=self.precision,
+            decoder=self.decode,
         )
 
     def _store(self) -> FeatureStore | None:
@@ -117,6 +130,8 @@ class Engine:
             progress=run.bar(stage),
             cache=self._store(),
             draft=self.draft,
+            decoder=self.decode,
+            stages=self.stages,
         )
 
     def extract(self, paths: Sequence[str], run: RunOptions, *, stage: str) -> Features:
@@ -130,6 +145,8 @@ class Engine:
             progress=run.bar(stage),
             cache=self._store(),
             draft=self.draft,
+            decoder=self.decode,
+            stages=self.stages,
         )
         feats.notes = self.notes
         return feats
@@ -151,14 +168,29 @@ class Engine:
             x = torch.zeros(1, c, h, w)
         return int(self.runtime.open()(x).shape[1])
 
+    def warm_up(self, run: RunOptions, images: int) -> None:
+        """On CUDA, before a run computes `images` images: one batch of zeros at the run's
+        batch size, so cuDNN picks its kernels (torch.backends.cudnn.benchmark) before the
+        first image is read. The runtime pads smaller batches to that size, so it picks
+        them once. Elsewhere nothing: there is nothing to tune."""
+        if images <= 0 or getattr(self.runtime.device, "type", "cpu") != "cuda":
+            return
+        if self.runtime.transform is None:
+            return  # float input: only the torch DataLoader path, which is left as it is
+        c, h, w = self.data_config["input_size"]
+        with self.stages.timed(AUTOTUNE):
+            self.runtime.open()(np.zeros((min(images, run.batch_size), h, w, c), np.uint8))
+
     def summary(self) -> dict:
         """backend that ran (None if every image came from the cache), images read from the
-        cache and images computed."""
+        cache and images computed, where JPEGs were decoded, and seconds per stage."""
         return {
             "backend": self.runtime.name,
             "device": str(self.runtime.device),
             "cached": sum(s.served for s in self.stores),
             "computed": self.runtime.images,
+            "decode": self.decode,
+            "stages": self.stages.to_dict(),
         }
 
 
@@ -170,6 +202,12 @@ def open_engine(cut: CutRequest | SavedCut, run: RunOptions, *, backbone=None) -
     and the cache has all it needs, else cold (the backbone loaded, cut and run through
     the backend --backend/--device choose). `backbone`: an already loaded
     backbone.weights.Backbone (the sweep, `fit --layer auto`), which is always cold."""
+    validate_decode(run.decode)
+    if run.decode == "gpu" and cpu_only(run.device):
+        raise UsageError(
+            f"--decode gpu needs a CUDA device (--device {run.device} runs on the CPU here); "
+            "use --decode cpu or auto"
+        )
     if backbone is None:
         warm = _warm_engine(cut, run)
         if warm is not None:
@@ -258,8 +296,9 @@ def _cold_engine(
     # the cold path: torch, timm and the ONNX exporter
     from tlearn.backbone.cut import FeatureNetwork, feature_network
     from tlearn.backbone.weights import backbone_for_spec, open_backbone
-    from tlearn.runtime.device import choose_backend, precision, resolve_device
+    from tlearn.runtime.device import choose_backend, choose_decode, precision, resolve_device
     from tlearn.runtime.export import open_runtime
+    from tlearn.runtime.gpu_decode import gpu_decoder_available
     from tlearn.runtime.transforms import pixel_path
 
     remember = False
@@ -277,6 +316,8 @@ def _cold_engine(
     root = cache_root() if run.cache else None
     notes = [] if notes is None else notes
     pixels = pixel_path(data_config)
+    steps = pixels[0] if pixels else None
+    decode = choose_decode(run.decode, dev.type, chosen, steps, gpu_decoder_available(dev))
     remember_pixels(root, data_config, pixels)
     if remember and root is not None:
         ident = loaded_identity(loaded.weights, cut.seed)
@@ -305,4 +346,5 @@ def _cold_engine(
         draft=run.draft,
         precision=precision(chosen, dev),
         notes=notes,
+        decode=decode,
     )

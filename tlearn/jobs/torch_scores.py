@@ -66,13 +66,13 @@ def load_nn_net(saved):
 
 
 def nn_scores_from_features(saved, X: np.ndarray) -> np.ndarray:
-    """Probabilities from pooled features (a features CSV) for a model whose backbone
+    """Probabilities from pooled features (a features table) for a model whose backbone
     was not trained."""
 
     if saved.backbone is not None:
         raise UsageError(
             "this model fine-tuned its backbone, so features extracted with the original "
-            "weights do not fit it; give images instead of a features CSV"
+            "weights do not fit it; give images instead of a features table"
         )
     head = NNHead(saved.config["head"], int(saved.config["feature_dim"]), len(saved.classes))
     head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in saved.tensors.items()})
