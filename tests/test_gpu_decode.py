@@ -186,6 +186,15 @@ def test_gpu_resize_and_crop_follow_pillows_steps(steps, size):
     assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4, (diff.mean(), diff.max())
 
 
+def test_images_of_one_size_are_resized_together_with_the_same_result():
+    rng = np.random.default_rng(1)
+    sizes = [(40, 50), (40, 50), (33, 71), (40, 50), (33, 71), (64, 64)]
+    imgs = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in sizes]
+    together = gpu_decode.finish_upright(imgs, STEPS)
+    for img, got in zip(imgs, together, strict=True):
+        torch.testing.assert_close(got, gpu_decode.finish(img, 1, STEPS), atol=1, rtol=0)
+
+
 # ----------------------------------------------------------------------------- batches
 
 

@@ -148,6 +148,20 @@ def test_predict_and_evaluate_read_any_format(tables, runner, fmt):
     assert got == want
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sweep_says_it_needs_images_not_a_table(tables, runner, fmt):
+    r = runner.invoke(app, ["sweep", str(_single(tables, fmt)), *TINY])
+    assert r.exit_code == 2 and "features table, which holds one cut" in r.stderr
+
+
+def test_string_columns_are_built_without_pandas():
+    from tlearn.features.formats.parquet_format import string_array
+
+    values = ["a", None, 'straße, "q"', "", "日本"]
+    assert string_array(values).to_pylist() == values
+    assert string_array([]).to_pylist() == []
+
+
 def test_stdout_stays_csv(runner, tables):
     r = _ok(runner.invoke(app, ["extract", str(tables["data"] / "gravel"), "-o", "-", "-q", *TINY]))
     assert r.stdout.startswith("path,label,f0,")

@@ -84,13 +84,14 @@ def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def resize(img: torch.Tensor, h: int, w: int, interpolation: str) -> torch.Tensor:
-    """uint8 CHW resized to (h, w): antialiased bilinear/bicubic (Pillow's kernels) in
-    float32, rounded back to uint8."""
-    x = img.unsqueeze(0).float()
+    """uint8 CHW (or NCHW) resized to (h, w): antialiased bilinear/bicubic (Pillow's
+    kernels) in float32, rounded back to uint8."""
+    x = img.unsqueeze(0) if img.ndim == 3 else img
     y = torch.nn.functional.interpolate(
-        x, size=(h, w), mode=interpolation, align_corners=False, antialias=True
+        x.float(), size=(h, w), mode=interpolation, align_corners=False, antialias=True
     )
-    return y.round_().clamp_(0, 255).to(torch.uint8)[0]
+    y = y.round_().clamp_(0, 255).to(torch.uint8)
+    return y[0] if img.ndim == 3 else y
 
 
 def center_crop(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -114,11 +115,25 @@ def center_crop(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def finish(img: torch.Tensor, orientation: int, steps: PilSteps) -> torch.Tensor:
     """A decoded CHW image -> upright, resized, cropped, as HWC (NHWC once stacked)."""
-    img = orient(img, orientation)
-    h, w = steps.output_size(int(img.shape[-1]), int(img.shape[-2]))
-    if (int(img.shape[-2]), int(img.shape[-1])) != (h, w):  # as torchvision: else unchanged
-        img = resize(img, h, w, steps.interpolation)
-    return center_crop(img, steps.crop).permute(1, 2, 0)
+    return finish_upright([orient(img, orientation)], steps)[0]
+
+
+def finish_upright(imgs: list[torch.Tensor], steps: PilSteps) -> list[torch.Tensor]:
+    """Upright CHW images -> resized and cropped HWC ones. Images of one size are resized
+    and cropped together (a folder of equal-sized photos: a few kernels per batch)."""
+    groups: dict[tuple, list[int]] = {}
+    for j, img in enumerate(imgs):
+        groups.setdefault(tuple(img.shape), []).append(j)
+    out: list = [None] * len(imgs)
+    for shape, js in groups.items():
+        x = imgs[js[0]].unsqueeze(0) if len(js) == 1 else torch.stack([imgs[j] for j in js])
+        h, w = steps.output_size(int(shape[-1]), int(shape[-2]))
+        if (int(shape[-2]), int(shape[-1])) != (h, w):  # as torchvision: else unchanged
+            x = resize(x, h, w, steps.interpolation)
+        x = center_crop(x, steps.crop).permute(0, 2, 3, 1)
+        for k, j in enumerate(js):
+            out[j] = x[k]
+    return out
 
 
 # ----------------------------------------------------------------------------- batches
@@ -209,11 +224,13 @@ def assemble(paths, start: int, items: list[_Item], steps, device, min_size, key
     images: dict[int, torch.Tensor] = {}
     if gpu:
         decoded = _decode_all([items[j] for j in gpu], device, decoder)
+        upright = {}
         for j, img in zip(gpu, decoded, strict=True):
             if img is None:  # nvJPEG refused it: the CPU path decides, and words why
                 items[j] = cpu_item(paths[start + j], steps, min_size, keyed)
             else:
-                images[j] = finish(img, items[j].orientation, steps)
+                upright[j] = orient(img, items[j].orientation)
+        images = dict(zip(upright, finish_upright(list(upright.values()), steps), strict=True))
     idx, tensors, bad, keys = [], [], [], []
     for j, it in enumerate(items):
         if j in images:
