@@ -139,6 +139,9 @@ def test_predict_and_evaluate_read_any_format(tables, runner, fmt):
         for f in (fmt, "csv")
     )
     assert got == want and len(got.splitlines()) == 16
+    # a table is read row-major: the scores are those of the images themselves
+    from_images = runner.invoke(app, ["predict", model, str(tables["data"]), "-f", "csv"])
+    assert from_images.stdout == want
     got, want = (
         json.loads(
             _ok(runner.invoke(app, ["evaluate", model, str(_single(tables, f)), "--json"])).stdout

@@ -166,7 +166,20 @@ class Engine:
             import torch
 
             x = torch.zeros(1, c, h, w)
-        return int(self.runtime.open()(x).shape[1])
+        return int(self._untimed(x).shape[1])
+
+    def _untimed(self, x):
+        """The opened runtime on `x`, its time kept out of the run's stages (sizing the
+        features and the warm-up are start-up, reported as such)."""
+        runtime = self.runtime.open()
+        stages = getattr(runtime, "stages", None)
+        if stages is not None:
+            runtime.stages = None
+        try:
+            return runtime(x)
+        finally:
+            if stages is not None:
+                runtime.stages = stages
 
     def warm_up(self, run: RunOptions, images: int) -> None:
         """On CUDA, before a run computes `images` images: one batch of zeros at the run's
@@ -179,7 +192,7 @@ class Engine:
             return  # float input: only the torch DataLoader path, which is left as it is
         c, h, w = self.data_config["input_size"]
         with self.stages.timed(AUTOTUNE):
-            self.runtime.open()(np.zeros((min(images, run.batch_size), h, w, c), np.uint8))
+            self._untimed(np.zeros((min(images, run.batch_size), h, w, c), np.uint8))
 
     def summary(self) -> dict:
         """backend that ran (None if every image came from the cache), images read from the

@@ -366,6 +366,9 @@ def read_table(path: str | Path, *, fmt: TableFormat | None = None) -> FeatureTa
     warnings = check_binding(path, meta, buf, fmt)
     paths, labels, X = fmt.parse(buf, meta, path)
     _check_rows(path, meta, len(paths))
+    # Row-major, as features computed from images are: BLAS rounds a product of a
+    # column-major matrix (pandas' CSV) differently in the last bit.
+    X = np.ascontiguousarray(X, dtype=np.float32)
     return FeatureTable(paths=paths, labels=labels, X=X, meta=meta, warnings=warnings)
 
 
