@@ -165,6 +165,22 @@ def test_string_columns_are_built_without_pandas():
     assert string_array([]).to_pylist() == []
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "npy"])
+def test_a_writer_thread_writes_the_same_bytes(tables, runner, tmp_path, monkeypatch, fmt):
+    """On 8+ cores binary tables are written by a thread beside extraction (forced here)."""
+    import tlearn.features.table as table
+
+    assert table.background_writes(table.table_format("f.parquet"), cores=16)
+    assert not table.background_writes(table.table_format("f.csv"), cores=16)
+    assert not table.background_writes(table.table_format("f.npy"), cores=2)
+    monkeypatch.setattr(table, "background_writes", lambda fmt: True)
+    out = tmp_path / f"f.{fmt}"
+    with torch_threads(1):
+        _ok(runner.invoke(app, ["extract", str(tables["data"]), "-o", str(out), "-q", *TINY, *BS]))
+    assert out.read_bytes() == _single(tables, fmt).read_bytes()
+    assert Path(f"{out}.json").read_bytes() == Path(f"{_single(tables, fmt)}.json").read_bytes()
+
+
 def test_stdout_stays_csv(runner, tables):
     r = _ok(runner.invoke(app, ["extract", str(tables["data"] / "gravel"), "-o", "-", "-q", *TINY]))
     assert r.stdout.startswith("path,label,f0,")
@@ -369,13 +385,20 @@ def _damage_tail(fmt: str, partial: Path) -> None:
         rows.write_bytes(rows.read_bytes() + b'"/half/written')
 
 
-@pytest.mark.parametrize("damaged", [False, True], ids=["clean", "half-written"])
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(
+    "fmt, damaged, thread",
+    [(f, d, False) for f in FORMATS for d in (False, True)] + [("parquet", True, True)],
+    ids=lambda v: {False: "-", True: "+"}.get(v, v) if isinstance(v, bool) else v,
+)
 def test_resume_keeps_the_finished_rows_in_every_format(
-    tables, tmp_path, monkeypatch, fmt, damaged
+    tables, tmp_path, monkeypatch, fmt, damaged, thread
 ):
+    """fmt, damaged (a half-written last row, as a kill leaves), thread (a writer thread)"""
+    import tlearn.features.table as table
+
     out = tmp_path / f"f.{fmt}"
     _interrupt_after(monkeypatch, 2)
+    monkeypatch.setattr(table, "background_writes", lambda fmt: thread)
     with torch_threads(1), pytest.raises(KeyboardInterrupt):
         _extract(tables["data"], out)
     monkeypatch.undo()
