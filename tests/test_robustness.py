@@ -181,13 +181,13 @@ def test_resume_refuses_a_partial_from_other_options(runner, image_folder, tmp_p
 
 
 def test_resume_drops_a_half_written_last_row(image_folder, tmp_path):
-    from tlearn.features.table import partial_rows
+    from tlearn.features.table import kept_rows
 
     out = tmp_path / "f.csv"
     meta = {"cut": {"model": "m"}, "data_config": {}, "feature_dim": 2}
     Path(f"{out}.partial.json").write_text(json.dumps(meta))
     Path(f"{out}.partial").write_text("path,label,f0,f1\r\na.png,x,1,2\r\nb.png,x,3")
-    assert partial_rows(out, meta) == ["a.png"]
+    assert kept_rows(out, meta) == [("a.png", "x")]
     assert Path(f"{out}.partial").read_bytes() == b"path,label,f0,f1\r\na.png,x,1,2\r\n"
 
 

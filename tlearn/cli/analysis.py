@@ -14,6 +14,8 @@ from tlearn.cli.options import (
     Backend,
     BackendOpt,
     BatchOpt,
+    Decode,
+    DecodeOpt,
     DeviceOpt,
     Head,
     LabelsOpt,
@@ -67,6 +69,7 @@ def sweep_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the sweep as JSON.")] = False,
     backend: BackendOpt = Backend.auto,
     no_cache: NoCacheOpt = False,
+    decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
 ):
     """Where to cut: one forward pass per image collects pooled features at every candidate
@@ -91,7 +94,7 @@ def sweep_cmd(
             seed=seed,
             pairs=pairs,
             labels_csv=labels,
-            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
         )
     report_skips(res.skipped, res.warnings, quiet)
     if output is not None:

@@ -15,6 +15,8 @@ from tlearn.cli.options import (
     Backend,
     BackendOpt,
     BatchOpt,
+    Decode,
+    DecodeOpt,
     DeviceOpt,
     Head,
     LabelsOpt,
@@ -69,7 +71,8 @@ def fit_cmd(
     data: Annotated[
         Path,
         typer.Argument(
-            help="Folder of class sub-folders (or with train/ and val/), or a features CSV."
+            help="Folder of class sub-folders (or with train/ and val/), or a features table "
+            "(.csv, .parquet, .npy)."
         ),
     ],
     output: Annotated[
@@ -87,7 +90,7 @@ def fit_cmd(
         str, typer.Option("--C", help="Regularisation: a number, or auto (cross-validated).")
     ] = "auto",
     val: Annotated[
-        Path | None, typer.Option("--val", help="Validation folder (or features CSV).")
+        Path | None, typer.Option("--val", help="Validation folder (or a features table).")
     ] = None,
     val_split: Annotated[
         float | None, typer.Option("--val-split", help="Hold out this fraction for validation.")
@@ -107,6 +110,7 @@ def fit_cmd(
     workers: WorkersOpt = None,
     backend: BackendOpt = Backend.auto,
     no_cache: NoCacheOpt = False,
+    decode: DecodeOpt = Decode.auto,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     quiet: QuietOpt = False,
     hidden: HiddenOpt = None,
@@ -171,7 +175,7 @@ def fit_cmd(
             labels_csv=labels,
             force=force,
             strict=strict,
-            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
         )
     render_linear_fit(res, quiet=quiet, as_json=as_json)
 

@@ -111,8 +111,31 @@ NoCacheOpt = Annotated[
 ]
 
 
+class Decode(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+DecodeOpt = Annotated[
+    Decode,
+    typer.Option(
+        "--decode",
+        help="Where JPEGs are decoded: auto (gpu on CUDA with the torch backend, else cpu), "
+        "cpu (worker processes) or gpu (nvJPEG; other files take the CPU path).",
+    ),
+]
+
+
 def run_options(
-    batch_size, device, workers, quiet, progress=None, backend=Backend.auto, no_cache=False
+    batch_size,
+    device,
+    workers,
+    quiet,
+    progress=None,
+    backend=Backend.auto,
+    no_cache=False,
+    decode=Decode.auto,
 ):
 
     return RunOptions(
@@ -122,6 +145,7 @@ def run_options(
         progress=progress,
         backend=Backend(backend).value,
         cache=not no_cache,
+        decode=Decode(decode).value,
     )
 
 

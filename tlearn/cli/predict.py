@@ -19,6 +19,8 @@ from tlearn.cli.options import (
     Backend,
     BackendOpt,
     BatchOpt,
+    Decode,
+    DecodeOpt,
     DeviceOpt,
     Format,
     LabelsOpt,
@@ -55,7 +57,9 @@ def predict_cmd(
     model_dir: Annotated[
         Path, typer.Argument(help="Model directory from tlearn fit, or a .onnx from tlearn export.")
     ],
-    paths: Annotated[list[Path], typer.Argument(help="Images and/or folders (or a features CSV).")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="Images and/or folders (or a features table).")
+    ],
     fmt: Annotated[
         Format | None,
         typer.Option(
@@ -87,6 +91,7 @@ def predict_cmd(
     workers: WorkersOpt = None,
     backend: BackendOpt = Backend.auto,
     no_cache: NoCacheOpt = False,
+    decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
 ):
@@ -110,7 +115,7 @@ def predict_cmd(
             paths,
             strict=strict,
             tta=tta.value,
-            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
             shard=part,
         )
     if res is None:  # a torchrun rank other than 0: rank 0 writes the predictions
@@ -168,7 +173,7 @@ def predictions_table(records: list[dict], k: int, score_kind: str) -> str:
 @handle_errors
 def evaluate_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Model directory from tlearn fit.")],
-    data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a features CSV.")],
+    data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a features table.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     output: Annotated[
         Path | None,
@@ -186,6 +191,7 @@ def evaluate_cmd(
     workers: WorkersOpt = None,
     backend: BackendOpt = Backend.auto,
     no_cache: NoCacheOpt = False,
+    decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
 ):
     """Accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix.
@@ -202,7 +208,7 @@ def evaluate_cmd(
             labels_csv=labels,
             strict=strict,
             tta=tta.value,
-            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
         )
     report_skips(res.skipped, res.warnings, quiet)
     m = res.metrics

@@ -22,6 +22,7 @@ class RunOptions:
     backend: str = "auto"  # auto | torch | onnx (tlearn.runtime)
     cache: bool = True  # read and write the on-disk feature cache (tlearn.cache)
     draft: bool = True  # JPEGs may decode at a reduced scale (data.load_image's min_size)
+    decode: str = "auto"  # auto | cpu | gpu: where JPEGs decode (runtime.device.choose_decode)
 
     def bar(self, stage: str):
         """A (done, total) progress callback for one stage, or None when silent."""

@@ -13,7 +13,7 @@ from tlearn.data.imageset import Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import scan_class_folders
 from tlearn.data.skipped import strict_failure
-from tlearn.features.table import is_features_csv, read_features_csv
+from tlearn.features.table import is_features_table, read_table
 from tlearn.jobs.score import ModelScorer, refuse_tta_on_features, score_images
 from tlearn.modeldir import load_model
 from tlearn.report.metrics import classification_metrics
@@ -47,25 +47,28 @@ def evaluate(
     saved = load_model(model_dir)
     scorer = ModelScorer(saved)
     classes = saved.classes
-    if is_features_csv(data):
-        table = read_features_csv(data)
+    if is_features_table(data):
+        table = read_table(data)
         missing = [i for i, lab in enumerate(table.labels) if lab is None]
         if missing:
-            raise DataError(f"{data}: row {missing[0] + 2} has no label; evaluate needs labels")
+            raise DataError(
+                f"{data}: row {missing[0] + 1} ({table.paths[missing[0]]}) has no label; "
+                "evaluate needs labels"
+            )
         unknown = sorted({lab for lab in table.labels if lab not in classes})
         if unknown:
             raise DataError(f"{data}: class(es) {', '.join(unknown)} are not in the model")
         refuse_tta_on_features(tta)
         y = np.asarray([classes.index(lab) for lab in table.labels], dtype=np.int64)
         scores = scorer.scores(table.X)
-        skipped, warnings = [], []
+        skipped, warnings = [], list(table.warnings)
         paths = list(table.paths)
     else:
         if labels_csv is not None:
             images = read_labels_csv(labels_csv, classes=classes)
         else:
             if not Path(data).is_dir():
-                raise DataError(f"{data}: not a folder of class sub-folders or a features CSV")
+                raise DataError(f"{data}: not a folder of class sub-folders or a features table")
             images = scan_class_folders(data, classes=classes)
         if len(images) == 0:
             raise DataError(f"no images found in {data}")

@@ -1,5 +1,6 @@
-"""`tlearn fit --head svm|logreg`: features (images or a features table) -> linear head
-(C by cross-validation) -> model directory, validated on --val / --val-split / val/."""
+"""`tlearn fit --head svm|logreg`: features (images, or a features table in any format) ->
+linear head (C by cross-validation) -> model directory, validated on --val / --val-split /
+val/."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
 from tlearn.data.skipped import SKIPPED_CSV, skipped_csv_bytes, strict_failure
 from tlearn.data.split import check_val_split
-from tlearn.features.table import is_features_csv
+from tlearn.features.table import is_features_table
 from tlearn.heads.linear import LinearHead, parse_C
 from tlearn.jobs.sources import (
     FeatureSource,
@@ -76,7 +77,7 @@ def fit(
     if val_split is not None:
         check_val_split(val_split)
     auto = is_auto_layer(layers)
-    if not auto and not is_features_csv(data):
+    if not auto and not is_features_table(data):
         check_layers(cache_root(), model, layers)  # before torch loads, when known
     out_dir = check_output_parent(out_dir)
     if out_dir.exists() and not force:
@@ -91,16 +92,16 @@ def fit(
         source = FeatureSource(model, weights, layers, pool, run, seed)
 
     val_images: ImageSet | None = None
-    if is_features_csv(data):
-        train = source.from_csv(data)
+    if is_features_table(data):
+        train = source.from_table(data)
     else:
         if labels_csv is not None:
             train_images = read_labels_csv(labels_csv)
         else:
             if not Path(data).is_dir():
                 raise DataError(
-                    f"{data} is not a folder of class sub-folders or a features CSV from "
-                    "tlearn extract"
+                    f"{data} is not a folder of class sub-folders or a features table "
+                    "(.csv, .parquet, .npy) from tlearn extract"
                 )
             train_images, val_images = resolve_dataset(data)
         if len(train_images) == 0:

@@ -33,6 +33,7 @@ from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
 from tlearn.features.engine import CutRequest, open_engine
+from tlearn.features.table import is_features_table
 from tlearn.heads.linear import LinearHead, make_estimator, parse_C
 from tlearn.report.plots import plot_sweep
 
@@ -330,6 +331,11 @@ def _training_images(data, labels_csv) -> tuple[ImageSet, list[str]]:
     notes: list[str] = []
     if labels_csv is not None:
         return read_labels_csv(labels_csv), notes
+    if is_features_table(data):
+        raise UsageError(
+            f"{data} is a features table, which holds one cut: the sweep extracts every "
+            "candidate layer, so it needs the images (a folder of class sub-folders or --labels)"
+        )
     if not Path(data).is_dir():
         raise DataError(f"{data} is not a folder of class sub-folders (sweep needs images)")
     train, val = resolve_dataset(data)
