@@ -57,6 +57,8 @@ def tables(tmp_path_factory):
     data = base / "data"
     make_dataset(data, n=5)
     (data / "grass" / "grass_99_bad.jpg").write_bytes(b"not an image")
+    for folder in ("single", *(f"parts-{fmt}" for fmt in FORMATS)):
+        (base / folder).mkdir()  # tlearn never creates -o's folder
     with torch_threads(1):
         for fmt in FORMATS:
             args = ["extract", str(data), "-q", *TINY, *BS]
@@ -223,14 +225,16 @@ def test_parquet_shards_merge_byte_for_byte_over_many_row_groups(
     monkeypatch.setattr(parquet_format, "row_group_rows", lambda dim: 3)
     args = ["extract", str(tables["data"]), "-q", *TINY, *BS]
     with torch_threads(1):
-        _ok(runner.invoke(app, [*args, "-o", str(tmp_path / "single.parquet")]))
+        for folder in ("single", "merged"):
+            (tmp_path / folder).mkdir()
+        _ok(runner.invoke(app, [*args, "-o", str(tmp_path / "single" / "f.parquet")]))
         for i in range(2):
             _ok(runner.invoke(app, [*args, "-o", str(tmp_path / "p.parquet"), "--shard", f"{i}/2"]))
     parts = _parts(tmp_path, "p.parquet")
-    out = tmp_path / "merged.parquet"
+    out = tmp_path / "merged" / "f.parquet"  # the single run's name: its sidecar names it
     _ok(runner.invoke(app, ["merge", *map(str, parts), "-o", str(out)]))
     assert pq.ParquetFile(out).metadata.num_row_groups == 5  # 15 rows in groups of 3
-    assert out.read_bytes() == (tmp_path / "single.parquet").read_bytes()
+    assert out.read_bytes() == (tmp_path / "single" / "f.parquet").read_bytes()
 
 
 def test_merge_refuses_another_format_for_the_output(tables, runner, tmp_path):
@@ -289,6 +293,7 @@ def _swap_in_another_pool(tables, tmp_path, fmt: str) -> Path:
     dest = tmp_path / f"f.{fmt}"
     shutil.copy(_single(tables, fmt), dest)
     shutil.copy(f"{_single(tables, fmt)}.json", f"{dest}.json")
+    (tmp_path / "max").mkdir()
     other = tmp_path / "max" / f"f.{fmt}"
     from typer.testing import CliRunner
 
@@ -415,7 +420,7 @@ def test_resume_keeps_the_finished_rows_in_every_format(
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         f"f.{fmt}",
         f"f.{fmt}.json",
-        "skipped.csv",
+        f"f.{fmt}.skipped.csv",
     ]
 
 

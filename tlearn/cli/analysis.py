@@ -29,6 +29,7 @@ from tlearn.cli.options import (
     run_options,
 )
 from tlearn.cli.render import err, out, progress_bars, report_skips, sweep_summary, sweep_table
+from tlearn.core.atomic import check_output_parent
 
 
 @handle_errors
@@ -81,6 +82,8 @@ def sweep_cmd(
     # only the command that runs loads its job (torch for these)
     from tlearn.jobs.sweep import sweep, write_sweep
 
+    if output is not None:
+        check_output_parent(output)  # before any work: a missing folder is one line
     with progress_bars(quiet) as bars:
         res = sweep(
             data,
@@ -146,6 +149,7 @@ def heatmap_cmd(
     # only the command that runs loads its job (torch for these)
     from tlearn.jobs.heatmap import heatmaps, write_heatmaps
 
+    check_output_parent(output)  # before any work: a missing folder is one line
     with progress_bars(quiet) as bars:
         res = heatmaps(
             model_dir,

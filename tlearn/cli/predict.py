@@ -201,6 +201,8 @@ def evaluate_cmd(
     # only the command that runs loads its job (fast --help)
     from tlearn.jobs.evaluate import evaluate
 
+    if output is not None:
+        check_output_parent(output)  # before any work: a missing folder is one line
     with progress_bars(quiet) as bars:
         res = evaluate(
             model_dir,

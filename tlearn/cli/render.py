@@ -4,6 +4,7 @@ the tables several commands print. Everything user-supplied is escaped for rich.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 
 from rich.console import Console
@@ -151,30 +152,57 @@ def human_size(n: int) -> str:
 
 
 class LogLines:
-    """Progress for logs: one line per stage when it starts, then one every `every_s`
-    seconds or `step` of the way, and one when it ends: count, rate and ETA. A stage
-    announced with total 0 is a phase without a count (loading, exporting)."""
+    """Progress for logs: a counted stage prints a line every `every_s` seconds or `step`
+    of the way and one when it ends (count, rate, ETA); a phase without a count (total
+    0: loading, exporting) prints nothing if it is quick, and a heartbeat thread says
+    "still ..." every `every_s` seconds while anything runs silently, so a log never
+    goes quiet for longer than that."""
 
     def __init__(self, console, every_s: float = 10.0, step: float = 0.1, clock=time.monotonic):
         self.console, self.every_s, self.step, self.clock = console, every_s, step, clock
         self.stages: dict[str, dict] = {}
+        self.current: str | None = None
+        self.last_line = clock()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="tlearn-log")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                now = self.clock()
+                if self.current is None or now - self.last_line < self.every_s:
+                    continue
+                s = self.stages[self.current]
+                self._print(f"{self.current} ... still running ({now - s['t0']:.0f}s)", now)
 
     def __call__(self, stage: str, done: int, total: int, info: str = "") -> None:
+        with self._lock:
+            self._update(stage, done, total, info)
+
+    def _update(self, stage: str, done: int, total: int, info: str) -> None:
         now = self.clock()
         s = self.stages.get(stage)
         if s is None:
             s = self.stages[stage] = {"t0": now, "last": None, "bucket": -1}
+        self.current = stage
         if total <= 0:
-            if s["last"] is None:
-                self._print(f"{stage} ...")
-                s["last"] = now
-            return
-        bucket = int(done / total / self.step) if total else 0
+            return  # a phase: the heartbeat speaks if it lasts
+        bucket = done * round(1 / self.step) // total  # integers: 30% is 30%, not 29.99%
         finished = done >= total
         due = s["last"] is None or now - s["last"] >= self.every_s or bucket > s["bucket"]
         if not (due or finished) or s.get("finished"):
             return
         s["last"], s["bucket"], s["finished"] = now, bucket, finished
+        if finished:
+            self.current = None
         elapsed = now - s["t0"]
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 and not finished else None
@@ -182,9 +210,10 @@ class LogLines:
         if elapsed > 0 and done:
             parts.append(f"{rate:.1f}/s")
         parts.append(f"{elapsed:.0f}s" if finished else (f"ETA {eta:.0f}s" if eta else ""))
-        self._print(", ".join(p for p in parts if p) + (f" | {info}" if info else ""))
+        self._print(", ".join(p for p in parts if p) + (f" | {info}" if info else ""), now)
 
-    def _print(self, line: str) -> None:
+    def _print(self, line: str, now: float) -> None:
+        self.last_line = now
         self.console.print(escape(line), highlight=False, soft_wrap=True)
 
 
@@ -203,6 +232,8 @@ class Bars:
         self.lines = LogLines(console) if log and not enabled else None
 
     def __enter__(self):
+        if self.lines is not None:
+            self.lines.start()
         if self.enabled:
             last = TextColumn("{task.fields[info]}") if self.info else TimeRemainingColumn()
             self.progress = Progress(
@@ -218,6 +249,8 @@ class Bars:
         return self
 
     def __exit__(self, *exc):
+        if self.lines is not None:
+            self.lines.stop()
         if self.progress is not None:
             self.progress.__exit__(*exc)
 

@@ -42,7 +42,7 @@ from tlearn.cache.remembered import (
 from tlearn.cache.store import FeatureStore, cache_root
 from tlearn.core.errors import UsageError
 from tlearn.core.hashing import file_sha256
-from tlearn.core.options import RunOptions
+from tlearn.core.options import RunOptions, check_device
 from tlearn.core.spec import DEFAULT_MODEL, CutSpec, bundled_weights_file
 from tlearn.core.stages import AUTOTUNE, Stages
 from tlearn.core.system import cpu_only
@@ -246,6 +246,7 @@ def open_engine(cut: CutRequest | SavedCut, run: RunOptions, *, backbone=None) -
             f"--decode gpu needs a CUDA device (--device {run.device} runs on the CPU here); "
             "use --decode cpu or auto"
         )
+    check_device(run.device)  # a typo fails before the backbone loads
     if backbone is None:
         warm = _warm_engine(cut, run)
         if warm is not None:

@@ -5,6 +5,7 @@ the numbers in the feature cache."""
 from __future__ import annotations
 
 from tlearn.core.errors import DataError, UsageError
+from tlearn.core.options import check_device
 from tlearn.data.pixels import PilSteps
 from tlearn.runtime.ort import ort_installed, ort_providers
 
@@ -55,8 +56,7 @@ def resolve_device(device: str = "auto"):
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise DataError(f"unknown --device '{device}'; allowed: auto, cpu, cuda, cuda:N, mps")
+    check_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DataError(f"--device {device}: CUDA is not available here; use --device cpu")
     if device == "mps" and not torch.backends.mps.is_available():

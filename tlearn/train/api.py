@@ -13,7 +13,7 @@ from tlearn.cache.remembered import check_layers
 from tlearn.cache.store import cache_root
 from tlearn.core.atomic import check_output_parent
 from tlearn.core.errors import UsageError
-from tlearn.core.options import RunOptions
+from tlearn.core.options import RunOptions, check_device
 from tlearn.core.spec import DEFAULT_MODEL
 from tlearn.data.split import check_val_split
 from tlearn.train.datasets import load_datasets
@@ -79,6 +79,7 @@ def fit_nn(
     options = options or TrainOptions()
     run = run or RunOptions()
     out_dir = check_output_parent(out_dir)
+    check_device(run.device)
     if isinstance(layers, str):
         layers = [p.strip() for p in layers.split(",") if p.strip()]
     preflight(
