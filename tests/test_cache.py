@@ -94,7 +94,15 @@ def test_second_run_is_served_from_the_cache(cache_dir, image_folder, tiny, monk
     monkeypatch.setattr(decode_module, "decoded_batches", no_workers)
     monkeypatch.setattr(stream_module, "torch_batches", no_workers)
     second, s2 = _extract(net, spec, cfg, paths)
-    assert s2 == {"backend": None, "device": "cpu", "cached": len(paths), "computed": 0}
+    stages = s2.pop("stages")
+    assert s2 == {
+        "backend": None,
+        "device": "cpu",
+        "cached": len(paths),
+        "computed": 0,
+        "decode": "cpu",
+    }
+    assert set(stages) == {"cache reads"}  # nothing decoded, computed or written
     np.testing.assert_array_equal(second.X, first.X)
     assert second.indices.tolist() == list(range(len(paths)))
 
@@ -318,7 +326,7 @@ def test_csv_written_by_worker_processes_is_byte_identical(
 ):
     """On machines with cores to spare the CSV text is made in worker processes while
     extraction goes on: same bytes, same row order, as writing it in the main process."""
-    import tlearn.features.table as table
+    import tlearn.features.formats.csv_format as table
 
     assert table.csv_workers(2) == 0 and table.csv_workers(16) == 4
     first = sorted((image_folder / "grass").iterdir())[0]

@@ -445,3 +445,43 @@ def test_predict_with_no_images(runner, fitted_model, tmp_path):
     r = runner.invoke(app, ["predict", str(fitted_model), str(tmp_path / "empty")])
     assert r.exit_code == 1
     assert "no" in r.stderr.lower()
+
+
+COMMANDS = [
+    ["models"],
+    ["layers"],
+    ["extract"],
+    ["fit"],
+    ["predict"],
+    ["evaluate"],
+    ["sweep"],
+    ["heatmap"],
+    ["merge"],
+    ["audit"],
+    ["export"],
+    ["cache", "info"],
+    ["cache", "clear"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_reads_well_at_80_columns(command):
+    """No `<bool>` after on/off flags, and every example fits on one line of an 80-column
+    terminal (a wrapped command line cannot be copied)."""
+    import inspect
+
+    from typer.testing import CliRunner
+
+    r = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "80", "TERM": "dumb"})
+    assert r.exit_code == 0, r.output
+    assert "<bool>" not in r.output
+    lines = [ln.strip(" │") for ln in r.output.splitlines()]
+    group = (
+        app
+        if len(command) == 1
+        else next(g.typer_instance for g in app.registered_groups if g.name == command[0])
+    )
+    fn = next(c.callback for c in group.registered_commands if c.name == command[-1])
+    for doc_line in inspect.getdoc(fn).splitlines():
+        if doc_line.startswith(("Example:", "torchrun")):
+            assert doc_line.strip() in lines, doc_line

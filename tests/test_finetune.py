@@ -519,15 +519,15 @@ def test_predict_and_evaluate_nn_models(nn_model, split_folder, runner):
     for tta in ("none", "10crop"):
         result = runner.invoke(app, ["predict", str(nn_model), val, "--all-scores", "--tta", tta])
         assert result.exit_code == 0, result.output
-        lines = result.output.strip().splitlines()
-        assert lines[0].startswith("path,prediction,score,score_asphalt")
+        lines = result.stdout.strip().splitlines()
+        assert lines[0].startswith("path,prediction,score,probability,score_asphalt")
         assert len(lines) == 1 + N_VAL
         for line in lines[1:]:
             probs = [float(v) for v in line.split(",")[-3:]]
             assert sum(probs) == pytest.approx(1, abs=1e-4)  # softmax probabilities
     ev = runner.invoke(app, ["evaluate", str(nn_model), val, "--json", "--tta", "flip"])
     assert ev.exit_code == 0, ev.output
-    m = json.loads(ev.output)
+    m = json.loads(ev.stdout)
     assert m["n_images"] == N_VAL and m["tta"] == "flip" and 0 <= m["accuracy"] <= 1
 
 

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, draw
 from tests.test_shard import REPO
 from tlearn.cli.app import app
 from tlearn.features.table import read_features_csv
@@ -39,7 +39,9 @@ def test_cuda_features_match_cpu_features(image_folder, tmp_path, runner):
     for device in ("cuda", "cpu"):
         csv = tmp_path / f"{device}.csv"
         r = runner.invoke(
-            app, ["extract", str(image_folder), "-o", str(csv), "--device", device, *TINY]
+            app,
+            ["extract", str(image_folder), "-o", str(csv), "--device", device, "--decode", "cpu"]
+            + TINY,
         )
         assert r.exit_code == 0, r.output
         out[device] = read_features_csv(csv)
@@ -95,3 +97,60 @@ def test_more_processes_than_gpus_is_one_clear_error(split_folder, tmp_path):
     lines = [line for line in r.stderr.splitlines() if "one GPU per process" in line]
     assert lines and all(line.startswith("error:") for line in lines), r.stderr[-3000:]
     assert not (tmp_path / "m").exists()
+
+
+def test_gpu_decoding_matches_cpu_decoding(tmp_path, runner):
+    """--decode gpu (nvJPEG, resize and crop on the GPU) against --decode cpu, both on
+    CUDA: the same rows and skipped images, features within cosine 0.999 (issue 15)."""
+    from tests.test_gpu_decode import _exif
+    from tlearn.data.image import load_image
+
+    data = tmp_path / "data"
+    for i in range(24):  # photo-like sizes, JPEG and PNG, one rotated, one broken
+        draw(data / f"c{i % 2}" / f"{i}.jpg", (40 * (i % 6), 120, 200), seed=i, size=(320, 240))
+    draw(data / "c0" / "p.png", (10, 200, 10), seed=99, fmt="PNG")
+    load_image(data / "c0" / "0.jpg").save(data / "c1" / "rot.jpg", exif=_exif(6))
+    (data / "c1" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = {}
+    for decode in ("cpu", "gpu"):
+        table = tmp_path / f"{decode}.parquet"
+        args = ["extract", str(data), "-o", str(table), "--device", "cuda", "--decode", decode]
+        r = runner.invoke(app, [*args, "--json", *TINY])
+        assert r.exit_code == 0, r.output
+        res = json.loads(r.stdout.strip().splitlines()[-1])
+        assert res["engine"]["decode"] == decode and res["skipped"] == 1
+        out[decode] = read_features_csv(table)
+        if decode == "gpu":
+            assert {"gpu decode", "forward (device)", "device-to-host"} <= set(
+                res["engine"]["stages"]
+            )
+    gpu, cpu = out["gpu"], out["cpu"]
+    assert gpu.paths == cpu.paths
+    cos = (gpu.X * cpu.X).sum(1) / (np.linalg.norm(gpu.X, axis=1) * np.linalg.norm(cpu.X, axis=1))
+    assert cos.min() > 0.999, cos.min()
+
+
+def test_batches_in_flight_and_padding_keep_the_features(image_folder):
+    """The CUDA runtime with 3 batches in flight, the last one padded, gives each image
+    the features it gets alone in a full batch."""
+    import torch
+
+    from tlearn.backbone.cut import feature_network
+    from tlearn.backbone.weights import open_backbone
+    from tlearn.runtime.torch_runtime import TorchRuntime
+    from tlearn.runtime.transforms import pixel_path
+
+    backbone = open_backbone("test_efficientnet", "none")
+    net, _ = feature_network(backbone, None, "avg")
+    px = pixel_path(backbone.data_config)
+    runtime = TorchRuntime(net, torch.device("cuda"), px)
+    rng = np.random.default_rng(0)
+    c, h, w = backbone.data_config["input_size"]
+    x = rng.integers(0, 256, (22, h, w, c), dtype=np.uint8)
+    whole = runtime(x[:8])
+    pending = [runtime.submit(x[i : i + 8]) for i in range(0, 22, 8)]  # 8, 8, 6 (padded)
+    got = np.concatenate([p.result() for p in pending])
+    assert runtime.pad_to == 8
+    np.testing.assert_allclose(got[:8], whole, rtol=1e-3, atol=1e-3)
+    alone = np.concatenate([runtime(x[i : i + 1]) for i in range(16, 22)])
+    np.testing.assert_allclose(got[16:], alone, rtol=1e-2, atol=1e-2)

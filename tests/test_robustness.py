@@ -181,13 +181,13 @@ def test_resume_refuses_a_partial_from_other_options(runner, image_folder, tmp_p
 
 
 def test_resume_drops_a_half_written_last_row(image_folder, tmp_path):
-    from tlearn.features.table import partial_rows
+    from tlearn.features.table import kept_rows
 
     out = tmp_path / "f.csv"
     meta = {"cut": {"model": "m"}, "data_config": {}, "feature_dim": 2}
     Path(f"{out}.partial.json").write_text(json.dumps(meta))
     Path(f"{out}.partial").write_text("path,label,f0,f1\r\na.png,x,1,2\r\nb.png,x,3")
-    assert partial_rows(out, meta) == ["a.png"]
+    assert kept_rows(out, meta) == [("a.png", "x")]
     assert Path(f"{out}.partial").read_bytes() == b"path,label,f0,f1\r\na.png,x,1,2\r\n"
 
 
@@ -267,15 +267,17 @@ def test_same_seed_same_features_and_same_svm(runner, image_folder, tmp_path):
         np.testing.assert_array_equal(outs[0][1][k], outs[1][1][k])
 
 
-def test_ctrl_c_during_extract_with_workers_is_quiet_and_resumable(tmp_path):
+@pytest.mark.parametrize("cache", [[], ["--no-cache"]], ids=["cache", "no-cache"])
+def test_ctrl_c_during_extract_with_workers_is_quiet_and_resumable(tmp_path, cache):
     """Ctrl-C reaches every process of the group: the decoding workers must leave it to
-    the main process (no tracebacks of theirs), which keeps the partial file and says how
-    to continue."""
+    the main process (no tracebacks of theirs), which keeps the partial file (flushed per
+    batch, with or without the feature cache) and says how to continue; --resume then
+    computes only the rest."""
     data = tmp_path / "many"
     make_dataset(data, n=60)  # 180 images, batches of 2
     out = tmp_path / "out.csv"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = _extract_cmd(data, out)
+    cmd = _extract_cmd(data, out, *cache)
     cmd[cmd.index("--workers") + 1] = "2"
     proc = subprocess.Popen(
         [c for c in cmd if c != "-q"],
@@ -294,6 +296,13 @@ def test_ctrl_c_during_extract_with_workers_is_quiet_and_resumable(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "interrupted" in err and "--resume" in err and str(partial) in err.replace("\n", "")
     assert partial.exists() and not out.exists()
-    r = subprocess.run(_extract_cmd(data, out, "--resume"), env=env, capture_output=True, text=True)
+    kept = len(pd.read_csv(partial))
+    assert kept > 0
+    resume = _extract_cmd(data, out, "--resume", "--json", *cache)
+    r = subprocess.run(resume, env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert len(pd.read_csv(out)) == 180
+    engine = json.loads(r.stdout)["engine"]
+    assert engine["computed"] + engine["cached"] == 180 - kept  # only the rest
+    if cache:
+        assert engine["cached"] == 0

@@ -35,7 +35,8 @@ _PUBLIC = {
     "CutRequest": "tlearn.features.engine",
     "SavedCut": "tlearn.features.engine",
     "open_engine": "tlearn.features.engine",
-    "read_features_csv": "tlearn.features.table",
+    "read_features_csv": "tlearn.features.table",  # the name before Parquet and NPY
+    "read_table": "tlearn.features.table",
     # jobs (extract and predict also split over --shard / torchrun)
     "extract": "tlearn.jobs.distributed",
     "predict": "tlearn.jobs.distributed",

@@ -119,6 +119,17 @@ def posthoc_bytes(posthoc: PostHoc) -> bytes:
 def load_model(model_dir: str | Path) -> SavedModel:
 
     model_dir = Path(model_dir)
+    if model_dir.is_file():
+        table = Path(f"{model_dir}.json").is_file() or model_dir.suffix.lower() in (
+            ".csv",
+            ".parquet",
+            ".npy",
+        )
+        what = " (a features table?)" if table else ""
+        raise ArtifactError(
+            f"{model_dir} is a file, not a model directory{what}; the model comes first: "
+            f"tlearn predict MODEL_DIR {model_dir} (make a model with tlearn fit)"
+        )
     if not model_dir.is_dir():
         raise ArtifactError(
             f"model directory {model_dir} does not exist (make one with tlearn fit)"

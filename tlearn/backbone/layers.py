@@ -4,7 +4,6 @@ layer names, and the cut points a sweep tries."""
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -12,7 +11,8 @@ import torch
 from torch import nn
 
 from tlearn.backbone.models import data_config_for
-from tlearn.core.errors import ModelError, UsageError
+from tlearn.core.errors import ModelError
+from tlearn.core.layers import LayerNames, resolve_layer_names
 from tlearn.core.spec import FINAL_LAYER
 
 
@@ -120,44 +120,19 @@ def list_layers(model: nn.Module, input_size: int | None = None) -> list[LayerIn
     return layers
 
 
-def resolve_layers(model: nn.Module, requested: Sequence[str] | str | None) -> tuple[str, ...]:
-    """Turn user input (names, stage indices like -1, "final") into module names."""
-    if requested is None:
-        return (FINAL_LAYER,)
-    if isinstance(requested, str):
-        requested = [p.strip() for p in requested.split(",") if p.strip()]
-    if not requested:
-        raise UsageError("--layer is empty; give a layer name from `tlearn layers MODEL`")
-    names = {n for n, _ in _tracked_modules(model)}
+def layer_names(model: nn.Module, name: str | None = None) -> LayerNames:
+    """The model's cut points (what --layer may name) and its feature stages; `name`: the
+    timm name it was created with (default: its architecture)."""
+    arch = name or (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "MODEL")
     stages = [fi["module"] for fi in (getattr(model, "feature_info", []) or [])]
-    out: list[str] = []
-    for item in requested:
-        if item == FINAL_LAYER:
-            out.append(item)
-            continue
-        try:
-            idx = int(item)
-        except ValueError:
-            idx = None
-        if idx is not None:
-            if not stages or not -len(stages) <= idx < len(stages):
-                raise UsageError(
-                    f"--layer {item}: stage index out of range; this model has {len(stages)} "
-                    f"feature stages (0..{len(stages) - 1} or -1..-{len(stages)})"
-                )
-            out.append(stages[idx])
-        elif item in names:
-            out.append(item)
-        else:
-            close = difflib.get_close_matches(item, sorted(names), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UsageError(
-                f"unknown layer '{item}'{hint} (list them with: tlearn layers "
-                f"{getattr(model, 'pretrained_cfg', {}).get('architecture', 'MODEL')})"
-            )
-    if len(set(out)) != len(out):
-        raise UsageError(f"--layer lists the same layer twice: {','.join(requested)}")
-    return tuple(out)
+    return LayerNames(arch, tuple(n for n, _ in _tracked_modules(model)), tuple(stages))
+
+
+def resolve_layers(
+    model: nn.Module, requested: Sequence[str] | str | None, option: str = "--layer"
+) -> tuple[str, ...]:
+    """Turn user input (names, stage indices like -1, "final") into module names."""
+    return resolve_layer_names(requested, layer_names(model), option)
 
 
 LAYER_SETS = ("stages", "all")

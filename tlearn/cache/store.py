@@ -89,16 +89,28 @@ def hash_files(paths: Sequence[str], threads: int | None = None) -> list[bytes |
 
 
 def cut_key(
-    spec, data_config: dict, *, draft: bool, precision: str, view: str = "plain"
+    spec,
+    data_config: dict,
+    *,
+    draft: bool,
+    precision: str,
+    view: str = "plain",
+    decoder: str = "cpu",
 ) -> tuple[str, dict]:
     """(hex key, the document it hashes) for one cut + preprocessing. `view`: "plain", or
-    "hflip" for the features of the mirror images (training with --augment flip)."""
+    "hflip" for the features of the mirror images (training with --augment flip).
+    Features of JPEGs decoded on the GPU (`decoder` "gpu": nvJPEG, resized by torch)
+    differ slightly from Pillow's, so they get their own key; the CPU key is what it
+    always was."""
 
+    decode: dict = {"jpeg_draft": bool(draft)}
+    if decoder != "cpu":
+        decode["decoder"] = decoder
     doc = {
         "format": CACHE_FORMAT,
         "cut": spec.identity(),
         "data_config": data_config,
-        "decode": {"jpeg_draft": bool(draft)},
+        "decode": decode,
         "precision": precision,
         "timm": dist_version("timm"),
         "pillow": dist_version("pillow"),
@@ -172,8 +184,11 @@ class FeatureStore:
         precision: str,
         view="plain",
         dtype: str = "float32",
+        decoder="cpu",
     ):
-        key, doc = cut_key(spec, data_config, draft=draft, precision=precision, view=view)
+        key, doc = cut_key(
+            spec, data_config, draft=draft, precision=precision, view=view, decoder=decoder
+        )
         if dtype != "float32":  # float32 keys stay as they were
             key, doc = doc_sha256({**doc, "dtype": dtype}), {**doc, "dtype": dtype}
         store = cls(folder=Path(root) / "features" / key, doc=doc, dtype=dtype)

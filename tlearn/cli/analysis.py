@@ -14,10 +14,13 @@ from tlearn.cli.options import (
     Backend,
     BackendOpt,
     BatchOpt,
+    Decode,
+    DecodeOpt,
     DeviceOpt,
     Head,
     LabelsOpt,
     ModelOpt,
+    MultiLabelOpt,
     NoCacheOpt,
     Pool,
     PoolOpt,
@@ -27,6 +30,7 @@ from tlearn.cli.options import (
     run_options,
 )
 from tlearn.cli.render import err, out, progress_bars, report_skips, sweep_summary, sweep_table
+from tlearn.core.atomic import check_output_parent
 
 
 @handle_errors
@@ -67,24 +71,21 @@ def sweep_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the sweep as JSON.")] = False,
     backend: BackendOpt = Backend.auto,
     no_cache: NoCacheOpt = False,
+    decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
-    multi_label: Annotated[
-        bool,
-        typer.Option(
-            "--multi-label",
-            help="--labels FILE holds label sets (joined by ';'): score cuts by CV mAP.",
-        ),
-    ] = False,
+    multi_label: MultiLabelOpt = False,
 ):
     """Where to cut: one forward pass per image collects pooled features at every candidate
     layer, then a cross-validated linear head scores each layer (and pairs of the best).
     Uses the training images only; recommends the most accurate cut (ties: the cheaper).
 
-    Example: tlearn sweep sample_data/roads/train --layers all -o sweep-roads
+    Example: tlearn sweep sample_data/roads/train --layers all -o sweep-out
     """
     # only the command that runs loads its job (torch for these)
     from tlearn.jobs.sweep import sweep, write_sweep
 
+    if output is not None:
+        check_output_parent(output)  # before any work: a missing folder is one line
     with progress_bars(quiet) as bars:
         res = sweep(
             data,
@@ -98,7 +99,7 @@ def sweep_cmd(
             seed=seed,
             pairs=pairs,
             labels_csv=labels,
-            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
             multi_label=multi_label,
         )
     report_skips(res.skipped, res.warnings, quiet)
@@ -146,11 +147,12 @@ def heatmap_cmd(
     (red: evidence for the class, blue: against). Needs a linear head (svm, logreg) at a
     single layer with avg pooling.
 
-    Example: tlearn heatmap roads-model photo1.jpg photos/ -o heatmaps --class gravel
+    Example: tlearn heatmap roads-model photo.jpg -o heatmaps --class gravel
     """
     # only the command that runs loads its job (torch for these)
     from tlearn.jobs.heatmap import heatmaps, write_heatmaps
 
+    check_output_parent(output)  # before any work: a missing folder is one line
     with progress_bars(quiet) as bars:
         res = heatmaps(
             model_dir,

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from typer.core import TyperOption
 
 import tlearn.cli.analysis as analysis
 import tlearn.cli.audit as audit
@@ -27,6 +28,24 @@ from tlearn.core.system import is_secondary_rank
 from tlearn.core.version import __version__
 from tlearn.scale.group import check_torchrun_command
 
+
+def _flags_show_no_type() -> None:
+    """typer 0.29 prints `<bool>` after every on/off flag in --help (--quiet <bool>,
+    --help <bool>), which reads as if the flag took a value: flags show no type."""
+    shown = TyperOption.display_type_rich
+    if getattr(shown, "tlearn_flags", False):
+        return
+
+    def display_type_rich(self, ctx):
+        if getattr(self, "is_bool_flag", False) and self.metavar is None:
+            return None
+        return shown(self, ctx)
+
+    display_type_rich.tlearn_flags = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_type()
 app = typer.Typer(
     name="tlearn",
     help="Transfer learning on image folders: cut a pretrained backbone at any layer, "

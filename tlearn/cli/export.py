@@ -56,7 +56,7 @@ def export_cmd(
     resize and crop, the class names and the model's hash are in the file's metadata;
     docs/onnx_example.py runs it with onnxruntime, numpy and Pillow only.
 
-    Example: tlearn export roads-model -o roads.onnx --quantize int8 --check roads/val
+    Example: tlearn export roads-model -o roads.onnx --quantize int8
     """
     # only the command that runs loads its job (torch for the export)
     from tlearn.jobs.export import export_model

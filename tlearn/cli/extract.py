@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -12,10 +13,13 @@ from tlearn.cli.options import (
     Backend,
     BackendOpt,
     BatchOpt,
+    Decode,
+    DecodeOpt,
     DeviceOpt,
     LabelsOpt,
     LayerOpt,
     ModelOpt,
+    MultiLabelOpt,
     NoCacheOpt,
     Pool,
     PoolOpt,
@@ -27,6 +31,7 @@ from tlearn.cli.options import (
     run_options,
 )
 from tlearn.cli.render import engine_note, err, progress_bars, report_skips
+from tlearn.core.errors import UsageError
 from tlearn.features.table import partial_path
 from tlearn.scale.merge import merge_parts
 from tlearn.scale.shard import Shard
@@ -39,7 +44,15 @@ def extract_cmd(
     data: Annotated[
         list[Path], typer.Argument(help="Folder of class sub-folders, or images/folders.")
     ],
-    output: Annotated[str, typer.Option("--output", "-o", help="CSV file, or - for stdout.")],
+    output: Annotated[
+        str,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The table: .parquet (or .pq) for Parquet, .npy for NPY, else CSV; - for CSV "
+            "on stdout.",
+        ),
+    ],
     model: ModelOpt = "tf_efficientnet_lite0",
     weights: WeightsOpt = "auto",
     layer: LayerOpt = None,
@@ -57,25 +70,31 @@ def extract_cmd(
     workers: WorkersOpt = None,
     backend: BackendOpt = Backend.auto,
     no_cache: NoCacheOpt = False,
+    decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
-    multi_label: Annotated[
+    multi_label: MultiLabelOpt = False,
+    as_json: Annotated[
         bool,
         typer.Option(
-            "--multi-label",
-            help="--labels FILE holds label sets (joined by ';', empty = none), kept as such "
-            "in the label column for fit --multi-label.",
+            "--json",
+            help="Print a JSON summary on stdout: rows, start-up and run seconds, images/s, "
+            "and the seconds of each stage (decode, forward, output, ...).",
         ),
     ] = False,
 ):
-    """Extract pooled features at the cut and write CSV columns path,label,f0..fN, plus a
-    sidecar OUTPUT.json recording the backbone, layer, pool and preprocessing.
+    """Extract pooled features at the cut and write a table with columns path, label,
+    f0..fN (CSV, Parquet or NPY by the extension of OUTPUT; NPY keeps paths and labels in
+    the sidecar), plus a sidecar OUTPUT.json recording the backbone, layer, pool and
+    preprocessing, and the table's rows and sha256.
 
-    Example: tlearn extract sample_data/roads/train -o features.csv --layer blocks.5
+    Example: tlearn extract sample_data/roads/train -o f.parquet --layer blocks.5
     """
     # only the command that runs loads its job (fast --help)
     from tlearn.jobs.distributed import extract
 
+    if as_json and output == "-":
+        raise UsageError("--json prints on stdout, where -o - writes the CSV; use -o FILE")
     try:
         with progress_bars(quiet) as bars:
             res = extract(
@@ -89,7 +108,9 @@ def extract_cmd(
                 strict=strict,
                 resume=resume,
                 multi_label=multi_label,
-                run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+                run=run_options(
+                    batch_size, device, workers, quiet, bars, backend, no_cache, decode
+                ),
                 shard=None if shard is None else Shard.parse(shard),
             )
     except KeyboardInterrupt:
@@ -105,6 +126,8 @@ def extract_cmd(
     if res is None:  # a torchrun rank other than 0: rank 0 merged and reports
         return
     report_skips(res.skipped, res.warnings, quiet)
+    if as_json:
+        typer.echo(json.dumps(res.summary()))
     if not quiet:
         dest = "stdout" if output == "-" else res.out
         err.print(
@@ -133,6 +156,7 @@ def merge_cmd(
     """
 
     res = merge_parts(parts, output)
+    report_skips([], res.warnings, quiet)
     if not quiet:
         if res.skipped:
             err.print(f"[yellow]{len(res.skipped)} image(s) skipped[/]", highlight=False)

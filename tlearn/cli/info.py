@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tlearn.cli.errors import handle_errors
 from tlearn.cli.render import err, out
-from tlearn.core.errors import TlearnError
-from tlearn.report.plots import plot_layers
 
 # ----------------------------------------------------------------------------- models / layers
 
@@ -65,23 +64,12 @@ def layers_cmd(
     Example: tlearn layers tf_efficientnet_lite0 --input-size 224
     """
     # torch + timm: only the command that runs loads them
-    import timm
+    from tlearn.jobs.layers import layer_table
 
-    # torch + timm: only the command that runs loads them
-    from tlearn.backbone.layers import list_layers
-    from tlearn.backbone.models import create_model, data_config_for, unknown_model_message
-
-    if model not in timm.list_models():
-        raise TlearnError(unknown_model_message(model))
-    net = create_model(model, pretrained=False)
-    size = input_size or data_config_for(net)["input_size"][1]
-    layers = list_layers(net, size)
-    if plot is not None:
-        # torch + timm: only the command that runs loads them
-        from tlearn.backbone.layers import overview_layers
-
-        plot_layers(overview_layers(net, layers), plot, f"{model} at {size}x{size}")
-        err.print(f"wrote {plot}", highlight=False)
+    res = layer_table(model, input_size, plot)
+    layers, size = res.layers, res.input_size
+    if res.plot is not None:
+        err.print(f"wrote {res.plot}", highlight=False)
     if as_json:
         typer.echo(
             json.dumps(
@@ -117,7 +105,7 @@ def layers_cmd(
         table.add_column(col, justify="right" if col not in ("layer", "type") else "left")
     for li in layers:
         table.add_row(
-            li.name,
+            escape(li.name),
             li.type,
             " x ".join(map(str, li.shape)),
             f"/{li.reduction}" if li.reduction else "",

@@ -111,8 +111,40 @@ NoCacheOpt = Annotated[
 ]
 
 
+class Decode(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    gpu = "gpu"
+
+
+MultiLabelOpt = Annotated[
+    bool,
+    typer.Option(
+        "--multi-label",
+        help="Each image has a set of labels: --labels FILE with labels joined by ';' "
+        "(empty = none); one-vs-rest heads with per-label thresholds, scored by mAP.",
+    ),
+]
+
+DecodeOpt = Annotated[
+    Decode,
+    typer.Option(
+        "--decode",
+        help="Where JPEGs are decoded: auto (gpu on CUDA with the torch backend, else cpu), "
+        "cpu (worker processes) or gpu (nvJPEG; other files take the CPU path).",
+    ),
+]
+
+
 def run_options(
-    batch_size, device, workers, quiet, progress=None, backend=Backend.auto, no_cache=False
+    batch_size,
+    device,
+    workers,
+    quiet,
+    progress=None,
+    backend=Backend.auto,
+    no_cache=False,
+    decode=Decode.auto,
 ):
 
     return RunOptions(
@@ -122,6 +154,7 @@ def run_options(
         progress=progress,
         backend=Backend(backend).value,
         cache=not no_cache,
+        decode=Decode(decode).value,
     )
 
 

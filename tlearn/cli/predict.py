@@ -19,6 +19,8 @@ from tlearn.cli.options import (
     Backend,
     BackendOpt,
     BatchOpt,
+    Decode,
+    DecodeOpt,
     DeviceOpt,
     Format,
     LabelsOpt,
@@ -55,7 +57,9 @@ def predict_cmd(
     model_dir: Annotated[
         Path, typer.Argument(help="Model directory from tlearn fit, or a .onnx from tlearn export.")
     ],
-    paths: Annotated[list[Path], typer.Argument(help="Images and/or folders (or a features CSV).")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="Images and/or folders (or a features table).")
+    ],
     fmt: Annotated[
         Format | None,
         typer.Option(
@@ -87,6 +91,7 @@ def predict_cmd(
     workers: WorkersOpt = None,
     backend: BackendOpt = Backend.auto,
     no_cache: NoCacheOpt = False,
+    decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
     coverage: Annotated[
@@ -109,7 +114,7 @@ def predict_cmd(
     probability, and whether the image is unlike the training images (ood_score,
     unknown). A multi-label model gives the set of labels and every label's probability.
 
-    Example: tlearn predict roads-model photo1.jpg more_photos/ --format jsonl
+    Example: tlearn predict roads-model photos/ -o predictions.jsonl
 
     Example: tlearn predict roads-model photos/ --coverage 0.9 --reject
     """
@@ -129,7 +134,7 @@ def predict_cmd(
             paths,
             strict=strict,
             tta=tta.value,
-            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
             shard=part,
             coverage=coverage,
             reject=reject,
@@ -210,7 +215,7 @@ def predictions_table(records: list[dict], k: int, score_kind: str, layout=None)
 @handle_errors
 def evaluate_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Model directory from tlearn fit.")],
-    data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a features CSV.")],
+    data: Annotated[Path, typer.Argument(help="Folder of class sub-folders, or a features table.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON.")] = False,
     output: Annotated[
         Path | None,
@@ -229,6 +234,7 @@ def evaluate_cmd(
     workers: WorkersOpt = None,
     backend: BackendOpt = Backend.auto,
     no_cache: NoCacheOpt = False,
+    decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
     coverage: Annotated[
         float | None,
@@ -243,11 +249,13 @@ def evaluate_cmd(
     ECE, NLL and Brier score of the probabilities; how many images look unlike the
     training images. Multi-label models: mAP, micro/macro F1, subset accuracy.
 
-    Example: tlearn evaluate roads-model sample_data/roads/val --json --coverage 0.9
+    Example: tlearn evaluate roads-model roads/val --json --coverage 0.9
     """
     # only the command that runs loads its job (fast --help)
     from tlearn.jobs.evaluate import evaluate
 
+    if output is not None:
+        check_output_parent(output)  # before any work: a missing folder is one line
     with progress_bars(quiet) as bars:
         res = evaluate(
             model_dir,
@@ -255,7 +263,7 @@ def evaluate_cmd(
             labels_csv=labels,
             strict=strict,
             tta=tta.value,
-            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache),
+            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
             coverage=coverage,
         )
     report_skips(res.skipped, res.warnings, quiet)

@@ -4,6 +4,8 @@ the tables several commands print. Everything user-supplied is escaped for rich.
 from __future__ import annotations
 
 import sys
+import threading
+import time
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,9 +25,10 @@ err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable l
 
 
 def progress_bars(quiet: bool):
-    """Progress bars on stderr, only when it is a terminal and not --quiet."""
-
-    return Bars(err, enabled=not quiet and err.is_terminal and not err.quiet)
+    """Progress on stderr unless --quiet: bars on a terminal, else (a log, a pipe) a line
+    every ~10 s or 10% of each stage (count, rate, ETA)."""
+    shown = not quiet and not err.quiet
+    return Bars(err, enabled=shown and err.is_terminal, log=shown and not err.is_terminal)
 
 
 def report_skips(skipped, warnings, quiet: bool) -> None:
@@ -183,19 +186,89 @@ def human_size(n: int) -> str:
     return f"{n:.1f} GiB"
 
 
-class Bars:
-    """One bar per stage while `enabled` (a terminal, not --quiet). Called as the
-    library's progress callback: (stage, done, total). With `info`, a text column after
-    the bar that `update(task, info=...)` fills (training: loss and accuracy)."""
+class LogLines:
+    """Progress for logs: a counted stage prints a line every `every_s` seconds or `step`
+    of the way and one when it ends (count, rate, ETA); a phase without a count (total
+    0: loading, exporting) prints nothing if it is quick, and a heartbeat thread says
+    "still ..." every `every_s` seconds while anything runs silently, so a log never
+    goes quiet for longer than that."""
 
-    def __init__(self, console, enabled: bool, info: bool = False):
+    def __init__(self, console, every_s: float = 10.0, step: float = 0.1, clock=time.monotonic):
+        self.console, self.every_s, self.step, self.clock = console, every_s, step, clock
+        self.stages: dict[str, dict] = {}
+        self.current: str | None = None
+        self.last_line = clock()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._heartbeat, daemon=True, name="tlearn-log")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(1.0):
+            with self._lock:
+                now = self.clock()
+                if self.current is None or now - self.last_line < self.every_s:
+                    continue
+                s = self.stages[self.current]
+                self._print(f"{self.current} ... still running ({now - s['t0']:.0f}s)", now)
+
+    def __call__(self, stage: str, done: int, total: int, info: str = "") -> None:
+        with self._lock:
+            self._update(stage, done, total, info)
+
+    def _update(self, stage: str, done: int, total: int, info: str) -> None:
+        now = self.clock()
+        s = self.stages.get(stage)
+        if s is None:
+            s = self.stages[stage] = {"t0": now, "last": None, "bucket": -1}
+        self.current = stage
+        if total <= 0:
+            return  # a phase: the heartbeat speaks if it lasts
+        bucket = done * round(1 / self.step) // total  # integers: 30% is 30%, not 29.99%
+        finished = done >= total
+        due = s["last"] is None or now - s["last"] >= self.every_s or bucket > s["bucket"]
+        if not (due or finished) or s.get("finished"):
+            return
+        s["last"], s["bucket"], s["finished"] = now, bucket, finished
+        if finished:
+            self.current = None
+        elapsed = now - s["t0"]
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (total - done) / rate if rate > 0 and not finished else None
+        parts = [f"{stage}: {done}/{total} ({100 * done / total:.0f}%)"]
+        if elapsed > 0 and done:
+            parts.append(f"{rate:.1f}/s")
+        parts.append(f"{elapsed:.0f}s" if finished else (f"ETA {eta:.0f}s" if eta else ""))
+        self._print(", ".join(p for p in parts if p) + (f" | {info}" if info else ""), now)
+
+    def _print(self, line: str, now: float) -> None:
+        self.last_line = now
+        self.console.print(escape(line), highlight=False, soft_wrap=True)
+
+
+class Bars:
+    """One bar per stage while `enabled` (a terminal, not --quiet), or lines for a log
+    with `log` (LogLines). Called as the library's progress callback: (stage, done,
+    total). With `info`, a text column after the bar that `update(task, info=...)` fills
+    (training: loss and accuracy)."""
+
+    def __init__(self, console, enabled: bool, info: bool = False, log: bool = False):
         self.console = console
         self.enabled = enabled
         self.info = info
         self.progress = None
         self.tasks: dict[str, int] = {}
+        self.lines = LogLines(console) if log and not enabled else None
 
     def __enter__(self):
+        if self.lines is not None:
+            self.lines.start()
         if self.enabled:
             last = TextColumn("{task.fields[info]}") if self.info else TimeRemainingColumn()
             self.progress = Progress(
@@ -211,6 +284,8 @@ class Bars:
         return self
 
     def __exit__(self, *exc):
+        if self.lines is not None:
+            self.lines.stop()
         if self.progress is not None:
             self.progress.__exit__(*exc)
 
@@ -219,8 +294,10 @@ class Bars:
         return self.progress.add_task(description, total=total, **fields)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.lines is not None:
+            self.lines(stage, done, total)
         if self.progress is None:
             return
         if stage not in self.tasks:
-            self.tasks[stage] = self.add(stage, total)
-        self.progress.update(self.tasks[stage], completed=done, total=total)
+            self.tasks[stage] = self.add(stage, total or None)  # 0: a phase, no count
+        self.progress.update(self.tasks[stage], completed=done, total=total or None)

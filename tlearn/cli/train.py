@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tlearn.cli.render import Bars, engine_note, print_validation, report_skips
+from tlearn.cli.render import Bars, engine_note, posthoc_lines, print_validation, report_skips
 from tlearn.core.errors import UsageError
 from tlearn.core.options import RunOptions
 
@@ -329,6 +329,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                     "seconds": res.seconds,
                     "features": res.features,
                     "prefix_maps": res.prefix_maps,
+                    "calibration": res.calibration,
                 }
             )
         )
@@ -351,6 +352,9 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         f"{res.seconds:.1f}s -> {res.out_dir}",
         highlight=False,
     )
+    if not quiet:
+        for line in posthoc_lines(res.calibration):
+            err.print(line, highlight=False)
     print_validation(res.val_metrics, res.n_val)
 
 
@@ -431,7 +435,8 @@ class TrainView:
 
         self.err = err
         self.quiet = quiet
-        self.bars = Bars(err, enabled=not quiet and err.is_terminal, info=True)
+        shown = not quiet
+        self.bars = Bars(err, enabled=shown and err.is_terminal, info=True, log=shown)
         self.progress_cb = self.bars  # the library's progress callback
         self.epoch_task = None
 
@@ -454,6 +459,14 @@ class TrainView:
         elif name == "epoch_start" and self.progress is not None:
             title = f"epoch {data['epoch']}/{data['epochs']}"
             self.epoch_task = self.bars.add(title, data["total"])
+        elif name == "batch" and self.bars.lines is not None and data["done"] < data["total"]:
+            # a log: a line every ~10 s of a long epoch (the epoch's end has its own line)
+            self.bars.lines(
+                f"epoch {data['epoch']}",
+                data["done"],
+                data["total"],
+                info=f"loss {data['loss']:.3f} acc {data['acc']:.3f}",
+            )
         elif name == "batch" and self.progress is not None and self.epoch_task is not None:
             self.progress.update(
                 self.epoch_task,

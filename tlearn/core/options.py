@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tlearn.core.errors import UsageError
+from tlearn.core.errors import DataError, UsageError
 
 # progress(stage, done, total): the CLI draws bars from it; None = silent.
 Progress = Callable[[str, int, int], None]
@@ -22,6 +22,7 @@ class RunOptions:
     backend: str = "auto"  # auto | torch | onnx (tlearn.runtime)
     cache: bool = True  # read and write the on-disk feature cache (tlearn.cache)
     draft: bool = True  # JPEGs may decode at a reduced scale (data.load_image's min_size)
+    decode: str = "auto"  # auto | cpu | gpu: where JPEGs decode (runtime.device.choose_decode)
 
     def bar(self, stage: str):
         """A (done, total) progress callback for one stage, or None when silent."""
@@ -48,3 +49,14 @@ def check_tta(tta: str) -> str:
     if tta not in TTAS:
         raise UsageError(f"unknown --tta '{tta}'; allowed: {', '.join(TTAS)}")
     return tta
+
+
+def check_device(device: str) -> str:
+    """--device is auto, cpu, cuda, cuda:N or mps (whether it exists here is checked when
+    torch opens it)."""
+    ok = device in ("auto", "cpu", "cuda", "mps") or (
+        device.startswith("cuda:") and device[5:].isdigit()
+    )
+    if not ok:
+        raise DataError(f"unknown --device '{device}'; allowed: auto, cpu, cuda, cuda:N, mps")
+    return device

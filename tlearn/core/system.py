@@ -117,3 +117,18 @@ def versions() -> dict:
         "torch": dist_version("torch"),
         "scikit-learn": dist_version("scikit-learn"),
     }
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux: /proc, 10 ms resolution), so start-up
+    can include the interpreter and its imports; None where it cannot be read."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            stat = f.read()
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        # the command name (field 2) may hold spaces: count fields after its ")"
+        start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

@@ -124,16 +124,9 @@ def ordered_map(fn, jobs: Iterator, workers: int, prefetch: int, died) -> Iterat
     if workers <= 0:
         yield from map(fn, jobs)
         return
-    ctx = _context()
     in_flight = workers * prefetch
-    # ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a crash inside a
-    # decoder, the OOM killer) fails the pending jobs instead of hanging the run.
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_leave_ctrl_c_to_main)
+    pool = worker_pool(workers)
     try:
-        # Start every worker now, before `jobs` runs anything: forking later would copy a
-        # process that by then runs ONNX Runtime / CUDA threads.
-        for f in [pool.submit(os.getpid) for _ in range(workers)]:
-            f.result()
         pending: deque = deque()
 
         def submit():
@@ -154,6 +147,21 @@ def ordered_map(fn, jobs: Iterator, workers: int, prefetch: int, died) -> Iterat
             submit()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of `workers` processes, all started before this returns: forking later
+    would copy a process that by then runs ONNX Runtime / CUDA threads. Ctrl-C is left to
+    the main process. ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a
+    crash inside a decoder, the OOM killer) fails the pending jobs instead of hanging."""
+    pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=_leave_ctrl_c_to_main)
+    try:
+        for f in [pool.submit(os.getpid) for _ in range(workers)]:
+            f.result()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return pool
 
 
 def default_workers(n_images: int, batch_size: int, device_type: str = "cpu") -> int:

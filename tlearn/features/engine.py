@@ -35,16 +35,20 @@ from tlearn.cache.remembered import (
     recall_cut,
     recall_pixels,
     remember_cut,
+    remember_layers,
     remember_pixels,
     request_key,
 )
 from tlearn.cache.store import FeatureStore, cache_root
+from tlearn.core.errors import UsageError
 from tlearn.core.hashing import file_sha256
-from tlearn.core.options import RunOptions
+from tlearn.core.options import RunOptions, check_device
 from tlearn.core.spec import DEFAULT_MODEL, CutSpec, bundled_weights_file
+from tlearn.core.stages import AUTOTUNE, Stages
 from tlearn.core.system import cpu_only
 from tlearn.data.imageset import Skipped
 from tlearn.features.stream import FeatureBatch, Features, extract_array, iter_features
+from tlearn.runtime.device import validate_decode
 from tlearn.runtime.ort import CpuDevice, LazyRuntime, OnnxRuntime, onnx_path, ort_installed
 
 
@@ -84,6 +88,11 @@ class Engine:
     network: object = None  # the torch feature network of a cold engine; None when warm
     view: str = "plain"  # or "hflip": features of the mirror images (see mirrored())
     stores: list = field(default_factory=list)
+    decode: str = "cpu"  # where JPEGs are decoded: cpu or gpu (runtime.device.choose_decode)
+    stages: Stages = field(default_factory=Stages)  # where the time goes
+
+    def __post_init__(self) -> None:
+        self.runtime.stages = self.stages
 
     def _open_store(self) -> FeatureStore:
         return FeatureStore.open(
@@ -93,6 +102,7 @@ class Engine:
             draft=self.draft,
             precision=self.precision,
             view=self.view,
+            decoder=self.decode,
         )
 
     def mirrored(self) -> Engine:
@@ -129,6 +139,8 @@ class Engine:
             progress=run.bar(stage),
             cache=self._store(),
             draft=self.draft,
+            decoder=self.decode,
+            stages=self.stages,
         )
 
     def extract(self, paths: Sequence[str], run: RunOptions, *, stage: str) -> Features:
@@ -142,6 +154,8 @@ class Engine:
             progress=run.bar(stage),
             cache=self._store(),
             draft=self.draft,
+            decoder=self.decode,
+            stages=self.stages,
         )
         feats.notes = self.notes
         return feats
@@ -161,16 +175,44 @@ class Engine:
             import torch
 
             x = torch.zeros(1, c, h, w)
-        return int(self.runtime.open()(x).shape[1])
+        return int(self._untimed(x).shape[1])
+
+    def _untimed(self, x):
+        """The opened runtime on `x`, its time kept out of the run's stages (sizing the
+        features and the warm-up are start-up, reported as such)."""
+        runtime = self.runtime.open()
+        stages = getattr(runtime, "stages", None)
+        if stages is not None:
+            runtime.stages = None
+        try:
+            return runtime(x)
+        finally:
+            if stages is not None:
+                runtime.stages = stages
+
+    def warm_up(self, run: RunOptions, images: int) -> None:
+        """On CUDA, before a run computes `images` images: one batch of zeros at the run's
+        batch size, so cuDNN picks its kernels (torch.backends.cudnn.benchmark) before the
+        first image is read. The runtime pads smaller batches to that size, so it picks
+        them once. Elsewhere nothing: there is nothing to tune."""
+        if images <= 0 or getattr(self.runtime.device, "type", "cpu") != "cuda":
+            return
+        if self.runtime.transform is None:
+            return  # float input: only the torch DataLoader path, which is left as it is
+        c, h, w = self.data_config["input_size"]
+        with self.stages.timed(AUTOTUNE):
+            self._untimed(np.zeros((min(images, run.batch_size), h, w, c), np.uint8))
 
     def summary(self) -> dict:
         """backend that ran (None if every image came from the cache), images read from the
-        cache and images computed."""
+        cache and images computed, where JPEGs were decoded, and seconds per stage."""
         return {
             "backend": self.runtime.name,
             "device": str(self.runtime.device),
             "cached": sum(s.served for s in self.stores),
             "computed": self.runtime.images,
+            "decode": self.decode,
+            "stages": self.stages.to_dict(),
         }
 
 
@@ -198,6 +240,13 @@ def open_engine(cut: CutRequest | SavedCut, run: RunOptions, *, backbone=None) -
     and the cache has all it needs, else cold (the backbone loaded, cut and run through
     the backend --backend/--device choose). `backbone`: an already loaded
     backbone.weights.Backbone (the sweep, `fit --layer auto`), which is always cold."""
+    validate_decode(run.decode)
+    if run.decode == "gpu" and cpu_only(run.device):
+        raise UsageError(
+            f"--decode gpu needs a CUDA device (--device {run.device} runs on the CPU here); "
+            "use --decode cpu or auto"
+        )
+    check_device(run.device)  # a typo fails before the backbone loads
     if backbone is None:
         warm = _warm_engine(cut, run)
         if warm is not None:
@@ -286,12 +335,17 @@ def _cold_engine(
     is remembered so that the next run of it can be warm."""
     # the cold path: torch, timm and the ONNX exporter
     from tlearn.backbone.cut import FeatureNetwork, feature_network
+    from tlearn.backbone.layers import layer_names
     from tlearn.backbone.weights import backbone_for_spec, open_backbone
-    from tlearn.runtime.device import choose_backend, precision, resolve_device
+    from tlearn.runtime.device import choose_backend, choose_decode, precision, resolve_device
     from tlearn.runtime.export import open_runtime
+    from tlearn.runtime.gpu_decode import gpu_decoder_available
     from tlearn.runtime.transforms import pixel_path
 
     remember = False
+    loading = run.bar("load backbone")
+    if loading is not None and backbone is None:
+        loading(0, 0)  # a phase of seconds (timm's import, the weights): say so in logs
     if isinstance(cut, SavedCut):
         loaded = backbone_for_spec(cut.spec, seed=cut.seed)
         net = FeatureNetwork(loaded.model, cut.spec.layers, cut.spec.pool).eval()
@@ -306,7 +360,10 @@ def _cold_engine(
     root = cache_root()  # exported graphs and resolved cuts; features only with run.cache
     notes = [] if notes is None else notes
     pixels = pixel_path(data_config)
+    steps = pixels[0] if pixels else None
+    decode = choose_decode(run.decode, dev.type, chosen, steps, gpu_decoder_available(dev))
     remember_pixels(root, data_config, pixels)
+    remember_layers(root, layer_names(loaded.model, spec.model))  # --layer checks, no torch
     if remember:
         ident = loaded_identity(loaded.weights, cut.seed)
         if ident is not None:
@@ -314,6 +371,9 @@ def _cold_engine(
             remember_cut(root, key, spec, data_config)
 
     def opener():
+        preparing = run.bar("prepare the inference runtime")
+        if preparing is not None:
+            preparing(0, 0)  # exporting the ONNX graph the first time takes seconds
         return open_runtime(
             net,
             spec,
@@ -334,4 +394,5 @@ def _cold_engine(
         draft=run.draft,
         precision=precision(chosen, dev),
         notes=notes,
+        decode=decode,
     )

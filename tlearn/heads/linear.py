@@ -82,6 +82,7 @@ class LinearHead:
     coef_: np.ndarray | None = None  # (K, D), one row per class, even for K=2
     intercept_: np.ndarray | None = None  # (K,)
     C_: float | None = None
+    folds_: int | None = None  # the folds CV actually used (fewer for a small class)
     cv_results_: list[CVResult] = field(default_factory=list)
     oof_decision_: np.ndarray | None = None  # (n, K) out-of-fold decisions at C_ (heads.posthoc)
     converged_: bool = True
@@ -95,7 +96,9 @@ class LinearHead:
     def iterations(self) -> int:
         return self.max_iter or MAX_ITER[self.kind]
 
-    def fit(self, X: np.ndarray, y: np.ndarray, classes: list[str]) -> LinearHead:
+    def fit(self, X: np.ndarray, y: np.ndarray, classes: list[str], progress=None) -> LinearHead:
+        """Fit on features X with labels y (indices into `classes`); `progress(done,
+        total)` follows the C grid's cross-validation."""
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y)
         present = np.unique(y)
@@ -107,7 +110,7 @@ class LinearHead:
         self.classes_ = list(classes)
         self.notes_ = []
         self.oof_decision_ = None
-        self.C_ = self.C if self.C is not None else self._choose_C(X, y)
+        self.C_ = self.C if self.C is not None else self._choose_C(X, y, progress)
         if self.C is not None and self.keep_oof:
             self.oof_decision_ = self._cv_at(self.C_, X, y, self._cv(y), 1)[1]
         est = self._fit_one(X, y, self.C_)
@@ -138,6 +141,7 @@ class LinearHead:
         counts = np.bincount(y)
         counts = counts[counts > 0]
         folds = int(min(self.folds, counts.min()))
+        self.folds_ = folds if folds >= 2 else None
         if folds < 2:
             return None
         return StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed)
@@ -171,7 +175,7 @@ class LinearHead:
         r = CVResult(C, float(scores.mean()), float(scores.std()), time.perf_counter() - t0)
         return r, oof
 
-    def _choose_C(self, X: np.ndarray, y: np.ndarray) -> float:
+    def _choose_C(self, X: np.ndarray, y: np.ndarray, progress=None) -> float:
         cv = self._cv(y)
         if cv is None:
             counts = np.bincount(y)
@@ -188,12 +192,16 @@ class LinearHead:
         for C in C_GRID:  # ascending: small C is cheap; stop once scores keep falling
             r, oof = self._cv_at(C, X, y, cv, n_jobs)
             self.cv_results_.append(r)
+            if progress is not None:
+                progress(len(self.cv_results_), len(C_GRID))
             if best is None or r.mean > best.mean + 1e-9:
                 best, worse_in_a_row, self.oof_decision_ = r, 0, oof
             else:
                 worse_in_a_row += 1
                 if worse_in_a_row >= 2 and r.mean < best.mean:
                     break
+        if progress is not None:  # the grid may stop early: the stage is done either way
+            progress(len(C_GRID), len(C_GRID))
         return best.C
 
     def _take_arrays(self, est, y) -> None:
@@ -233,7 +241,8 @@ class LinearHead:
             "type": self.kind,
             "C": self.C_,
             "C_requested": "auto" if self.C is None else self.C,
-            "folds": self.folds,
+            "folds": self.folds_,  # what CV used (None: no CV); the request is below
+            "folds_requested": self.folds,
             "max_iter": self.iterations,
             "seed": self.seed,
             "converged": self.converged_,

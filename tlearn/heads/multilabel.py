@@ -114,6 +114,7 @@ class MultiLabelLinear:
     coef_: np.ndarray | None = None
     intercept_: np.ndarray | None = None
     C_: float | None = None
+    folds_: int | None = None  # the folds CV actually used (fewer for a rare label)
     cv_results_: list[CVResult] = field(default_factory=list)
     oof_decision_: np.ndarray | None = None  # (n, L) out-of-fold decisions at C_
     oof_ap_: np.ndarray | None = None  # each label's out-of-fold average precision at C_
@@ -144,6 +145,7 @@ class MultiLabelLinear:
             )
         self.labels_, self.notes_, self.cv_results_ = list(labels), [], []
         folds = int(min(self.folds, pos.min(), (len(Y) - pos).min()))
+        self.folds_ = folds if folds >= 2 else None
         if folds < 2:
             self.notes_.append(
                 "a label has fewer than 2 images with (or without) it: cannot cross-validate; "

@@ -16,7 +16,7 @@ from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import scan_class_folders
 from tlearn.data.skipped import strict_failure
-from tlearn.features.table import is_features_csv, read_features_csv
+from tlearn.features.table import is_features_table, read_table
 from tlearn.heads.conformal import prediction_sets, quantile, set_metrics
 from tlearn.heads.multilabel import label_matrix
 from tlearn.jobs.decide import check_requests, decide
@@ -67,12 +67,12 @@ def evaluate(
     notes = check_requests(scorer, coverage, reject=False)
     classes = saved.classes
     multi = scorer.multi_label
-    if is_features_csv(data):
-        table = read_features_csv(data)
+    if is_features_table(data):
+        table = read_table(data)
         refuse_tta_on_features(tta)
         truth = _table_truth(table.labels, classes, multi, data)
         outputs = score_features(scorer, table.X, run.batch_size)
-        skipped, warnings = [], []
+        skipped, warnings = [], list(table.warnings)
         paths = list(table.paths)
     else:
         images = _labelled_images(data, labels_csv, classes, multi)
@@ -109,7 +109,7 @@ def _labelled_images(data, labels_csv, classes: list[str], multi: bool) -> Image
         )
     else:
         if not Path(data).is_dir():
-            raise DataError(f"{data}: not a folder of class sub-folders or a features CSV")
+            raise DataError(f"{data}: not a folder of class sub-folders or a features table")
         images = scan_class_folders(data, classes=classes)
     if len(images) == 0:
         raise DataError(f"no images found in {data}")

@@ -10,14 +10,17 @@ from pathlib import Path
 
 from tlearn.core.atomic import check_output_parent
 from tlearn.core.errors import DataError, UsageError
+from tlearn.core.hashing import inputs_sha256
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, FLATTEN_WARN_DIM
+from tlearn.core.stages import MODEL, STARTUP
+from tlearn.core.system import process_age
 from tlearn.data.imageset import Skipped
 from tlearn.data.scan import load_images
 from tlearn.data.skipped import skipped_path, strict_failure, write_skipped_csv
 from tlearn.features.engine import CutRequest, open_engine
 from tlearn.features.stream import FeatureBatch
-from tlearn.features.table import feature_meta, partial_rows, write_features_csv
+from tlearn.features.table import feature_meta, kept_rows, table_format, write_table
 from tlearn.scale.shard import Shard, finish_features_part, plan_part
 
 # ----------------------------------------------------------------------------- extract
@@ -31,7 +34,33 @@ class ExtractResult:
     skipped: list[Skipped]
     warnings: list[str]
     seconds: float
-    engine: dict = field(default_factory=dict)  # backend, device, cached, computed
+    engine: dict = field(default_factory=dict)  # backend, device, cached, computed, stages
+    format: str = "csv"  # of the table written (csv when to stdout)
+    # start-up: process start (imports, model, warm-up) to the first image read; run: from
+    # then to the last row written (what images/s are measured over)
+    startup_seconds: float | None = None
+    run_seconds: float | None = None
+
+    def summary(self) -> dict:
+        """What `extract --json` prints."""
+        rate = self.rows / self.run_seconds if self.run_seconds else None
+        return {
+            "rows": self.rows,
+            "feature_dim": self.feature_dim,
+            "out": self.out,
+            "format": self.format,
+            "skipped": len(self.skipped),
+            "seconds": round(self.seconds, 4),
+            "startup_seconds": _round(self.startup_seconds),
+            "run_seconds": _round(self.run_seconds),
+            "images_per_second": _round(rate, 1),
+            "engine": self.engine,
+            "warnings": self.warnings,
+        }
+
+
+def _round(v: float | None, digits: int = 4) -> float | None:
+    return None if v is None else round(v, digits)
 
 
 def extract(
@@ -49,9 +78,10 @@ def extract(
     shard: Shard | None = None,
     multi_label: bool = False,
 ) -> ExtractResult:
-    """Features of every readable image to CSV. Unreadable images are listed in
-    OUTPUT.skipped.csv (named in the sidecar); with `strict` any of them fails the run and nothing
-    is written. With `resume`, rows of an interrupted run's partial file are kept.
+    """Features of every readable image to a table (CSV, Parquet or NPY by the extension
+    of `out`; CSV on stdout for "-"). Unreadable images are listed in OUTPUT.skipped.csv
+    (named in the sidecar); with `strict` any of them fails the run and nothing is
+    written. With `resume`, rows of an interrupted run's partial file are kept.
     With `shard`, only that shard's images go to the part file OUT.part-I-of-N, whose
     sidecar lists its unreadable images (see tlearn.shard; `merge` joins the parts)."""
     run = run or RunOptions()
@@ -68,28 +98,41 @@ def extract(
         raise UsageError("--resume needs an output file, not -o -")
     if shard is not None and to_stdout:
         raise UsageError("--shard needs an output file, not -o -: each shard writes a part")
+    fmt = table_format(out)  # of OUT, also for its parts OUT.part-I-of-N
+    t_model = time.perf_counter()
     engine = open_engine(CutRequest(model, weights, layers, pool), run)
     spec, data_config = engine.spec, engine.data_config
     dim = engine.feature_dim()
+    engine.stages.add(MODEL, time.perf_counter() - t_model)
     warnings = list(images.warnings)
     if pool == "flatten" and dim > FLATTEN_WARN_DIM:
         warnings.append(
-            f"--pool flatten gives {dim} features per image; the CSV will be large "
+            f"--pool flatten gives {dim} features per image; the table will be large "
             "(avg or catavgmax pooling keep it small)"
         )
     meta = feature_meta(spec, data_config, dim)
     labels = images.label_names if images.labels is not None else None
+    inputs = inputs_sha256(images.paths, labels)
     part, lo, hi = None, 0, len(images)
     if shard is not None:
         part = plan_part(shard, images.paths, labels, images.skipped, run.batch_size)
         out, lo, hi, meta = part.path(out), part.start, part.stop, {**meta, "shard": part.info()}
     elif not to_stdout:
         meta = {**meta, "skipped_csv": skipped_path(out).name}
-    done = set(partial_rows(out, meta)) if resume and not to_stdout else set()
+    kept = kept_rows(out, meta, fmt=fmt, inputs_sha256=inputs) if resume and not to_stdout else []
+    done = {p for p, _ in kept}
     if part is not None:
         part.check_resume(done, images.paths)
+    elif done - set(images.paths):
+        raise DataError(
+            f"{out}.partial holds images that are not among the inputs; run without --resume"
+        )
     todo = [i for i in range(lo, hi) if images.paths[i] not in done]
     skipped = list(images.skipped)
+    engine.warm_up(run, len(todo))
+    t_run = time.perf_counter()
+    age = process_age()
+    engine.stages.add(STARTUP, age if age is not None else t_run - t0)
     batches = engine.stream([images.paths[i] for i in todo], run, stage="extract", skipped=skipped)
     # iter_features numbers images within `todo`; map back to positions in `images`.
     batches = (FeatureBatch([todo[i] for i in b.indices], b.features) for b in batches)
@@ -103,9 +146,20 @@ def extract(
         if part is None:
             write_skipped_csv(skipped_path(out), skipped)
 
-    rows = write_features_csv(
-        batches, images.paths, labels, out, meta, resume=bool(done), before_commit=before_commit
+    rows = write_table(
+        batches,
+        images.paths,
+        labels,
+        out,
+        meta,
+        fmt=fmt,
+        kept=kept,
+        expected=len(todo),
+        inputs_sha256=inputs,
+        before_commit=before_commit,
+        stages=engine.stages,
     )
+    run_seconds = time.perf_counter() - t_run
     if to_stdout:
         check_strict()
     elif part is not None:
@@ -118,4 +172,7 @@ def extract(
         warnings=warnings + engine.notes,
         seconds=time.perf_counter() - t0,
         engine=engine.summary(),
+        format="csv" if to_stdout else fmt.name,
+        startup_seconds=age if age is not None else t_run - t0,
+        run_seconds=run_seconds,
     )

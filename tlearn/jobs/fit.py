@@ -1,5 +1,6 @@
-"""`tlearn fit --head svm|logreg`: features (images or a features table) -> linear head
-(C by cross-validation) -> model directory, validated on --val / --val-split / val/."""
+"""`tlearn fit --head svm|logreg`: features (images, or a features table in any format) ->
+linear head (C by cross-validation) -> model directory, validated on --val / --val-split /
+val/."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tlearn.cache.remembered import check_layers
+from tlearn.cache.store import cache_root
 from tlearn.core.atomic import check_output_parent
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
@@ -15,7 +18,8 @@ from tlearn.data.imageset import ImageSet
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
 from tlearn.data.skipped import strict_failure
-from tlearn.features.table import is_features_csv
+from tlearn.data.split import check_val_split
+from tlearn.features.table import is_features_table
 from tlearn.heads.linear import LinearHead, parse_C
 from tlearn.heads.posthoc import fit_multiclass
 from tlearn.jobs.fit_multilabel import fit_multilabel
@@ -60,10 +64,14 @@ def fit(
     estimator = LinearHead(kind=head, C=C_value, seed=seed, keep_oof=True)
     if val is not None and val_split is not None:
         raise UsageError("use either --val DIR or --val-split, not both")
+    if val_split is not None:
+        check_val_split(val_split)
+    auto = is_auto_layer(layers)
+    if not auto and not is_features_table(data):
+        check_layers(cache_root(), model, layers)  # before torch loads, when known
     out_dir = check_output_parent(out_dir)
     if out_dir.exists() and not force:
         raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
-    auto = is_auto_layer(layers)
     if auto:
         # --layer auto loads the backbone (torch): only then
         from tlearn.jobs.layer_auto import AutoLayerSource
@@ -74,16 +82,16 @@ def fit(
         source = FeatureSource(model, weights, layers, pool, run, seed)
 
     val_images: ImageSet | None = None
-    if is_features_csv(data):
-        train = source.from_csv(data)
+    if is_features_table(data):
+        train = source.from_table(data)
     else:
         if labels_csv is not None:
             train_images = read_labels_csv(labels_csv)
         else:
             if not Path(data).is_dir():
                 raise DataError(
-                    f"{data} is not a folder of class sub-folders or a features CSV from "
-                    "tlearn extract"
+                    f"{data} is not a folder of class sub-folders or a features table "
+                    "(.csv, .parquet, .npy) from tlearn extract"
                 )
             train_images, val_images = resolve_dataset(data)
         if len(train_images) == 0:
@@ -110,14 +118,14 @@ def fit(
     sweep_result = None
     if auto:
         train, valid, sweep_result = source.choose(train, valid)
-    estimator.fit(train.X, train.y, train.classes)
+    estimator.fit(train.X, train.y, train.classes, progress=run.bar("cross-validate C"))
     oof = estimator.oof_decision_
     posthoc, notes = fit_multiclass(
         oof,
         train.y,
         train.X,
         seed=seed,
-        fitted_on=f"out-of-fold decisions of the cross-validation of C ({len(train.y)} images)",
+        fitted_on="out-of-fold decisions of the cross-validation of C",
     )
     val_metrics = None
     if valid is not None and len(valid.y):

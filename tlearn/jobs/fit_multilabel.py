@@ -17,7 +17,7 @@ from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, CutSpec, is_auto_layer
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.skipped import strict_failure
-from tlearn.features.table import is_features_csv, read_features_csv
+from tlearn.features.table import is_features_table, read_table, sidecar_path
 from tlearn.heads.calibration import sigmoid
 from tlearn.heads.linear import parse_C
 from tlearn.heads.multilabel import MultiLabelLinear, label_matrix
@@ -37,7 +37,7 @@ def _features_table(source: FeatureSource, path) -> LabelledFeatures:
     the distinct sets, as for images."""
     if is_auto_layer(source.layers):
         source.from_csv(path)  # --layer auto refuses a features CSV with its message
-    table = read_features_csv(path)
+    table = read_table(path)
     spec = CutSpec.from_dict(table.meta["cut"])
     if source.spec is not None and source.spec != spec:
         raise DataError(f"{path} was extracted with another backbone/layer/pool than the rest")
@@ -48,8 +48,11 @@ def _features_table(source: FeatureSource, path) -> LabelledFeatures:
     return LabelledFeatures(paths=table.paths, X=table.X, y=y, classes=sets)
 
 
-def _labelled(source: FeatureSource, path, stage: str) -> LabelledFeatures:
-    if is_features_csv(path):
+def _labelled(source: FeatureSource, path, stage: str, *, labels_csv=False) -> LabelledFeatures:
+    """Features of a labels CSV (always for --labels; a .csv without a features sidecar
+    too) or of a features table from tlearn extract --multi-label."""
+    labels_only = Path(path).suffix.lower() == ".csv" and not sidecar_path(path).is_file()
+    if not labels_csv and not labels_only and is_features_table(path):
         return _features_table(source, path)
     if not Path(path).is_file():
         raise UsageError(
@@ -112,7 +115,10 @@ def fit_multilabel(
         source = AutoLayerSource(model, weights, pool, run, seed, head=head, C=C_value)
     else:
         source = FeatureSource(model, weights, layers, pool, run, seed)
-    train = _labelled(source, data if labels_csv is None else labels_csv, "extract train")
+    if labels_csv is not None:
+        train = _labelled(source, labels_csv, "extract train", labels_csv=True)
+    else:
+        train = _labelled(source, data, "extract train")
     valid = None
     if val is not None:
         valid = _labelled(source, val, "extract val")
@@ -140,7 +146,7 @@ def fit_multilabel(
         train.y,
         train.X,
         seed=seed,
-        fitted_on=f"out-of-fold decisions of the cross-validation of C ({len(train.y)} images)",
+        fitted_on="out-of-fold decisions of the cross-validation of C",
     )
     val_metrics = _validation(estimator, posthoc, valid, labels)
     save_fitted(

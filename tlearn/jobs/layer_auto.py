@@ -43,10 +43,10 @@ class AutoLayerSource(FeatureSource):
             self.spec, self.data_config = self.engine.spec, self.engine.data_config
             self.dims = layer_dims(self.engine.network, self.data_config["input_size"])
 
-    def from_csv(self, path) -> LabelledFeatures:
+    def from_table(self, path) -> LabelledFeatures:
         raise UsageError(
             f"--layer auto sweeps the backbone's layers, so it needs image folders, not the "
-            f"features CSV {path}; give --layer NAME, or fit on images"
+            f"features table {path}; give --layer NAME, or fit on images"
         )
 
     def choose(self, train: LabelledFeatures, valid: LabelledFeatures | None):

@@ -14,7 +14,7 @@ from tlearn.core.spec import CutSpec
 from tlearn.data.imageset import Skipped
 from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.data.skipped import strict_failure
-from tlearn.features.table import is_features_csv, read_features_csv
+from tlearn.features.table import is_features_table, read_table
 from tlearn.jobs.decide import Decisions, Prediction, check_requests, decide
 from tlearn.jobs.onnx_model import OnnxScores, is_onnx_model, onnx_scores
 from tlearn.jobs.score import ModelScorer, refuse_tta_on_features, score_features, score_images
@@ -61,12 +61,12 @@ def predict(
     scorer = ModelScorer(saved)
     notes = check_requests(scorer, coverage, reject)
     part, n_scan_skipped = None, 0
-    if len(inputs) == 1 and is_features_csv(inputs[0]):
-        table = read_features_csv(inputs[0])
+    if len(inputs) == 1 and is_features_table(inputs[0]):
+        table = read_table(inputs[0])
         if CutSpec.from_dict(table.meta["cut"]) != saved.cut:
             raise DataError(f"{inputs[0]} was extracted with another cut than the model's")
         refuse_tta_on_features(tta)
-        paths, X, skipped, warnings = table.paths, table.X, [], []
+        paths, X, skipped, warnings = table.paths, table.X, [], list(table.warnings)
         if shard is not None:
             part = plan_part(shard, paths, None, [], run.batch_size)
             paths, X = paths[part.start : part.stop], X[part.start : part.stop]

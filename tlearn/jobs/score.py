@@ -125,7 +125,7 @@ def linear_head(saved: SavedModel) -> LinearHead:
 
 def refuse_tta_on_features(tta: str) -> None:
     if tta != "none":
-        raise UsageError(f"--tta {tta} needs images, not a features CSV; use --tta none")
+        raise UsageError(f"--tta {tta} needs images, not a features table; use --tta none")
 
 
 def score_images(

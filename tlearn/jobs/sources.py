@@ -1,5 +1,6 @@
 """Labelled features for fit: from images through the engine (the backbone opened at
-most once) or from a features table, with the validation split and class checks."""
+most once) or from a features table (any format), with the validation split and class
+checks."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from tlearn.data.scan import scan_class_folders
 from tlearn.data.skipped import SKIPPED_CSV, skipped_csv_bytes
 from tlearn.data.split import stratified_split
 from tlearn.features.engine import CutRequest, open_engine
-from tlearn.features.table import is_features_csv, read_features_csv
+from tlearn.features.table import is_features_table, read_table
 from tlearn.heads.posthoc import CALIBRATION_FILE
 from tlearn.modeldir import build_config, posthoc_bytes, save_model
 
@@ -34,7 +35,7 @@ class LabelledFeatures:
 
 
 class FeatureSource:
-    """Features for images or for a features CSV, with the backbone opened at most once."""
+    """Features for images or for a features table, with the backbone opened at most once."""
 
     def __init__(self, model, weights, layers, pool, run: RunOptions, seed: int):
         self.model, self.weights, self.layers, self.pool = model, weights, layers, pool
@@ -70,8 +71,8 @@ class FeatureSource:
         self._notes_seen = len(self.engine.notes)
         return self.engine.notes[seen:]
 
-    def from_csv(self, path) -> LabelledFeatures:
-        table = read_features_csv(path)
+    def from_table(self, path) -> LabelledFeatures:
+        table = read_table(path)
         spec = CutSpec.from_dict(table.meta["cut"])
         if self.spec is not None and self.spec != spec:
             raise DataError(f"{path} was extracted with another backbone/layer/pool than the rest")
@@ -79,7 +80,8 @@ class FeatureSource:
         unlabeled = [i for i, lab in enumerate(table.labels) if lab is None]
         if unlabeled:
             raise DataError(
-                f"{path}: row {unlabeled[0] + 2} has no label; fit needs a label on every row"
+                f"{path}: row {unlabeled[0] + 1} ({table.paths[unlabeled[0]]}) has no label; "
+                "fit needs a label on every row"
             )
         classes = sorted(set(table.labels))
         return LabelledFeatures(
@@ -87,6 +89,7 @@ class FeatureSource:
             X=table.X,
             y=np.asarray([classes.index(lab) for lab in table.labels], dtype=np.int64),
             classes=classes,
+            warnings=list(table.warnings),
         )
 
 
@@ -176,8 +179,8 @@ def val_from_images(source, images: ImageSet, classes: list[str]) -> LabelledFea
 
 
 def val_features(source, val, classes: list[str]) -> LabelledFeatures:
-    if is_features_csv(val):
-        table = source.from_csv(val)
+    if is_features_table(val):
+        table = source.from_table(val)
         unknown = [c for c in table.classes if c not in classes]
         if unknown:
             raise DataError(f"{val}: class(es) {', '.join(unknown)} not in training classes")
@@ -185,5 +188,5 @@ def val_features(source, val, classes: list[str]) -> LabelledFeatures:
         table.classes = classes
         return table
     if not Path(val).is_dir():
-        raise DataError(f"--val {val}: not a folder of class sub-folders or a features CSV")
+        raise DataError(f"--val {val}: not a folder of class sub-folders or a features table")
     return val_from_images(source, scan_class_folders(val), classes)

@@ -33,6 +33,7 @@ from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
 from tlearn.features.engine import CutRequest, open_engine
+from tlearn.features.table import is_features_table
 from tlearn.heads.linear import LinearHead, make_estimator, parse_C
 from tlearn.heads.multilabel import MultiLabelLinear, label_matrix
 from tlearn.report.plots import plot_sweep
@@ -368,6 +369,11 @@ def _training_images(data, labels_csv, multi_label=False) -> tuple[ImageSet, lis
         return read_labels_csv(labels_csv, multi_label=multi_label), notes
     if multi_label:
         raise UsageError("--multi-label reads label sets from --labels FILE (labels joined by ';')")
+    if is_features_table(data):
+        raise UsageError(
+            f"{data} is a features table, which holds one cut: the sweep extracts every "
+            "candidate layer, so it needs the images (a folder of class sub-folders or --labels)"
+        )
     if not Path(data).is_dir():
         raise DataError(f"{data} is not a folder of class sub-folders (sweep needs images)")
     train, val = resolve_dataset(data)

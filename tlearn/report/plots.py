@@ -325,6 +325,9 @@ def _float(v: str) -> float:
 def plot_curves(history_csv: str | Path, out_png: str | Path) -> Path:
     """Loss and accuracy per epoch from a training history CSV with columns epoch, lr,
     train_loss, train_acc, val_loss, val_acc (val columns may be empty)."""
+    # matplotlib costs ~1 s to import: only drawing a plot needs it
+    from matplotlib.ticker import MaxNLocator
+
     with open(history_csv, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     col = {k: np.asarray([_float(r.get(k, "")) for r in rows]) for k in rows[0]} if rows else {}
@@ -337,6 +340,7 @@ def plot_curves(history_csv: str | Path, out_png: str | Path) -> Path:
             if values is not None and np.isfinite(values).any():
                 ax.plot(epoch, values, style, markersize=3, label=split)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:

@@ -5,9 +5,13 @@ the numbers in the feature cache."""
 from __future__ import annotations
 
 from tlearn.core.errors import DataError, UsageError
+from tlearn.core.options import check_device
+from tlearn.data.pixels import PilSteps
 from tlearn.runtime.ort import ort_installed, ort_providers
 
 BACKENDS = ("auto", "torch", "onnx")
+DECODES = ("auto", "cpu", "gpu")
+GPU_INTERPOLATIONS = ("bilinear", "bicubic")  # torch's antialiased resize has Pillow's kernels
 
 
 def validate_backend(backend: str) -> str:
@@ -52,10 +56,47 @@ def resolve_device(device: str = "auto"):
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise DataError(f"unknown --device '{device}'; allowed: auto, cpu, cuda, cuda:N, mps")
+    check_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise DataError(f"--device {device}: CUDA is not available here; use --device cpu")
     if device == "mps" and not torch.backends.mps.is_available():
         raise DataError("--device mps: MPS is not available here; use --device cpu")
     return torch.device(device)
+
+
+def validate_decode(decode: str) -> str:
+    if decode not in DECODES:
+        raise UsageError(f"unknown --decode '{decode}'; allowed: {', '.join(DECODES)}")
+    return decode
+
+
+def choose_decode(decode: str, device_type: str, backend: str, steps, gpu_decoder: bool) -> str:
+    """Where JPEGs are decoded: "cpu" (worker processes, Pillow) or "gpu" (nvJPEG through
+    torchvision, resized and cropped on the device; runtime.gpu_decode).
+
+    GPU decoding needs the torch backend on a CUDA device, preprocessing that is a plain
+    resize + centre crop (`steps` a PilSteps) and a torchvision that decodes on CUDA
+    (`gpu_decoder`). `auto` takes it whenever it can be had: the expectation (issue 15)
+    is that nvJPEG on a data-centre GPU decodes faster than the machine's cores and leaves
+    them free; that choice is not yet measured for this implementation, so --decode cpu
+    stays one option away (docs/benchmarks.md)."""
+    validate_decode(decode)
+    if decode == "cpu":
+        return "cpu"
+    problem = None
+    if device_type != "cuda":
+        problem = f"needs a CUDA device (this run is on {device_type}); use --decode cpu or auto"
+    elif backend != "torch":
+        problem = f"needs the torch backend (this run uses {backend}); use --backend torch"
+    elif not isinstance(steps, PilSteps) or steps.interpolation not in GPU_INTERPOLATIONS:
+        problem = (
+            "needs preprocessing that is a bilinear or bicubic resize + centre crop, and this "
+            "model's is not; use --decode cpu"
+        )
+    elif not gpu_decoder:
+        problem = "needs a torchvision that decodes JPEGs on CUDA (nvJPEG); use --decode cpu"
+    if problem is None:
+        return "gpu"
+    if decode == "gpu":
+        raise UsageError(f"--decode gpu {problem}")
+    return "cpu"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.core.hashing import doc_sha256
+from tlearn.core.stages import FORWARD
 from tlearn.core.system import cpu_cores, dist_env, dist_version, threads_per_rank
 from tlearn.core.version import __version__
 
@@ -134,9 +136,21 @@ class OnnxRuntime:
             self.close()
 
 
+class Ready:
+    """Features already computed: what `submit` returns for a runtime that computes a
+    batch as it is given (every CPU runtime)."""
+
+    def __init__(self, features: np.ndarray):
+        self.features = features
+
+    def result(self) -> np.ndarray:
+        return self.features
+
+
 class LazyRuntime:
     """Opens the real runtime on the first batch, so a run served wholly from the feature
-    cache never loads ONNX Runtime or exports anything."""
+    cache never loads ONNX Runtime or exports anything. `stages` (core.stages.Stages, set
+    by the engine) gets the forward time, or the runtime's own finer stages."""
 
     def __init__(
         self,
@@ -149,6 +163,7 @@ class LazyRuntime:
         self.device = device
         self.transform = transform  # what the decoding workers must produce (None: float)
         self.images = 0
+        self.stages = None
 
     @property
     def opened(self) -> bool:
@@ -158,15 +173,35 @@ class LazyRuntime:
     def name(self) -> str | None:
         return self._runtime.name if self._runtime is not None else None
 
+    @property
+    def in_flight(self) -> int:
+        """Batches the runtime may hold on its device at once (1: computed when given)."""
+        return getattr(self._runtime, "in_flight", 1)
+
     def open(self):
         if self._runtime is None:
             self._runtime = self._opener()
+            if hasattr(self._runtime, "stages"):
+                self._runtime.stages = self.stages
         return self._runtime
 
     def __call__(self, x) -> np.ndarray:
         runtime = self.open()
         self.images += len(x)
         return runtime(x)
+
+    def submit(self, x):
+        """Start computing a batch; `.result()` of the returned object gives its features."""
+        runtime = self.open()
+        self.images += len(x)
+        submit = getattr(runtime, "submit", None)
+        if submit is not None:
+            return submit(x)
+        t0 = time.perf_counter()
+        features = runtime(x)
+        if self.stages is not None:
+            self.stages.add(FORWARD, time.perf_counter() - t0)
+        return Ready(features)
 
 
 def onnx_key(spec, data_config: dict, pixels: bool) -> str:

@@ -1,21 +1,21 @@
-"""`tlearn merge`: check that parts belong to one run and cover it exactly, then join
-them into the output one process writes (features CSV + sidecar, or predictions)."""
+"""`tlearn merge`: check that parts belong to one run and cover it exactly (and that each
+part is the table its sidecar describes: rows and sha256), then join them into the output
+one process writes (a features table + sidecar in the parts' format, or predictions)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from tlearn.core.atomic import atomic_file, check_output_parent, read_json, write_json
+from tlearn.core.atomic import atomic_file, check_output_parent, read_json
 from tlearn.core.errors import DataError, UsageError
 from tlearn.data.imageset import Skipped
 from tlearn.data.skipped import skipped_path, write_skipped_csv
-from tlearn.features.table import sidecar_path
+from tlearn.features.table import SIDECAR_ONLY, merge_tables
 from tlearn.scale.shard import PREDICTIONS_FORMAT, Shard, part_path, part_sidecar
 
 # ----------------------------------------------------------------------------- merge
@@ -28,6 +28,7 @@ class MergeResult:
     parts: int
     rows: int
     skipped: list[Skipped]
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -156,7 +157,7 @@ _META_NAMES = {
 
 def _meta_difference(a: dict, b: dict) -> str | None:
     for key in sorted(set(a) | set(b)):
-        if key in ("shard", "rows"):
+        if key == "shard" or key in SIDECAR_ONLY:
             continue
         if a.get(key) != b.get(key):
             return _META_NAMES.get(key, f"'{key}'")
@@ -165,7 +166,8 @@ def _meta_difference(a: dict, b: dict) -> str | None:
 
 def merge_parts(paths: Sequence[str | Path], out: str | Path) -> MergeResult:
     """Join checked parts in input order into `out` (atomically), as a single process
-    would have written it: features CSV + sidecar, or predictions; OUT.skipped.csv beside."""
+    would have written it: a features table + sidecar, or predictions; OUT.skipped.csv
+    beside."""
     parts = check_parts(paths)
     out = check_output_parent(out)
     if any(out.resolve() == p.path.resolve() for p in parts):
@@ -176,35 +178,16 @@ def merge_parts(paths: Sequence[str | Path], out: str | Path) -> MergeResult:
     for p in parts:
         skipped += [Skipped(*s) for s in p.shard["skipped"]]
     write_skipped_csv(skipped_path(out), skipped)  # complete before the output appears
+    warnings: list[str] = []
     if kind == "features":
-        _merge_features_csv(parts, out)
+        extra = {"skipped_csv": skipped_path(out).name}  # as the single run's sidecar says
+        _, warnings = merge_tables([(p.path, p.meta) for p in parts], out, extra)
     else:
         _merge_predictions(parts, out)
     rows = sum(int(p.meta["rows"]) for p in parts)
-    return MergeResult(kind=kind, out=str(out), parts=len(parts), rows=rows, skipped=skipped)
-
-
-def _merge_features_csv(parts: list[_Part], out: Path) -> None:
-    header = None
-    with atomic_file(out, "wb") as f:
-        for p in parts:
-            with open(p.path, "rb") as src:
-                # The header is path,label,f0..fN: never quoted, so it ends at the first \n.
-                head = src.readline()
-                if header is None:
-                    header = head
-                    f.write(head)
-                elif head != header:
-                    raise DataError(f"{p.path} has another CSV header than {parts[0].path}")
-                shutil.copyfileobj(src, f, 1 << 20)
-    meta = {}
-    for key, value in parts[0].meta.items():
-        if key not in ("shard", "rows"):
-            meta[key] = value
-    meta["skipped_csv"] = skipped_path(out).name
-    meta["rows"] = sum(int(p.meta["rows"]) for p in parts)
-
-    write_json(sidecar_path(out), meta)
+    return MergeResult(
+        kind=kind, out=str(out), parts=len(parts), rows=rows, skipped=skipped, warnings=warnings
+    )
 
 
 def _merge_predictions(parts: list[_Part], out: Path) -> None:

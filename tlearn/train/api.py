@@ -1,39 +1,55 @@
 """The entry points: fit_nn trains a new run, resume_nn continues an interrupted one; both
-in this process, or as one rank of a torchrun process group."""
+in this process, or as one rank of a torchrun process group (train.start). Everything
+that can be checked without the network is checked here first, before torch loads: a
+typo in an option fails in well under a second."""
 
 from __future__ import annotations
 
-import dataclasses
-import os
-import random
-import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
+from tlearn.cache.remembered import check_layers
+from tlearn.cache.store import cache_root
 from tlearn.core.atomic import check_output_parent
-from tlearn.core.errors import ArtifactError, UsageError
-from tlearn.core.options import RunOptions
+from tlearn.core.errors import UsageError
+from tlearn.core.options import RunOptions, check_device
 from tlearn.core.spec import DEFAULT_MODEL
-from tlearn.core.system import dist_env
-from tlearn.scale.group import ProcessGroup
-from tlearn.train.build import Setup, build
-from tlearn.train.checkpoint import (
-    CHECKPOINT_DIR,
-    TrainState,
-    has_checkpoint,
-    read_state,
-    restore,
+from tlearn.data.split import check_val_split
+from tlearn.train.datasets import load_datasets
+from tlearn.train.options import (
+    Events,
+    NNFitResult,
+    Settings,
+    TrainOptions,
+    abs_path,
+    check_options,
 )
-from tlearn.train.dist import Dist, check_one_gpu_per_process
-from tlearn.train.finish import finish
-from tlearn.train.frozen import Caches
-from tlearn.train.loop import Trainer
-from tlearn.train.options import Events, NNFitResult, Settings, TrainOptions, check_options
 
-Prepare = Callable[[RunOptions, Dist | None], tuple[Setup, TrainState]]
+
+def preflight(
+    options: TrainOptions,
+    data,
+    *,
+    model: str,
+    layers,
+    val,
+    val_split: float | None,
+    labels_csv,
+    seed: int,
+) -> None:
+    """The checks that need no network: options, --val-split, --layer and --freeze-to
+    names (when the model's cut points are known or remembered), and the image folders."""
+    check_options(options)
+    if val is not None and val_split is not None:
+        raise UsageError("use either --val DIR or --val-split, not both")
+    if val_split is not None:
+        check_val_split(val_split)
+    root = cache_root()
+    check_layers(root, model, layers)
+    if options.freeze_to not in (None, "auto"):
+        check_layers(root, model, [options.freeze_to], "--freeze-to")
+    load_datasets(data, val=val, val_split=val_split, labels_csv=labels_csv, seed=seed)
 
 
 def fit_nn(
@@ -61,18 +77,28 @@ def fit_nn(
     the global batch) and rank 0 writes; ranks other than 0 return None."""
     t0 = time.perf_counter()
     options = options or TrainOptions()
-    check_options(options)
     run = run or RunOptions()
     out_dir = check_output_parent(out_dir)
+    check_device(run.device)
     if isinstance(layers, str):
         layers = [p.strip() for p in layers.split(",") if p.strip()]
-    settings = Settings(
-        data=_abs(data),
-        val=_abs(val),
-        val_split=val_split,
-        labels_csv=_abs(labels_csv),
+    preflight(
+        options,
+        data,
         model=model,
-        weights=weights if weights in ("auto", "none") else _abs(weights),
+        layers=layers,
+        val=val,
+        val_split=val_split,
+        labels_csv=labels_csv,
+        seed=seed,
+    )
+    settings = Settings(
+        data=abs_path(data),
+        val=abs_path(val),
+        val_split=val_split,
+        labels_csv=abs_path(labels_csv),
+        model=model,
+        weights=weights if weights in ("auto", "none") else abs_path(weights),
         layers=list(layers) if layers else None,
         pool=pool,
         seed=seed,
@@ -80,37 +106,10 @@ def fit_nn(
         options=options.to_dict(),
     )
 
-    def prepare(run: RunOptions, dist: Dist | None) -> tuple[Setup, TrainState]:
-        if out_dir.exists() and not force:
-            if has_checkpoint(out_dir):
-                raise ArtifactError(
-                    f"{out_dir} holds an unfinished training run; continue it with --resume "
-                    f"{out_dir}, or pass --force to start over"
-                )
-            raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
-        return build(settings, out_dir, run, dist), TrainState()
+    # training needs torch (and the backbone's timm, unless only a head trains): only now
+    from tlearn.train.start import start_new
 
-    def start_over() -> None:
-        if force and out_dir.exists() and has_checkpoint(out_dir):
-            shutil.rmtree(out_dir / CHECKPOINT_DIR)
-
-    return _start(prepare, start_over, run, events, t0)
-
-
-def _check_unchanged(saved: Settings, changed: dict) -> None:
-    """--resume continues the same run: options given again must equal the saved ones."""
-    for key, value in changed.items():
-        have = saved.options.get(key, getattr(saved, key, None))
-        if key in ("val", "labels_csv", "weights") and value is not None:
-            value = _abs(value) if value not in ("auto", "none") else value
-        if isinstance(value, (list, tuple)):
-            value = list(value)
-        if value != have:
-            raise UsageError(
-                f"--resume continues the same run: --{key.replace('_', '-')} {value} "
-                f"differs from the checkpoint's {'default' if have is None else have}; "
-                "drop the option or start a new run"
-            )
+    return start_new(settings, out_dir, force, run, events, t0)
 
 
 def resume_nn(
@@ -128,78 +127,7 @@ def resume_nn(
     t0 = time.perf_counter()
     model_dir = Path(model_dir)
 
-    def prepare(run: RunOptions, dist: Dist | None) -> tuple[Setup, TrainState]:
-        state = read_state(model_dir)
-        try:
-            saved = Settings(**state["settings"])
-            TrainOptions(**saved.options)
-        except (KeyError, TypeError) as e:
-            raise ArtifactError(
-                f"{model_dir}: checkpoint settings are incomplete or unknown ({e}); start a new run"
-            ) from None
-        if data is not None and _abs(data) != saved.data:
-            raise UsageError(
-                f"--resume: the run was trained on {saved.data}, not {_abs(data)}; give the "
-                "same data or start a new run"
-            )
-        _check_unchanged(saved, changed or {})
-        run = dataclasses.replace(run, batch_size=saved.batch_size)
-        setup = build(saved, model_dir, run, dist)
-        return setup, restore(setup, state)
+    # training needs torch: only now
+    from tlearn.train.start import start_resume
 
-    return _start(prepare, None, run or RunOptions(), events, t0)
-
-
-def _start(
-    prepare: Prepare, before_training, run: RunOptions, events: Events | None, t0: float
-) -> NNFitResult | None:
-    """prepare(run, dist) -> the set-up run and its state, then train it: in this process,
-    or under torchrun as one rank of a process group, with a status exchange after the
-    setup (a rank's error fails every rank with one message, and all ranks must see the
-    same images and checkpoint)."""
-    env = dist_env()
-    if env is None:
-        setup, state = prepare(run, None)
-        if before_training is not None:
-            before_training()
-        return _execute(setup, state, events, t0)
-
-    with ProcessGroup(env) as group:
-        dist = Dist(env, group)
-        setup, state, own = None, None, None
-        try:
-            run = group.run_options(run)
-            check_one_gpu_per_process(env, run.device)
-            setup, state = prepare(run, dist)
-        except Exception as e:
-            own = e
-        agree = None if setup is None else [setup.fingerprint, state.start_epoch, state.step]
-        dist.check(own, agree=agree)
-        if before_training is not None:
-            dist.on_main(before_training)
-        return _execute(setup, state, events, t0)
-
-
-def _execute(
-    setup: Setup, state: TrainState, events: Events | None, t0: float
-) -> NNFitResult | None:
-    emit = events or (lambda name, data: None)
-    if setup.dist is not None and not setup.dist.main:  # only rank 0 reports
-        emit = lambda name, data: None  # noqa: E731
-    emit("groups", setup.describe())
-    caches = Caches()
-    py_state = random.getstate()
-    try:
-        # Training reseeds the global generators every epoch (for --resume); put the
-        # caller's state back afterwards.
-        with torch.random.fork_rng(devices=[]):
-            caches.fill(setup)
-            Trainer(setup, caches, state, emit).run()
-            return finish(setup, caches, state, t0)
-    finally:
-        random.setstate(py_state)
-        caches.cleanup()
-
-
-def _abs(p) -> str | None:
-    return None if p is None else os.path.abspath(os.fspath(p))
+    return start_resume(model_dir, data, changed or {}, run or RunOptions(), events, t0)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tlearn.cache.remembered import remember_layers
+from tlearn.cache.store import cache_root
 from tlearn.core.errors import UsageError
 from tlearn.core.options import CACHEABLE_AUGMENTS, RunOptions
 from tlearn.core.spec import CutSpec
@@ -147,11 +149,12 @@ def _check_batch_size(run: RunOptions, batch_size: int, dist: Dist | None) -> No
 def _network(s: Settings, o: TrainOptions, n_classes: int) -> Network:
     # the backbone itself (torch + timm): a frozen backbone's head never needs it
     from tlearn.backbone.cut import cut_spec, feature_dim
-    from tlearn.backbone.layers import resolve_layers
+    from tlearn.backbone.layers import layer_names, resolve_layers
     from tlearn.backbone.transfer import TransferNet
     from tlearn.backbone.weights import open_backbone
 
     backbone = open_backbone(s.model, s.weights, s.seed)
+    remember_layers(cache_root(), layer_names(backbone.model, s.model))  # for fail-fast checks
     layers = resolve_layers(backbone.model, s.layers)
     spec = cut_spec(backbone, layers, s.pool)
     data_config = backbone.data_config

@@ -13,7 +13,7 @@ from tlearn.data.imageset import ImageSet
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset, scan_class_folders
 from tlearn.data.split import stratified_split
-from tlearn.features.table import is_features_csv
+from tlearn.features.table import is_features_table
 
 
 def data_fingerprint(train: ImageSet, val: ImageSet | None) -> str:
@@ -35,10 +35,10 @@ def load_datasets(
     """Training images and (optional) validation images, labels on the train classes."""
     if val is not None and val_split is not None:
         raise UsageError("use either --val DIR or --val-split, not both")
-    if data is not None and is_features_csv(data):
+    if data is not None and is_features_table(data):
         raise UsageError(
-            f"{data} is a features CSV: neural heads train from images (their backbone may "
-            "train); use --head svm|logreg for features CSVs"
+            f"{data} is a features table: neural heads train from images (their backbone may "
+            "train); use --head svm|logreg for features tables"
         )
     found_val = None
     if labels_csv is not None:

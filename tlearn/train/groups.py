@@ -108,7 +108,7 @@ def _freeze_to(
             notes.append("no middle stage before the cut to freeze: the whole backbone trains")
             return None, None
     else:
-        resolved_to = resolve_layers(net.model, [freeze_to])[0]
+        resolved_to = resolve_layers(net.model, [freeze_to], "--freeze-to")[0]
         if resolved_to == FINAL_LAYER:
             raise UsageError("--freeze-to final freezes everything; use --freeze all")
     got = _frozen_up_to(full_order, resolved_to, used)

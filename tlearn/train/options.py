@@ -5,6 +5,7 @@ type and the result of a run."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -91,6 +92,7 @@ class NNFitResult:
     # frozen features: backend that ran (None: all cached), images cached and computed
     features: dict | None = None
     prefix_maps: dict | None = None  # frozen prefix maps: read from the cache, computed
+    calibration: dict | None = None  # config.json's "calibration" (heads.posthoc)
 
 
 def check_options(o: TrainOptions) -> None:
@@ -137,3 +139,8 @@ def default_augment(backbone_trains: bool) -> str:
     folder overfits without it. flip for a frozen backbone: exact and cheap there, since
     the features of each image and of its mirror image are computed once."""
     return "light" if backbone_trains else "flip"
+
+
+def abs_path(p) -> str | None:
+    """An absolute path as a string (what Settings record), None stays None."""
+    return None if p is None else os.path.abspath(os.fspath(p))
