@@ -208,7 +208,13 @@ def test_models_marks_bundled_weights(runner):
 
 def test_fit_writes_model_directory(runner, fitted_model):
     files = sorted(p.name for p in fitted_model.iterdir())
-    assert files == ["config.json", "head.safetensors", "metrics.json", "skipped.csv"]
+    assert files == [
+        "calibration.safetensors",
+        "config.json",
+        "head.safetensors",
+        "metrics.json",
+        "skipped.csv",
+    ]
     cfg = json.loads((fitted_model / "config.json").read_text())
     assert cfg["classes"] == ["asphalt", "grass", "gravel"]
     assert cfg["head"]["type"] == "svm"
@@ -299,7 +305,15 @@ def test_predict_formats(runner, fitted_model, image_folder, tmp_path):
     r = runner.invoke(app, ["predict", str(fitted_model), target])
     assert r.exit_code == 0, r.output
     rows = _csv_rows(r.stdout)  # csv when piped
-    assert [k for k in rows[0]] == ["path", "prediction", "score"]
+    # calibrated probability and the out-of-distribution columns (issue 16) follow the score
+    assert [k for k in rows[0]] == [
+        "path",
+        "prediction",
+        "score",
+        "probability",
+        "ood_score",
+        "unknown",
+    ]
     assert len(rows) == 6
     assert sum(row["prediction"] == "gravel" for row in rows) >= 5
 

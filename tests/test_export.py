@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from conftest import TINY, draw, make_dataset
 from test_warm import tlearn as run_fresh
 
@@ -56,13 +57,12 @@ def models(data, tmp_path_factory):
     return get
 
 
-def _predictions(runner, model, data) -> dict[str, tuple[str, np.ndarray]]:
+def _predictions(runner, model, data, key="scores") -> dict[str, tuple[str, np.ndarray]]:
     result = runner.invoke(app, ["predict", str(model), str(data), "-f", "json", "--all-scores"])
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     return {
-        r["path"]: (r["prediction"], np.array(list(r["scores"].values())))
-        for r in doc["predictions"]
+        r["path"]: (r["prediction"], np.array(list(r[key].values()))) for r in doc["predictions"]
     }
 
 
@@ -92,7 +92,8 @@ def test_export_reproduces_predict_for_every_head(kind, models, data, tmp_path, 
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
     probs = kind != "svm"
-    assert info["outputs"] == (["scores", "probabilities"] if probs else ["scores"])
+    # every model here carries a calibration: its probabilities are in the graph too
+    assert info["outputs"] == ["scores", "probabilities"]
     assert info["score_kind"] == ("probability" if probs else "svm margin")
     assert info["check"]["images"] == 9 and info["check"]["max_abs_diff"] < 1e-4
     session = ort.InferenceSession(str(onnx))
@@ -107,9 +108,12 @@ def test_export_reproduces_predict_for_every_head(kind, models, data, tmp_path, 
     assert session.get_inputs()[0].type == "tensor(uint8)"
 
     ref = _predictions(runner, model, data)
-    for got in (_predictions(runner, onnx, data), _example(onnx, sorted(ref))):
-        assert set(got) == set(ref)
-        for path, (label, scores) in ref.items():
+    # the example prints the graph's (calibrated) probabilities, as predict reports them
+    ref_probs = _predictions(runner, model, data, key="probabilities")
+    got_example = _example(onnx, sorted(ref))
+    for got, want in ((_predictions(runner, onnx, data), ref), (got_example, ref_probs)):
+        assert set(got) == set(want)
+        for path, (label, scores) in want.items():
             assert got[path][0] == label, path
             np.testing.assert_allclose(got[path][1], scores, atol=1e-4, err_msg=path)
 
@@ -242,3 +246,22 @@ def test_predict_onnx_validates_the_metadata(key, value, models, data, tmp_path,
     result = runner.invoke(app, ["predict", str(onnx), str(data)])
     assert result.exit_code == 1, result.output
     assert str(onnx) in result.output and "export it again" in result.output
+
+
+@pytest.mark.parametrize("kind", ["svm", "logreg"])
+def test_exported_probabilities_are_the_calibrated_ones(kind, models):
+    """The graph's `probabilities` are softmax(decision / T), what predict reports."""
+    from tlearn.heads.linear import LinearHead
+    from tlearn.jobs.export_graph import model_scoring
+    from tlearn.modeldir import load_model
+
+    saved = load_model(models(kind))
+    scoring = model_scoring(saved)
+    feats = np.random.default_rng(0).normal(size=(5, int(saved.config["feature_dim"])))
+    feats = feats.astype(np.float32)
+    with torch.inference_mode():
+        scores, probs = scoring.module(torch.from_numpy(feats))
+    head = LinearHead.from_saved(saved.config["head"], saved.tensors, saved.classes)
+    want = saved.posthoc.probabilities(head.decision_function(feats))
+    np.testing.assert_allclose(probs.numpy(), want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(scores.numpy(), head.scores(feats), rtol=1e-4, atol=1e-5)

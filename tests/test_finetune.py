@@ -520,7 +520,7 @@ def test_predict_and_evaluate_nn_models(nn_model, split_folder, runner):
         result = runner.invoke(app, ["predict", str(nn_model), val, "--all-scores", "--tta", tta])
         assert result.exit_code == 0, result.output
         lines = result.stdout.strip().splitlines()
-        assert lines[0].startswith("path,prediction,score,score_asphalt")
+        assert lines[0].startswith("path,prediction,score,probability,score_asphalt")
         assert len(lines) == 1 + N_VAL
         for line in lines[1:]:
             probs = [float(v) for v in line.split(",")[-3:]]

@@ -58,7 +58,8 @@ def test_svm_heatmap_mean_equals_decision_score(svm_model):
         # The map before upsampling averages to the SVM margin of every class.
         np.testing.assert_allclose(item.maps.mean(axis=(1, 2)), margins, rtol=1e-4, atol=1e-4)
         assert item.predicted == pred[item.path].label
-        assert item.score == pytest.approx(pred[item.path].score, abs=1e-4)
+        # labelled with the calibrated probability predict reports
+        assert item.score == pytest.approx(pred[item.path].probability, abs=1e-4)
         # and the map varies over the image: it is not the pooled score broadcast.
         assert item.maps.std(axis=(1, 2)).max() > 1e-4
 
@@ -117,7 +118,7 @@ def test_heatmap_cli_writes_overlays(tmp_path, svm_model, runner):
         _png_ok(out / (h["path"].rsplit("/", 1)[1].rsplit(".", 1)[0] + ".heatmap.png"))
     r = runner.invoke(app, ["heatmap", str(model_dir), images[0], "-o", str(out)])
     assert r.exit_code == 0, r.output
-    assert "gravel_00.heatmap.png" in r.stdout and "svm margin" in r.stdout
+    assert "gravel_00.heatmap.png" in r.stdout and "calibrated probability" in r.stdout
 
 
 def test_heatmap_refusals(tmp_path, image_folder, svm_model, runner):

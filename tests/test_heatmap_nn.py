@@ -32,7 +32,8 @@ def test_linear_nn_head_heatmap_is_exact_and_curves_are_drawn(runner, image_fold
         want = np.asarray([pred[item.path].scores[c] for c in res.classes])
         np.testing.assert_allclose(probs, want, rtol=1e-4, atol=1e-5)
         assert item.predicted == pred[item.path].label
-    # labelled the way predict reports it: probabilities, maps of logits (not SVM margins)
-    assert (res.score_kind, res.decision_kind) == ("probability", "logit")
+    # labelled the way predict reports it: the calibrated probability (temperature
+    # scaling on the validation split), maps of logits (not SVM margins)
+    assert (res.score_kind, res.decision_kind) == ("calibrated probability", "logit")
     for item in res.items:
-        assert abs(item.score - max(pred[item.path].scores.values())) < 1e-4
+        assert abs(item.score - pred[item.path].probability) < 1e-4

@@ -163,7 +163,8 @@ def test_predict_infers_the_format_from_the_extension(
         assert all(json.loads(line)["prediction"] for line in out.read_text().splitlines())
     if name.endswith(".tsv"):
         rows = list(csv.reader(out.read_text().splitlines(), delimiter="\t"))
-        assert len(rows) > 1 and all(len(r) == 3 for r in rows)
+        assert len(rows) > 1 and all(len(r) == len(rows[0]) for r in rows)
+        assert rows[0][:3] == ["path", "prediction", "score"]
 
 
 def test_predict_refuses_a_format_that_contradicts_the_extension(

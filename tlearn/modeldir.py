@@ -22,6 +22,7 @@ from tlearn.core.system import versions
 from tlearn.core.version import __version__
 from tlearn.heads.linear import LinearHead
 from tlearn.heads.neural import expected_shapes as neural_shapes
+from tlearn.heads.posthoc import CALIBRATION_FILE, TASKS, PostHoc
 
 FORMAT = "tlearn-model"
 FORMAT_VERSION = 1
@@ -39,6 +40,12 @@ class SavedModel:
     config: dict
     tensors: dict[str, np.ndarray]
     backbone: dict[str, np.ndarray] | None = None  # fine-tuned backbone weights, if any
+    posthoc: PostHoc | None = None  # calibration, sets, "unknown" (None: an older model)
+
+    @property
+    def task(self) -> str:
+        """ "multi-class" (one class per image) or "multi-label" (a set of labels)."""
+        return self.config.get("task", "multi-class")
 
     @property
     def classes(self) -> list[str]:
@@ -103,6 +110,12 @@ def save_model(
     return out_dir
 
 
+def posthoc_bytes(posthoc: PostHoc) -> bytes:
+    """calibration.safetensors of a model's post-hoc parts (save_model's extra file)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in posthoc.tensors().items()}
+    return save(arrays)
+
+
 def load_model(model_dir: str | Path) -> SavedModel:
 
     model_dir = Path(model_dir)
@@ -144,7 +157,31 @@ def load_model(model_dir: str | Path) -> SavedModel:
     backbone = None
     if HEAD_FAMILIES[config["head"]["type"]] == "nn":
         backbone = _load_backbone_tensors(model_dir, config)
-    return SavedModel(path=model_dir, config=config, tensors=tensors, backbone=backbone)
+    posthoc = _load_posthoc(model_dir, config)
+    return SavedModel(model_dir, config, tensors, backbone, posthoc)
+
+
+def _load_posthoc(model_dir: Path, config: dict) -> PostHoc | None:
+    """The "calibration" section and calibration.safetensors, checked; None when the
+    model has none (made by a tlearn without calibration)."""
+    section = config.get("calibration")
+    if section is None:
+        return None
+    path = model_dir / CALIBRATION_FILE
+    tensors = {}
+    if path.is_file():
+        try:
+            tensors = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise ArtifactError(f"{path}: unreadable or truncated safetensors file ({e})") from None
+    return PostHoc.from_saved(
+        section,
+        tensors,
+        task=config.get("task", "multi-class"),
+        n_classes=len(config["classes"]),
+        dim=config["feature_dim"],
+        where=path if path.is_file() else model_dir / CONFIG,
+    )
 
 
 def _load_backbone_tensors(model_dir: Path, config: dict) -> dict[str, np.ndarray] | None:
@@ -254,6 +291,8 @@ def validate_config(config: dict, where) -> None:
             raise ArtifactError(f"{where}: 'data_config' is missing {key!r}")
     if not isinstance(config["feature_dim"], int) or config["feature_dim"] < 1:
         raise ArtifactError(f"{where}: 'feature_dim' must be a positive integer")
+    if config.get("task", "multi-class") not in TASKS:
+        raise ArtifactError(f"{where}: 'task' must be one of {', '.join(TASKS)}")
 
 
 def validate_tensors(config: dict, tensors: dict, where) -> None:

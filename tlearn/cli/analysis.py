@@ -20,6 +20,7 @@ from tlearn.cli.options import (
     Head,
     LabelsOpt,
     ModelOpt,
+    MultiLabelOpt,
     NoCacheOpt,
     Pool,
     PoolOpt,
@@ -72,6 +73,7 @@ def sweep_cmd(
     no_cache: NoCacheOpt = False,
     decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
+    multi_label: MultiLabelOpt = False,
 ):
     """Where to cut: one forward pass per image collects pooled features at every candidate
     layer, then a cross-validated linear head scores each layer (and pairs of the best).
@@ -98,6 +100,7 @@ def sweep_cmd(
             pairs=pairs,
             labels_csv=labels,
             run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
+            multi_label=multi_label,
         )
     report_skips(res.skipped, res.warnings, quiet)
     if output is not None:
@@ -107,7 +110,7 @@ def sweep_cmd(
     if as_json:
         typer.echo(json.dumps(res.to_dict()))
         return
-    title = f"{res.model}: CV accuracy per cut on {res.n_images} images (* = recommended)"
+    title = f"{res.model}: CV {res.metric} per cut on {res.n_images} images (* = recommended)"
     out.print(sweep_table(res, title))
     for line in sweep_summary(res):
         out.print(line, highlight=False)

@@ -19,6 +19,7 @@ from tlearn.cli.options import (
     LabelsOpt,
     LayerOpt,
     ModelOpt,
+    MultiLabelOpt,
     NoCacheOpt,
     Pool,
     PoolOpt,
@@ -72,6 +73,7 @@ def extract_cmd(
     decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
+    multi_label: MultiLabelOpt = False,
     as_json: Annotated[
         bool,
         typer.Option(
@@ -105,6 +107,7 @@ def extract_cmd(
                 labels_csv=labels,
                 strict=strict,
                 resume=resume,
+                multi_label=multi_label,
                 run=run_options(
                     batch_size, device, workers, quiet, bars, backend, no_cache, decode
                 ),

@@ -22,6 +22,7 @@ from tlearn.cli.options import (
     LabelsOpt,
     LayerOpt,
     ModelOpt,
+    MultiLabelOpt,
     NoCacheOpt,
     Pool,
     PoolOpt,
@@ -31,7 +32,15 @@ from tlearn.cli.options import (
     WorkersOpt,
     run_options,
 )
-from tlearn.cli.render import err, out, print_validation, progress_bars, report_skips, sweep_table
+from tlearn.cli.render import (
+    err,
+    out,
+    posthoc_lines,
+    print_validation,
+    progress_bars,
+    report_skips,
+    sweep_table,
+)
 from tlearn.cli.train import (
     BN,
     AugmentOpt,
@@ -135,6 +144,7 @@ def fit_cmd(
     cache: CacheOpt = Cache.memory,
     cache_dir: CacheDirOpt = None,
     resume: ResumeOpt = None,
+    multi_label: MultiLabelOpt = False,
 ):
     """Fit a linear SVM (or logistic regression) on extracted features, or train a new
     neural head (--head linear|mlp), optionally fine-tuning part of the network.
@@ -150,6 +160,11 @@ def fit_cmd(
     # raw values, which are plain strings under older typer/click releases.
     params = {k: v for k, v in locals().items() if k != "ctx"}
 
+    if multi_label and (resume is not None or head in (Head.linear, Head.mlp)):
+        raise UsageError(
+            f"--multi-label fits one-vs-rest --head svm or logreg; --head {head.value} "
+            "(a neural head with sigmoid outputs) is not available for label sets yet"
+        )
     if resume is not None or head in (Head.linear, Head.mlp):
         return fit_nn_command(ctx, params, err, out)
     check_torchrun_fit(head.value)
@@ -176,6 +191,7 @@ def fit_cmd(
             force=force,
             strict=strict,
             run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
+            multi_label=multi_label,
         )
     render_linear_fit(res, quiet=quiet, as_json=as_json)
 
@@ -197,27 +213,35 @@ def render_linear_fit(res, *, quiet: bool, as_json: bool) -> None:
                     "skipped": len(res.skipped),
                     "layers": list(res.cut.layers),
                     "layer_auto": res.sweep.summary() if res.sweep else None,
+                    "task": res.task,
+                    "calibration": res.posthoc.to_config() if res.posthoc else None,
                 }
             )
         )
         return
     if res.sweep is not None and not quiet:
         wide = err if err.is_terminal else Console(stderr=True, width=200)  # logs: no folding
-        wide.print(sweep_table(res.sweep, "--layer auto: CV accuracy per cut on training data"))
+        cv = f"CV {res.sweep.metric}"
+        wide.print(sweep_table(res.sweep, f"--layer auto: {cv} per cut on training data"))
         err.print(f"{res.sweep.method}; table saved as sweep.json", highlight=False)
     if res.head.cv_results_ and not quiet:
         t = Table(title=f"C chosen by {res.head.folds_}-fold cross-validation")
-        for col in ("C", "CV accuracy", "std", "seconds"):
+        score = "CV mAP" if res.task == "multi-label" else "CV accuracy"
+        for col in ("C", score, "std", "seconds"):
             t.add_column(col, justify="right")
         for r in res.head.cv_results_:
             mark = " *" if r.C == res.head.C_ else ""
             t.add_row(f"{r.C:g}{mark}", f"{r.mean:.3f}", f"{r.std:.3f}", f"{r.fit_seconds:.1f}")
         err.print(t)
     layers = ",".join(res.cut.layers)
+    what = "labels" if res.task == "multi-label" else "classes"
     out.print(
         f"fitted {res.head.kind} (C={res.head.C_:g}) on {res.n_train} images, {len(res.classes)} "
-        f"classes, {res.feature_dim} features from {res.cut.model} at {layers} "
+        f"{what}, {res.feature_dim} features from {res.cut.model} at {layers} "
         f"({res.cut.pool}) in {res.seconds:.1f}s -> {res.out_dir}",
         highlight=False,
     )
+    if not quiet and res.posthoc is not None:
+        for line in posthoc_lines(res.posthoc.to_config()):
+            err.print(line, highlight=False)
     print_validation(res.val_metrics, res.n_val)

@@ -117,6 +117,15 @@ class Decode(str, Enum):
     gpu = "gpu"
 
 
+MultiLabelOpt = Annotated[
+    bool,
+    typer.Option(
+        "--multi-label",
+        help="Each image has a set of labels: --labels FILE with labels joined by ';' "
+        "(empty = none); one-vs-rest heads with per-label thresholds, scored by mAP.",
+    ),
+]
+
 DecodeOpt = Annotated[
     Decode,
     typer.Option(

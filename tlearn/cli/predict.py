@@ -94,10 +94,29 @@ def predict_cmd(
     decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
     shard: ShardOpt = None,
+    coverage: Annotated[
+        float | None,
+        typer.Option(
+            "--coverage",
+            help="Add a `set` column: the classes that hold the true one with this "
+            "probability (split-conformal; e.g. 0.9).",
+        ),
+    ] = None,
+    reject: Annotated[
+        bool,
+        typer.Option(
+            "--reject",
+            help="Print `unknown` as the prediction of images unlike the training images.",
+        ),
+    ] = False,
 ):
-    """Predict the class of each image: path, predicted class, score.
+    """Predict the class of each image: path, predicted class, score, calibrated
+    probability, and whether the image is unlike the training images (ood_score,
+    unknown). A multi-label model gives the set of labels and every label's probability.
 
     Example: tlearn predict roads-model photos/ -o predictions.jsonl
+
+    Example: tlearn predict roads-model photos/ --coverage 0.9 --reject
     """
     # only the command that runs loads its job (fast --help)
     from tlearn.jobs.distributed import predict
@@ -117,16 +136,19 @@ def predict_cmd(
             tta=tta.value,
             run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
             shard=part,
+            coverage=coverage,
+            reject=reject,
         )
     if res is None:  # a torchrun rank other than 0: rank 0 writes the predictions
         return
     report_skips(res.skipped, res.warnings, quiet)
     k = min(top_k, len(res.classes))
-    records = prediction_records(res.predictions, k, all_scores)
+    layout = res.decisions
+    records = prediction_records(res.predictions, k, all_scores, layout)
     if chosen == "table":
-        sys.stdout.write(predictions_table(records, k, res.score_kind))
+        sys.stdout.write(predictions_table(records, k, res.score_kind, layout))
         return
-    text = render_predictions(records, chosen, res.classes, k, all_scores, res.score_kind)
+    text = render_predictions(records, chosen, res.classes, k, all_scores, res.score_kind, layout)
     if to_file and res.part is not None:
         written = write_predictions_part(
             output,
@@ -149,17 +171,37 @@ def predict_cmd(
         sys.stdout.write(text)
 
 
-def predictions_table(records: list[dict], k: int, score_kind: str) -> str:
+def predictions_table(records: list[dict], k: int, score_kind: str, layout=None) -> str:
     """The terminal table of predictions (user-supplied names escaped for rich)."""
-    table = Table(title=f"predictions (score: {score_kind})")
+    multi = layout is not None and layout.multi_label
+    what = "labels with probabilities" if multi else f"score: {score_kind}"
+    table = Table(title=f"predictions ({what})")
     table.add_column("path", overflow="fold")
-    table.add_column("prediction")
-    table.add_column("score", justify="right")
-    if k > 1:
+    table.add_column("labels" if multi else "prediction")
+    columns = [] if multi else [("score", "score")]
+    if layout is not None:
+        columns += [("probability", "probability")] if layout.probability and not multi else []
+        columns += [("set", "set")] if layout.set else []
+        columns += [("ood score", "ood_score"), ("unknown", "unknown")] if layout.ood else []
+    for title, _ in columns:
+        table.add_column(title, justify="left" if title in ("set", "unknown") else "right")
+    if k > 1 and not multi:
         table.add_column(f"top {k}")
     for r in records:
-        row = [escape(r["path"]), escape(r["prediction"]), f"{r['score']:.3f}"]
-        if k > 1:
+        if multi:
+            shown = ", ".join(f"{c} {r['probabilities'][c]:.2f}" for c in r["labels"] or [])
+            row = [escape(r["path"]), escape(r["prediction"] if not r["labels"] else shown)]
+        else:
+            row = [escape(r["path"]), escape(r["prediction"])]
+        for _, key in columns:
+            v = r[key]
+            if key == "set":
+                row.append(escape("{" + ", ".join(v) + "}"))
+            elif key == "unknown":
+                row.append("yes" if v else "no")
+            else:
+                row.append("-" if v is None else f"{v:.3f}")
+        if k > 1 and not multi:
             row.append(escape(", ".join(f"{t['class']} {t['score']:.3f}" for t in r["top_k"])))
         table.add_row(*row)
     console = Console(file=io.StringIO(), width=out.width, force_terminal=out.is_terminal)
@@ -180,7 +222,8 @@ def evaluate_cmd(
         typer.Option(
             "--output",
             "-o",
-            help="Write metrics.json, confusion.csv, confusion.png and worst.png here.",
+            help="Write metrics.json, confusion.csv, confusion.png, worst.png and "
+            "reliability.png here.",
         ),
     ] = None,
     labels: LabelsOpt = None,
@@ -193,10 +236,20 @@ def evaluate_cmd(
     no_cache: NoCacheOpt = False,
     decode: DecodeOpt = Decode.auto,
     quiet: QuietOpt = False,
+    coverage: Annotated[
+        float | None,
+        typer.Option(
+            "--coverage",
+            help="Also measure the prediction sets at this coverage (e.g. 0.9): empirical "
+            "coverage and mean set size, per class too.",
+        ),
+    ] = None,
 ):
-    """Accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix.
+    """Accuracy, balanced accuracy, per-class precision/recall/F1 and the confusion matrix;
+    ECE, NLL and Brier score of the probabilities; how many images look unlike the
+    training images. Multi-label models: mAP, micro/macro F1, subset accuracy.
 
-    Example: tlearn evaluate roads-model sample_data/roads/val --json
+    Example: tlearn evaluate roads-model roads/val --json --coverage 0.9
     """
     # only the command that runs loads its job (fast --help)
     from tlearn.jobs.evaluate import evaluate
@@ -211,6 +264,7 @@ def evaluate_cmd(
             strict=strict,
             tta=tta.value,
             run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
+            coverage=coverage,
         )
     report_skips(res.skipped, res.warnings, quiet)
     m = res.metrics
@@ -223,9 +277,50 @@ def evaluate_cmd(
     if as_json:
         typer.echo(json.dumps(m))
         return
-    out.print(metrics_table(m, f"{m['n_images']} images"))
-    out.print(confusion_table(m))
-    out.print(
-        f"accuracy {pct3(m['accuracy'])}, balanced accuracy {pct3(m['balanced_accuracy'])}",
-        highlight=False,
-    )
+    if res.task == "multi-label":
+        out.print(multilabel_table(m))
+    else:
+        out.print(metrics_table(m, f"{m['n_images']} images"))
+        out.print(confusion_table(m))
+        out.print(
+            f"accuracy {pct3(m['accuracy'])}, balanced accuracy {pct3(m['balanced_accuracy'])}",
+            highlight=False,
+        )
+    for line in acting_lines(m):
+        out.print(line, highlight=False)
+
+
+def multilabel_table(m: dict) -> Table:
+    t = Table(title=f"{m['n_images']} images, multi-label")
+    for col in ("label", "precision", "recall", "F1", "AP", "support"):
+        t.add_column(col, justify="left" if col == "label" else "right")
+    for label, r in m["per_label"].items():
+        ap = "-" if r["ap"] is None else f"{r['ap']:.3f}"
+        t.add_row(escape(label), f"{r['precision']:.3f}", f"{r['recall']:.3f}",
+                  f"{r['f1']:.3f}", ap, str(r["support"]))  # fmt: skip
+    return t
+
+
+def acting_lines(m: dict) -> list[str]:
+    """Summary lines: multi-label scores, calibration, coverage, out-of-distribution."""
+    lines = []
+    if m.get("task") == "multi-label":
+        f = {k: "-" if m.get(k) is None else f"{m[k]:.3f}" for k in
+             ("mAP", "micro_f1", "macro_f1", "subset_accuracy")}  # fmt: skip
+        lines.append(
+            f"mAP {f['mAP']}, micro F1 {f['micro_f1']}, macro F1 {f['macro_f1']}, "
+            f"subset accuracy {f['subset_accuracy']}"
+        )
+    if m.get("ece") is not None:
+        how = "calibrated" if m.get("calibrated") else "not calibrated"
+        lines.append(
+            f"probabilities ({how}): ECE {m['ece']:.3f}, NLL {m['nll']:.3f}, Brier {m['brier']:.3f}"
+        )
+    if m.get("coverage_target") is not None and m.get("coverage") is not None:
+        lines.append(
+            f"prediction sets at {m['coverage_target']:g}: coverage {m['coverage']:.3f}, "
+            f"mean set size {m['mean_set_size']:.2f}, {m['empty_sets']} empty"
+        )
+    if m.get("ood_flagged") is not None:
+        lines.append(f"unlike the training images (unknown): {m['ood_flagged']} of {m['n_images']}")
+    return lines

@@ -65,13 +65,47 @@ def engine_note(engine: dict) -> str:
 
 def print_validation(metrics: dict | None, n_val: int) -> None:
     """After a fit: the per-class table and one summary line (nothing without --val)."""
-    if metrics:
+    if metrics and metrics.get("task") == "multi-label":
+        f = {k: "-" if metrics.get(k) is None else f"{metrics[k]:.3f}" for k in
+             ("mAP", "micro_f1", "macro_f1", "subset_accuracy")}  # fmt: skip
+        out.print(
+            f"validation on {n_val} images: mAP {f['mAP']}, micro F1 {f['micro_f1']}, "
+            f"macro F1 {f['macro_f1']}, subset accuracy {f['subset_accuracy']}",
+            highlight=False,
+        )
+    elif metrics:
         out.print(metrics_table(metrics, f"validation on {n_val} images"))
         out.print(
             f"validation accuracy {metrics['accuracy']:.3f}, balanced "
             f"{metrics['balanced_accuracy']:.3f}",
             highlight=False,
         )
+
+
+def posthoc_lines(section: dict | None) -> list[str]:
+    """What a fit learned after its head (config.json's "calibration"), in words."""
+    if not section:
+        return []
+    lines = []
+    prob = section.get("probability")
+    if prob and prob.get("method") == "temperature":
+        before, after = section.get("nll_before"), section.get("nll_after")
+        nll = f", NLL {before:.3f} -> {after:.3f}" if before is not None else ""
+        lines.append(
+            f"probabilities: temperature {prob['temperature']:.3g} on {section.get('n')} "
+            f"held-out images ({section.get('fitted_on', '')}{nll})"
+        )
+    elif prob:
+        lines.append(f"probabilities: Platt scaling per label on {section.get('n')} images")
+    if section.get("conformal"):
+        lines.append("prediction sets: predict/evaluate --coverage LEVEL (split-conformal)")
+    ood = section.get("ood")
+    if ood:
+        lines.append(
+            f"unknown: cosine distance to the nearest of {ood['bank']} training images above "
+            f"{ood['threshold']:.4f} ({ood['flag_rate']:.0%} of training images, out-of-fold)"
+        )
+    return lines
 
 
 def metrics_table(metrics: dict, title: str) -> Table:
@@ -101,7 +135,8 @@ def confusion_table(metrics: dict) -> Table:
 
 def sweep_table(res, title: str) -> Table:
     table = Table(title=title)
-    for col in ("layer", "dim", "output C x H x W", "GFLOPs", "CV accuracy", "C", "fit s"):
+    cv = f"CV {getattr(res, 'metric', 'accuracy')}"
+    for col in ("layer", "dim", "output C x H x W", "GFLOPs", cv, "C", "fit s"):
         table.add_column(col, justify="left" if col == "layer" else "right")
     for r in res.rows:
         mark = " *" if r.layers == res.best.layers else ""
@@ -128,16 +163,16 @@ def sweep_table(res, title: str) -> Table:
 
 
 def sweep_summary(res) -> list[str]:
-    b = res.best
+    b, cv = res.best, f"CV {getattr(res, 'metric', 'accuracy')}"
     lines = [
-        f"recommended cut: --layer {b.name} (CV accuracy {b.cv_mean:.3f} +- {b.cv_std:.3f}, "
+        f"recommended cut: --layer {b.name} ({cv} {b.cv_mean:.3f} +- {b.cv_std:.3f}, "
         f"{b.feature_dim} features, {b.gflops:.3f} GFLOPs)"
     ]
     p = res.best_pair
     if p is not None:
         gain = p.cv_mean - b.cv_mean
         lines.append(
-            f"best pair: --layer {p.name} (CV accuracy {p.cv_mean:.3f} +- {p.cv_std:.3f}, "
+            f"best pair: --layer {p.name} ({cv} {p.cv_mean:.3f} +- {p.cv_std:.3f}, "
             f"{gain:+.3f} vs the recommended single layer, {p.feature_dim} features)"
         )
     return lines

@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from tlearn.cli.render import Bars, engine_note, print_validation, report_skips
+from tlearn.cli.render import Bars, engine_note, posthoc_lines, print_validation, report_skips
 from tlearn.core.errors import UsageError
 from tlearn.core.options import RunOptions
 
@@ -329,6 +329,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                     "seconds": res.seconds,
                     "features": res.features,
                     "prefix_maps": res.prefix_maps,
+                    "calibration": res.calibration,
                 }
             )
         )
@@ -351,6 +352,9 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         f"{res.seconds:.1f}s -> {res.out_dir}",
         highlight=False,
     )
+    if not quiet:
+        for line in posthoc_lines(res.calibration):
+            err.print(line, highlight=False)
     print_validation(res.val_metrics, res.n_val)
 
 

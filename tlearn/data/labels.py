@@ -1,4 +1,5 @@
-"""Images and labels from a CSV with a `path,label` header (--labels FILE)."""
+"""Images and labels from a CSV with a `path,label` header (--labels FILE); with
+multi_label, each label cell holds a set of labels joined by ';' (empty: no label)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from collections.abc import Sequence
 
 from tlearn.core.errors import DataError
+from tlearn.core.labelsets import join_labels, parse_label_set
 from tlearn.data.imageset import ImageSet, Skipped, entry_problem, no_images_error
 
 # --- labels CSV -----------------------------------------------------------------------------
@@ -37,13 +39,19 @@ def _header_columns(rows: list[tuple[int, list[str]]], csv_path: str) -> tuple[i
     return names.index("path"), names.index("label")
 
 
-def read_labels_csv(csv_path, classes: Sequence[str] | None = None) -> ImageSet:
+def read_labels_csv(
+    csv_path, classes: Sequence[str] | None = None, multi_label: bool = False
+) -> ImageSet:
     """Images and labels from a CSV with a `path,label` header (other columns ignored).
 
     Relative paths are resolved against the CSV's folder. Rows keep the file's order. Files
     that exist but are unusable from their metadata (zero bytes, broken symlink) become
     `Skipped`; every other problem is a DataError naming the line. Classes default to the
     sorted unique labels of the usable rows.
+
+    multi_label: a cell's labels are a set (sorted, joined by ';'; an empty cell is the
+    empty set), and each distinct set is one of the ImageSet's "classes"; `classes` then
+    lists the allowed labels.
     """
     csv_path = os.fspath(csv_path)
     if not os.path.isfile(csv_path):
@@ -59,7 +67,7 @@ def read_labels_csv(csv_path, classes: Sequence[str] | None = None) -> ImageSet:
     first_line: dict[str, int] = {}
     for line, row in rows[1:]:
         where = f"{csv_path}: line {line}"
-        path, label = _csv_entry(row, columns, base, where, classes)
+        path, label = _csv_entry(row, columns, base, where, classes, multi_label)
         key = os.path.abspath(path)
         if key in first_line:
             raise DataError(f"{where}: duplicate path {path} (first on line {first_line[key]})")
@@ -75,6 +83,10 @@ def read_labels_csv(csv_path, classes: Sequence[str] | None = None) -> ImageSet:
     if not paths:
         raise no_images_error(csv_path, skipped)
     used = set(names)
+    if multi_label:
+        class_list = sorted(used)
+        index = {name: i for i, name in enumerate(class_list)}
+        return ImageSet(paths, [index[n] for n in names], class_list, skipped, [])
     if classes is None:
         class_list = sorted(used)
         notes = [f"class '{c}' has no usable images; left out" for c in sorted(set(lost) - used)]
@@ -86,7 +98,7 @@ def read_labels_csv(csv_path, classes: Sequence[str] | None = None) -> ImageSet:
 
 
 def _csv_entry(
-    row: list[str], columns: tuple[int, int], base: str, where: str, classes
+    row: list[str], columns: tuple[int, int], base: str, where: str, classes, multi=False
 ) -> tuple[str, str]:
     """(resolved path, label) of one data row; DataError for anything the user must fix."""
     path_col, label_col = columns
@@ -96,9 +108,17 @@ def _csv_entry(
     raw_path, label = row[path_col].strip(), row[label_col].strip()
     if not raw_path:
         raise DataError(f"{where}: empty path")
-    if not label:
+    if multi:
+        label = join_labels(parse_label_set(label))
+        unknown = [lab for lab in parse_label_set(label) if classes and lab not in classes]
+        if unknown:
+            raise DataError(
+                f"{where}: label '{unknown[0]}' is not one of the model's labels "
+                f"({', '.join(classes)})"
+            )
+    elif not label:
         raise DataError(f"{where}: empty label for {raw_path}")
-    if classes is not None and label not in classes:
+    if not multi and classes is not None and label not in classes:
         raise DataError(
             f"{where}: label '{label}' is not one of the known classes ({', '.join(classes)})"
         )

@@ -210,11 +210,13 @@ def scan_inputs(inputs: Sequence) -> ImageSet:
     return ImageSet(paths, None, [], skipped)
 
 
-def load_images(data: Sequence[str | Path], labels_csv: str | Path | None = None) -> ImageSet:
-    """Labelled when possible: a labels CSV, or one folder of class sub-folders;
-    otherwise the named files/folders without labels."""
+def load_images(
+    data: Sequence[str | Path], labels_csv: str | Path | None = None, multi_label: bool = False
+) -> ImageSet:
+    """Labelled when possible: a labels CSV (of label sets with multi_label), or one folder
+    of class sub-folders; otherwise the named files/folders without labels."""
     if labels_csv is not None:
-        return read_labels_csv(labels_csv)
+        return read_labels_csv(labels_csv, multi_label=multi_label)
     if len(data) == 1 and Path(data[0]).is_dir() and _has_class_folders(Path(data[0])):
         train, val = resolve_dataset(data[0])
         if val is None:

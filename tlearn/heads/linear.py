@@ -74,6 +74,7 @@ class LinearHead:
     seed: int = 0
     max_iter: int | None = None
     n_jobs: int | None = None
+    keep_oof: bool = False  # with a given C, also cross-validate for oof_decision_ (fit does)
     # fitted state
     classes_: list[str] = field(default_factory=list)
     mean_: np.ndarray | None = None
@@ -83,6 +84,7 @@ class LinearHead:
     C_: float | None = None
     folds_: int | None = None  # the folds CV actually used (fewer for a small class)
     cv_results_: list[CVResult] = field(default_factory=list)
+    oof_decision_: np.ndarray | None = None  # (n, K) out-of-fold decisions at C_ (heads.posthoc)
     converged_: bool = True
     notes_: list[str] = field(default_factory=list)
 
@@ -107,7 +109,10 @@ class LinearHead:
             )
         self.classes_ = list(classes)
         self.notes_ = []
+        self.oof_decision_ = None
         self.C_ = self.C if self.C is not None else self._choose_C(X, y, progress)
+        if self.C is not None and self.keep_oof:
+            self.oof_decision_ = self._cv_at(self.C_, X, y, self._cv(y), 1)[1]
         est = self._fit_one(X, y, self.C_)
         self._take_arrays(est, y)
         return self
@@ -128,44 +133,69 @@ class LinearHead:
             )
         return est
 
-    def _choose_C(self, X: np.ndarray, y: np.ndarray, progress=None) -> float:
+    def _cv(self, y: np.ndarray):
+        """The stratified folds of the C search (None when a class is too small)."""
         # scikit-learn costs ~1 s to import: only fitting needs it, not predict
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.model_selection import StratifiedKFold, cross_val_score
+        from sklearn.model_selection import StratifiedKFold
 
         counts = np.bincount(y)
         counts = counts[counts > 0]
         folds = int(min(self.folds, counts.min()))
         self.folds_ = folds if folds >= 2 else None
         if folds < 2:
+            return None
+        return StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed)
+
+    def _cv_at(self, C: float, X, y, cv, n_jobs) -> tuple[CVResult, np.ndarray | None]:
+        """CV accuracy at C and the out-of-fold decisions (n, K), each row scored by the
+        fold model that did not see it, in the same form as decision_function."""
+        # scikit-learn costs ~1 s to import: only fitting needs it, not predict
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.model_selection import cross_validate
+
+        if cv is None:
+            return CVResult(C, float("nan"), float("nan"), 0.0), None
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            res = cross_validate(
+                make_estimator(self.kind, C, self.seed, self.iterations),
+                X,
+                y,
+                cv=cv,
+                n_jobs=n_jobs,
+                return_estimator=True,
+                return_indices=True,
+            )
+        scores = res["test_score"]
+        oof = np.zeros((len(y), len(self.classes_)), dtype=np.float32)
+        for est, held in zip(res["estimator"], res["indices"]["test"], strict=True):
+            arrays = linear_arrays(est, self.kind, len(self.classes_))
+            oof[held] = apply_arrays(arrays, X[held])
+        r = CVResult(C, float(scores.mean()), float(scores.std()), time.perf_counter() - t0)
+        return r, oof
+
+    def _choose_C(self, X: np.ndarray, y: np.ndarray, progress=None) -> float:
+        cv = self._cv(y)
+        if cv is None:
+            counts = np.bincount(y)
             self.notes_.append(
-                f"a class has only {counts.min()} image(s): cannot cross-validate C; "
-                f"using C={DEFAULT_C_NO_CV:g}"
+                f"a class has only {counts[counts > 0].min()} image(s): cannot cross-validate "
+                f"C; using C={DEFAULT_C_NO_CV:g}"
             )
             return DEFAULT_C_NO_CV
-        cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=self.seed)
         # Parallel folds pay only when a fold's fit outweighs starting worker processes.
         n_jobs = self.n_jobs if self.n_jobs is not None else (-1 if X.size > 2_000_000 else 1)
         best: CVResult | None = None
         worse_in_a_row = 0
         self.cv_results_ = []
         for C in C_GRID:  # ascending: small C is cheap; stop once scores keep falling
-            t0 = time.perf_counter()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                scores = cross_val_score(
-                    make_estimator(self.kind, C, self.seed, self.iterations),
-                    X,
-                    y,
-                    cv=cv,
-                    n_jobs=n_jobs,
-                )
-            r = CVResult(C, float(scores.mean()), float(scores.std()), time.perf_counter() - t0)
+            r, oof = self._cv_at(C, X, y, cv, n_jobs)
             self.cv_results_.append(r)
             if progress is not None:
                 progress(len(self.cv_results_), len(C_GRID))
             if best is None or r.mean > best.mean + 1e-9:
-                best, worse_in_a_row = r, 0
+                best, worse_in_a_row, self.oof_decision_ = r, 0, oof
             else:
                 worse_in_a_row += 1
                 if worse_in_a_row >= 2 and r.mean < best.mean:
@@ -175,33 +205,14 @@ class LinearHead:
         return best.C
 
     def _take_arrays(self, est, y) -> None:
-        scaler, clf = est[0], est[-1]
-        self.mean_ = scaler.mean_.astype(np.float32)
-        self.scale_ = scaler.scale_.astype(np.float32)
-        coef = clf.coef_.astype(np.float32)
-        intercept = np.atleast_1d(clf.intercept_).astype(np.float32)
-        # sklearn's clf.classes_ are the label ids seen in y; map them to our class list.
-        K = len(self.classes_)
-        full_coef = np.zeros((K, coef.shape[1]), dtype=np.float32)
-        # Classes absent from training can never win.
-        full_int = np.full((K,), -1e9, dtype=np.float32)
-        seen = list(clf.classes_)
-        if coef.shape[0] == 1:  # binary: sklearn keeps one row for seen[1]
-            # Logistic: +-w/2 makes softmax equal sklearn's predict_proba exactly.
-            # SVM: +-w keeps the score equal to the SVM margin.
-            half = 0.5 if self.kind == "logreg" else 1.0
-            full_coef[seen[0]], full_int[seen[0]] = -half * coef[0], -half * intercept[0]
-            full_coef[seen[1]], full_int[seen[1]] = half * coef[0], half * intercept[0]
-        else:
-            for row, label in enumerate(seen):
-                full_coef[label], full_int[label] = coef[row], intercept[row]
-        self.coef_, self.intercept_ = full_coef, full_int
+        self.mean_, self.scale_, self.coef_, self.intercept_ = linear_arrays(
+            est, self.kind, len(self.classes_)
+        )
 
     # ------------------------------------------------------------------ inference
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        Z = (np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_
-        return Z @ self.coef_.T + self.intercept_
+        return apply_arrays((self.mean_, self.scale_, self.coef_, self.intercept_), X)
 
     def scores(self, X: np.ndarray) -> np.ndarray:
         """Per-class scores: probabilities for logreg, SVM margins for svm."""
@@ -257,3 +268,35 @@ class LinearHead:
             "coef": (n_classes, dim),
             "intercept": (n_classes,),
         }
+
+
+def linear_arrays(est, kind: str, n_classes: int):
+    """(scaler mean, scaler scale, coef (K, D), intercept (K,)) of a fitted scikit-learn
+    pipeline, one row per class of our class list, even for two classes."""
+    scaler, clf = est[0], est[-1]
+    mean = scaler.mean_.astype(np.float32)
+    scale = scaler.scale_.astype(np.float32)
+    coef = clf.coef_.astype(np.float32)
+    intercept = np.atleast_1d(clf.intercept_).astype(np.float32)
+    # sklearn's clf.classes_ are the label ids seen in y; map them to our class list.
+    full_coef = np.zeros((n_classes, coef.shape[1]), dtype=np.float32)
+    # Classes absent from training can never win.
+    full_int = np.full((n_classes,), -1e9, dtype=np.float32)
+    seen = list(clf.classes_)
+    if coef.shape[0] == 1:  # binary: sklearn keeps one row for seen[1]
+        # Logistic: +-w/2 makes softmax equal sklearn's predict_proba exactly.
+        # SVM: +-w keeps the score equal to the SVM margin.
+        half = 0.5 if kind == "logreg" else 1.0
+        full_coef[seen[0]], full_int[seen[0]] = -half * coef[0], -half * intercept[0]
+        full_coef[seen[1]], full_int[seen[1]] = half * coef[0], half * intercept[0]
+    else:
+        for row, label in enumerate(seen):
+            full_coef[label], full_int[label] = coef[row], intercept[row]
+    return mean, scale, full_coef, full_int
+
+
+def apply_arrays(arrays, X: np.ndarray) -> np.ndarray:
+    """Decision values of linear_arrays' (mean, scale, coef, intercept) for features X."""
+    mean, scale, coef, intercept = arrays
+    Z = (np.asarray(X, dtype=np.float32) - mean) / scale
+    return Z @ coef.T + intercept

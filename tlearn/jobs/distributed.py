@@ -3,6 +3,7 @@ every rank its part, merged (extract) or gathered (predict) on rank 0."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import tlearn.jobs.extract as one_extract
@@ -104,7 +105,7 @@ def predict(model_dir, inputs, *, shard: Shard | None = None, **kwargs):
         # Predictions are small next to features: gather them on rank 0 instead of writing
         # parts, so predict needs no shared filesystem. Rank 0 renders them like a single run.
         payload = {
-            "predictions": [[p.path, p.label, p.score, p.scores] for p in res.predictions],
+            "predictions": [dataclasses.asdict(p) for p in res.predictions],
             "skipped": res.part["skipped"],
         }
         gathered = group.gather_json(payload)
@@ -112,7 +113,7 @@ def predict(model_dir, inputs, *, shard: Shard | None = None, **kwargs):
         return None
     predictions, skipped = [], [Skipped(*s) for s in res.part["scan_skipped"]]
     for g in gathered:
-        predictions += [Prediction(*p) for p in g["predictions"]]
+        predictions += [Prediction(**p) for p in g["predictions"]]
         skipped += [Skipped(*s) for s in g["skipped"]]
     return PredictResult(
         predictions=predictions,
@@ -120,4 +121,5 @@ def predict(model_dir, inputs, *, shard: Shard | None = None, **kwargs):
         score_kind=res.score_kind,
         skipped=skipped,
         warnings=res.warnings,
+        decisions=res.decisions,
     )

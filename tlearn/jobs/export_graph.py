@@ -7,8 +7,9 @@ are computed from pooled features: `scores` is always what `tlearn predict` repo
 (probabilities for logistic regression and neural heads, SVM margins for an SVM), and
 `probabilities` is added when the model has real probabilities. A softmax of SVM margins
 is not a probability (it is not calibrated: its values depend on C and the scaling of
-the margins), so an SVM model exports margins only; calibrated probabilities can be
-added here when models carry a calibration.
+the margins), so an SVM model without a calibration exports margins only. A model with
+a calibration (heads.posthoc: temperature scaling) exports `probabilities` =
+softmax(decision / T), the calibrated probabilities `tlearn predict` reports.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 
 from tlearn.backbone.cut import FeatureNetwork
 from tlearn.backbone.transfer import TransferNet
+from tlearn.core.errors import UsageError
 from tlearn.heads.linear import LinearHead
 from tlearn.heads.neural_torch import NNHead
 from tlearn.jobs.torch_scores import build_backbone
@@ -70,6 +72,21 @@ class Outputs(nn.Module):
         return s if self.n_outputs == 1 else (s, s.clone())
 
 
+class Calibrated(nn.Module):
+    """Decision values -> (what predict reports as `score`, calibrated probabilities)."""
+
+    def __init__(self, decision: nn.Module, temperature: float, score_is_softmax: bool):
+        super().__init__()
+        self.decision = decision
+        self.temperature = float(temperature)
+        self.score_is_softmax = score_is_softmax
+
+    def forward(self, features: torch.Tensor):
+        d = self.decision(features)
+        score = torch.softmax(d, 1) if self.score_is_softmax else d
+        return score, torch.softmax(d / self.temperature, 1)
+
+
 @dataclass
 class Scoring:
     """What the graph outputs after the features, and how."""
@@ -83,6 +100,13 @@ class Scoring:
 def model_scoring(saved: SavedModel) -> Scoring:
     """The model's scoring function from pooled features: the one place the exported
     graph's outputs are decided."""
+    if saved.task == "multi-label":
+        raise UsageError(
+            "export writes multi-class models; a multi-label model's per-label thresholds "
+            "are not in the graph yet (use tlearn predict)"
+        )
+    posthoc = saved.posthoc
+    temperature = posthoc.temperature if posthoc is not None else None
     if saved.is_nn:
         head = NNHead(saved.config["head"], int(saved.config["feature_dim"]), len(saved.classes))
         head.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in saved.tensors.items()})
@@ -92,9 +116,21 @@ def model_scoring(saved: SavedModel) -> Scoring:
             with torch.inference_mode():
                 return torch.softmax(head(torch.as_tensor(feats)), 1).numpy()
 
+        if temperature is not None:
+            score = Calibrated(head.eval(), temperature, True)
+            return Scoring(score, (SCORES, PROBABILITIES), "probability", reference)
         return Scoring(Outputs(score, 2), (SCORES, PROBABILITIES), "probability", reference)
     linear = LinearHead.from_saved(saved.config["head"], saved.tensors, saved.classes)
     probs = linear.kind == "logreg"
+    if temperature is not None:
+        decision = LinearScores(linear)
+        decision.softmax = False  # the decision values; Calibrated applies the softmaxes
+        return Scoring(
+            Calibrated(decision, temperature, probs),
+            (SCORES, PROBABILITIES),
+            "probability" if probs else "svm margin",
+            lambda feats: linear.scores(np.asarray(feats, dtype=np.float32)),
+        )
     outputs = (SCORES, PROBABILITIES) if probs else (SCORES,)
     kind = "probability" if probs else "svm margin"
     return Scoring(

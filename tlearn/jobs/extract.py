@@ -76,6 +76,7 @@ def extract(
     resume: bool = False,
     run: RunOptions | None = None,
     shard: Shard | None = None,
+    multi_label: bool = False,
 ) -> ExtractResult:
     """Features of every readable image to a table (CSV, Parquet or NPY by the extension
     of `out`; CSV on stdout for "-"). Unreadable images are listed in OUTPUT.skipped.csv
@@ -87,7 +88,9 @@ def extract(
     t0 = time.perf_counter()
     if str(out) != "-":
         check_output_parent(out)
-    images = load_images(data, labels_csv)
+    if multi_label and labels_csv is None:
+        raise UsageError("--multi-label reads label sets from --labels FILE (labels joined by ';')")
+    images = load_images(data, labels_csv, multi_label=multi_label)
     if len(images) == 0:
         raise DataError(f"no images found in {', '.join(map(str, data))}")
     to_stdout = str(out) == "-"

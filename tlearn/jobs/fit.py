@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from tlearn.cache.remembered import check_layers
@@ -14,40 +13,27 @@ from tlearn.cache.store import cache_root
 from tlearn.core.atomic import check_output_parent
 from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
-from tlearn.core.spec import DEFAULT_MODEL, CutSpec, is_auto_layer
-from tlearn.data.imageset import ImageSet, Skipped
+from tlearn.core.spec import DEFAULT_MODEL, is_auto_layer
+from tlearn.data.imageset import ImageSet
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
-from tlearn.data.skipped import SKIPPED_CSV, skipped_csv_bytes, strict_failure
+from tlearn.data.skipped import strict_failure
 from tlearn.data.split import check_val_split
 from tlearn.features.table import is_features_table
 from tlearn.heads.linear import LinearHead, parse_C
+from tlearn.heads.posthoc import fit_multiclass
+from tlearn.jobs.fit_multilabel import fit_multilabel
 from tlearn.jobs.sources import (
     FeatureSource,
+    FitResult,
     LabelledFeatures,
     drop_empty_classes,
+    save_fitted,
     split_features,
     val_features,
     val_from_images,
 )
-from tlearn.modeldir import build_config, save_model
 from tlearn.report.metrics import classification_metrics
-
-
-@dataclass
-class FitResult:
-    out_dir: str
-    head: LinearHead
-    classes: list[str]
-    n_train: int
-    n_val: int
-    val_metrics: dict | None
-    cut: CutSpec
-    feature_dim: int
-    skipped: list[Skipped]
-    warnings: list[str]
-    seconds: float
-    sweep: object | None = None  # sweep.SweepResult when fitted with --layer auto
 
 
 def fit(
@@ -67,11 +53,15 @@ def fit(
     force: bool = False,
     strict: bool = False,
     run: RunOptions | None = None,
+    multi_label: bool = False,
 ) -> FitResult:
+    if multi_label:  # label sets: one-vs-rest heads (jobs.fit_multilabel)
+        return fit_multilabel(**{k: v for k, v in locals().items() if k != "multi_label"})
     t0 = time.perf_counter()
     run = run or RunOptions()
     C_value = parse_C(C)
-    estimator = LinearHead(kind=head, C=C_value, seed=seed)  # validates --head early
+    # validates --head early; keeps the out-of-fold decisions to calibrate on
+    estimator = LinearHead(kind=head, C=C_value, seed=seed, keep_oof=True)
     if val is not None and val_split is not None:
         raise UsageError("use either --val DIR or --val-split, not both")
     if val_split is not None:
@@ -129,26 +119,20 @@ def fit(
     if auto:
         train, valid, sweep_result = source.choose(train, valid)
     estimator.fit(train.X, train.y, train.classes, progress=run.bar("cross-validate C"))
+    oof = estimator.oof_decision_
+    posthoc, notes = fit_multiclass(
+        oof,
+        train.y,
+        train.X,
+        seed=seed,
+        fitted_on="out-of-fold decisions of the cross-validation of C",
+    )
     val_metrics = None
     if valid is not None and len(valid.y):
         val_metrics = classification_metrics(valid.y, estimator.predict(valid.X), train.classes)
 
-    spec, data_config = source.spec, source.data_config
-    config = build_config(
-        cut=spec,
-        data_config=data_config,
-        classes=train.classes,
-        head=estimator.hyperparameters(),
-        feature_dim=int(train.X.shape[1]),
-        train={"n_images": int(len(train.y)), "n_val": int(len(valid.y)) if valid else 0},
-        **({"layer_auto": sweep_result.summary()} if sweep_result else {}),
-    )
-    metrics = {"validation": val_metrics, "cv": config["head"]["cv"]}
-    extra = {SKIPPED_CSV: skipped_csv_bytes(skipped)}
-    if sweep_result:
-        extra["sweep.json"] = sweep_result.json_bytes()
-    save_model(
-        out_dir, config, estimator.tensors(), metrics=metrics, force=force, extra_files=extra
+    save_fitted(
+        out_dir, source, estimator, train, valid, posthoc, val_metrics, sweep_result, skipped, force
     )
     return FitResult(
         out_dir=str(out_dir),
@@ -157,10 +141,11 @@ def fit(
         n_train=int(len(train.y)),
         n_val=int(len(valid.y)) if valid else 0,
         val_metrics=val_metrics,
-        cut=spec,
+        cut=source.spec,
         feature_dim=int(train.X.shape[1]),
         skipped=skipped,
-        warnings=train.warnings + estimator.notes_ + (valid.warnings if valid else []),
+        warnings=train.warnings + estimator.notes_ + notes + (valid.warnings if valid else []),
         seconds=time.perf_counter() - t0,
         sweep=sweep_result,
+        posthoc=posthoc,
     )

@@ -214,13 +214,19 @@ def heatmaps(
         workers=run.workers,
         progress=run.bar("heatmap"),
     )
-    # scores as predict reports them: probabilities for logreg and neural heads (softmax
-    # of the maps' means, which are their logits), margins for an SVM
-    probabilities = saved.head_type != "svm"
+    # scores as predict reports them: calibrated probabilities when the model has a
+    # calibration; else probabilities for logreg and neural heads (softmax of the maps'
+    # means, which are their logits) and margins for an SVM
+    posthoc = saved.posthoc
+    calibrated = posthoc is not None and posthoc.calibrated and posthoc.task == "multi-class"
+    probabilities = calibrated or saved.head_type != "svm"
     items = []
     for i, maps in zip(feats.indices, feats.X, strict=True):
         decision = maps.astype(np.float64).mean(axis=(1, 2))
-        scores = _softmax(decision) if probabilities else decision
+        if calibrated:
+            scores = posthoc.probabilities(decision[None])[0]
+        else:
+            scores = _softmax(decision) if probabilities else decision
         k = int(np.argmax(decision))
         items.append(
             HeatmapItem(
@@ -237,8 +243,12 @@ def heatmaps(
         classes=classes,
         layer=layer,
         map_size=size,
-        score_kind="probability" if probabilities else "svm margin",
-        decision_kind="logit" if probabilities else "svm margin",
+        score_kind=(
+            "calibrated probability"
+            if calibrated
+            else ("probability" if probabilities else "svm margin")
+        ),
+        decision_kind="logit" if saved.head_type != "svm" else "svm margin",
         data_config=saved.data_config,
         skipped=list(images.skipped) + feats.skipped,
         warnings=list(images.warnings),

@@ -79,6 +79,7 @@ class AutoLayerSource(FeatureSource):
             best=best,
             best_pair=best_pair,
             seconds=time.perf_counter() - t0,
+            metric="mAP" if np.ndim(train.y) == 2 else "accuracy",
         )
         cols = feats.columns(best.layers)
         train.X = np.ascontiguousarray(train.X[:, cols])

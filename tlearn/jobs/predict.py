@@ -1,34 +1,29 @@
-"""`tlearn predict`: the class of each image (or feature row) with its score."""
+"""`tlearn predict`: the class of each image (or feature row) with its score, its
+calibrated probability, its prediction set (--coverage) and whether it is unlike the
+training images ("unknown"; --reject); a multi-label model's set of labels."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
-from tlearn.core.errors import DataError
+from tlearn.core.errors import DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import CutSpec
 from tlearn.data.imageset import Skipped
 from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.data.skipped import strict_failure
 from tlearn.features.table import is_features_table, read_table
+from tlearn.jobs.decide import Decisions, Prediction, check_requests, decide
 from tlearn.jobs.onnx_model import OnnxScores, is_onnx_model, onnx_scores
-from tlearn.jobs.score import ModelScorer, refuse_tta_on_features, score_images
+from tlearn.jobs.score import ModelScorer, refuse_tta_on_features, score_features, score_images
 from tlearn.modeldir import load_model
-from tlearn.scale.shard import Shard, plan_part, score_by_batch
+from tlearn.scale.shard import Shard, plan_part
+
+__all__ = ["Prediction", "PredictResult", "predict", "onnx_prediction"]
 
 # ----------------------------------------------------------------------------- predict
-
-
-@dataclass
-class Prediction:
-    path: str
-    label: str
-    score: float
-    scores: dict[str, float]
 
 
 @dataclass
@@ -39,6 +34,7 @@ class PredictResult:
     skipped: list[Skipped]
     warnings: list[str]
     part: dict | None = None  # with a shard: what tlearn.shard writes in the part's sidecar
+    decisions: Decisions = field(default_factory=Decisions)  # which columns there are
 
 
 def predict(
@@ -49,13 +45,21 @@ def predict(
     tta: str = "none",
     run: RunOptions | None = None,
     shard: Shard | None = None,
+    coverage: float | None = None,
+    reject: bool = False,
 ) -> PredictResult:
     run = run or RunOptions()
     if is_onnx_model(model_dir):  # a whole model exported by tlearn export (jobs.onnx_model)
+        if coverage is not None or reject:
+            raise UsageError(
+                "--coverage and --reject need the model directory (an exported .onnx holds "
+                "scores and probabilities only)"
+            )
         scored = onnx_scores(model_dir, inputs, tta=tta, run=run, shard=shard)
         return onnx_prediction(scored, strict)
     saved = load_model(model_dir)
     scorer = ModelScorer(saved)
+    notes = check_requests(scorer, coverage, reject)
     part, n_scan_skipped = None, 0
     if len(inputs) == 1 and is_features_table(inputs[0]):
         table = read_table(inputs[0])
@@ -66,8 +70,7 @@ def predict(
         if shard is not None:
             part = plan_part(shard, paths, None, [], run.batch_size)
             paths, X = paths[part.start : part.stop], X[part.start : part.stop]
-        batch_of = np.arange(len(paths)) // max(1, run.batch_size)
-        scores = score_by_batch(scorer.scores, X, batch_of, len(saved.classes))
+        outputs = score_features(scorer, X, run.batch_size)
     else:
         images = scan_unlabeled(list(inputs))
         if len(images) == 0 and not images.skipped:
@@ -78,26 +81,19 @@ def predict(
             images = images.subset(range(part.start, part.stop))
         scored = score_images(scorer, images, tta, run, "predict")
         paths = [images.paths[i] for i in scored.indices]
-        scores, skipped = scored.scores, images.skipped + scored.skipped
+        outputs, skipped = scored.outputs, images.skipped + scored.skipped
         warnings = list(images.warnings) + scored.notes
     if strict and skipped:
         raise strict_failure(skipped)
-    preds = [
-        Prediction(
-            path=p,
-            label=saved.classes[int(s.argmax())],
-            score=float(s.max()),
-            scores={c: float(v) for c, v in zip(saved.classes, s, strict=True)},
-        )
-        for p, s in zip(paths, scores, strict=True)
-    ]
+    preds, decisions = decide(paths, outputs, scorer, coverage=coverage, reject=reject)
     return PredictResult(
         predictions=preds,
         classes=saved.classes,
         score_kind=scorer.kind,
         skipped=skipped,
-        warnings=list(warnings),
+        warnings=list(warnings) + notes,
         part=None if part is None else part.info(skipped[n_scan_skipped:]),
+        decisions=decisions,
     )
 
 

@@ -14,9 +14,12 @@ from tlearn.core.options import RunOptions
 from tlearn.core.spec import CutSpec
 from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.scan import scan_class_folders
+from tlearn.data.skipped import SKIPPED_CSV, skipped_csv_bytes
 from tlearn.data.split import stratified_split
 from tlearn.features.engine import CutRequest, open_engine
 from tlearn.features.table import is_features_table, read_table
+from tlearn.heads.posthoc import CALIBRATION_FILE
+from tlearn.modeldir import build_config, posthoc_bytes, save_model
 
 # ----------------------------------------------------------------------------- fit
 
@@ -88,6 +91,52 @@ class FeatureSource:
             classes=classes,
             warnings=list(table.warnings),
         )
+
+
+@dataclass
+class FitResult:
+    out_dir: str
+    head: object  # heads.linear.LinearHead, or heads.multilabel.MultiLabelLinear
+    classes: list[str]
+    n_train: int
+    n_val: int
+    val_metrics: dict | None
+    cut: CutSpec
+    feature_dim: int
+    skipped: list[Skipped]
+    warnings: list[str]
+    seconds: float
+    sweep: object | None = None  # sweep.SweepResult when fitted with --layer auto
+    posthoc: object = None  # heads.posthoc.PostHoc: calibration, prediction sets, "unknown"
+    task: str = "multi-class"
+
+
+def save_fitted(
+    out_dir, source, estimator, train, valid, posthoc, val_metrics, sweep, skipped, force
+) -> None:
+    """The model directory of a fitted linear head (multi-class or multi-label): config
+    (cut, classes or labels, head, calibration, layer_auto), head and calibration
+    tensors, metrics, skipped.csv and the --layer auto sweep table."""
+    extra_keys = {"layer_auto": sweep.summary()} if sweep else {}
+    if posthoc.task == "multi-label":
+        extra_keys["task"] = "multi-label"
+    config = build_config(
+        cut=source.spec,
+        data_config=source.data_config,
+        classes=train.classes,
+        head=estimator.hyperparameters(),
+        feature_dim=int(train.X.shape[1]),
+        train={"n_images": int(len(train.y)), "n_val": int(len(valid.y)) if valid else 0},
+        calibration=posthoc.to_config(),
+        **extra_keys,
+    )
+    metrics = {"validation": val_metrics, "cv": config["head"]["cv"]}
+    extra = {SKIPPED_CSV: skipped_csv_bytes(skipped), CALIBRATION_FILE: posthoc_bytes(posthoc)}
+    if sweep:
+        extra["sweep.json"] = sweep.json_bytes()
+    save_model(
+        out_dir, config, estimator.tensors(), metrics=metrics, force=force, extra_files=extra
+    )
 
 
 def drop_empty_classes(train: LabelledFeatures) -> LabelledFeatures:

@@ -35,6 +35,7 @@ from tlearn.data.scan import resolve_dataset
 from tlearn.features.engine import CutRequest, open_engine
 from tlearn.features.table import is_features_table
 from tlearn.heads.linear import LinearHead, make_estimator, parse_C
+from tlearn.heads.multilabel import MultiLabelLinear, label_matrix
 from tlearn.report.plots import plot_sweep
 
 PAIR_POOL = 4  # pairs are formed among this many best single layers
@@ -109,6 +110,7 @@ class SweepRow:
     fit_seconds: float  # one fit on all sweep images at the chosen C
     stage: int | None = None
     converged: bool = True
+    metric: str = "accuracy"  # what cv_mean measures: accuracy, or mAP for label sets
 
     @property
     def name(self) -> str:
@@ -122,7 +124,8 @@ class SweepRow:
             "shape": None if self.shape is None else list(self.shape),
             "params": self.params,
             "gflops": self.gflops,
-            "cv_accuracy": self.cv_mean,
+            f"cv_{self.metric}": self.cv_mean,
+            "cv_score": self.cv_mean,
             "cv_std": self.cv_std,
             "C": self.C,
             "cv_seconds": round(self.cv_seconds, 4),
@@ -133,9 +136,14 @@ class SweepRow:
 
 
 def cv_folds(y: np.ndarray, folds: int) -> int:
+    """Folds for y: class ids, or a multi-label (n, L) matrix (each label stratified)."""
     if folds < 2:
         raise UsageError(f"--folds {folds}: use at least 2")
-    counts = np.bincount(y)
+    if np.ndim(y) == 2:
+        pos = np.asarray(y, dtype=bool).sum(axis=0)
+        counts = np.r_[pos, len(y) - pos]
+    else:
+        counts = np.bincount(y)
     counts = counts[counts > 0]
     k = int(min(folds, counts.min()))
     if k < 2:
@@ -165,6 +173,8 @@ def score_cut(
 
     folds = cv_folds(y, folds)
     t0 = time.perf_counter()
+    if np.ndim(y) == 2:  # multi-label: mean average precision of one-vs-rest heads
+        return _score_multilabel(X, y, classes, head, C, folds, seed)
     if C is None:
         h = LinearHead(kind=head, C=None, folds=folds, seed=seed)
         h.fit(X, y, classes)
@@ -187,6 +197,27 @@ def score_cut(
         cv_seconds,
         time.perf_counter() - t1,
         h.converged_,
+    )
+
+
+def _score_multilabel(X, Y, labels, head, C, folds, seed):
+    """score_cut's numbers for label sets: the CV mAP (std across labels)."""
+    t0 = time.perf_counter()
+    h = MultiLabelLinear(kind=head, C=C, folds=folds, seed=seed)
+    if C is None:
+        h.fit(X, Y, labels)
+        best = next(r for r in h.cv_results_ if r.C == h.C_)
+        cv_seconds = sum(r.fit_seconds for r in h.cv_results_)
+        return best.mean, best.std, h.C_, cv_seconds, time.perf_counter() - t0 - cv_seconds, True
+    h.fit(X, Y, labels)  # with a given C: one cross-validation for the out-of-fold mAP
+    ap, cv_seconds = h.oof_ap_, h.oof_seconds_
+    return (
+        float(ap.mean()),
+        float(ap.std()),
+        C,
+        cv_seconds,
+        time.perf_counter() - t0 - cv_seconds,
+        True,
     )
 
 
@@ -215,12 +246,15 @@ class SweepResult:
     data: str | None = None
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    metric: str = "accuracy"  # "mAP" for label sets (the CV score in cv_accuracy's place)
 
     @property
     def method(self) -> str:
         clf = "LinearSVC" if self.head == "svm" else "LogisticRegression"
+        if self.metric == "mAP":
+            clf = f"one-vs-rest {clf} per label"
         how = (
-            "C searched per cut over the grid (accuracy at the best C)"
+            f"C searched per cut over the grid ({self.metric} at the best C)"
             if self.C is None
             else f"C={self.C:g}"
         )
@@ -230,7 +264,7 @@ class SweepResult:
         """What config.json records for `fit --layer auto`."""
         return {
             "chosen": list(self.best.layers),
-            "cv_accuracy": self.best.cv_mean,
+            f"cv_{self.metric}": self.best.cv_mean,
             "cv_std": self.best.cv_std,
             "candidates": [r.name for r in self.rows],
             "best_pair": None if self.best_pair is None else list(self.best_pair.layers),
@@ -254,6 +288,7 @@ class SweepResult:
             "folds": self.folds,
             "seed": self.seed,
             "method": self.method,
+            "metric": self.metric,
             "classes": self.classes,
             "n_images": self.n_images,
             "recommended": self.best.to_dict(),
@@ -310,6 +345,7 @@ def sweep_features(
             fit_seconds=fit_s,
             stage=deepest.stage if len(layers) == 1 else None,
             converged=conv,
+            metric="mAP" if np.ndim(y) == 2 else "accuracy",
         )
 
     rows = [score((c.name,)) for c in candidates]
@@ -327,10 +363,12 @@ def sweep_features(
 # ----------------------------------------------------------------------------- the command
 
 
-def _training_images(data, labels_csv) -> tuple[ImageSet, list[str]]:
+def _training_images(data, labels_csv, multi_label=False) -> tuple[ImageSet, list[str]]:
     notes: list[str] = []
     if labels_csv is not None:
-        return read_labels_csv(labels_csv), notes
+        return read_labels_csv(labels_csv, multi_label=multi_label), notes
+    if multi_label:
+        raise UsageError("--multi-label reads label sets from --labels FILE (labels joined by ';')")
     if is_features_table(data):
         raise UsageError(
             f"{data} is a features table, which holds one cut: the sweep extracts every "
@@ -361,14 +399,16 @@ def sweep(
     pairs: bool = True,
     labels_csv: str | Path | None = None,
     run: RunOptions | None = None,
+    multi_label: bool = False,
 ) -> SweepResult:
     """Cross-validated accuracy of a linear head at each candidate cut of `model` on the
-    labelled images in `data` (its train/ part when it has train/ and val/)."""
+    labelled images in `data` (its train/ part when it has train/ and val/); with
+    multi_label (label sets from labels_csv), the cross-validated mAP."""
     t0 = time.perf_counter()
     run = run or RunOptions()
     C_value = parse_C(C)
     LinearHead(kind=head)  # validates --head before any work
-    images, notes = _training_images(data, labels_csv)
+    images, notes = _training_images(data, labels_csv, multi_label)
     if len(images) == 0:
         raise DataError(f"no images found in {data}")
     backbone = open_backbone(model, weights, seed)
@@ -377,12 +417,17 @@ def sweep(
     extract_s = time.perf_counter() - t0
     y_all = np.asarray(images.labels, dtype=np.int64)
     y = y_all[feats.indices] if len(feats.indices) else np.zeros(0, np.int64)
-    present = sorted(set(y.tolist()))
-    if len(present) < 2:
-        raise DataError("the sweep needs usable images of at least two classes")
-    # Classes without usable images are dropped so labels stay 0..K-1.
-    classes = [images.classes[i] for i in present]
-    y = np.searchsorted(np.asarray(present), y)
+    if multi_label:
+        y, classes = label_matrix([images.classes[i] for i in y])
+        if len(classes) < 2:
+            raise DataError("the sweep needs usable images with at least two labels")
+    else:
+        present = sorted(set(y.tolist()))
+        if len(present) < 2:
+            raise DataError("the sweep needs usable images of at least two classes")
+        # Classes without usable images are dropped so labels stay 0..K-1.
+        classes = [images.classes[i] for i in present]
+        y = np.searchsorted(np.asarray(present), y)
     rows, pair_rows, best, best_pair = sweep_features(
         feats,
         y,
@@ -414,6 +459,7 @@ def sweep(
         data=None if data is None else str(data),
         skipped=list(images.skipped) + feats.skipped,
         warnings=list(images.warnings) + notes,
+        metric="mAP" if multi_label else "accuracy",
     )
 
 

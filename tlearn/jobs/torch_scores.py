@@ -3,12 +3,14 @@ was trained) and linear models under test-time augmentation.
 
 TTA averages over the views of each image (runtime.augment.tta_transform): softmax
 probabilities for neural heads and logistic regression, decision scores (margins) for
-SVMs.
+SVMs. With `outputs` (jobs.score.ModelScorer.packed) the pooled features and the head's
+decision values of each view go through the model's numpy scoring, and every column it
+returns (scores, calibrated probabilities, OOD score) is averaged over the views.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -69,6 +71,8 @@ def load_nn_net(saved):
 def score_images(
     saved,
     paths: Sequence[str],
+    outputs: Callable | None = None,
+    width: int | None = None,
     *,
     tta: str = "none",
     batch_size: int = 32,
@@ -82,7 +86,9 @@ def score_images(
     if batch_size < 1:
         raise DataError(f"--batch-size {batch_size}: must be at least 1")
     dev = resolve_device(device)
-    if saved.is_nn:
+    if outputs is not None:
+        score, kind = _packed_scorer(saved, dev, outputs), "packed"
+    elif saved.is_nn:
         net = load_nn_net(saved).to(dev)
         kind = "probability"
 
@@ -121,9 +127,25 @@ def score_images(
             done += len(batch_idx) + len(bad)
             if progress is not None:
                 progress(done, len(paths))
-    K = len(saved.classes)
+    K = width if outputs is not None else len(saved.classes)
     scores = np.concatenate(parts) if parts else np.zeros((0, K), dtype=np.float32)
     return Scored(np.asarray(idx, dtype=np.int64), scores, kind, skipped)
+
+
+def _packed_scorer(saved, dev, outputs: Callable):
+    """x -> outputs(pooled features, decision values) per view, as a tensor."""
+    if saved.is_nn:
+        net = load_nn_net(saved).to(dev)
+
+        def score(x: torch.Tensor) -> torch.Tensor:
+            feats = net.features(x)
+            logits = net.head(feats).float().cpu().numpy()
+            return torch.from_numpy(outputs(feats.float().cpu().numpy(), logits))
+
+        return score
+    backbone = _linear_backbone(saved)
+    fnet = FeatureNetwork(backbone.model, saved.cut.layers, saved.cut.pool).eval().to(dev)
+    return lambda x: torch.from_numpy(outputs(fnet(x).float().cpu().numpy()))
 
 
 def _linear_backbone(saved):

@@ -56,7 +56,7 @@ def plot_sweep(sweep: dict, out_png: str | Path) -> Path:
     the recommended cut is starred and the best pair drawn as a dashed line."""
     rows = sweep["layers"]
     x = np.arange(len(rows))
-    acc = np.asarray([r["cv_accuracy"] for r in rows])
+    acc = np.asarray([r.get("cv_score", r.get("cv_accuracy")) for r in rows])
     std = np.asarray([r["cv_std"] for r in rows])
     gflops = np.asarray([r["gflops"] for r in rows])
     labels = [f"{r['layer']}\n{r['feature_dim']}-d" for r in rows]
@@ -69,7 +69,8 @@ def plot_sweep(sweep: dict, out_png: str | Path) -> Path:
     cost.tick_params(axis="y", colors="0.4")
     ax.set_zorder(cost.get_zorder() + 1)
     ax.patch.set_visible(False)
-    ax.errorbar(x, acc, yerr=std, marker="o", color="tab:blue", capsize=3, label="CV accuracy")
+    metric = sweep.get("metric", "accuracy")
+    ax.errorbar(x, acc, yerr=std, marker="o", color="tab:blue", capsize=3, label=f"CV {metric}")
     rec = sweep["recommended"]["layer"]
     if rec in [r["layer"] for r in rows]:
         i = [r["layer"] for r in rows].index(rec)
@@ -84,15 +85,16 @@ def plot_sweep(sweep: dict, out_png: str | Path) -> Path:
         )
     pair = sweep.get("best_pair")
     if pair:
+        pair_score = pair.get("cv_score", pair.get("cv_accuracy"))
         ax.axhline(
-            pair["cv_accuracy"],
+            pair_score,
             color="tab:green",
             linestyle="--",
             linewidth=1,
-            label=f"best pair: {pair['layer']} ({pair['cv_accuracy']:.3f})",
+            label=f"best pair: {pair['layer']} ({pair_score:.3f})",
         )
     ax.set_xticks(x, labels, fontsize=8)
-    ax.set_ylabel("cross-validated accuracy")
+    ax.set_ylabel(f"cross-validated {metric}")
     lo = float(np.nanmin(acc - std)) if len(acc) else 0.0
     ax.set_ylim(max(0.0, lo - 0.05), min(1.01, float(np.nanmax(acc + std)) + 0.05))
     ax.grid(axis="y", alpha=0.3)
@@ -264,7 +266,9 @@ def write_evaluation_plots(out_dir: str | Path, result, limit: int = 16) -> list
     written: list[Path] = []
     if m.get("confusion"):
         written.append(plot_confusion(m, out_dir / "confusion.png"))
-    if getattr(result, "scores", None) is not None and len(result.paths):
+    if getattr(result, "reliability", None) is not None:
+        written.append(plot_reliability(result.reliability, out_dir / "reliability.png", m))
+    if getattr(result, "y_pred", None) is not None and len(result.paths):
         classes = m["confusion"]["labels"]
         worst = worst_mistakes(
             result.paths, result.y_true, result.y_pred, result.scores, classes, limit
@@ -277,6 +281,35 @@ def write_evaluation_plots(out_dir: str | Path, result, limit: int = 16) -> list
         )
         written.append(plot_contact_sheet(worst, out_dir / "worst.png", title))
     return written
+
+
+def plot_reliability(bins: dict, out_png: str | Path, metrics: dict) -> Path:
+    """Reliability diagram: accuracy against mean confidence per bin (the diagonal is
+    perfect calibration), with the number of images per bin below."""
+    edges = np.asarray(bins["edges"])
+    count = np.asarray(bins["count"])
+    used = count > 0
+    mid = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    fig = _figure(5.5, 6.0)
+    top, bottom = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    top.plot([0, 1], [0, 1], ls="--", color="0.5", label="perfect calibration")
+    top.bar(mid[used], np.asarray(bins["accuracy"])[used], width=width * 0.9, alpha=0.6,
+            color="tab:blue", edgecolor="tab:blue", label="accuracy in bin")  # fmt: skip
+    top.plot(np.asarray(bins["confidence"])[used], np.asarray(bins["accuracy"])[used], "o",
+             color="tab:red", label="(mean confidence, accuracy)")  # fmt: skip
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.legend(loc="upper left", fontsize=8)
+    what = "label probabilities" if metrics.get("task") == "multi-label" else "top class"
+    cal = "calibrated" if metrics.get("calibrated") else "not calibrated"
+    parts = [f"{k} {metrics[k]:.3f}" for k in ("ece", "nll", "brier") if metrics.get(k) is not None]
+    top.set_title(f"reliability ({what}, {cal}): " + ", ".join(parts), fontsize=9)
+    bottom.bar(mid, count, width=width * 0.9, color="0.6")
+    bottom.set_xlabel("confidence (predicted probability)")
+    bottom.set_ylabel("images" if what == "top class" else "pairs")
+    return _save(fig, out_png)
 
 
 # ----------------------------------------------------------------------------- training

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+import torch
 from safetensors.numpy import save
 
-from tlearn.modeldir import BACKBONE_FILE, build_config, save_model
+from tlearn.heads.posthoc import CALIBRATION_FILE, PostHoc, fit_multiclass
+from tlearn.modeldir import BACKBONE_FILE, build_config, posthoc_bytes, save_model
 from tlearn.report.metrics import classification_metrics
 from tlearn.train.build import Setup
 from tlearn.train.checkpoint import TrainState
@@ -37,7 +40,43 @@ def _train_info(setup: Setup, state: TrainState) -> dict:
     }
 
 
-def write_model(setup: Setup, state: TrainState, v: Validation | None) -> dict | None:
+def training_features(caches: Caches, limit: int = 8192) -> np.ndarray | None:
+    """Pooled features of (up to `limit`) training images when the run cached them."""
+    if caches.train is None or caches.train_level != "features" or len(caches.train) == 0:
+        return None
+    rows = torch.arange(min(limit, len(caches.train)))
+    return caches.train.get(rows).float().numpy()
+
+
+def nn_posthoc(
+    setup: Setup, caches: Caches, v: Validation | None, kept: dict
+) -> tuple[PostHoc, list[str]]:
+    """Temperature scaling and conformal scores on the validation logits; the OOD bank
+    from the cached training features (frozen backbone), else from the validation
+    images' features (the backbone trained: training images would need another pass)."""
+    logits = kept.get("logits")
+    y = v[2] if v is not None else None
+    if logits is not None and y is not None and len(logits) != len(y):
+        logits = None  # a torchrun shard mismatch: calibrate nothing rather than wrongly
+    bank = training_features(caches)
+    where = "training images"
+    if bank is None:
+        bank, where = kept.get("features"), "validation images"
+    posthoc, notes = fit_multiclass(
+        logits,
+        y,
+        bank,
+        seed=setup.settings.seed,
+        fitted_on="the validation images' logits",
+    )
+    if posthoc.ood is not None:
+        posthoc.ood_info["bank_from"] = where
+    return posthoc, notes
+
+
+def write_model(
+    setup: Setup, state: TrainState, v: Validation | None, posthoc: PostHoc | None = None
+) -> dict | None:
     """The model directory; returns the validation metrics (None without validation)."""
     val_metrics = None
     if v is not None:
@@ -64,7 +103,10 @@ def write_model(setup: Setup, state: TrainState, v: Validation | None) -> dict |
             "file": BACKBONE_FILE if backbone_changed else None,
         },
         train=_train_info(setup, state),
+        **({"calibration": posthoc.to_config()} if posthoc is not None else {}),
     )
+    if posthoc is not None:
+        extra[CALIBRATION_FILE] = posthoc_bytes(posthoc)
     metrics = {"validation": val_metrics, "history": state.history}
     save_model(setup.out_dir, config, head_tensors, metrics=metrics, force=True, extra_files=extra)
     return val_metrics
@@ -75,8 +117,11 @@ def finish(setup: Setup, caches: Caches, state: TrainState, t0: float) -> NNFitR
     torchrun, whose other ranks return None)."""
     if state.best_weights is not None:
         setup.net.load_state_dict(state.best_weights, strict=False)
-    v = validate(setup, caches)
-    val_metrics = write_once(setup.dist, lambda: write_model(setup, state, v))
+    kept: dict = {}
+    v = validate(setup, caches, kept)
+    posthoc, notes = nn_posthoc(setup, caches, v, kept)
+    setup.warnings += [n for n in notes if n not in setup.warnings]
+    val_metrics = write_once(setup.dist, lambda: write_model(setup, state, v, posthoc))
     if setup.dist is not None and not setup.dist.main:
         return None
     return NNFitResult(
@@ -96,4 +141,5 @@ def finish(setup: Setup, caches: Caches, state: TrainState, t0: float) -> NNFitR
         settings={**setup.settings.to_dict(), "augment": setup.augment},
         features=None if setup.engine is None else setup.engine.summary(),
         prefix_maps=setup.prefix_maps or None,
+        calibration=posthoc.to_config(),
     )

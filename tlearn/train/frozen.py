@@ -307,6 +307,7 @@ class Caches:
         self.train_flip: TensorCache | None = None
         self.val: TensorCache | None = None
         self.val_level: str | None = None
+        self.train_level: str | None = None  # what self.train holds ("features": the OOD bank)
         self.tmp: Path | None = None  # the --cache disk folder, removed by cleanup()
 
     def fill(self, setup: Setup) -> None:
@@ -330,6 +331,7 @@ class Caches:
         elif setup.split > 0 and o.cache != "off":
             level = "prefix"
         if mode in ("features", "prefix"):
+            self.train_level = level
             self.train, self.train_flip = cache_rows(
                 setup,
                 level,

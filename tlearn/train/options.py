@@ -92,6 +92,7 @@ class NNFitResult:
     # frozen features: backend that ran (None: all cached), images cached and computed
     features: dict | None = None
     prefix_maps: dict | None = None  # frozen prefix maps: read from the cache, computed
+    calibration: dict | None = None  # config.json's "calibration" (heads.posthoc)
 
 
 def check_options(o: TrainOptions) -> None:

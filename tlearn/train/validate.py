@@ -16,6 +16,7 @@ from tlearn.train.build import Setup
 from tlearn.train.frozen import Caches
 
 Validation = tuple[float, float, np.ndarray, np.ndarray]  # loss, accuracy, labels, predictions
+KEEP_FEATURES = 4096  # pooled features kept for the OOD bank (heads.ood caps its bank below)
 
 
 def _cached_logits(setup: Setup, caches: Caches):
@@ -26,11 +27,9 @@ def _cached_logits(setup: Setup, caches: Caches):
         x = cache.get(rows).to(setup.device).float()
         y = setup.y_val[torch.as_tensor(cache.indices[rows.numpy()])]
         with setup.amp.autocast():
-            if caches.val_level == "features":
-                logits = net.head(x)
-            else:
-                logits = net.forward_from_prefix(x)
-        yield logits, y
+            feats = x if caches.val_level == "features" else net.features_from_prefix(x)
+            logits = net.head(feats)
+        yield logits, y, feats
 
 
 def _image_logits(setup: Setup):
@@ -52,40 +51,56 @@ def _image_logits(setup: Setup):
             continue
         y = setup.y_val[torch.as_tensor(idx) + start]
         with setup.amp.autocast():
-            logits = setup.net(x.to(setup.device))
-        yield logits, y
+            feats = setup.net.features(x.to(setup.device))
+            logits = setup.net.head(feats)
+        yield logits, y, feats
 
 
-def _gathered(dist, losses: list, ys: list, preds: list) -> tuple[list, list, list]:
-    """Every shard's batch sums and predictions, in input order, on every rank."""
+def _gathered(dist, losses: list, ys: list, preds: list, logits: list):
+    """Every shard's batch sums, predictions and logits, in input order, on every rank."""
     mine = {
         "loss": [float(v) for v in losses],
         "y": torch.cat(ys).tolist() if ys else [],
         "p": torch.cat(preds).tolist() if preds else [],
+        "logits": torch.cat(logits).tolist() if logits else [],
     }
     infos = dist.gather(mine)
     losses = [torch.tensor(v, dtype=torch.float32) for i in infos for v in i["loss"]]
     ys = [torch.tensor(i["y"], dtype=torch.long) for i in infos if i["y"]]
     preds = [torch.tensor(i["p"], dtype=torch.long) for i in infos if i["p"]]
-    return losses, ys, preds
+    logits = [torch.tensor(i["logits"], dtype=torch.float32) for i in infos if i["logits"]]
+    return losses, ys, preds, logits
 
 
-def validate(setup: Setup, caches: Caches) -> Validation | None:
+def validate(setup: Setup, caches: Caches, keep: dict | None = None) -> Validation | None:
+    """Loss, accuracy, labels and predictions over the validation images. With `keep`
+    (the final pass), also keep["logits"] (n, K) and keep["features"] (this rank's first
+    KEEP_FEATURES pooled features) for calibration and the OOD bank (heads.posthoc)."""
     if setup.val_set is None or len(setup.val_set) == 0:
         return None
     setup.net.eval()
-    losses, preds, ys = [], [], []
+    losses, preds, ys, all_logits, feats = [], [], [], [], []
+    kept = 0
     with torch.inference_mode():
         batches = _cached_logits(setup, caches) if caches.val is not None else _image_logits(setup)
-        for logits, y in batches:
-            losses.append(nn.functional.cross_entropy(logits.float().cpu(), y, reduction="sum"))
-            preds.append(logits.argmax(1).cpu())
+        for logits, y, f in batches:
+            logits = logits.float().cpu()
+            losses.append(nn.functional.cross_entropy(logits, y, reduction="sum"))
+            preds.append(logits.argmax(1))
             ys.append(y)
+            if keep is not None:
+                all_logits.append(logits)
+                if kept < KEEP_FEATURES:
+                    feats.append(f.float().cpu()[: KEEP_FEATURES - kept])
+                    kept += len(feats[-1])
     if setup.dist is not None:
-        losses, ys, preds = _gathered(setup.dist, losses, ys, preds)
+        losses, ys, preds, all_logits = _gathered(setup.dist, losses, ys, preds, all_logits)
     if not ys:
         return None
     y = torch.cat(ys)
     p = torch.cat(preds)
+    if keep is not None:
+        keep["logits"] = torch.cat(all_logits).numpy() if all_logits else None
+        keep["features"] = torch.cat(feats).numpy() if feats else None
     loss = float(torch.stack(losses).sum()) / len(y)
     return loss, float((p == y).float().mean()), y.numpy(), p.numpy()
