@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.conftest import TINY, draw
+from tests.conftest import TINY, draw, make_dataset
 from tlearn.cli.app import app
 
 EPS = b"""%!PS-Adobe-3.0 EPSF-3.0
@@ -72,3 +73,116 @@ def test_raster_formats_still_open(tmp_path, fmt):
     path = tmp_path / "x.img"
     Image.new("RGB", (8, 6), (1, 2, 3)).save(path, format=fmt)
     assert load_image(path).size == (8, 6)
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+def test_symlinked_folder_into_another_class_is_an_error(tmp_path):
+    from tlearn.core.errors import DataError
+    from tlearn.data.scan import scan_class_folders
+
+    root = tmp_path / "data"
+    make_dataset(root, classes=("asphalt", "grass"), n=2)
+    os.symlink(root / "grass", root / "asphalt" / "more")
+    with pytest.raises(DataError, match=r"same file as .*class 'asphalt'.*remove the link"):
+        scan_class_folders(root)
+
+
+def test_symlinked_file_into_another_class_fails_fit(runner, tmp_path):
+    root = tmp_path / "data"
+    make_dataset(root, classes=("asphalt", "grass"), n=2)
+    os.symlink(root / "grass" / "grass_00.jpg", root / "asphalt" / "x.jpg")
+    r = runner.invoke(app, ["fit", str(root), "-o", str(tmp_path / "m"), *TINY])
+    assert r.exit_code == 1, r.output
+    assert "same file" in r.output and "two labels" in r.output
+    assert not (tmp_path / "m").exists()
+
+
+def test_same_class_links_count_once_with_a_note(tmp_path):
+    from tlearn.data.scan import scan_class_folders
+
+    root = tmp_path / "data"
+    make_dataset(root, classes=("asphalt", "grass"), n=2)
+    os.symlink(root / "grass", root / "grass" / "loop")  # a loop, too
+    os.link(root / "asphalt" / "asphalt_00.jpg", root / "asphalt" / "hard.jpg")
+    images = scan_class_folders(root)
+    assert len(images) == 4
+    assert images.labels == [0, 0, 1, 1]
+    assert any("counted once" in w and "2 file(s)" not in w for w in images.warnings)
+    assert sum("counted once" in w for w in images.warnings) == 1
+
+
+def test_file_linked_into_val_is_counted_once_in_train(tmp_path):
+    from tlearn.data.scan import resolve_dataset
+
+    root = tmp_path / "split"
+    make_dataset(root / "train", classes=("asphalt", "grass"), n=2, seed=1)
+    make_dataset(root / "val", classes=("asphalt", "grass"), n=1, seed=2)
+    os.symlink(root / "train" / "grass" / "grass_00.jpg", root / "val" / "grass" / "x.jpg")
+    train, val = resolve_dataset(root)
+    assert len(train) == 4 and len(val) == 2
+    assert any("counted once" in w for w in train.warnings)
+
+
+def test_predict_inputs_follow_each_real_file_once(tmp_path):
+    from tlearn.data.scan import scan_inputs
+
+    data = tmp_path / "in"
+    a = draw(data / "a.png", (1, 2, 3), seed=1)
+    os.symlink(a, data / "b.png")
+    images = scan_inputs([data, a])
+    assert images.paths == [str(a)]
+    assert any("counted once" in w for w in images.warnings)
+
+
+def test_very_deep_folders_do_not_recurse(tmp_path):
+    from tlearn.data.scan import scan_class_folders, scan_inputs
+
+    root = tmp_path / "d"
+    deep = root / "cls"
+    deep.mkdir(parents=True)
+    for _ in range(1500):  # (pathlib's and os's makedirs recurse themselves)
+        deep = deep / "d"
+        os.mkdir(deep)
+    draw(deep / "x.png", (1, 2, 3), seed=1)
+    draw(root / "cls" / "y.png", (1, 2, 3), seed=2)
+    assert sys.getrecursionlimit() < 1500
+    images = scan_class_folders(root)
+    assert sorted(images.paths) == sorted([str(deep / "x.png"), str(root / "cls" / "y.png")])
+    assert len(scan_inputs([root])) == 2
+
+
+def test_walk_order_is_by_path_components(tmp_path):
+    from tlearn.data.scan import scan_inputs
+
+    for rel in ["a/z.png", "a.png", "a/b/c.png", "b.png", "a/a.png"]:
+        draw(tmp_path / "in" / rel, (1, 2, 3), seed=len(rel))
+    got = [os.path.relpath(p, tmp_path / "in") for p in scan_inputs([tmp_path / "in"]).paths]
+    assert got == ["a/a.png", "a/b/c.png", "a/z.png", "a.png", "b.png"]
+
+
+@pytest.mark.parametrize(
+    ("name", "cell"),
+    [(" lead.png", '" lead.png"'), ("trail.png ", '"trail.png "'), ("trail2.png ", "trail2.png ")],
+)
+def test_labels_csv_keeps_spaces_that_are_part_of_the_name(tmp_path, name, cell):
+    from tlearn.data.labels import read_labels_csv
+
+    draw(tmp_path / name, (1, 2, 3), seed=1, fmt="PNG")
+    draw(tmp_path / "other.png", (1, 2, 3), seed=2)
+    (tmp_path / "labels.csv").write_text(f"path,label\n{cell},a\n other.png , b\n")
+    images = read_labels_csv(tmp_path / "labels.csv")
+    assert images.paths == [str(tmp_path / name), str(tmp_path / "other.png")]
+    assert images.classes == ["a", "b"]
+
+
+def test_labels_csv_same_file_under_two_labels_is_an_error(tmp_path):
+    from tlearn.core.errors import DataError
+    from tlearn.data.labels import read_labels_csv
+
+    draw(tmp_path / "a.png", (1, 2, 3), seed=1)
+    os.symlink(tmp_path / "a.png", tmp_path / "b.png")
+    (tmp_path / "labels.csv").write_text("path,label\na.png,x\nb.png,y\n")
+    with pytest.raises(DataError, match="two labels"):
+        read_labels_csv(tmp_path / "labels.csv")
