@@ -145,12 +145,29 @@ def test_very_deep_folders_do_not_recurse(tmp_path):
     for _ in range(1500):  # (pathlib's and os's makedirs recurse themselves)
         deep = deep / "d"
         os.mkdir(deep)
-    draw(deep / "x.png", (1, 2, 3), seed=1)
-    draw(root / "cls" / "y.png", (1, 2, 3), seed=2)
-    assert sys.getrecursionlimit() < 1500
-    images = scan_class_folders(root)
-    assert sorted(images.paths) == sorted([str(deep / "x.png"), str(root / "cls" / "y.png")])
-    assert len(scan_inputs([root])) == 2
+    try:
+        draw(deep / "x.png", (1, 2, 3), seed=1)
+        draw(root / "cls" / "y.png", (1, 2, 3), seed=2)
+        assert sys.getrecursionlimit() < 1500
+        images = scan_class_folders(root)
+        assert sorted(images.paths) == sorted([str(deep / "x.png"), str(root / "cls" / "y.png")])
+        assert len(scan_inputs([root])) == 2
+    finally:
+        _remove_deep_tree(root)  # pytest's own clean-up (shutil.rmtree) would recurse
+
+
+def _remove_deep_tree(top: Path) -> None:
+    folders, stack = [], [str(top)]
+    while stack:
+        folder = stack.pop()
+        folders.append(folder)
+        for entry in os.scandir(folder):
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+            else:
+                os.unlink(entry.path)
+    for folder in reversed(folders):
+        os.rmdir(folder)
 
 
 def test_walk_order_is_by_path_components(tmp_path):
@@ -186,3 +203,125 @@ def test_labels_csv_same_file_under_two_labels_is_an_error(tmp_path):
     (tmp_path / "labels.csv").write_text("path,label\na.png,x\nb.png,y\n")
     with pytest.raises(DataError, match="two labels"):
         read_labels_csv(tmp_path / "labels.csv")
+
+
+# ----------------------------------------------------------------------------- aspect ratios
+
+
+@pytest.fixture
+def resize_sizes(monkeypatch):
+    """The sizes of every image Pillow's resize makes (in pixels)."""
+    from PIL import Image
+
+    made: list[int] = []
+    real = Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        made.append(size[0] * size[1])
+        return real(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    return made
+
+
+@pytest.mark.parametrize("size", [(20000, 1), (1, 20000), (30000, 7)])
+def test_extreme_aspect_ratio_resizes_only_what_the_crop_keeps(resize_sizes, size):
+    from PIL import Image
+
+    from tlearn.data.pixels import MAX_INTERMEDIATE_PIXELS, PilSteps
+
+    steps = PilSteps(resize=(256,), interpolation="bicubic", crop=(224, 224))
+    h, w = steps.output_size(*size)
+    assert h * w > 50 * MAX_INTERMEDIATE_PIXELS  # what the plain resize would have made
+    pixels = steps(Image.new("RGB", size, (200, 10, 10)))
+    assert pixels.shape == (224, 224, 3)
+    assert max(resize_sizes) <= 224 * 224
+    assert (pixels[100:120, 100:120] == (200, 10, 10)).all()
+
+
+@pytest.mark.parametrize(
+    "interpolation", ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
+)
+@pytest.mark.parametrize(
+    ("size", "resize", "crop"),
+    [
+        ((900, 7), (40,), (32, 32)),
+        ((5, 700), (33,), (32, 30)),
+        ((800, 9), (20,), (32, 32)),
+        ((3000, 70), (24,), (20, 20)),
+        ((60, 1000), (40,), (32, 32)),
+    ],
+)
+def test_cropped_resize_gives_the_same_pixels(monkeypatch, interpolation, size, resize, crop):
+    import numpy as np
+    from PIL import Image
+
+    from tlearn.data import pixels as px
+
+    # a smooth picture: the crop-first resize may round in another order (and nearest may
+    # pick a neighbouring source pixel), so the same picture, not the same bits
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]]
+    rgb = [xx * 255 / size[0], yy * 255 / size[1], (xx + yy) * 127 / sum(size)]
+    img = Image.fromarray(np.stack(rgb, -1).astype(np.uint8))
+    steps = px.PilSteps(resize=resize, interpolation=interpolation, crop=crop)
+    whole = steps(img)
+    monkeypatch.setattr(px, "MAX_INTERMEDIATE_PIXELS", 16)
+    cropped = steps(img)
+    assert cropped.shape == whole.shape
+    assert np.abs(cropped.astype(int) - whole.astype(int)).max() <= 2
+
+
+def test_extract_handles_extreme_strips(runner, tmp_path):
+    from PIL import Image
+
+    data = tmp_path / "in"
+    data.mkdir()
+    Image.new("RGB", (20000, 1), (9, 9, 9)).save(data / "wide.png")
+    Image.new("RGB", (1, 20000), (9, 9, 9)).save(data / "tall.png")
+    out = tmp_path / "f.csv"
+    r = runner.invoke(app, ["extract", str(data), "-o", str(out), "--workers", "0", *TINY])
+    assert r.exit_code == 0, r.output
+    assert len(pd.read_csv(out)) == 2
+
+
+def test_torch_eval_transform_is_bounded_too(resize_sizes):
+    from PIL import Image
+
+    from tlearn.runtime.transforms import eval_transform
+
+    cfg = {
+        "input_size": (3, 32, 32),
+        "interpolation": "bicubic",
+        "mean": (0.5, 0.5, 0.5),
+        "std": (0.5, 0.5, 0.5),
+        "crop_pct": 0.875,
+    }
+    x = eval_transform(cfg)(Image.new("RGB", (1, 60000), (9, 9, 9)))
+    assert tuple(x.shape) == (3, 32, 32)
+    assert max(resize_sizes) <= 32 * 32
+
+
+def test_aspect_guard_refuses_what_it_cannot_bound():
+    from PIL import Image
+
+    from tlearn.data.pixels import AspectGuard
+
+    guard = AspectGuard(256)
+    ok = Image.new("RGB", (4000, 1000))
+    assert guard(ok) is ok
+    with pytest.raises(ValueError, match="aspect ratio too extreme"):
+        guard(Image.new("RGB", (20000, 1)))
+
+
+def test_gpu_reader_leaves_extreme_jpegs_to_the_cpu_path(tmp_path):
+    from PIL import Image
+
+    from tlearn.data.pixels import PilSteps
+    from tlearn.runtime.gpu_decode import read_item
+
+    steps = PilSteps(resize=(256,), interpolation="bicubic", crop=(224, 224))
+    Image.new("RGB", (60000, 2), (9, 9, 9)).save(tmp_path / "strip.jpg")
+    Image.new("RGB", (300, 200), (9, 9, 9)).save(tmp_path / "photo.jpg")
+    strip = read_item(str(tmp_path / "strip.jpg"), steps, None, False)
+    assert strip.data is None and strip.pixels.shape == (224, 224, 3)
+    assert read_item(str(tmp_path / "photo.jpg"), steps, None, False).data is not None
