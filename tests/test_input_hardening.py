@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -325,3 +326,80 @@ def test_gpu_reader_leaves_extreme_jpegs_to_the_cpu_path(tmp_path):
     strip = read_item(str(tmp_path / "strip.jpg"), steps, None, False)
     assert strip.data is None and strip.pixels.shape == (224, 224, 3)
     assert read_item(str(tmp_path / "photo.jpg"), steps, None, False).data is not None
+
+
+# ----------------------------------------------------------------------------- worker processes
+
+_WORKERS_SCRIPT = """
+import sys, time
+import numpy as np
+from PIL import Image
+
+class Slow:  # a decode that takes long enough to kill the parent meanwhile
+    def __call__(self, img):
+        time.sleep(60)
+        return np.zeros((4, 4, 3), np.uint8)
+
+path = sys.argv[2]
+Image.new("RGB", (8, 8)).save(path)
+if sys.argv[1] == "pool":
+    from tlearn.data.decode import decoded_batches
+    batches = decoded_batches([path] * 8, Slow(), batch_size=1, workers=2, min_size=None,
+                              keyed=False)
+else:
+    from tlearn.runtime.loader import image_loader
+    batches = image_loader([path] * 8, Slow(), batch_size=1, workers=2)
+for _ in batches:
+    pass
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("kind", ["pool", "dataloader"])
+def test_decoding_workers_end_with_their_parent(tmp_path, kind):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WORKERS_SCRIPT, kind, str(tmp_path / "x.png")], env=env
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(workers) < 2:
+            time.sleep(0.1)
+            workers = _children(proc.pid)
+        assert len(workers) >= 2, "the workers did not start"
+        time.sleep(0.5)  # let them reach the slow decode
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        time.sleep(2)
+        assert [w for w in workers if _alive(w)] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in workers:  # any left behind by a failure
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
