@@ -58,9 +58,9 @@ def cache(tmp_path) -> Path:
 
 
 def _timm_steps(cfg):
-    from tlearn.runtime.transforms import eval_transform
+    from tlearn.runtime.transforms import timm_eval_transform
 
-    return eval_transform(cfg).transforms[:-2]
+    return timm_eval_transform(cfg).transforms[:-2]
 
 
 CONFIGS = [

@@ -3,11 +3,15 @@ versions, CPU cores, the torchrun environment, whether a run is certainly CPU-on
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import importlib.metadata
 import importlib.util
 import os
+import signal
 import sys
+import threading
+import time
 from dataclasses import dataclass
 
 from tlearn.core.errors import UsageError
@@ -132,3 +136,32 @@ def process_age() -> float | None:
         return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError, AttributeError):
         return None
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Make this (worker) process end when `parent_pid` does, however the parent ends
+    (SIGKILL included). Linux: the kernel sends SIGKILL at the parent's death (prctl
+    PR_SET_PDEATHSIG); elsewhere a daemon thread checks the parent every 0.5 s. Either
+    way, a parent already gone by now ends this process at once."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            _watch_parent(parent_pid)
+    else:
+        _watch_parent(parent_pid)
+    if os.getppid() != parent_pid:  # died before the death signal was set up
+        os._exit(1)
+
+
+def _watch_parent(parent_pid: int) -> None:
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="tlearn-parent-watch", daemon=True).start()

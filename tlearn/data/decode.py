@@ -26,6 +26,7 @@ import numpy as np
 
 from tlearn.core.errors import DataError, ImageLoadError
 from tlearn.core.hashing import content_key
+from tlearn.core.system import die_with_parent
 from tlearn.data.image import load_image
 
 # (indices into the path list, pixels (B, H, W, 3) uint8 or None, [(index, reason)],
@@ -109,7 +110,10 @@ def decoded_batches(
     yield from ordered_map(decode_batch, jobs, workers, prefetch, died)
 
 
-def _leave_ctrl_c_to_main() -> None:
+def worker_init(parent_pid: int) -> None:
+    """Set up a decoding worker: it ends with its parent (even a parent killed with
+    SIGKILL, which cannot shut its pool down), and leaves Ctrl-C to the parent."""
+    die_with_parent(parent_pid)
     # Ctrl-C reaches the whole process group. The main process stops the run (keeping the
     # partial output for --resume) and shuts the pool down; a worker would only print a
     # traceback of its own.
@@ -152,9 +156,12 @@ def ordered_map(fn, jobs: Iterator, workers: int, prefetch: int, died) -> Iterat
 def worker_pool(workers: int) -> ProcessPoolExecutor:
     """A pool of `workers` processes, all started before this returns: forking later
     would copy a process that by then runs ONNX Runtime / CUDA threads. Ctrl-C is left to
-    the main process. ProcessPoolExecutor, not multiprocessing.Pool: a worker that dies (a
-    crash inside a decoder, the OOM killer) fails the pending jobs instead of hanging."""
-    pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=_leave_ctrl_c_to_main)
+    the main process; workers end with their parent. ProcessPoolExecutor, not
+    multiprocessing.Pool: a worker that dies (a crash inside a decoder, the OOM killer)
+    fails the pending jobs instead of hanging."""
+    pool = ProcessPoolExecutor(
+        workers, mp_context=_context(), initializer=worker_init, initargs=(os.getpid(),)
+    )
     try:
         for f in [pool.submit(os.getpid) for _ in range(workers)]:
             f.result()

@@ -32,6 +32,13 @@ _ORIENTATION_OPS = {
 }
 _BOMB_REASON = "over Pillow's pixel limit (decompression bomb)"
 
+_UNSUPPORTED_REASON = "not a recognised image format (supported: JPEG, PNG, WebP, BMP, TIFF, GIF)"
+# The only Pillow plugins an image is opened with: plain raster formats, decoded in this
+# process. Others are never tried, whatever the file name says; some start outside
+# programs (EPS/PS runs Ghostscript) or parse rarely used formats. (The JPEG plugin also
+# opens the MPO JPEGs many cameras write.)
+RASTER_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "TIFF", "GIF")
+
 
 # --- loading --------------------------------------------------------------------------------
 
@@ -42,7 +49,8 @@ def load_image(path, *, min_size: int | None = None, content: bytes | None = Non
     - Transparency (alpha, palette or colour-key) is composited onto white (`BACKGROUND`).
     - 16-bit and 32-bit grey images are rescaled to 8 bit (see `_high_depth_to_l`).
     - EXIF orientation is applied; an animated image gives its first frame.
-    - The format is taken from the content, not the extension.
+    - The format is taken from the content, not the extension, and must be one of
+      RASTER_FORMATS: any other (EPS, PSD, ...) is an error, never handed to its plugin.
     - `min_size`: let the JPEG decoder scale down by 1/2, 1/4 or 1/8 while both sides stay
       >= min_size, which makes big photos much cheaper to read. Other formats load in full.
     - `content`: the file's bytes, already read (e.g. to hash them for the feature cache);
@@ -64,7 +72,8 @@ def load_image(path, *, min_size: int | None = None, content: bytes | None = Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path if content is None else io.BytesIO(content)) as img:
+            source = path if content is None else io.BytesIO(content)
+            with Image.open(source, formats=RASTER_FORMATS) as img:
                 if min_size is not None:
                     img.draft("RGB", (min_size, min_size))  # a no-op for non-JPEG formats
                 img.load()  # decode now, inside the try, so lazy decode errors surface here
@@ -75,7 +84,7 @@ def load_image(path, *, min_size: int | None = None, content: bytes | None = Non
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageLoadError(path, _BOMB_REASON) from e
     except UnidentifiedImageError as e:
-        raise ImageLoadError(path, "not a recognised image format") from e
+        raise ImageLoadError(path, _UNSUPPORTED_REASON) from e
     except PermissionError as e:
         raise ImageLoadError(path, "permission denied") from e
     except Exception as e:

@@ -86,20 +86,71 @@ def is_image_name(name: str) -> bool:
 
 def entry_problem(path: str) -> str | None:
     """Why `path` cannot be an image file, from metadata alone (no decoding); None if fine."""
+    return entry_stat(path)[1]
+
+
+def entry_stat(path: str) -> tuple[os.stat_result | None, str | None]:
+    """(os.stat of the file symlinks lead to, None) for a usable file, else (None, why not)."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return "broken symlink" if os.path.islink(path) else "file not found"
+        return None, "broken symlink" if os.path.islink(path) else "file not found"
     except OSError as e:
-        return f"cannot access ({e.strerror or type(e).__name__})"
+        return None, f"cannot access ({e.strerror or type(e).__name__})"
     if stat.S_ISDIR(st.st_mode):
-        return "is a directory"
+        return None, "is a directory"
     if not stat.S_ISREG(st.st_mode):
         # A FIFO or device would block or stream forever when opened.
-        return "not a regular file"
+        return None, "not a regular file"
     if st.st_size == 0:
-        return "zero-byte file"
-    return None
+        return None, "zero-byte file"
+    return st, None
+
+
+class SeenFiles:
+    """Each real file once across a whole dataset, by (st_dev, st_ino): a file reached again
+    through a symlink (to it or to a folder above it) or a hard link is not a new image.
+    Again under the same label (or unlabelled): counted once, with a note. Under another
+    label: a DataError, since one file cannot be an example of two classes."""
+
+    def __init__(self) -> None:
+        self.first: dict[tuple[int, int], tuple[str, str | None]] = {}
+        self.again: list[tuple[str, str]] = []  # (path, the path it was first seen as)
+        self.conflicts: list[tuple[str, str, str, str]] = []  # (path, label, first, label)
+
+    def claim(self, path: str, st: os.stat_result, label: str | None = None) -> bool:
+        """True the first time this real file is seen."""
+        key = (st.st_dev, st.st_ino)
+        first = self.first.get(key)
+        if first is None:
+            self.first[key] = (path, label)
+            return True
+        if os.path.abspath(first[0]) == os.path.abspath(path):
+            return False  # the same name twice (e.g. named twice on the command line)
+        if first[1] == label:
+            self.again.append((path, first[0]))
+        else:
+            self.conflicts.append((path, str(label), first[0], str(first[1])))
+        return False
+
+    def check(self) -> list[str]:
+        """Notes on files counted once; DataError for a file under two labels."""
+        if self.conflicts:
+            path, label, first, first_label = self.conflicts[0]
+            more = len(self.conflicts) - 1
+            also = f" (and {more} more such file(s))" if more else ""
+            raise DataError(
+                f"{path} (class '{label}') is the same file as {first} (class "
+                f"'{first_label}') through a symlink or hard link{also}; one file cannot "
+                "have two labels: remove the link or the copy"
+            )
+        if not self.again:
+            return []
+        path, first = self.again[0]
+        return [
+            f"{len(self.again)} file(s) reached a second time through a symlink or hard link "
+            f"were counted once (e.g. {path} is {first})"
+        ]
 
 
 def no_images_error(where: str, skipped: list[Skipped]) -> DataError:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from tlearn.core.errors import DataError
 from tlearn.core.labelsets import join_labels, parse_label_set
-from tlearn.data.imageset import ImageSet, Skipped, entry_problem, no_images_error
+from tlearn.data.imageset import ImageSet, SeenFiles, Skipped, entry_stat, no_images_error
 
 # --- labels CSV -----------------------------------------------------------------------------
 
@@ -65,6 +65,7 @@ def read_labels_csv(
     skipped: list[Skipped] = []
     lost: list[str] = []  # labels of skipped rows, to tell when a whole class is gone
     first_line: dict[str, int] = {}
+    seen = SeenFiles()  # the same file under two names (a symlink): once, or an error
     for line, row in rows[1:]:
         where = f"{csv_path}: line {line}"
         path, label = _csv_entry(row, columns, base, where, classes, multi_label)
@@ -72,14 +73,15 @@ def read_labels_csv(
         if key in first_line:
             raise DataError(f"{where}: duplicate path {path} (first on line {first_line[key]})")
         first_line[key] = line
-        problem = entry_problem(path)
+        st, problem = entry_stat(path)
         if problem:
             skipped.append(Skipped(path, problem))
             lost.append(label)
-        else:
+        elif seen.claim(path, st, label):
             paths.append(path)
             names.append(label)
 
+    same_file = seen.check()
     if not paths:
         raise no_images_error(csv_path, skipped)
     used = set(names)
@@ -94,7 +96,17 @@ def read_labels_csv(
         class_list = list(classes)
         notes = [f"class '{c}' has no images in {csv_path}" for c in class_list if c not in used]
     index = {name: i for i, name in enumerate(class_list)}
-    return ImageSet(paths, [index[n] for n in names], class_list, skipped, notes)
+    return ImageSet(paths, [index[n] for n in names], class_list, skipped, same_file + notes)
+
+
+def _path_cell(cell: str, base: str) -> str:
+    """The path as written when a file of that name exists, spaces included (a leading space
+    kept inside quotes, a trailing one); else without the surrounding spaces. (Spaces before
+    an unquoted path are dropped by the reader: quote a name that starts with a space.)"""
+    stripped = cell.strip()
+    if cell != stripped and cell.strip() and os.path.lexists(os.path.join(base, cell)):
+        return cell
+    return stripped
 
 
 def _csv_entry(
@@ -105,7 +117,7 @@ def _csv_entry(
     need = max(columns) + 1
     if len(row) < need:
         raise DataError(f"{where}: expected at least {need} columns, got {len(row)}")
-    raw_path, label = row[path_col].strip(), row[label_col].strip()
+    raw_path, label = _path_cell(row[path_col], base), row[label_col].strip()
     if not raw_path:
         raise DataError(f"{where}: empty path")
     if multi:

@@ -28,6 +28,12 @@ RESAMPLE = {
 }
 
 
+# The most pixels a resized image may have before it is centre-cropped (~12 MB in RGB):
+# ordinary photos stay far below (a 4:1 panorama resized to 256 is 0.26 M); past it only
+# the part the crop keeps is resized (`resize_cropped`).
+MAX_INTERMEDIATE_PIXELS = 1 << 22
+
+
 @dataclass(frozen=True)
 class PilSteps:
     """Resize (the shorter side to `resize[0]`, or to exactly (h, w)), then centre crop to
@@ -68,9 +74,14 @@ class PilSteps:
 
     def apply(self, img: Image.Image) -> Image.Image:
         h, w = self.output_size(img.width, img.height)
-        if (img.height, img.width) != (h, w):  # torchvision returns the image unchanged
-            img = img.resize((w, h), RESAMPLE[self.interpolation])
-        return center_crop(img, self.crop)
+        if (img.height, img.width) == (h, w):  # torchvision returns the image unchanged
+            return center_crop(img, self.crop)
+        resample = RESAMPLE[self.interpolation]
+        if h * w <= MAX_INTERMEDIATE_PIXELS:
+            return center_crop(img.resize((w, h), resample), self.crop)
+        # An extreme aspect ratio (a 20000x1 strip resized to a shorter side of 256 would be
+        # 5 million pixels long): resize only the window the crop keeps.
+        return resize_cropped(img, (h, w), self.crop, resample)
 
     def __call__(self, img: Image.Image) -> np.ndarray:
         return np.array(self.apply(img), dtype=np.uint8, copy=True)
@@ -93,6 +104,80 @@ def center_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     top = int(round((img.height - crop_h) / 2.0))
     left = int(round((img.width - crop_w) / 2.0))
     return img.crop((left, top, left + crop_w, top + crop_h))
+
+
+# Pillow's filter supports (in source pixels at scale 1), for the rows a resize reads.
+_SUPPORT = {
+    Image.Resampling.NEAREST: 1.0,
+    Image.Resampling.BOX: 0.5,
+    Image.Resampling.BILINEAR: 1.0,
+    Image.Resampling.HAMMING: 1.0,
+    Image.Resampling.BICUBIC: 2.0,
+    Image.Resampling.LANCZOS: 3.0,
+}
+
+
+def resize_cropped(
+    img: Image.Image, size: tuple[int, int], crop: tuple[int, int], resample
+) -> Image.Image:
+    """center_crop(img.resize(size), crop) without the whole resized image in between:
+    only the source under the crop window is resized (Pillow's `box`: the same filter
+    positions and weights), zero padding where the crop is larger than the resized image.
+    Memory is bounded by the crop and the source, whatever the aspect ratio.
+
+    Pillow resizes a whole image horizontally, then vertically, rounding to 8 bits in
+    between; a box resize may take the other order. So the two passes are made one at a
+    time, the horizontal one over just the rows the vertical one reads. The picture is the
+    same; single pixels may differ slightly (Pillow may choose the other pass order for the
+    whole image, and nearest may pick a neighbouring pixel)."""
+    (h, w), (crop_h, crop_w) = size, crop
+
+    def window(n: int, c: int) -> tuple[int, int, int]:
+        # (first resized pixel kept, how many, offset in the output): center_crop's rules
+        if c > n:
+            return 0, n, (c - n) // 2
+        return int(round((n - c) / 2.0)), c, 0
+
+    y0, hh, oy = window(h, crop_h)
+    x0, ww, ox = window(w, crop_w)
+    sx, sy = img.width / w, img.height / h
+    top, bottom = y0 * sy, (y0 + hh) * sy
+    margin = math.ceil(_SUPPORT.get(resample, 3.0) * max(sy, 1.0)) + 1
+    r0 = max(0, math.floor(top) - margin)
+    r1 = min(img.height, math.ceil(bottom) + margin)
+    rows = img.crop((0, r0, img.width, r1))
+    if w == img.width:
+        part = rows.crop((x0, 0, x0 + ww, r1 - r0))
+    else:
+        part = rows.resize((ww, r1 - r0), resample, box=(x0 * sx, 0, (x0 + ww) * sx, r1 - r0))
+    if h == img.height:
+        part = part.crop((0, y0 - r0, ww, y0 - r0 + hh))
+    else:
+        part = part.resize((ww, hh), resample, box=(0, top - r0, ww, bottom - r0))
+    if (ww, hh) == (crop_w, crop_h):
+        return part
+    out = Image.new(img.mode, (crop_w, crop_h), 0)
+    out.paste(part, (ox, oy))
+    return out
+
+
+class AspectGuard:
+    """A first step for eval transforms that are not PilSteps (they resize the whole image):
+    refuses an image whose resized copy (shorter side to `shorter`) would be over
+    MAX_INTERMEDIATE_PIXELS, instead of allocating it. The image is then skipped."""
+
+    def __init__(self, shorter: int):
+        self.shorter = shorter
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        short, long = sorted(img.size)
+        pixels = self.shorter * math.ceil(self.shorter * long / max(short, 1))
+        if pixels > MAX_INTERMEDIATE_PIXELS:
+            raise ValueError(
+                f"aspect ratio too extreme ({img.width}x{img.height}): resizing it would "
+                f"take {pixels} pixels, over the limit of {MAX_INTERMEDIATE_PIXELS}"
+            )
+        return img
 
 
 def describe(steps) -> PilSteps | None:

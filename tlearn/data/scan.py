@@ -15,21 +15,34 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tlearn.core.errors import DataError
-from tlearn.data.imageset import ImageSet, Skipped, entry_problem, is_image_name, no_images_error
+from tlearn.data.imageset import (
+    ImageSet,
+    SeenFiles,
+    Skipped,
+    entry_stat,
+    is_image_name,
+    no_images_error,
+)
 from tlearn.data.labels import read_labels_csv
 
 
-def _walk_images(folder: str) -> tuple[list[str], list[Skipped]]:
+def _walk_images(
+    folder: str, seen: SeenFiles | None = None, label: str | None = None
+) -> tuple[list[str], list[Skipped]]:
     """Image files under `folder` (recursive, sorted by path components) and the skipped ones.
 
     Hidden entries and files without an image extension are ignored silently. Symlinked
     folders are followed, each real folder once, so a symlink loop cannot hang the scan.
+    With `seen`, a file already seen (under any name) is left to `seen` to report.
+    The walk keeps its own stack: folders nested thousands deep are no problem.
     """
     found: list[str] = []
     skipped: list[Skipped] = []
     visited: set[tuple[int, int]] = set()
+    seen = seen if seen is not None else SeenFiles()
+    stack: list = []  # iterators over the sorted entries of the folders being walked
 
-    def visit(directory: str) -> None:
+    def enter(directory: str) -> None:
         try:
             st = os.stat(directory)
             if (st.st_dev, st.st_ino) in visited:
@@ -40,19 +53,23 @@ def _walk_images(folder: str) -> tuple[list[str], list[Skipped]]:
         except OSError as e:
             skipped.append(Skipped(directory, f"cannot read folder ({e.strerror or e})"))
             return
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            if is_image_name(entry.name):
-                problem = entry_problem(entry.path)
-                if problem:
-                    skipped.append(Skipped(entry.path, problem))
-                else:
-                    found.append(entry.path)
-            elif _is_dir(entry):
-                visit(entry.path)
+        stack.append(iter(entries))
 
-    visit(folder)
+    enter(folder)
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+        elif entry.name.startswith("."):
+            continue
+        elif is_image_name(entry.name):
+            st, problem = entry_stat(entry.path)
+            if problem:
+                skipped.append(Skipped(entry.path, problem))
+            elif seen.claim(entry.path, st, label):
+                found.append(entry.path)
+        elif _is_dir(entry):
+            enter(entry.path)
     return found, skipped
 
 
@@ -98,8 +115,12 @@ def scan_class_folders(root, classes: Sequence[str] | None = None) -> ImageSet:
     return _scan_class_folders(root, classes, known_as="the known classes")
 
 
-def _scan_class_folders(root, classes: Sequence[str] | None, known_as: str) -> ImageSet:
+def _scan_class_folders(
+    root, classes: Sequence[str] | None, known_as: str, seen: SeenFiles | None = None
+) -> ImageSet:
     root = _require_dir(root, "data folder")
+    own = seen is None  # else the caller checks `seen` once the whole dataset is scanned
+    seen = SeenFiles() if own else seen
     names, loose = _class_dirs(root)
     if not names:
         raise DataError(f"{root} has no class folders; expected {root}/<class name>/<images>")
@@ -107,11 +128,11 @@ def _scan_class_folders(root, classes: Sequence[str] | None, known_as: str) -> I
     per_class: dict[str, list[str]] = {}
     skipped: list[Skipped] = []
     for name in names:
-        found, bad = _walk_images(os.path.join(root, name))
+        found, bad = _walk_images(os.path.join(root, name), seen, name)
         per_class[name] = found
         skipped.extend(bad)
 
-    notes: list[str] = []
+    notes: list[str] = seen.check() if own else []
     if classes is None:
         notes += [f"class '{n}' has no images; left out" for n in names if not per_class[n]]
         class_list = [n for n in names if per_class[n]]
@@ -158,8 +179,11 @@ def resolve_dataset(data) -> tuple[ImageSet, ImageSet | None]:
         )
     if not has_train:
         return scan_class_folders(data), None
-    train = scan_class_folders(train_dir)
-    val = _scan_class_folders(val_dir, train.classes, known_as=f"the classes in {train_dir}")
+    seen = SeenFiles()  # a file in train/ and val/ (a link) is counted once, in train
+    train = _scan_class_folders(train_dir, None, "the known classes", seen)
+    known_as = f"the classes in {train_dir}"
+    val = _scan_class_folders(val_dir, train.classes, known_as, seen)
+    train.warnings.extend(seen.check())
     return train, val
 
 
@@ -171,7 +195,8 @@ def scan_inputs(inputs: Sequence) -> ImageSet:
 
     A named file is kept whatever its extension (the user asked for it); inside folders only
     image extensions count. Folder contents are sorted. Each file appears once, at its first
-    mention. A single path (str or PathLike) is accepted too.
+    mention (also when named again through a symlink or hard link; then with a note). A
+    single path (str or PathLike) is accepted too.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]  # a bare string would otherwise be scanned one character at a time
@@ -181,33 +206,33 @@ def scan_inputs(inputs: Sequence) -> ImageSet:
 
     paths: list[str] = []
     skipped: list[Skipped] = []
-    seen: set[str] = set()
+    seen = SeenFiles()
+    named: set[str] = set()  # skipped files, each listed once
 
-    def first_time(path: str) -> bool:
-        key = os.path.abspath(path)
-        if key in seen:
-            return False
-        seen.add(key)
-        return True
+    def skip(path: str, problem: str) -> None:
+        if os.path.abspath(path) not in named:
+            named.add(os.path.abspath(path))
+            skipped.append(Skipped(path, problem))
 
     for path in inputs:
         if not os.path.lexists(path):
             raise DataError(f"input {path} does not exist")
         if os.path.isdir(path):
-            found, bad = _walk_images(path)
-            paths.extend(p for p in found if first_time(p))
-            skipped.extend(s for s in bad if first_time(s.path))
-        elif first_time(path):
-            problem = entry_problem(path)
-            if problem:
-                skipped.append(Skipped(path, problem))
-            else:
-                paths.append(path)
+            found, bad = _walk_images(path, seen)
+            paths.extend(found)
+            for s in bad:
+                skip(s.path, s.reason)
+            continue
+        st, problem = entry_stat(path)
+        if problem:
+            skip(path, problem)
+        elif seen.claim(path, st):
+            paths.append(path)
 
     if not paths:
         where = ", ".join(inputs) if len(inputs) <= 3 else f"the {len(inputs)} inputs"
         raise no_images_error(where, skipped)
-    return ImageSet(paths, None, [], skipped)
+    return ImageSet(paths, None, [], skipped, seen.check())
 
 
 def load_images(

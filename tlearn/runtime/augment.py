@@ -19,7 +19,7 @@ import torch
 from torchvision import transforms as T
 
 from tlearn.core.options import check_augment, check_tta
-from tlearn.data.pixels import resize_target
+from tlearn.data.pixels import AspectGuard, resize_target
 from tlearn.runtime.transforms import eval_transform
 
 LIGHT_SCALE = (0.25, 1.0)
@@ -60,6 +60,7 @@ class _Views:
             else "bilinear"
         )
         self.resize = T.Resize(resize_target(data_config), interpolation=interp)
+        self.guard = AspectGuard(resize_target(data_config))
         self.ten = T.TenCrop(size)
         self.finish = T.Compose(
             [T.ToTensor(), T.Normalize(mean=data_config["mean"], std=data_config["std"])]
@@ -72,6 +73,7 @@ class _Views:
             x = self.eval(img)
             return torch.stack([x, x.flip(-1)])
         # torchvision's TenCrop: four corners + centre, then the same of the mirror image.
+        img = self.guard(img)  # T.Resize makes the whole resized image: bound it
         return torch.stack([self.finish(c) for c in self.ten(self.resize(img))])
 
 

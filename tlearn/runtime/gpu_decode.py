@@ -33,7 +33,7 @@ from tlearn.core.stages import DECODE, GPU_DECODE, Stages, timed
 from tlearn.core.system import cpu_cores
 from tlearn.data.decode import decode_one
 from tlearn.data.jpeg import jpeg_header
-from tlearn.data.pixels import PilSteps
+from tlearn.data.pixels import MAX_INTERMEDIATE_PIXELS, PilSteps
 
 _PIL_LOCK = threading.Lock()  # load_image's warnings filters are per process, not thread
 
@@ -191,9 +191,15 @@ def cpu_item(path: str, steps: PilSteps, min_size: int | None, keyed: bool) -> _
 
 
 def read_item(path: str, steps: PilSteps, min_size: int | None, keyed: bool) -> _Item:
-    """Run by a reader thread: the bytes of a JPEG for the GPU, else the CPU path."""
+    """Run by a reader thread: the bytes of a JPEG for the GPU, else the CPU path (also for
+    an aspect ratio whose whole resized image would be over MAX_INTERMEDIATE_PIXELS: the
+    CPU path resizes only what the crop keeps)."""
     data = _read_file(path)
     head = gpu_decodable(data)
+    if head is not None:
+        h, w = steps.output_size(head.width, head.height)
+        if h * w > MAX_INTERMEDIATE_PIXELS:
+            head = None
     if head is None:
         return cpu_item(path, steps, min_size, keyed)
     return _Item(key=content_key(data) if keyed else None, data=data, orientation=head.orientation)

@@ -3,10 +3,13 @@ reason travels with the batch), optionally keyed by content for the feature cach
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from tlearn.core.system import die_with_parent
 from tlearn.data.decode import decode_one, default_workers
 
 
@@ -64,6 +67,10 @@ def collate_keyed(batch):
     return [i for i, _, _ in ok], x, bad, [k for _, _, k in ok]
 
 
+def _worker_init(parent_pid: int, worker_id: int) -> None:
+    die_with_parent(parent_pid)
+
+
 def torch_batches(paths, transform, min_size, batch_size, n_workers, cache, dev):
     """torch's DataLoader (pinned memory for CUDA); items as tlearn.decode's batches."""
     loader = image_loader(
@@ -106,6 +113,9 @@ def image_loader(
     n_workers = default_workers(len(paths), batch_size) if workers is None else workers
     common = {
         "num_workers": n_workers,
+        # workers end with this process, even when it is killed (torch's own check of the
+        # parent takes seconds, and none at all while a worker is busy decoding)
+        "worker_init_fn": functools.partial(_worker_init, os.getpid()) if n_workers else None,
         "collate_fn": collate_keyed if keyed else collate_skipping,
         "generator": generator,
         "pin_memory": device is not None and device.type == "cuda",

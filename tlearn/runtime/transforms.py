@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import numpy as np
 
-from tlearn.data.pixels import describe
+from tlearn.data.pixels import AspectGuard, describe, resize_target
 
 
 def eval_transform(data_config: dict):
-    """timm's eval transform: resize the shorter side to size / crop_pct, centre crop."""
+    """timm's eval transform: resize the shorter side to size / crop_pct, centre crop.
+    Its Resize + CenterCrop are done by data.pixels.PilSteps when they describe them (the
+    same pixels, and no huge resized image in between for an extreme aspect ratio); any
+    other transform first refuses images whose resized copy would be too big."""
+    t = timm_eval_transform(data_config)
+    steps = list(t.transforms)
+    pil = describe(steps[:2]) if len(steps) > 2 else None
+    if pil is not None:
+        t.transforms = [pil.apply, *steps[2:]]
+    else:
+        t.transforms = [AspectGuard(resize_target(data_config)), *steps]
+    return t
+
+
+def timm_eval_transform(data_config: dict):
+    """timm's eval transform exactly as timm builds it."""
     # timm (and torch) only for the transform itself: warm runs use data.pixels
     import timm.data
 
@@ -50,7 +65,7 @@ def split_eval_transform(data_config: dict):
     Decoding workers can then stop at uint8 pixels (4x less data, and no float work per
     image) and the runtime finishes the batch with the same float32 arithmetic as
     ToTensor + Normalize: x / 255, then (x - mean) / std, so the features do not change."""
-    steps = list(eval_transform(data_config).transforms)
+    steps = list(timm_eval_transform(data_config).transforms)
     if len(steps) < 2:
         return None
     to_tensor, normalize = steps[-2:]
@@ -68,7 +83,9 @@ def split_eval_transform(data_config: dict):
     # Plain PIL steps when they are the usual Resize + CenterCrop: no torch in workers,
     # and a description the cache can keep (tlearn.warm).
     pil = describe(steps[:-2])
-    return (pil if pil is not None else PixelTransform(steps[:-2])), mean, std
+    if pil is None:
+        return PixelTransform([AspectGuard(resize_target(data_config)), *steps[:-2]]), mean, std
+    return pil, mean, std
 
 
 def _as_list(v) -> list:
