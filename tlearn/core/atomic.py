@@ -77,6 +77,8 @@ def read_json(path: str | Path, error: type[Exception], hint: str = ""):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise error(f"{path}: not valid JSON ({e}){hint}") from None
+    except RecursionError:  # json nests by recursion: a hostile file can nest deeper
+        raise error(f"{path}: JSON nested too deeply to be a file tlearn wrote{hint}") from None
 
 
 def write_json(path: str | Path, obj) -> None:

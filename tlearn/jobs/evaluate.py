@@ -14,7 +14,12 @@ from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import scan_class_folders
 from tlearn.data.skipped import strict_failure
 from tlearn.features.table import is_features_table, read_table
-from tlearn.jobs.score import ModelScorer, refuse_tta_on_features, score_images
+from tlearn.jobs.score import (
+    ModelScorer,
+    refuse_nonfinite,
+    refuse_tta_on_features,
+    score_images,
+)
 from tlearn.modeldir import load_model
 from tlearn.report.metrics import classification_metrics
 
@@ -81,6 +86,7 @@ def evaluate(
         paths = [images.paths[i] for i in indices]
     if strict and skipped:
         raise strict_failure(skipped)
+    scores = refuse_nonfinite(scores, paths, model_dir)
     y_pred = scores.argmax(axis=1) if len(scores) else np.zeros(0, dtype=np.int64)
     metrics = classification_metrics(y, y_pred, classes)
     metrics["model"] = str(model_dir)

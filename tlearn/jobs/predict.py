@@ -16,7 +16,12 @@ from tlearn.data.scan import scan_inputs as scan_unlabeled
 from tlearn.data.skipped import strict_failure
 from tlearn.features.table import is_features_table, read_table
 from tlearn.jobs.onnx_model import OnnxScores, is_onnx_model, onnx_scores
-from tlearn.jobs.score import ModelScorer, refuse_tta_on_features, score_images
+from tlearn.jobs.score import (
+    ModelScorer,
+    refuse_nonfinite,
+    refuse_tta_on_features,
+    score_images,
+)
 from tlearn.modeldir import load_model
 from tlearn.scale.shard import Shard, plan_part, score_by_batch
 
@@ -53,7 +58,7 @@ def predict(
     run = run or RunOptions()
     if is_onnx_model(model_dir):  # a whole model exported by tlearn export (jobs.onnx_model)
         scored = onnx_scores(model_dir, inputs, tta=tta, run=run, shard=shard)
-        return onnx_prediction(scored, strict)
+        return onnx_prediction(scored, strict, model_dir)
     saved = load_model(model_dir)
     scorer = ModelScorer(saved)
     part, n_scan_skipped = None, 0
@@ -82,6 +87,7 @@ def predict(
         warnings = list(images.warnings) + scored.notes
     if strict and skipped:
         raise strict_failure(skipped)
+    scores = refuse_nonfinite(scores, paths, model_dir)
     preds = [
         Prediction(
             path=p,
@@ -101,10 +107,11 @@ def predict(
     )
 
 
-def onnx_prediction(scored: OnnxScores, strict: bool) -> PredictResult:
+def onnx_prediction(scored: OnnxScores, strict: bool, model=None) -> PredictResult:
     """The PredictResult of an exported .onnx model's scores (jobs.onnx_model)."""
     if strict and scored.skipped:
         raise strict_failure(scored.skipped)
+    refuse_nonfinite(scored.scores, scored.paths, model or "the model")
     preds = [
         Prediction(
             path=p,
