@@ -19,6 +19,7 @@ from tlearn.core.atomic import atomic_dir, read_json, write_json
 from tlearn.core.checks import (
     MAX_FEATURE_DIM,
     MAX_HIDDEN,
+    check_cut,
     check_data_config,
     is_int,
     is_number,
@@ -26,7 +27,7 @@ from tlearn.core.checks import (
     shown,
 )
 from tlearn.core.errors import ArtifactError
-from tlearn.core.spec import NN_HEADS, POOLS, CutSpec
+from tlearn.core.spec import NN_HEADS, CutSpec
 from tlearn.core.system import versions
 from tlearn.core.version import __version__
 from tlearn.heads.linear import LinearHead
@@ -285,28 +286,6 @@ def validate_config(config: dict, where) -> None:
     )
     if HEAD_FAMILIES[head["type"]] == "linear":
         check_linear_hyper(head, where)
-
-
-def check_cut(cut, where) -> None:
-    """The cut's fields (CutSpec.from_dict) by type."""
-    need(isinstance(cut, dict), where, "cut", "an object", cut)
-    for key in ("model", "weights_source", "layers", "pool"):
-        if key not in cut:
-            raise ArtifactError(f"{where}: 'cut' is missing {key!r}")
-    need(isinstance(cut["model"], str) and cut["model"], where, "cut.model", "a name", cut["model"])
-    src = cut["weights_source"]
-    need(isinstance(src, str), where, "cut.weights_source", "a string", src)
-    sha = cut.get("weights_sha256")
-    need(sha is None or isinstance(sha, str), where, "cut.weights_sha256", "a string", sha)
-    layers = cut["layers"]
-    need(
-        isinstance(layers, list) and layers and all(isinstance(x, str) and x for x in layers),
-        where,
-        "cut.layers",
-        "a list of layer names",
-        layers,
-    )
-    need(cut["pool"] in POOLS, where, "cut.pool", f"one of {POOLS}", cut["pool"])
 
 
 def check_linear_hyper(head: dict, where) -> None:

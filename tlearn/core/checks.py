@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 from tlearn.core.errors import ArtifactError
+from tlearn.core.spec import POOLS
 
 MIN_INPUT_SIDE, MAX_INPUT_SIDE = 8, 4096  # pixels of the network's input
 MAX_RESIZE_SIDE = 8192  # input side / crop_pct: the resize before the centre crop
@@ -101,3 +102,25 @@ def check_data_config(dc, where, field: str = "data_config") -> None:
     )
     mode = dc.get("crop_mode", "center")
     need(mode in CROP_MODES, where, f"{field}.crop_mode", f"one of {CROP_MODES}", mode)
+
+
+def check_cut(cut, where) -> None:
+    """The cut's fields (CutSpec.from_dict) by type."""
+    need(isinstance(cut, dict), where, "cut", "an object", cut)
+    for key in ("model", "weights_source", "layers", "pool"):
+        if key not in cut:
+            raise ArtifactError(f"{where}: 'cut' is missing {key!r}")
+    need(isinstance(cut["model"], str) and cut["model"], where, "cut.model", "a name", cut["model"])
+    src = cut["weights_source"]
+    need(isinstance(src, str), where, "cut.weights_source", "a string", src)
+    sha = cut.get("weights_sha256")
+    need(sha is None or isinstance(sha, str), where, "cut.weights_sha256", "a string", sha)
+    layers = cut["layers"]
+    need(
+        isinstance(layers, list) and layers and all(isinstance(x, str) and x for x in layers),
+        where,
+        "cut.layers",
+        "a list of layer names",
+        layers,
+    )
+    need(cut["pool"] in POOLS, where, "cut.pool", f"one of {POOLS}", cut["pool"])
