@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save
 
-from tlearn.core.atomic import atomic_dir, read_json, write_json
+from tlearn.core.atomic import atomic_dir, read_json, recover_dir, write_json
 from tlearn.core.checks import (
     MAX_FEATURE_DIM,
     MAX_HIDDEN,
@@ -120,6 +120,8 @@ def save_model(
 def load_model(model_dir: str | Path) -> SavedModel:
 
     model_dir = Path(model_dir)
+    recover_dir(model_dir)  # a replacement (fit --force) killed between its two renames
+    recover_dir(model_dir / "checkpoint")
     if model_dir.is_file():
         table = Path(f"{model_dir}.json").is_file() or model_dir.suffix.lower() in (
             ".csv",
