@@ -138,3 +138,40 @@ def test_damaged_cache_files_are_recomputed_not_served(
     r = _extract(runner, image_folder, tmp_path / "third.csv", *extra)
     assert note not in r.output
     assert (tmp_path / "third.csv").read_bytes() == first.read_bytes()
+
+
+def test_cache_clear_refuses_a_folder_tlearn_did_not_make(runner, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    for rel in ("features/thesis.tex", "onnx/model.onnx", "resolved/keep.json", "notes.txt"):
+        (home / rel).parent.mkdir(parents=True, exist_ok=True)
+        (home / rel).write_text("mine")
+    monkeypatch.setenv("TLEARN_CACHE_DIR", str(home))
+    r = runner.invoke(app, ["cache", "clear"])
+    assert r.exit_code == 2, r.output
+    assert "CACHEDIR.TAG" in r.stderr and "nothing was deleted" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in home.rglob("*") if p.is_file()) == [
+        "keep.json",
+        "model.onnx",
+        "notes.txt",
+        "thesis.tex",
+    ]
+
+
+def test_cache_clear_clears_a_cache_tlearn_made(runner, image_folder, tmp_path, cache_dir):
+    _extract(runner, image_folder, tmp_path / "a.csv")
+    assert (cache_dir / "CACHEDIR.TAG").read_text().startswith("Signature: 8a477f597d28d172")
+    (cache_dir / "mine.txt").write_text("a file of the user's beside the cache")
+    r = runner.invoke(app, ["cache", "clear"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["CACHEDIR.TAG", "mine.txt"]
+
+
+def test_the_default_cache_root_is_tlearns_by_its_name(runner, tmp_path, monkeypatch):
+    monkeypatch.delenv("TLEARN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    old = tmp_path / "tlearn" / "features" / "abc"
+    old.mkdir(parents=True)  # a cache from before markers
+    r = runner.invoke(app, ["cache", "clear"])
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "tlearn" / "features").exists()

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from tlearn.core.atomic import write_json
+from tlearn.core.cachedir import ensure_root
 from tlearn.core.checks import check_cut, check_data_config
 from tlearn.core.errors import ArtifactError
 from tlearn.core.hashing import doc_sha256, file_sha256
@@ -83,6 +84,7 @@ def _folder(root: Path) -> Path:
 def _write(path: Path, doc: dict) -> None:
     """The document with its checksum (sha256 of its canonical JSON), atomically."""
     with contextlib.suppress(OSError):  # the cache only ever saves time
+        ensure_root(path.parent.parent)  # the cache root, marked as tlearn's
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"doc": doc, "sha256": doc_sha256(doc)})
 

@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.core.atomic import atomic_file, write_json
+from tlearn.core.cachedir import ensure_root
 from tlearn.core.hashing import blake2b_hex, content_key, doc_sha256, file_blake2b, file_key
 from tlearn.core.system import dist_version
 
@@ -354,6 +355,7 @@ class FeatureStore:
 
     def _ensure_folder(self) -> None:
         if not self.folder.is_dir():
+            ensure_root(self.folder.parent.parent)  # the cache root, marked as tlearn's
             self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / "cut.json"
         if not meta.exists():

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tlearn.core.atomic import file_mode, write_json
+from tlearn.core.cachedir import ensure_root
 from tlearn.core.hashing import file_blake2b
 from tlearn.core.system import dist_version
 from tlearn.core.version import __version__
@@ -123,6 +124,7 @@ def cached_onnx(
             return path
         discard_graph(path, notes)  # damaged: never served, exported again below
     try:
+        ensure_root(folder.parent)  # the cache root, marked as tlearn's
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:  # an unusable cache folder costs the export, never the run
         return cached_onnx(net, spec, data_config, None, pixels)
