@@ -3,7 +3,10 @@ Ctrl-C exit 130, anything else one "unexpected" line and exit 1 (--debug: traceb
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import sys
 
 import typer
 from rich.console import Console
@@ -24,6 +27,15 @@ def _error_console(e: BaseException) -> tuple[Console, str]:
     return err, "[red]error:[/]"
 
 
+def quiet_broken_pipe() -> None:
+    """The reader of stdout went away (`tlearn ... | head -1`): point stdout at /dev/null
+    so nothing more fails or complains (the interpreter's final flush included); the
+    caller then exits 1 without a message, as rich does."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
 def handle_errors(fn):
     """One line on stderr and a non-zero exit for anything the user can fix."""
 
@@ -40,6 +52,9 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            quiet_broken_pipe()
+            raise typer.Exit(1) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as e:  # a bug or an environment problem: still one line
