@@ -4,6 +4,7 @@ Ctrl-C exit 130, anything else one "unexpected" line and exit 1 (--debug: traceb
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import sys
@@ -16,6 +17,7 @@ from tlearn.cli.render import err
 from tlearn.core.errors import TlearnError
 
 DEBUG = {"on": False}
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # full disk, quota, read-only
 
 
 def _error_console(e: BaseException) -> tuple[Console, str]:
@@ -62,6 +64,10 @@ def handle_errors(fn):
                 raise
             first = (str(e).strip().splitlines() or [""])[0][:300]
             console, label = _error_console(e)
+            if isinstance(e, OSError) and e.errno in DISK_ERRNOS:  # the disk, not a bug
+                where = f"{e.filename}: " if e.filename else ""
+                console.print(f"{label} {escape(where + (e.strerror or first))}", highlight=False)
+                raise typer.Exit(1) from None
             console.print(
                 f"{label} unexpected {type(e).__name__}: {escape(first)} "
                 "(rerun with tlearn --debug ... for the traceback)",

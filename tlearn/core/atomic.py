@@ -168,3 +168,40 @@ def atomic_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, what: str) -> Iterator[None]:
+    """Hold an advisory lock (flock) on the file `path` for the block, or raise OutputError
+    at once when another process holds it: two runs writing the same output (`what`) never
+    mix their rows. The lock file is removed afterwards; where the OS has no flock the
+    block runs unlocked."""
+    try:
+        import fcntl  # POSIX only
+    except ImportError:
+        yield
+        return
+    path = Path(path)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputError(
+                f"another tlearn run is writing {what} (it holds {path}); wait for it to "
+                "finish, or choose another -o"
+            ) from None
+        try:  # the holder before us may have removed the file: lock the one now there
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
