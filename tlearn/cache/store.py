@@ -18,9 +18,10 @@ skipped, so a cold run reads each file once.
 
 Layout: <root>/features/<cut key>/{cut.json, <shard>.feats.npy, <shard>.keys.npy,
 <shard>.sum.json}. A shard is committed by writing its features, then its keys, then the
-blake2b digests of both files' bytes (the commit), each atomically (temporary name +
-rename), so readers only ever see complete shards. Keys are checked against their digest
-when a cut is opened; features when a run first needs a shard (one pass over its bytes).
+blake2b digests of the features' data and the keys file (the commit), each atomically
+(temporary name + rename), so readers only ever see complete shards. Keys are checked
+against their digest when a cut is opened; features when a run first needs a shard (one
+pass over its bytes).
 A shard that fails either check is deleted, its images recomputed, and a note says so;
 shards without digests (written before they existed) are ignored. Concurrent runs simply add
 shards (a duplicate key is harmless: same bytes, same features). Readers memory-map the
@@ -45,7 +46,7 @@ import numpy as np
 
 from tlearn.core.atomic import atomic_file, write_json
 from tlearn.core.cachedir import ensure_root
-from tlearn.core.hashing import blake2b_hex, content_key, doc_sha256, file_blake2b, file_key
+from tlearn.core.hashing import blake2b_hex, content_key, doc_sha256, file_key
 from tlearn.core.system import dist_version
 
 CACHE_FORMAT = 1
@@ -287,10 +288,8 @@ class FeatureStore:
             if shard.verified:
                 continue
             try:
-                shard.verified = (
-                    file_blake2b(self.folder / f"{shard.name}.feats.npy") == shard.digest
-                )
-            except OSError:
+                shard.verified = data_digest(shard.feats) == shard.digest
+            except (OSError, ValueError):
                 shard.verified = False
             if not shard.verified:
                 bad.append(int(s))
@@ -372,11 +371,19 @@ def _save_npy(path: Path, arr: np.ndarray) -> str:
     return blake2b_hex(data)
 
 
+def data_digest(arr: np.ndarray) -> str:
+    """blake2b of an array's raw bytes: checkable on a memory map even after its file was
+    deleted (compacted) under a running reader."""
+    return blake2b_hex(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+
 def save_shard(folder: Path, feats: np.ndarray, keys: np.ndarray) -> str:
     """Commit one shard: features, keys, then their digests (the commit)."""
     name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    feats = np.ascontiguousarray(feats)
+    _save_npy(folder / f"{name}.feats.npy", feats)
     sums = {
-        "feats": _save_npy(folder / f"{name}.feats.npy", feats),
+        "feats": data_digest(feats),
         "keys": _save_npy(folder / f"{name}.keys.npy", keys),
     }
     write_json(folder / f"{name}{SUM}", sums)
@@ -409,10 +416,9 @@ def compact(folder: Path, max_shards: int = COMPACT_SHARDS) -> int:
             k = load_keys(folder, name, sums) if sums is not None else None
             if k is None or len(k) >= SMALL_SHARD_ROWS:
                 continue
-            data = (folder / f"{name}.feats.npy").read_bytes()
-            if blake2b_hex(data) != sums["feats"]:
+            f = np.load(folder / f"{name}.feats.npy", allow_pickle=False)
+            if data_digest(f) != sums["feats"]:
                 continue  # damaged: never merged into a shard with a fresh digest
-            f = np.load(io.BytesIO(data), allow_pickle=False)
         except (OSError, ValueError):
             continue
         if feats and f.shape[1:] != feats[0].shape[1:]:
