@@ -15,7 +15,17 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save
 
-from tlearn.core.atomic import atomic_dir, read_json, write_json
+from tlearn.core.atomic import atomic_dir, read_json, recover_dir, write_json
+from tlearn.core.checks import (
+    MAX_FEATURE_DIM,
+    MAX_HIDDEN,
+    check_cut,
+    check_data_config,
+    is_int,
+    is_number,
+    need,
+    shown,
+)
 from tlearn.core.errors import ArtifactError
 from tlearn.core.spec import NN_HEADS, CutSpec
 from tlearn.core.system import versions
@@ -32,6 +42,10 @@ METRICS = "metrics.json"
 REQUIRED_KEYS = ("format", "format_version", "head", "cut", "data_config", "classes", "feature_dim")
 HEAD_FAMILIES = {"svm": "linear", "logreg": "linear", "linear": "nn", "mlp": "nn"}
 BACKBONE_FILE = "backbone.safetensors"  # nn heads whose backbone was (partly) trained
+MAX_WEIGHT = 1e6  # no trained head comes near this; a file beyond it is damaged or hostile
+# svm/logreg: a scale is a feature's standard deviation (StandardScaler makes 0 into 1);
+# an intercept of -1e9 marks a class absent from training (heads.linear).
+LINEAR_BOUNDS = {"scaler_scale": (1e-12, MAX_WEIGHT), "intercept": (-1e9, MAX_WEIGHT)}
 
 
 @dataclass
@@ -119,6 +133,8 @@ def posthoc_bytes(posthoc: PostHoc) -> bytes:
 def load_model(model_dir: str | Path) -> SavedModel:
 
     model_dir = Path(model_dir)
+    recover_dir(model_dir)  # a replacement (fit --force) killed between its two renames
+    recover_dir(model_dir / "checkpoint")
     if model_dir.is_file():
         table = Path(f"{model_dir}.json").is_file() or model_dir.suffix.lower() in (
             ".csv",
@@ -204,7 +220,9 @@ def _load_backbone_tensors(model_dir: Path, config: dict) -> dict[str, np.ndarra
         raise ArtifactError(f"{path}: unreadable or truncated safetensors file ({e})") from None
     model = config["cut"]["model"]
     expected = _architecture_shapes(model, path)
-    check_tensors(path, tensors, expected, subject=model, needs=f", {model} needs ", first=3)
+    check_tensors(
+        path, tensors, expected, subject=model, needs=f", {model} needs ", limit=1e9, first=3
+    )
     return tensors
 
 
@@ -234,11 +252,14 @@ def check_tensors(
     *,
     subject: str,
     needs: str,
-    allow_nonfinite=(),
+    bounds: dict[str, tuple[float, float]] | None = None,
+    limit: float = MAX_WEIGHT,
     first: int | None = None,
 ) -> None:
-    """Refuse tensors that are not exactly `expected` (names and shapes) or hold NaN or
-    infinite values. `subject` names what they must match, `needs` leads into the shape."""
+    """Refuse tensors that are not exactly `expected` (names and shapes), that are not
+    float (integer only for batch-norm counters), or hold NaN, infinite or absurd values:
+    every value within +-`limit` unless `bounds` names its (low, high) for that tensor.
+    `subject` names what they must match, `needs` leads into the shape."""
     names, want = set(tensors), set(expected)
     if names != want:
         missing, extra = sorted(want - names)[:first], sorted(names - want)[:first]
@@ -251,22 +272,37 @@ def check_tensors(
         if got != shape:
             raise ArtifactError(f"{where}: tensor {name} has shape {got}{needs}{shape}")
         t = np.asarray(tensors[name])
-        if name not in allow_nonfinite and t.dtype.kind == "f" and not np.all(np.isfinite(t)):
+        counter = name.endswith("num_batches_tracked")
+        if t.dtype.kind not in ("iu" if counter else "f"):
+            kind = "an integer" if counter else "a float"
+            raise ArtifactError(f"{where}: tensor {name} has dtype {t.dtype}, expected {kind} type")
+        if counter:
+            continue
+        if not np.all(np.isfinite(t)):
             raise ArtifactError(f"{where}: tensor {name} holds NaN or infinite values")
+        low, high = (bounds or {}).get(name, (-limit, limit))
+        if t.size and (t.min() < low or t.max() > high):
+            raise ArtifactError(
+                f"{where}: tensor {name} holds values outside {low:g}..{high:g} "
+                f"(from {float(t.min()):g} to {float(t.max()):g}); the file is damaged or "
+                "not from tlearn"
+            )
 
 
 def validate_config(config: dict, where) -> None:
+    """Every field predict reads, by type and range: one ArtifactError line naming the file
+    and the field, never a KeyError/TypeError later or NaN scores."""
     if not isinstance(config, dict):
         raise ArtifactError(f"{where}: expected a JSON object")
     missing = [k for k in REQUIRED_KEYS if k not in config]
     if missing:
         raise ArtifactError(f"{where}: missing key(s) {', '.join(missing)}")
     if config["format"] != FORMAT:
-        raise ArtifactError(f"{where}: format is {config['format']!r}, expected {FORMAT!r}")
-    if config["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(f"{where}: format is {shown(config['format'])}, expected {FORMAT!r}")
+    if not is_int(config["format_version"]) or config["format_version"] != FORMAT_VERSION:
         raise ArtifactError(
-            f"{where}: format_version {config['format_version']} is not supported by tlearn "
-            f"{__version__} (supports {FORMAT_VERSION}); upgrade tlearn or refit the model"
+            f"{where}: format_version {shown(config['format_version'])} is not supported by "
+            f"tlearn {__version__} (supports {FORMAT_VERSION}); upgrade tlearn or refit the model"
         )
     classes = config["classes"]
     if (
@@ -277,22 +313,28 @@ def validate_config(config: dict, where) -> None:
     ):
         raise ArtifactError(f"{where}: 'classes' must list at least two distinct class names")
     head = config["head"]
-    if not isinstance(head, dict) or head.get("type") not in HEAD_FAMILIES:
-        raise ArtifactError(
-            f"{where}: unknown head type {head.get('type') if isinstance(head, dict) else head!r}"
-        )
-    cut = config["cut"]
-    for key in ("model", "weights_source", "layers", "pool"):
-        if not isinstance(cut, dict) or key not in cut:
-            raise ArtifactError(f"{where}: 'cut' is missing {key!r}")
-    dc = config["data_config"]
-    for key in ("input_size", "interpolation", "mean", "std", "crop_pct"):
-        if not isinstance(dc, dict) or key not in dc:
-            raise ArtifactError(f"{where}: 'data_config' is missing {key!r}")
-    if not isinstance(config["feature_dim"], int) or config["feature_dim"] < 1:
-        raise ArtifactError(f"{where}: 'feature_dim' must be a positive integer")
+    if not isinstance(head, dict) or not isinstance(head.get("type"), str):
+        raise ArtifactError(f"{where}: 'head' must be an object with a 'type'")
+    if head["type"] not in HEAD_FAMILIES:
+        raise ArtifactError(f"{where}: unknown head type {shown(head['type'])}")
+    check_cut(config["cut"], where)
+    check_data_config(config["data_config"], where)
+    dim = config["feature_dim"]
+    need(
+        is_int(dim) and 1 <= dim <= MAX_FEATURE_DIM, where, "feature_dim", "a positive integer", dim
+    )
     if config.get("task", "multi-class") not in TASKS:
         raise ArtifactError(f"{where}: 'task' must be one of {', '.join(TASKS)}")
+    if HEAD_FAMILIES[head["type"]] == "linear":
+        check_linear_hyper(head, where)
+
+
+def check_linear_hyper(head: dict, where) -> None:
+    """What LinearHead.from_saved reads from an svm/logreg head's config."""
+    c = head.get("C")
+    need(c is None or (is_number(c) and c > 0), where, "head.C", "a positive number", c)
+    seed = head.get("seed", 0)
+    need(is_int(seed), where, "head.seed", "an integer", seed)
 
 
 def validate_tensors(config: dict, tensors: dict, where) -> None:
@@ -308,7 +350,7 @@ def validate_tensors(config: dict, tensors: dict, where) -> None:
         expected,
         subject="the config",
         needs=config_needs(config),
-        allow_nonfinite=("intercept",),
+        bounds=LINEAR_BOUNDS,
     )
 
 
@@ -317,15 +359,21 @@ def validate_head_tensors(config: dict, tensors: dict, where) -> None:
     head = config["head"]
     if head.get("type") == "mlp" and (
         not isinstance(head.get("hidden"), list)
-        or not all(isinstance(h, int) and h > 0 for h in head["hidden"])
+        or not all(is_int(h) and 0 < h <= MAX_HIDDEN for h in head["hidden"])
     ):
         raise ArtifactError(f"{where}: head 'hidden' must be a list of positive sizes")
     if not isinstance(head.get("dropout"), (int, float)):
         raise ArtifactError(f"{where}: head 'dropout' is missing")
+    p, bn = head["dropout"], head.get("batchnorm", False)
+    need(is_number(p) and 0 <= p < 1, where, "head.dropout", "from 0 to below 1", p)
+    need(isinstance(bn, bool), where, "head.batchnorm", "true or false", bn)
 
     expected = neural_shapes(head, config["feature_dim"], len(config["classes"]))
     subject = f"the {head['type']} head in the config"
-    check_tensors(where, tensors, expected, subject=subject, needs=config_needs(config))
+    bounds = {k: (0.0, MAX_WEIGHT) for k in expected if k.endswith("running_var")}
+    check_tensors(
+        where, tensors, expected, subject=subject, needs=config_needs(config), bounds=bounds
+    )
 
 
 def model_sha256(model_dir: str | Path) -> str:

@@ -11,10 +11,7 @@ from torch import nn
 from tlearn.backbone.layers import resolve_layers
 from tlearn.backbone.weights import Backbone
 from tlearn.core.errors import UsageError
-from tlearn.core.spec import FINAL_LAYER, CutSpec
-
-POOLS = ("avg", "max", "avgmax", "catavgmax", "flatten")
-
+from tlearn.core.spec import FINAL_LAYER, POOLS, CutSpec
 
 # ----------------------------------------------------------------------------- cutting
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.cache.store import cache_root, shard_names
+from tlearn.core.cachedir import ENV, MARKER, chosen_by_env, is_marked
+from tlearn.core.errors import UsageError
 
 # ----------------------------------------------------------------------------- info / clear
 
@@ -95,6 +97,12 @@ def clear_cache(root: Path | None = None) -> int:
     the bytes freed. Only the folders tlearn creates are removed, never the root itself
     or other files."""
     root = Path(root) if root is not None else cache_root()
+    if root.is_dir() and not is_marked(root) and chosen_by_env():
+        raise UsageError(
+            f"{ENV}={root} has no {MARKER} marker, so tlearn did not create it (or created it "
+            "before markers existed); nothing was deleted. Point TLEARN_CACHE_DIR at tlearn's "
+            f"cache, or delete its features/, onnx/ and resolved/ folders by hand"
+        )
     freed = 0
     for sub in ("features", "onnx", "resolved"):
         folder = root / sub

@@ -12,6 +12,9 @@ import json
 from pathlib import Path
 
 from tlearn.core.atomic import write_json
+from tlearn.core.cachedir import ensure_root
+from tlearn.core.checks import check_cut, check_data_config
+from tlearn.core.errors import ArtifactError
 from tlearn.core.hashing import doc_sha256, file_sha256
 from tlearn.core.known_layers import KNOWN_LAYERS
 from tlearn.core.layers import LayerNames, resolve_layer_names
@@ -79,17 +82,34 @@ def _folder(root: Path) -> Path:
 
 
 def _write(path: Path, doc: dict) -> None:
-
+    """The document with its checksum (sha256 of its canonical JSON), atomically."""
     with contextlib.suppress(OSError):  # the cache only ever saves time
+        ensure_root(path.parent.parent)  # the cache root, marked as tlearn's
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, doc)
+        write_json(path, {"doc": doc, "sha256": doc_sha256(doc)})
 
 
-def _read(path: Path) -> dict | None:
+def _read(path: Path, notes: list[str] | None = None) -> dict | None:
+    """The document, or None when absent; one that fails its checksum (damaged, or written
+    before checksums) is deleted, so the run resolves it again and rewrites it."""
     try:
-        return json.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
     except (OSError, ValueError):
         return None
+    try:
+        wrapper = json.loads(text)
+        doc = wrapper["doc"]
+        if isinstance(doc, dict) and doc_sha256(doc) == wrapper["sha256"]:
+            return doc
+    except (ValueError, RecursionError, KeyError, TypeError):
+        pass
+    with contextlib.suppress(OSError):
+        path.unlink()
+    if notes is not None:
+        notes.append(
+            f"cache file {path} was damaged (checksum mismatch); discarded, resolved again"
+        )
+    return None
 
 
 def remember_cut(root: Path | None, key: str | None, spec: CutSpec, data_config: dict) -> None:
@@ -105,21 +125,24 @@ def remember_pixels(root: Path | None, data_config: dict, pixels) -> None:
         return
     doc = {"steps": pixels[0].to_dict(), "mean": pixels[1], "std": pixels[2]}
     path = _folder(root) / f"pixels-{pixels_key(data_config)}.json"
-    if not path.is_file():
+    if _read(path) is None:
         _write(path, doc)
 
 
-def recall_cut(root: Path, key: str) -> tuple[CutSpec, dict] | None:
-    doc = _read(_folder(root) / f"cut-{key}.json")
+def recall_cut(root: Path, key: str, notes: list[str] | None = None):
+    """(CutSpec, data config) remembered for a request key, or None."""
+    doc = _read(_folder(root) / f"cut-{key}.json", notes)
     try:
+        check_data_config(doc["data_config"], "remembered cut")
+        check_cut(doc["spec"], "remembered cut")
         return CutSpec.from_dict(doc["spec"]), doc["data_config"]
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, ArtifactError):
         return None
 
 
-def recall_pixels(root: Path, data_config: dict):
+def recall_pixels(root: Path, data_config: dict, notes: list[str] | None = None):
 
-    doc = _read(_folder(root) / f"pixels-{pixels_key(data_config)}.json")
+    doc = _read(_folder(root) / f"pixels-{pixels_key(data_config)}.json", notes)
     try:
         return PilSteps.from_dict(doc["steps"]), doc["mean"], doc["std"]
     except (KeyError, TypeError, ValueError):
@@ -135,7 +158,7 @@ def remember_layers(root: Path | None, names: LayerNames) -> None:
     """A model's cut points, read off the network by a run that loaded it."""
     if root is not None and names.model not in KNOWN_LAYERS:
         path = _layers_path(root, names.model)
-        if not path.is_file():
+        if _read(path) is None:
             _write(path, names.to_dict())
 
 

@@ -16,9 +16,14 @@ Lookups: when the cache already holds entries for the cut, the files are hashed 
 workers, and only the others are decoded. For a cut with no entries yet that pass is
 skipped, so a cold run reads each file once.
 
-Layout: <root>/features/<cut key>/{cut.json, <shard>.feats.npy, <shard>.keys.npy}.
-A shard is committed by writing its features, then its keys, each atomically (temporary
-name + rename), so readers only ever see complete shards; concurrent runs simply add
+Layout: <root>/features/<cut key>/{cut.json, <shard>.feats.npy, <shard>.keys.npy,
+<shard>.sum.json}. A shard is committed by writing its features, then its keys, then the
+blake2b digests of the features' data and the keys file (the commit), each atomically
+(temporary name + rename), so readers only ever see complete shards. Keys are checked
+against their digest when a cut is opened; features when a run first needs a shard (one
+pass over its bytes).
+A shard that fails either check is deleted, its images recomputed, and a note says so;
+shards without digests (written before they existed) are ignored. Concurrent runs simply add
 shards (a duplicate key is harmless: same bytes, same features). Readers memory-map the
 shards, so a cache far larger than RAM is fine, and deleting shards under a running
 reader is safe on POSIX. No pickle: .npy files are loaded with allow_pickle=False.
@@ -27,6 +32,8 @@ reader is safe on POSIX. No pickle: .npy files are loaded with allow_pickle=Fals
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import os
 import stat
 import uuid
@@ -38,10 +45,12 @@ from pathlib import Path
 import numpy as np
 
 from tlearn.core.atomic import atomic_file, write_json
-from tlearn.core.hashing import content_key, doc_sha256, file_key
+from tlearn.core.cachedir import ensure_root
+from tlearn.core.hashing import blake2b_hex, content_key, doc_sha256, file_key
 from tlearn.core.system import dist_version
 
 CACHE_FORMAT = 1
+SUM = ".sum.json"  # a shard's digests: its commit
 KEY_BYTES = 32  # sha256 digest
 FLUSH_BYTES = 16 << 20  # commit a shard once this many feature bytes are buffered
 COMPACT_SHARDS = 64  # merge small shards once a cut folder has more than this many
@@ -152,6 +161,26 @@ def _as_s32(keys_u8: np.ndarray) -> np.ndarray:
 class _Shard:
     name: str
     feats: np.ndarray  # memory-mapped (n, D)
+    digest: str  # blake2b of the .feats.npy file
+    verified: bool = False
+
+
+def read_sums(folder: Path, name: str) -> dict | None:
+    """The digests of a committed shard, or None when it has none (or they are damaged)."""
+    try:
+        doc = json.loads((folder / f"{name}{SUM}").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None
+    ok = isinstance(doc, dict) and all(isinstance(doc.get(k), str) for k in ("feats", "keys"))
+    return doc if ok else None
+
+
+def load_keys(folder: Path, name: str, sums: dict) -> np.ndarray | None:
+    """A shard's keys, read and checked against their digest; None if they do not match."""
+    data = (folder / f"{name}.keys.npy").read_bytes()
+    if blake2b_hex(data) != sums["keys"]:
+        return None
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 @dataclass
@@ -198,14 +227,19 @@ class FeatureStore:
     # -- reading
 
     def _load(self) -> None:
-        """Memory-map every complete shard and index its keys."""
+        """Memory-map every committed shard and index its keys (checked by digest)."""
         if not self.folder.is_dir():
             return
         keys, where = [], []
-        for kpath in sorted(self.folder.glob("*.keys.npy")):
-            name = kpath.name[: -len(".keys.npy")]
+        for name in shard_names(self.folder):
+            sums = read_sums(self.folder, name)
+            if sums is None:
+                continue
             try:
-                k = np.load(kpath, allow_pickle=False)
+                k = load_keys(self.folder, name, sums)
+                if k is None:
+                    self._discard(name, "keys")
+                    continue
                 f = np.load(self.folder / f"{name}.feats.npy", mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError):
                 continue  # removed under us, or damaged: those images are simply misses
@@ -218,9 +252,12 @@ class FeatureStore:
             if f.shape[1] != self.dim:
                 continue
             s = len(self._shards)
-            self._shards.append(_Shard(name, f))
+            self._shards.append(_Shard(name, f, sums["feats"]))
             keys.append(_as_s32(k))
             where.append(np.stack([np.full(len(k), s), np.arange(len(k))], axis=1))
+        self._index(keys, where)
+
+    def _index(self, keys: list, where: list) -> None:
         if keys:
             all_keys = np.concatenate(keys)
             all_where = np.concatenate(where)
@@ -228,12 +265,46 @@ class FeatureStore:
             self.known = KeySet.__new__(KeySet)
             self.known.sorted = all_keys[order]
             self._where = all_where[order]
+        else:
+            self.known, self._where = KeySet(), np.zeros((0, 2), np.int64)
+
+    def _discard(self, name: str, what: str) -> None:
+        self.notes.append(
+            f"feature cache: shard {name} in {self.folder} was damaged ({what} do not match "
+            "their checksum); discarded, its images are computed again"
+        )
+        _remove_shard(self.folder, name)
+
+    def hits(self, keys: Sequence[bytes]) -> np.ndarray:
+        """Which keys the cache can serve, after checking the features of every shard they
+        come from against its digest (once per shard): a damaged shard is discarded and
+        its images become misses."""
+        pos = self.known.positions(keys)
+        found = pos >= 0
+        shards = np.unique(self._where[pos[found], 0]) if found.any() else []
+        bad = []
+        for s in shards:
+            shard = self._shards[int(s)]
+            if shard.verified:
+                continue
+            try:
+                shard.verified = data_digest(shard.feats) == shard.digest
+            except (OSError, ValueError):
+                shard.verified = False
+            if not shard.verified:
+                bad.append(int(s))
+                self._discard(shard.name, "features")
+        if bad:
+            keep = ~np.isin(self._where[:, 0], bad)
+            self._where, self.known.sorted = self._where[keep], self.known.sorted[keep]
+            found = self.known.positions(keys) >= 0
+        return found
 
     def get(self, keys: Sequence[bytes]) -> np.ndarray:
         """Features for keys that are all in `known`, in the order given."""
-        pos = self.known.positions(keys)
-        if (pos < 0).any():
+        if not self.hits(keys).all():  # checks each shard's digest once
             raise KeyError("feature cache lookup of an image that is not cached")
+        pos = self.known.positions(keys)
         self.served += len(keys)
         out = np.empty((len(keys), self.dim or 0), dtype=self.dtype)
         where = self._where[pos]
@@ -264,9 +335,7 @@ class FeatureStore:
         self._pending_keys, self._pending, self._pending_bytes = [], [], 0
         try:
             self._ensure_folder()
-            name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            _save_npy(self.folder / f"{name}.feats.npy", feats)
-            _save_npy(self.folder / f"{name}.keys.npy", keys)  # the commit
+            save_shard(self.folder, feats, keys)
             self._written += len(keys)
         except OSError as e:
             self._write_failed = True
@@ -285,25 +354,50 @@ class FeatureStore:
 
     def _ensure_folder(self) -> None:
         if not self.folder.is_dir():
+            ensure_root(self.folder.parent.parent)  # the cache root, marked as tlearn's
             self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / "cut.json"
         if not meta.exists():
             write_json(meta, self.doc)
 
 
-def _save_npy(path: Path, arr: np.ndarray) -> None:
-
+def _save_npy(path: Path, arr: np.ndarray) -> str:
+    """Write `arr` as .npy atomically; returns the blake2b digest of the file's bytes."""
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    data = buf.getvalue()
     with atomic_file(path, "wb") as f:
-        np.save(f, arr, allow_pickle=False)
+        f.write(data)
+    return blake2b_hex(data)
+
+
+def data_digest(arr: np.ndarray) -> str:
+    """blake2b of an array's raw bytes: checkable on a memory map even after its file was
+    deleted (compacted) under a running reader."""
+    return blake2b_hex(memoryview(np.ascontiguousarray(arr)).cast("B"))
+
+
+def save_shard(folder: Path, feats: np.ndarray, keys: np.ndarray) -> str:
+    """Commit one shard: features, keys, then their digests (the commit)."""
+    name = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    feats = np.ascontiguousarray(feats)
+    _save_npy(folder / f"{name}.feats.npy", feats)
+    sums = {
+        "feats": data_digest(feats),
+        "keys": _save_npy(folder / f"{name}.keys.npy", keys),
+    }
+    write_json(folder / f"{name}{SUM}", sums)
+    return name
 
 
 def shard_names(folder: Path) -> list[str]:
-    return sorted(p.name[: -len(".keys.npy")] for p in folder.glob("*.keys.npy"))
+    """Committed shards (those with digests), by name."""
+    return sorted(p.name[: -len(SUM)] for p in folder.glob(f"*{SUM}"))
 
 
 def _remove_shard(folder: Path, name: str) -> None:
-    # Keys first: without them the shard is invisible to readers.
-    for suffix in (".keys.npy", ".feats.npy"):
+    # Digests first: without them the shard is invisible to readers.
+    for suffix in (SUM, ".keys.npy", ".feats.npy"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(folder / f"{name}{suffix}")
 
@@ -317,11 +411,14 @@ def compact(folder: Path, max_shards: int = COMPACT_SHARDS) -> int:
         return 0
     small, keys, feats = [], [], []
     for name in names:
+        sums = read_sums(folder, name)
         try:
-            k = np.load(folder / f"{name}.keys.npy", allow_pickle=False)
-            if len(k) >= SMALL_SHARD_ROWS:
+            k = load_keys(folder, name, sums) if sums is not None else None
+            if k is None or len(k) >= SMALL_SHARD_ROWS:
                 continue
             f = np.load(folder / f"{name}.feats.npy", allow_pickle=False)
+            if data_digest(f) != sums["feats"]:
+                continue  # damaged: never merged into a shard with a fresh digest
         except (OSError, ValueError):
             continue
         if feats and f.shape[1:] != feats[0].shape[1:]:
@@ -331,9 +428,7 @@ def compact(folder: Path, max_shards: int = COMPACT_SHARDS) -> int:
         feats.append(f)
     if len(small) < 2:
         return 0
-    merged = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    _save_npy(folder / f"{merged}.feats.npy", np.concatenate(feats))
-    _save_npy(folder / f"{merged}.keys.npy", np.concatenate(keys))
+    save_shard(folder, np.concatenate(feats), np.concatenate(keys))
     for name in small:
         _remove_shard(folder, name)
     return len(small)

@@ -3,7 +3,11 @@ Ctrl-C exit 130, anything else one "unexpected" line and exit 1 (--debug: traceb
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
+import os
+import sys
 
 import typer
 from rich.console import Console
@@ -13,6 +17,7 @@ from tlearn.cli.render import err
 from tlearn.core.errors import TlearnError
 
 DEBUG = {"on": False}
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # full disk, quota, read-only
 
 
 def _error_console(e: BaseException) -> tuple[Console, str]:
@@ -22,6 +27,15 @@ def _error_console(e: BaseException) -> tuple[Console, str]:
     if rank is not None and rank != 0 and err.quiet:
         return Console(stderr=True, soft_wrap=True), f"[red]error (rank {rank}):[/]"
     return err, "[red]error:[/]"
+
+
+def quiet_broken_pipe() -> None:
+    """The reader of stdout went away (`tlearn ... | head -1`): point stdout at /dev/null
+    so nothing more fails or complains (the interpreter's final flush included); the
+    caller then exits 1 without a message, as rich does."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 def handle_errors(fn):
@@ -40,6 +54,9 @@ def handle_errors(fn):
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
+        except BrokenPipeError:
+            quiet_broken_pipe()
+            raise typer.Exit(1) from None
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except Exception as e:  # a bug or an environment problem: still one line
@@ -47,6 +64,10 @@ def handle_errors(fn):
                 raise
             first = (str(e).strip().splitlines() or [""])[0][:300]
             console, label = _error_console(e)
+            if isinstance(e, OSError) and e.errno in DISK_ERRNOS:  # the disk, not a bug
+                where = f"{e.filename}: " if e.filename else ""
+                console.print(f"{label} {escape(where + (e.strerror or first))}", highlight=False)
+                raise typer.Exit(1) from None
             console.print(
                 f"{label} unexpected {type(e).__name__}: {escape(first)} "
                 "(rerun with tlearn --debug ... for the traceback)",

@@ -39,3 +39,17 @@ def file_key(path: str | os.PathLike) -> bytes:
 def file_sha256(path: str | os.PathLike) -> str:
     """file_key as hex: how weights files are identified in specs and sidecars."""
     return file_key(path).hex()
+
+
+def blake2b_hex(data: bytes) -> str:
+    """Checksum of bytes tlearn wrote and reads back (cache shards, cached graphs)."""
+    return hashlib.blake2b(data, digest_size=32).hexdigest()
+
+
+def file_blake2b(path: str | os.PathLike) -> str:
+    """blake2b_hex of a file's content, read in 1 MiB chunks."""
+    h = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

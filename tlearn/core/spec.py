@@ -20,6 +20,7 @@ BUNDLED_WEIGHTS = {
 }
 
 NN_HEADS = ("linear", "mlp")  # trained neural heads (tlearn.nnhead); svm/logreg: tlearn.heads
+POOLS = ("avg", "max", "avgmax", "catavgmax", "flatten")  # how a cut map becomes a vector
 FLATTEN_WARN_DIM = 100_000  # --pool flatten: warn above this many features per image
 FINAL_LAYER = "final"  # the model's own pooled pre-logits features (penultimate layer)
 

@@ -49,7 +49,15 @@ from tlearn.core.system import cpu_only
 from tlearn.data.imageset import Skipped
 from tlearn.features.stream import FeatureBatch, Features, extract_array, iter_features
 from tlearn.runtime.device import validate_decode
-from tlearn.runtime.ort import CpuDevice, LazyRuntime, OnnxRuntime, onnx_path, ort_installed
+from tlearn.runtime.ort import (
+    CpuDevice,
+    LazyRuntime,
+    OnnxRuntime,
+    discard_graph,
+    graph_intact,
+    onnx_path,
+    ort_installed,
+)
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,7 @@ class Engine:
         if self.cache_root is None:
             return None
         store = self._open_store()
+        self.notes.extend(store.notes)  # what opening it found (a damaged shard)
         store.notes = self.notes
         self.stores.append(store)
         return store
@@ -247,11 +256,12 @@ def open_engine(cut: CutRequest | SavedCut, run: RunOptions, *, backbone=None) -
             "use --decode cpu or auto"
         )
     check_device(run.device)  # a typo fails before the backbone loads
+    notes: list[str] = []  # what the cache checks found (a damaged file), for both paths
     if backbone is None:
-        warm = _warm_engine(cut, run)
+        warm = _warm_engine(cut, run, notes)
         if warm is not None:
             return warm
-    return _cold_engine(cut, run, backbone)
+    return _cold_engine(cut, run, backbone, notes=notes)
 
 
 def _warm_root(run: RunOptions) -> Path | None:
@@ -264,13 +274,13 @@ def _warm_root(run: RunOptions) -> Path | None:
     return cache_root()
 
 
-def _warm_engine(cut: CutRequest | SavedCut, run: RunOptions) -> Engine | None:
+def _warm_engine(cut: CutRequest | SavedCut, run: RunOptions, found_notes: list) -> Engine | None:
     root = _warm_root(run)
     if root is None:
         return None
     if isinstance(cut, CutRequest):
         key = request_key(cut.model, cut.weights, cut.layers, cut.pool, cut.seed)
-        found = recall_cut(root, key) if key is not None else None
+        found = recall_cut(root, key, found_notes) if key is not None else None
         if found is None:
             return None
         spec, data_config = found
@@ -278,15 +288,18 @@ def _warm_engine(cut: CutRequest | SavedCut, run: RunOptions) -> Engine | None:
         if not _weights_unchanged(cut.spec):
             return None
         spec, data_config = cut.spec, cut.data_config
-    pixels = recall_pixels(root, data_config)
+    pixels = recall_pixels(root, data_config, found_notes)
     if pixels is None:
         return None
     graph = onnx_path(root, spec, data_config, pixels=True)
     if not graph.is_file():
         return None
+    if not graph_intact(graph):  # the cold path exports it again
+        discard_graph(graph, found_notes)
+        return None
     device = CpuDevice()
     steps = pixels[0]
-    notes: list[str] = []
+    notes: list[str] = list(found_notes)
     saved = SavedCut(spec, data_config, cut.seed)
 
     def opener():

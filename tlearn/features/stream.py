@@ -79,7 +79,7 @@ def iter_features(
 
         with timed(stages, CACHE_READ):
             keys = hash_files(paths)
-            found = cache.known.positions([k or b"" for k in keys]) >= 0
+            found = cache.hits([k or b"" for k in keys])
         todo = [i for i in range(n) if not found[i]]
         hits = [i for i in range(n) if found[i]]
         hit_keys = [keys[i] for i in hits]

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.core.atomic import read_json, write_json
-from tlearn.core.errors import DataError, UsageError
+from tlearn.core.atomic import exclusive_lock, read_json, write_json
+from tlearn.core.errors import DataError, OutputError, UsageError
 from tlearn.core.stages import OUTPUT, OUTPUT_BACKGROUND, Stages, timed
 from tlearn.core.system import cpu_cores, dist_version
 from tlearn.core.version import __version__
@@ -238,6 +238,36 @@ def write_table(
     fmt = fmt or table_format(out)
     partial = partial_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(Path(f"{partial}.lock"), str(out)):  # one writer per -o at a time
+        return _write_file(
+            batches,
+            paths,
+            labels,
+            out,
+            meta,
+            fmt,
+            kept,
+            expected,
+            inputs_sha256,
+            before_commit,
+            stages,
+        )
+
+
+def _write_file(
+    batches,
+    paths,
+    labels,
+    out: Path,
+    meta,
+    fmt,
+    kept,
+    expected,
+    inputs_sha256,
+    before_commit,
+    stages,
+) -> int:
+    partial = partial_path(out)
     write_json(Path(f"{partial}.json"), {**meta, "inputs_sha256": inputs_sha256})
     kept = list(kept)
     writer = fmt.open(partial, meta, kept, len(kept) + expected)
@@ -253,6 +283,13 @@ def write_table(
             before_commit()
         with timed(stages, OUTPUT):
             digest = writer.finish(out)
+    except OSError as e:  # a full disk, a quota, a lost mount: keep the rows for --resume
+        writer.close()
+        raise OutputError(
+            f"could not write {partial} ({e.strerror or e}); the {writer.rows} rows written "
+            "so far are kept there: free space (or fix the folder) and rerun the same "
+            "command with --resume"
+        ) from None
     except BaseException as e:
         writer.close()
         # Interrupted: keep the partial file for --resume. Abandoned on purpose: remove it.

@@ -23,6 +23,7 @@ from tlearn.jobs.decide import check_requests, decide
 from tlearn.jobs.score import (
     ModelScorer,
     Outputs,
+    refuse_nonfinite_outputs,
     refuse_tta_on_features,
     score_features,
     score_images,
@@ -85,6 +86,7 @@ def evaluate(
         truth = _table_truth(names, classes, multi, labels_csv or data)
     if strict and skipped:
         raise strict_failure(skipped)
+    outputs = refuse_nonfinite_outputs(outputs, paths, model_dir)
     if multi:
         res = _multilabel_result(scorer, outputs, truth, paths)
     else:

@@ -17,7 +17,14 @@ from tlearn.data.skipped import strict_failure
 from tlearn.features.table import is_features_table, read_table
 from tlearn.jobs.decide import Decisions, Prediction, check_requests, decide
 from tlearn.jobs.onnx_model import OnnxScores, is_onnx_model, onnx_scores
-from tlearn.jobs.score import ModelScorer, refuse_tta_on_features, score_features, score_images
+from tlearn.jobs.score import (
+    ModelScorer,
+    refuse_nonfinite,
+    refuse_nonfinite_outputs,
+    refuse_tta_on_features,
+    score_features,
+    score_images,
+)
 from tlearn.modeldir import load_model
 from tlearn.scale.shard import Shard, plan_part
 
@@ -56,7 +63,7 @@ def predict(
                 "scores and probabilities only)"
             )
         scored = onnx_scores(model_dir, inputs, tta=tta, run=run, shard=shard)
-        return onnx_prediction(scored, strict)
+        return onnx_prediction(scored, strict, model_dir)
     saved = load_model(model_dir)
     scorer = ModelScorer(saved)
     notes = check_requests(scorer, coverage, reject)
@@ -85,6 +92,7 @@ def predict(
         warnings = list(images.warnings) + scored.notes
     if strict and skipped:
         raise strict_failure(skipped)
+    outputs = refuse_nonfinite_outputs(outputs, paths, model_dir)
     preds, decisions = decide(paths, outputs, scorer, coverage=coverage, reject=reject)
     return PredictResult(
         predictions=preds,
@@ -97,10 +105,11 @@ def predict(
     )
 
 
-def onnx_prediction(scored: OnnxScores, strict: bool) -> PredictResult:
+def onnx_prediction(scored: OnnxScores, strict: bool, model=None) -> PredictResult:
     """The PredictResult of an exported .onnx model's scores (jobs.onnx_model)."""
     if strict and scored.skipped:
         raise strict_failure(scored.skipped)
+    refuse_nonfinite(scored.scores, scored.paths, model or "the model")
     preds = [
         Prediction(
             path=p,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from tlearn.core.errors import UsageError
+from tlearn.core.errors import ArtifactError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.features.engine import SavedCut, open_engine
@@ -117,6 +117,29 @@ class ImageScores:
     outputs: Outputs
     skipped: list[Skipped] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+
+def refuse_nonfinite(scores: np.ndarray, paths, model) -> np.ndarray:
+    """`scores` when all are finite, else ArtifactError naming the model and the first
+    image: NaN or infinite scores are never written as predictions or counted."""
+    scores = np.asarray(scores)
+    bad = ~np.isfinite(scores).all(axis=1) if scores.ndim == 2 else ~np.isfinite(scores)
+    if scores.size and bad.any():
+        first = paths[int(np.flatnonzero(bad)[0])]
+        raise ArtifactError(
+            f"{model}: gave NaN or infinite scores for {int(bad.sum())} of {len(bad)} "
+            f"image(s) (first: {first}); the model or the features are damaged, nothing "
+            "was written; refit the model (or extract the features again)"
+        )
+    return scores
+
+
+def refuse_nonfinite_outputs(outputs: Outputs, paths, model) -> Outputs:
+    """`outputs` when its scores and probabilities are all finite (refuse_nonfinite)."""
+    refuse_nonfinite(outputs.raw, paths, model)
+    if outputs.probabilities is not None:
+        refuse_nonfinite(outputs.probabilities, paths, model)
+    return outputs
 
 
 def linear_head(saved: SavedModel) -> LinearHead:

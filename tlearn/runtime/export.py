@@ -28,10 +28,20 @@ import numpy as np
 import torch
 
 from tlearn.core.atomic import file_mode, write_json
+from tlearn.core.cachedir import ensure_root
+from tlearn.core.hashing import file_blake2b
 from tlearn.core.system import dist_version
 from tlearn.core.version import __version__
 from tlearn.runtime.device import choose_backend
-from tlearn.runtime.ort import ONNX_OPSET, TMP_PREFIX, OnnxRuntime, onnx_key, onnx_path
+from tlearn.runtime.ort import (
+    ONNX_OPSET,
+    TMP_PREFIX,
+    OnnxRuntime,
+    discard_graph,
+    graph_intact,
+    onnx_key,
+    onnx_path,
+)
 from tlearn.runtime.torch_runtime import PixelInput, TorchRuntime, example_input
 
 # Exported graphs must reproduce torch this closely on a random batch, else torch is used.
@@ -88,7 +98,12 @@ def export_onnx(net: torch.nn.Module, data_config: dict, path: str | Path, pixel
 
 
 def cached_onnx(
-    net: torch.nn.Module, spec, data_config: dict, cache_root: Path | None, pixels=None
+    net: torch.nn.Module,
+    spec,
+    data_config: dict,
+    cache_root: Path | None,
+    pixels=None,
+    notes: list[str] | None = None,
 ) -> Path:
     """The exported model for this cut, exporting it once into `cache_root`/onnx (atomic:
     export to a temporary name, then rename). Without a cache root, a temporary file."""
@@ -105,8 +120,11 @@ def cached_onnx(
     path = onnx_path(cache_root, spec, data_config, pixels is not None)
     folder = path.parent
     if path.is_file():
-        return path
+        if graph_intact(path):
+            return path
+        discard_graph(path, notes)  # damaged: never served, exported again below
     try:
+        ensure_root(folder.parent)  # the cache root, marked as tlearn's
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:  # an unusable cache folder costs the export, never the run
         return cached_onnx(net, spec, data_config, None, pixels)
@@ -115,12 +133,7 @@ def cached_onnx(
     try:
         export_onnx(net, data_config, tmp, pixels)
         os.chmod(tmp, file_mode())  # mkstemp made it 0600
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-    with contextlib.suppress(OSError):
+        # the sidecar with the graph's digest first: a cached graph always has one
         write_json(
             path.with_suffix(".json"),
             {
@@ -131,8 +144,15 @@ def cached_onnx(
                 "opset": ONNX_OPSET,
                 "torch": dist_version("torch"),
                 "tlearn": __version__,
+                "blake2b": file_blake2b(tmp),
             },
         )
+        os.replace(tmp, path)
+    except OSError:  # the cache could not keep it: use the export once, uncached
+        return cached_onnx(net, spec, data_config, None, pixels)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return path
 
 
@@ -156,7 +176,7 @@ def open_runtime(
     chosen = choose_backend(backend, device)
     if chosen == "onnx":
         try:
-            path = cached_onnx(net, spec, data_config, cache_root, pixels)
+            path = cached_onnx(net, spec, data_config, cache_root, pixels, notes)
             try:
                 return OnnxRuntime(path, device, transform=pixels[0] if pixels else None)
             finally:

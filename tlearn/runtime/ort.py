@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import importlib.util
+import json
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.core.hashing import doc_sha256
+from tlearn.core.hashing import doc_sha256, file_blake2b
 from tlearn.core.stages import FORWARD
 from tlearn.core.system import cpu_cores, dist_env, dist_version, threads_per_rank
 from tlearn.core.version import __version__
@@ -223,3 +224,25 @@ def onnx_key(spec, data_config: dict, pixels: bool) -> str:
 def onnx_path(root: Path, spec, data_config: dict, pixels: bool) -> Path:
     """Where the cache keeps the exported graph of this cut."""
     return Path(root) / "onnx" / f"{spec.model}-{onnx_key(spec, data_config, pixels)[:20]}.onnx"
+
+
+def graph_intact(path: Path) -> bool:
+    """The cached graph's bytes match the blake2b digest its .json sidecar recorded when
+    it was exported (False without one: damaged, or cached before digests)."""
+    try:
+        doc = json.loads(Path(path).with_suffix(".json").read_text(encoding="utf-8"))
+        return isinstance(doc, dict) and doc.get("blake2b") == file_blake2b(path)
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def discard_graph(path: Path, notes: list[str] | None) -> None:
+    """Delete a cached graph that failed graph_intact, with a note; it is exported again."""
+    if notes is not None:
+        notes.append(
+            f"cached ONNX graph {Path(path).name} was damaged or unchecked (no matching "
+            "checksum); discarded and exported again"
+        )
+    for p in (Path(path), Path(path).with_suffix(".json")):
+        with contextlib.suppress(OSError):
+            p.unlink()

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as tensors_bytes
 
-from tlearn.core.atomic import atomic_dir, atomic_file, read_json, write_json
+from tlearn.core.atomic import atomic_dir, atomic_file, read_json, recover_dir, write_json
 from tlearn.core.errors import ArtifactError, UsageError
 from tlearn.train.build import Setup
 from tlearn.train.history import history_csv
@@ -102,11 +102,20 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+def recover_checkpoint(model_dir: str | Path) -> None:
+    """Undo a replacement of the model directory or of its checkpoint that a kill
+    interrupted between two renames (core.atomic.recover_dir)."""
+    recover_dir(model_dir)
+    recover_dir(Path(model_dir) / CHECKPOINT_DIR)
+
+
 def has_checkpoint(model_dir: str | Path) -> bool:
+    recover_checkpoint(model_dir)
     return (Path(model_dir) / CHECKPOINT_DIR / STATE).is_file()
 
 
 def read_state(model_dir: str | Path) -> dict:
+    recover_checkpoint(model_dir)
     path = Path(model_dir) / CHECKPOINT_DIR / STATE
     if not path.is_file():
         raise ArtifactError(

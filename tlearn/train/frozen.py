@@ -74,7 +74,7 @@ def compute_cache(
     todo, hits, keys = list(range(n)), [], []
     if store is not None and len(store.known):
         keys = hash_files(paths)
-        found = store.known.positions([k or b"" for k in keys]) >= 0
+        found = store.hits([k or b"" for k in keys])
         todo = [i for i in range(n) if not found[i]]
         hits = [i for i in range(n) if found[i]]
     rows: dict[int, torch.Tensor] = {}
