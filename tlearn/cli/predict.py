@@ -160,13 +160,17 @@ def predict_cmd(
             options={"top_k": k, "all_scores": all_scores},
         )
         if not quiet:
-            err.print(f"wrote {len(records)} predictions to {written}", highlight=False)
+            err.print(
+                f"wrote {len(records)} predictions to {written}", highlight=False, markup=False
+            )
     elif to_file:
         write_skipped_csv(skipped_path(output), res.skipped)
         with atomic_file(output, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         if not quiet:
-            err.print(f"wrote {len(records)} predictions to {output}", highlight=False)
+            err.print(
+                f"wrote {len(records)} predictions to {output}", highlight=False, markup=False
+            )
     else:
         sys.stdout.write(text)
 
@@ -273,7 +277,7 @@ def evaluate_cmd(
 
         written += write_evaluation_plots(output, res)
         if not quiet:
-            err.print(f"wrote {', '.join(map(str, written))}", highlight=False)
+            err.print(f"wrote {', '.join(map(str, written))}", highlight=False, markup=False)
     if as_json:
         typer.echo(json.dumps(m))
         return
@@ -285,9 +289,10 @@ def evaluate_cmd(
         out.print(
             f"accuracy {pct3(m['accuracy'])}, balanced accuracy {pct3(m['balanced_accuracy'])}",
             highlight=False,
+            markup=False,
         )
     for line in acting_lines(m):
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, markup=False)
 
 
 def multilabel_table(m: dict) -> Table:

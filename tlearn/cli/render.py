@@ -41,7 +41,7 @@ def report_skips(skipped, warnings, quiet: bool) -> None:
                     f"[yellow]skipped[/] {escape(s.path)}: {escape(s.reason)}", highlight=False
                 )
             if len(skipped) > 20:
-                err.print(f"... and {len(skipped) - 20} more", highlight=False)
+                err.print(f"... and {len(skipped) - 20} more", highlight=False, markup=False)
         err.print(f"[yellow]{len(skipped)} image(s) skipped[/]", highlight=False)
 
 
@@ -72,6 +72,7 @@ def print_validation(metrics: dict | None, n_val: int) -> None:
             f"validation on {n_val} images: mAP {f['mAP']}, micro F1 {f['micro_f1']}, "
             f"macro F1 {f['macro_f1']}, subset accuracy {f['subset_accuracy']}",
             highlight=False,
+            markup=False,
         )
     elif metrics:
         out.print(metrics_table(metrics, f"validation on {n_val} images"))
@@ -79,6 +80,7 @@ def print_validation(metrics: dict | None, n_val: int) -> None:
             f"validation accuracy {metrics['accuracy']:.3f}, balanced "
             f"{metrics['balanced_accuracy']:.3f}",
             highlight=False,
+            markup=False,
         )
 
 
@@ -141,7 +143,7 @@ def sweep_table(res, title: str) -> Table:
     for r in res.rows:
         mark = " *" if r.layers == res.best.layers else ""
         table.add_row(
-            f"{r.name}{mark}",
+            escape(f"{r.name}{mark}"),
             str(r.feature_dim),
             " x ".join(map(str, r.shape)) if r.shape else "",
             f"{r.gflops:.3f}",
@@ -151,7 +153,7 @@ def sweep_table(res, title: str) -> Table:
         )
     for r in res.pairs:
         table.add_row(
-            f"{r.name}{' (best pair)' if r is res.best_pair else ''}",
+            escape(f"{r.name}{' (best pair)' if r is res.best_pair else ''}"),
             str(r.feature_dim),
             "pair",
             f"{r.gflops:.3f}",
@@ -270,9 +272,10 @@ class Bars:
         if self.lines is not None:
             self.lines.start()
         if self.enabled:
-            last = TextColumn("{task.fields[info]}") if self.info else TimeRemainingColumn()
+            info = TextColumn("{task.fields[info]}", markup=False)
+            last = info if self.info else TimeRemainingColumn()
             self.progress = Progress(
-                TextColumn("{task.description}"),
+                TextColumn("{task.description}", markup=False),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
