@@ -110,3 +110,82 @@ def test_markup_in_errors_prints_literally(runner, tmp_path, monkeypatch, args):
     assert res.exit_code != 0
     assert "unexpected" not in res.output, res.output
     assert "[x]" in res.output or "[q]" in res.output, res.output
+
+
+# --- file names that are not UTF-8 ---------------------------------------------------------
+
+
+def test_printable_escapes_only_bytes_that_are_not_utf8():
+    import os
+
+    from tlearn.core.names import is_utf8, printable
+
+    assert printable("plain/é[x].jpg") == "plain/é[x].jpg"
+    assert printable(os.fsdecode(b"d/\xff\xfe.jpg")) == "d/\\xff\\xfe.jpg"
+    assert printable(os.fsdecode(b"gr\xe9vel")) == "gr\\xe9vel"
+    assert printable("\ud800") == "\\ud800"  # a lone surrogate that is not an escaped byte
+    assert not is_utf8(os.fsdecode(b"\xff")) and is_utf8("é")
+
+
+@pytest.fixture(scope="module")
+def undecodable(tmp_path_factory):
+    """Two classes, one image named b'\\xff\\xfe.jpg' and a class folder b'gr\\xe9vel'."""
+    import os
+    import shutil
+
+    base = tmp_path_factory.mktemp("undecodable")
+    data = base / "data"
+    for k, name in enumerate(("asphalt", "grass")):
+        for i in range(4):
+            draw(data / name / f"{name}_{i}.jpg", CLASS_COLORS[name], seed=k * 10 + i)
+    bad = os.fsdecode(os.fsencode(data / "asphalt") + b"/\xff\xfe.jpg")
+    shutil.copy(data / "asphalt" / "asphalt_0.jpg", bad)
+    folder = os.fsdecode(os.fsencode(data) + b"/gr\xe9vel")
+    os.mkdir(folder)
+    shutil.copy(data / "grass" / "grass_0.jpg", os.path.join(folder, "x.jpg"))
+    return base, data
+
+
+@pytest.mark.parametrize(
+    "which",
+    ["extract.csv", "extract.parquet", "extract.npy", "extract-stdout", "fit", "predict.csv",
+     "predict.tsv", "predict.json", "predict.jsonl", "predict-table", "predict-named",
+     "evaluate"],
+)  # fmt: skip
+def test_names_not_utf8_are_skipped_with_a_reason(undecodable, runner, fitted_model, which):
+    import os
+
+    from tlearn.cli.app import app
+
+    base, data = undecodable
+    out = base / which
+    command, _, ext = which.partition(".")
+    args = {
+        "extract": ["extract", str(data), "-o", str(out), *TINY],
+        "extract-stdout": ["extract", str(data), "-o", "-", *TINY],
+        "fit": ["fit", str(data), "-o", str(out), *TINY],
+        "predict": ["predict", str(fitted_model), str(data), "-o", str(out)],
+        "predict-table": ["predict", str(fitted_model), str(data), "-f", "table"],
+        "predict-named": [
+            "predict", str(fitted_model), os.fsdecode(os.fsencode(data) + b"/asphalt/\xff\xfe.jpg"),
+            str(data / "asphalt" / "asphalt_1.jpg"),
+        ],
+    }.get(command)  # fmt: skip
+    if command == "evaluate":  # a model of these classes (the fixture's model has others)
+        fit = ["fit", str(data), "-o", str(base / "m-eval"), *TINY]
+        assert runner.invoke(app, fit).exit_code == 0
+        args = ["evaluate", str(base / "m-eval"), str(data), "-o", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "Unicode" not in res.output and "\udcff" not in res.output
+    assert "\\xff\\xfe.jpg: file name is not valid UTF-8" in res.output
+    skipped = {
+        "extract": f"{out}.skipped.csv",
+        "predict": f"{out}.skipped.csv",
+        "fit": out / "skipped.csv",
+        "evaluate": out / "skipped.csv",
+    }.get(command)
+    if skipped is not None:
+        text = open(skipped, encoding="utf-8").read()
+        assert "\\xff\\xfe.jpg,file name is not valid UTF-8" in text
+        assert "gr\\xe9vel" in text

@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from tlearn.core.names import printable
+
 # Wide when piped, so tables in logs are not folded into 80 columns.
 out = Console() if sys.stdout.isatty() else Console(width=200)
 err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable logs
@@ -33,7 +35,7 @@ def progress_bars(quiet: bool):
 
 def report_skips(skipped, warnings, quiet: bool) -> None:
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(printable(w))}", highlight=False)
     if skipped:
         if not quiet:
             for s in skipped[:20]:
