@@ -3,6 +3,8 @@ literally in every command's output; file names that are not UTF-8 never crash."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.conftest import CLASS_COLORS, TINY, draw
@@ -189,3 +191,73 @@ def test_names_not_utf8_are_skipped_with_a_reason(undecodable, runner, fitted_mo
         text = open(skipped, encoding="utf-8").read()
         assert "\\xff\\xfe.jpg,file name is not valid UTF-8" in text
         assert "gr\\xe9vel" in text
+
+
+# --- one rule when nothing could be read: exit 3, one line, nothing written -----------------
+
+
+@pytest.fixture(scope="module")
+def unreadable(tmp_path_factory):
+    """The fixture model's classes, each with images that cannot be read: decode failures
+    (text named .jpg) in one folder, zero-byte files in another."""
+    base = tmp_path_factory.mktemp("unreadable")
+    for kind in ("decode", "zero"):
+        for name in ("asphalt", "gravel", "grass"):
+            (base / kind / name).mkdir(parents=True)
+            (base / kind / name / "1.jpg").write_bytes(b"" if kind == "zero" else b"not an image")
+    return base
+
+
+@pytest.mark.parametrize("kind", ["decode", "zero"])
+@pytest.mark.parametrize(
+    "command",
+    ["extract", "extract-stdout", "fit", "predict", "predict-stdout", "evaluate", "sweep",
+     "audit", "heatmap"],
+)  # fmt: skip
+def test_nothing_readable_exits_3_with_one_line(unreadable, fitted_model, runner, kind, command):
+    from tlearn.cli.app import app
+
+    data, out = unreadable / kind, unreadable / f"{kind}-{command}"
+    m = str(fitted_model)
+    args = {
+        "extract": ["extract", str(data), "-o", f"{out}.csv", *TINY],
+        "extract-stdout": ["extract", str(data), "-o", "-", *TINY],
+        "fit": ["fit", str(data), "-o", str(out), *TINY],
+        "predict": ["predict", m, str(data), "-o", f"{out}.csv"],
+        "predict-stdout": ["predict", m, str(data), "-f", "csv"],
+        "evaluate": ["evaluate", m, str(data), "-o", str(out)],
+        "sweep": ["sweep", str(data), "--layer", "-1", *TINY],
+        "audit": ["audit", str(data), "-o", str(out), *TINY],
+        "heatmap": ["heatmap", m, str(data), "-o", str(out)],
+    }[command]
+    res = runner.invoke(app, [*args, "-q"])
+    assert res.exit_code == 3, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "nothing could be read: all 3 image(s)" in errors[0], res.output
+    assert "path,label" not in res.stdout and "path,prediction" not in res.stdout
+    assert not out.exists() and not Path(f"{out}.csv").exists()  # no header-only table
+    assert not Path(f"{out}.csv.json").exists() and not Path(f"{out}.csv.partial").exists()
+    if command in ("extract", "predict"):  # with -o FILE the list is written and named
+        assert f"the list is in {out}.csv.skipped.csv" in errors[0]
+        assert "1.jpg" in Path(f"{out}.csv.skipped.csv").read_text()
+
+
+def test_strict_stdout_fails_before_any_row_on_scan_problems(image_folder, runner, tmp_path):
+    """--strict -o -: a zero-byte file is known at scan time, so no row reaches stdout."""
+    from tlearn.cli.app import app
+
+    (image_folder / "gravel" / "empty.jpg").write_bytes(b"")
+    res = runner.invoke(app, ["extract", str(image_folder), "-o", "-", "--strict", *TINY])
+    assert res.exit_code == 3, res.output
+    assert "path,label" not in res.stdout and "asphalt_00" not in res.stdout
+    assert "empty.jpg (zero-byte file)" in res.output
+
+
+def test_strict_stdout_decode_failure_ends_the_stream_with_exit_3(image_folder, runner):
+    """A failure only decoding finds ends the stream with exit 3 and a line on stderr."""
+    from tlearn.cli.app import app
+
+    (image_folder / "gravel" / "zz.jpg").write_bytes(b"not an image at all")
+    res = runner.invoke(app, ["extract", str(image_folder), "-o", "-", "--strict", *TINY])
+    assert res.exit_code == 3, res.output
+    assert "zz.jpg (not a recognised image format" in res.output

@@ -8,7 +8,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tlearn.core.errors import DataError
+from tlearn.core.errors import DataError, NothingReadError
 from tlearn.core.names import NOT_UTF8, is_utf8, printable
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -161,10 +161,7 @@ class SeenFiles:
 
 
 def no_images_error(where: str, skipped: list[Skipped]) -> DataError:
+    """No image to use: none found (exit 1), or every one skipped (NothingReadError, 3)."""
     if not skipped:
         return DataError(f"no image files found in {where}")
-    first = skipped[0]
-    return DataError(
-        f"no readable image files in {where}: {len(skipped)} skipped "
-        f"(first: {first.path}: {first.reason})"
-    )
+    return NothingReadError(where, skipped)
