@@ -76,17 +76,17 @@ def _counted(batches, read: list[int]):
         yield b
 
 
-def _scan(data, labels_csv, multi_label: bool, strict: bool, listed) -> ImageSet:
+def _scan(data, labels_csv, multi_label: bool, strict_now: bool, listed) -> ImageSet:
     """The images to extract. Every one skipped at scan time: exit 3, their list written to
-    `listed`. With `strict`, a problem the scan finds fails before any row is written (to
-    stdout too)."""
+    `listed`. With `strict_now` (--strict -o -), a problem the scan finds fails before any
+    row reaches stdout; a file output lists decode failures too before failing."""
     try:
         images = load_images(data, labels_csv, multi_label=multi_label)
     except NothingReadError as e:
         raise nothing_read(e.where, e.skipped, listed) from None
     if len(images) == 0:
         raise DataError(f"no images found in {labels_csv or ', '.join(map(str, data))}")
-    if strict and images.skipped:
+    if strict_now and images.skipped:
         raise strict_failure(images.skipped)
     return images
 
@@ -121,7 +121,7 @@ def extract(
     to_stdout = str(out) == "-"
     where = labels_csv if labels_csv is not None else ", ".join(map(str, data))
     listed = None if to_stdout or shard is not None else skipped_path(out)
-    images = _scan(data, labels_csv, multi_label, strict, listed)
+    images = _scan(data, labels_csv, multi_label, strict and to_stdout, listed)
     if resume and to_stdout:
         raise UsageError("--resume needs an output file, not -o -")
     if shard is not None and to_stdout:
