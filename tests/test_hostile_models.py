@@ -197,12 +197,13 @@ def test_non_finite_scores_are_refused_not_written(runner, models, tmp_path, mon
     features table), predict and evaluate fail instead of writing it."""
     from tlearn.heads.linear import LinearHead
 
-    def nan_scores(self, X):
+    def nan_decisions(self, X):
         s = np.zeros((len(X), len(self.classes_)), np.float32)
         s[-1, 0] = np.nan
         return s
 
-    monkeypatch.setattr(LinearHead, "scores", nan_scores)
+    # every score, probability and set is computed from the head's decision values
+    monkeypatch.setattr(LinearHead, "decision_function", nan_decisions)
     out = tmp_path / "out.csv"
     data = models["data"] if command == "evaluate" else models["data"] / "grass"
     args = [command, str(models["svm"]), str(data), "-q"]
