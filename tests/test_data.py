@@ -323,7 +323,7 @@ def test_symlink_loop_does_not_hang(tmp_path):
         (lambda root: None, "has no class folders"),
         (lambda root: gen.make_rgb(root / "loose.jpg"), "has no class folders"),
         (lambda root: gen.make_text_file(root / "cat" / "a.txt"), "no image files found"),
-        (lambda root: gen.make_zero_byte(root / "cat" / "a.jpg"), "1 skipped"),
+        (lambda root: gen.make_zero_byte(root / "cat" / "a.jpg"), "all 1 image"),
         (lambda root: root.rmdir(), "does not exist"),
     ],
 )

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tlearn.cli.errors import handle_errors
@@ -106,18 +107,21 @@ def sweep_cmd(
     if output is not None:
         written = write_sweep(res, output)
         if not quiet:
-            err.print(f"wrote {', '.join(map(str, written))}", highlight=False)
+            err.print(f"wrote {', '.join(map(str, written))}", highlight=False, markup=False)
     if as_json:
         typer.echo(json.dumps(res.to_dict()))
         return
-    title = f"{res.model}: CV {res.metric} per cut on {res.n_images} images (* = recommended)"
+    title = (
+        f"{escape(res.model)}: CV {res.metric} per cut on {res.n_images} images (* = recommended)"
+    )
     out.print(sweep_table(res, title))
     for line in sweep_summary(res):
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, markup=False)
     if not quiet:
         err.print(
             f"{res.method}; features in {res.extract_seconds:.1f}s, total {res.seconds:.1f}s",
             highlight=False,
+            markup=False,
         )
 
 
@@ -176,11 +180,17 @@ def heatmap_cmd(
         )
         return
     h, w = res.map_size
-    table = Table(title=f"heatmaps at {res.layer} ({h}x{w} map; score: {res.score_kind})")
+    table = Table(title=f"heatmaps at {escape(res.layer)} ({h}x{w} map; score: {res.score_kind})")
     for col in ("path", "prediction", "score", "map of", "png"):
         table.add_column(col, overflow="fold", justify="right" if col == "score" else "left")
     for it in res.items:
-        table.add_row(it.path, it.predicted, f"{it.score:.3f}", it.shown, str(it.png))
+        table.add_row(
+            escape(it.path),
+            escape(it.predicted),
+            f"{it.score:.3f}",
+            escape(it.shown),
+            escape(str(it.png)),
+        )
     out.print(table)
     if not quiet:
-        err.print(f"wrote {len(res.items)} PNG(s) to {output}", highlight=False)
+        err.print(f"wrote {len(res.items)} PNG(s) to {output}", highlight=False, markup=False)

@@ -4,7 +4,8 @@ renders the result.
 
 Results go to stdout, messages and progress to stderr. Exit codes: 0 success,
 1 error (bad input, missing file, unloadable model), 2 usage error, 3 unreadable
-images under --strict, 130 interrupted.
+images (any under --strict; without it, when not one image could be read), 130
+interrupted.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tlearn.cache.admin import cache_info, clear_cache
@@ -38,14 +39,14 @@ def cache_info_cmd(
     if as_json:
         typer.echo(json.dumps(asdict(info)))
         return
-    table = Table(title=f"feature cache in {info.root}")
+    table = Table(title=f"feature cache in {escape(str(info.root))}")
     for col in ("model", "layers", "pool", "images", "dim", "size"):
         table.add_column(col, justify="right" if col in ("images", "dim", "size") else "left")
     for c in info.cuts:
         table.add_row(
-            c.model,
-            ",".join(c.layers),
-            c.pool,
+            escape(c.model),
+            escape(",".join(c.layers)),
+            escape(c.pool),
             str(c.images),
             "" if c.dim is None else str(c.dim),
             human_size(c.bytes),
@@ -55,6 +56,7 @@ def cache_info_cmd(
         f"{sum(c.images for c in info.cuts)} cached feature vectors, {info.onnx_models} exported "
         f"ONNX model(s) ({human_size(info.onnx_bytes)}); {human_size(info.total_bytes)} in all",
         highlight=False,
+        markup=False,
     )
 
 
@@ -68,4 +70,6 @@ def cache_clear_cmd(quiet: QuietOpt = False):
 
     freed = clear_cache()
     if not quiet:
-        err.print(f"cleared {cache_root()} ({human_size(freed)} freed)", highlight=False)
+        err.print(
+            f"cleared {cache_root()} ({human_size(freed)} freed)", highlight=False, markup=False
+        )

@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from tlearn.cli.render import err
 from tlearn.core.errors import TlearnError
+from tlearn.core.names import printable
 
 DEBUG = {"on": False}
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # full disk, quota, read-only
@@ -49,7 +50,7 @@ def handle_errors(fn):
             if DEBUG["on"]:
                 raise
             console, label = _error_console(e)
-            console.print(f"{label} {escape(str(e))}", highlight=False)
+            console.print(f"{label} {escape(printable(str(e)))}", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -62,11 +63,12 @@ def handle_errors(fn):
         except Exception as e:  # a bug or an environment problem: still one line
             if DEBUG["on"]:
                 raise
-            first = (str(e).strip().splitlines() or [""])[0][:300]
+            first = printable((str(e).strip().splitlines() or [""])[0][:300])
             console, label = _error_console(e)
             if isinstance(e, OSError) and e.errno in DISK_ERRNOS:  # the disk, not a bug
                 where = f"{e.filename}: " if e.filename else ""
-                console.print(f"{label} {escape(where + (e.strerror or first))}", highlight=False)
+                text = printable(where + (e.strerror or first))
+                console.print(f"{label} {escape(text)}", highlight=False)
                 raise typer.Exit(1) from None
             console.print(
                 f"{label} unexpected {type(e).__name__}: {escape(first)} "

@@ -106,6 +106,7 @@ def export_cmd(
             f"top-1 agrees with fp32 on {100 * q['top1_agreement']:.1f}% of {q['images']} "
             f"image(s)",
             highlight=False,
+            markup=False,
         )
     if not quiet:
-        err.print(f"exported in {res.seconds:.1f}s", highlight=False)
+        err.print(f"exported in {res.seconds:.1f}s", highlight=False, markup=False)

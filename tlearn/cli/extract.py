@@ -120,6 +120,7 @@ def extract_cmd(
                 f"the rows written so far are kept in {partial}; to continue, run the same "
                 "command with --resume",
                 highlight=False,
+                markup=False,
                 soft_wrap=True,
             )
         raise
@@ -134,6 +135,7 @@ def extract_cmd(
             f"wrote {res.rows} rows x {res.feature_dim} features to {dest} in {res.seconds:.1f}s"
             f"{engine_note(res.engine)}",
             highlight=False,
+            markup=False,
         )
 
 
@@ -161,5 +163,7 @@ def merge_cmd(
         if res.skipped:
             err.print(f"[yellow]{len(res.skipped)} image(s) skipped[/]", highlight=False)
         err.print(
-            f"merged {res.parts} {res.kind} parts into {res.out}: {res.rows} rows", highlight=False
+            f"merged {res.parts} {res.kind} parts into {res.out}: {res.rows} rows",
+            highlight=False,
+            markup=False,
         )

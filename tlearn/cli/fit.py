@@ -223,7 +223,7 @@ def render_linear_fit(res, *, quiet: bool, as_json: bool) -> None:
         wide = err if err.is_terminal else Console(stderr=True, width=200)  # logs: no folding
         cv = f"CV {res.sweep.metric}"
         wide.print(sweep_table(res.sweep, f"--layer auto: {cv} per cut on training data"))
-        err.print(f"{res.sweep.method}; table saved as sweep.json", highlight=False)
+        err.print(f"{res.sweep.method}; table saved as sweep.json", highlight=False, markup=False)
     if res.head.cv_results_ and not quiet:
         t = Table(title=f"C chosen by {res.head.folds_}-fold cross-validation")
         score = "CV mAP" if res.task == "multi-label" else "CV accuracy"
@@ -240,8 +240,9 @@ def render_linear_fit(res, *, quiet: bool, as_json: bool) -> None:
         f"{what}, {res.feature_dim} features from {res.cut.model} at {layers} "
         f"({res.cut.pool}) in {res.seconds:.1f}s -> {res.out_dir}",
         highlight=False,
+        markup=False,
     )
     if not quiet and res.posthoc is not None:
         for line in posthoc_lines(res.posthoc.to_config()):
-            err.print(line, highlight=False)
+            err.print(line, highlight=False, markup=False)
     print_validation(res.val_metrics, res.n_val)

@@ -41,7 +41,9 @@ def models_cmd(
         mark = "offline (bundled)" if r.bundled else ("offline (cached)" if r.offline else "")
         typer.echo(f"{r.name}\t{mark}".rstrip())
     err.print(
-        f"{len(rows)} model(s); {sum(r.offline for r in rows)} usable offline", highlight=False
+        f"{len(rows)} model(s); {sum(r.offline for r in rows)} usable offline",
+        highlight=False,
+        markup=False,
     )
 
 
@@ -69,7 +71,7 @@ def layers_cmd(
     res = layer_table(model, input_size, plot)
     layers, size = res.layers, res.input_size
     if res.plot is not None:
-        err.print(f"wrote {res.plot}", highlight=False)
+        err.print(f"wrote {res.plot}", highlight=False, markup=False)
     if as_json:
         typer.echo(
             json.dumps(
@@ -92,7 +94,7 @@ def layers_cmd(
             )
         )
         return
-    table = Table(title=f"{model} at {size}x{size}: where it can be cut")
+    table = Table(title=f"{escape(model)} at {size}x{size}: where it can be cut")
     for col in (
         "layer",
         "type",
@@ -106,7 +108,7 @@ def layers_cmd(
     for li in layers:
         table.add_row(
             escape(li.name),
-            li.type,
+            escape(li.type),
             " x ".join(map(str, li.shape)),
             f"/{li.reduction}" if li.reduction else "",
             f"{li.params:,}",
@@ -117,4 +119,5 @@ def layers_cmd(
     err.print(
         "cut with --layer NAME (or a stage index like -1); default: final pooled features",
         highlight=False,
+        markup=False,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
@@ -42,8 +43,8 @@ from tlearn.cli.render import (
     report_skips,
 )
 from tlearn.core.atomic import atomic_file, check_output_parent
-from tlearn.core.errors import UsageError
-from tlearn.data.skipped import skipped_path, write_skipped_csv
+from tlearn.core.errors import NothingReadError, UsageError
+from tlearn.data.skipped import nothing_read, skipped_path, write_skipped_csv
 from tlearn.report.metrics import write_reports
 from tlearn.report.plots import write_evaluation_plots
 from tlearn.report.predictions import choose_format, prediction_records, render_predictions
@@ -128,7 +129,7 @@ def predict_cmd(
         raise UsageError("--shard writes a part file: add -o FILE (csv, tsv, json or jsonl)")
     if to_file:
         check_output_parent(output)
-    with progress_bars(quiet) as bars:
+    with listing_skipped(output, part), progress_bars(quiet) as bars:
         res = predict(
             model_dir,
             paths,
@@ -160,15 +161,31 @@ def predict_cmd(
             options={"top_k": k, "all_scores": all_scores},
         )
         if not quiet:
-            err.print(f"wrote {len(records)} predictions to {written}", highlight=False)
+            err.print(
+                f"wrote {len(records)} predictions to {written}", highlight=False, markup=False
+            )
     elif to_file:
         write_skipped_csv(skipped_path(output), res.skipped)
         with atomic_file(output, "w", encoding="utf-8", newline="") as f:
             f.write(text)
         if not quiet:
-            err.print(f"wrote {len(records)} predictions to {output}", highlight=False)
+            err.print(
+                f"wrote {len(records)} predictions to {output}", highlight=False, markup=False
+            )
     else:
         sys.stdout.write(text)
+
+
+@contextlib.contextmanager
+def listing_skipped(output, part):
+    """Not one image read (exit 3): with an output file (not a shard's part), its skipped
+    list is written and the error names it."""
+    try:
+        yield
+    except NothingReadError as e:
+        if output is None or str(output) == "-" or part is not None:
+            raise
+        raise nothing_read(e.where, e.skipped, skipped_path(output)) from None
 
 
 def predictions_table(records: list[dict], k: int, score_kind: str, layout=None) -> str:
@@ -273,7 +290,7 @@ def evaluate_cmd(
 
         written += write_evaluation_plots(output, res)
         if not quiet:
-            err.print(f"wrote {', '.join(map(str, written))}", highlight=False)
+            err.print(f"wrote {', '.join(map(str, written))}", highlight=False, markup=False)
     if as_json:
         typer.echo(json.dumps(m))
         return
@@ -285,9 +302,10 @@ def evaluate_cmd(
         out.print(
             f"accuracy {pct3(m['accuracy'])}, balanced accuracy {pct3(m['balanced_accuracy'])}",
             highlight=False,
+            markup=False,
         )
     for line in acting_lines(m):
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, markup=False)
 
 
 def multilabel_table(m: dict) -> Table:

@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from tlearn.core.names import printable
+
 # Wide when piped, so tables in logs are not folded into 80 columns.
 out = Console() if sys.stdout.isatty() else Console(width=200)
 err = Console(stderr=True, soft_wrap=True)  # one message, one line: greppable logs
@@ -33,7 +35,7 @@ def progress_bars(quiet: bool):
 
 def report_skips(skipped, warnings, quiet: bool) -> None:
     for w in warnings:
-        err.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+        err.print(f"[yellow]warning:[/] {escape(printable(w))}", highlight=False)
     if skipped:
         if not quiet:
             for s in skipped[:20]:
@@ -41,7 +43,7 @@ def report_skips(skipped, warnings, quiet: bool) -> None:
                     f"[yellow]skipped[/] {escape(s.path)}: {escape(s.reason)}", highlight=False
                 )
             if len(skipped) > 20:
-                err.print(f"... and {len(skipped) - 20} more", highlight=False)
+                err.print(f"... and {len(skipped) - 20} more", highlight=False, markup=False)
         err.print(f"[yellow]{len(skipped)} image(s) skipped[/]", highlight=False)
 
 
@@ -72,6 +74,7 @@ def print_validation(metrics: dict | None, n_val: int) -> None:
             f"validation on {n_val} images: mAP {f['mAP']}, micro F1 {f['micro_f1']}, "
             f"macro F1 {f['macro_f1']}, subset accuracy {f['subset_accuracy']}",
             highlight=False,
+            markup=False,
         )
     elif metrics:
         out.print(metrics_table(metrics, f"validation on {n_val} images"))
@@ -79,6 +82,7 @@ def print_validation(metrics: dict | None, n_val: int) -> None:
             f"validation accuracy {metrics['accuracy']:.3f}, balanced "
             f"{metrics['balanced_accuracy']:.3f}",
             highlight=False,
+            markup=False,
         )
 
 
@@ -141,7 +145,7 @@ def sweep_table(res, title: str) -> Table:
     for r in res.rows:
         mark = " *" if r.layers == res.best.layers else ""
         table.add_row(
-            f"{r.name}{mark}",
+            escape(f"{r.name}{mark}"),
             str(r.feature_dim),
             " x ".join(map(str, r.shape)) if r.shape else "",
             f"{r.gflops:.3f}",
@@ -151,7 +155,7 @@ def sweep_table(res, title: str) -> Table:
         )
     for r in res.pairs:
         table.add_row(
-            f"{r.name}{' (best pair)' if r is res.best_pair else ''}",
+            escape(f"{r.name}{' (best pair)' if r is res.best_pair else ''}"),
             str(r.feature_dim),
             "pair",
             f"{r.gflops:.3f}",
@@ -270,9 +274,10 @@ class Bars:
         if self.lines is not None:
             self.lines.start()
         if self.enabled:
-            last = TextColumn("{task.fields[info]}") if self.info else TimeRemainingColumn()
+            info = TextColumn("{task.fields[info]}", markup=False)
+            last = info if self.info else TimeRemainingColumn()
             self.progress = Progress(
-                TextColumn("{task.description}"),
+                TextColumn("{task.description}", markup=False),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),

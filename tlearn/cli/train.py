@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from tlearn.cli.render import Bars, engine_note, posthoc_lines, print_validation, report_skips
@@ -337,12 +338,13 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
     if not quiet:
         out.print(history_table(res.history, res.best_epoch))
         if res.features:
-            err.print(f"frozen features{engine_note(res.features)}", highlight=False)
+            err.print(f"frozen features{engine_note(res.features)}", highlight=False, markup=False)
         if res.prefix_maps:
             pm = res.prefix_maps
             err.print(
                 f"frozen prefix maps: {pm['computed']} computed, {pm['cached']} from the cache",
                 highlight=False,
+                markup=False,
             )
     best = f", best epoch {res.best_epoch}" if res.best_epoch and res.n_val else ""
     stop = " (stopped early)" if res.stopped_early else ""
@@ -351,10 +353,11 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         f"{len(res.classes)} classes, {len(res.history)} epochs{stop}{best} in "
         f"{res.seconds:.1f}s -> {res.out_dir}",
         highlight=False,
+        markup=False,
     )
     if not quiet:
         for line in posthoc_lines(res.calibration):
-            err.print(line, highlight=False)
+            err.print(line, highlight=False, markup=False)
     print_validation(res.val_metrics, res.n_val)
 
 
@@ -369,6 +372,7 @@ def _interrupted_hint(err, p) -> None:
             f"epoch {epoch} is saved in {target}; continue with: tlearn fit {p['data']} "
             f"--resume {target}",
             highlight=False,
+            markup=False,
             soft_wrap=True,
         )
 
@@ -400,7 +404,7 @@ def groups_table(info: dict) -> Table:
     for i, r in enumerate(info["rows"]):
         t.add_row(
             str(i),
-            ", ".join(r["modules"]),
+            escape(", ".join(r["modules"])),
             "-" if r["n_params"] is None else f"{r['n_params']:,}",
             _lr(r["lr"]),
             "no" if r["frozen"] else "yes",
@@ -488,6 +492,8 @@ class TrainView:
             if self.progress is not None and self.epoch_task is not None:
                 self.progress.update(self.epoch_task, info=line)
             else:
-                self.err.print(f"epoch {data['epoch']}: {line}", highlight=False)
+                self.err.print(f"epoch {data['epoch']}: {line}", highlight=False, markup=False)
             if data.get("stopped_early"):
-                self.err.print("stopping early: no better validation accuracy", highlight=False)
+                self.err.print(
+                    "stopping early: no better validation accuracy", highlight=False, markup=False
+                )

@@ -35,6 +35,23 @@ class StrictModeError(DataError):
     exit_code = 3
 
 
+class NothingReadError(DataError):
+    """Not one input image could be read: every one was skipped (decode failures, zero-byte
+    files, unknown formats, names that are not UTF-8). Exit 3, as under --strict, with
+    or without it. `listed_in`: the skipped list written for this run, if any."""
+
+    exit_code = 3
+
+    def __init__(self, where, skipped, listed_in=None):
+        self.where, self.skipped, self.listed_in = str(where), list(skipped), listed_in
+        first = self.skipped[0]
+        listed = f"; the list is in {listed_in}" if listed_in is not None else ""
+        super().__init__(
+            f"nothing could be read: all {len(self.skipped)} image(s) in {where} were "
+            f"skipped (first: {first.path}: {first.reason}){listed}; nothing written"
+        )
+
+
 class ModelError(TlearnError):
     """Unknown architecture, unknown layer, or weights that cannot be had."""
 

@@ -8,7 +8,8 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from tlearn.core.errors import DataError
+from tlearn.core.errors import DataError, NothingReadError
+from tlearn.core.names import NOT_UTF8, is_utf8, printable
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -21,6 +22,10 @@ class Skipped:
 
     path: str
     reason: str
+
+    def __post_init__(self) -> None:
+        # The list is written as UTF-8 text: a name that is not UTF-8 is shown escaped.
+        object.__setattr__(self, "path", printable(self.path))
 
 
 @dataclass
@@ -91,6 +96,8 @@ def entry_problem(path: str) -> str | None:
 
 def entry_stat(path: str) -> tuple[os.stat_result | None, str | None]:
     """(os.stat of the file symlinks lead to, None) for a usable file, else (None, why not)."""
+    if not is_utf8(path):  # its name could not be written to any output (see core.names)
+        return None, NOT_UTF8
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -154,10 +161,7 @@ class SeenFiles:
 
 
 def no_images_error(where: str, skipped: list[Skipped]) -> DataError:
+    """No image to use: none found (exit 1), or every one skipped (NothingReadError, 3)."""
     if not skipped:
         return DataError(f"no image files found in {where}")
-    first = skipped[0]
-    return DataError(
-        f"no readable image files in {where}: {len(skipped)} skipped "
-        f"(first: {first.path}: {first.reason})"
-    )
+    return NothingReadError(where, skipped)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tlearn.core.atomic import atomic_file
-from tlearn.core.errors import StrictModeError
+from tlearn.core.errors import NothingReadError, StrictModeError
 from tlearn.data.imageset import Skipped
 
 SKIPPED_CSV = "skipped.csv"  # inside a folder tlearn makes (model directory, report folder)
@@ -45,3 +45,17 @@ def strict_failure(skipped: Sequence[Skipped]) -> StrictModeError:
     return StrictModeError(
         f"--strict: {len(skipped)} unreadable image(s), nothing written: {listed}{more}"
     )
+
+
+def nothing_read(where, skipped: Sequence[Skipped], list_path=None) -> NothingReadError:
+    """The error when not one image could be read; with `list_path`, the skipped list is
+    written there first and the error names it."""
+    if list_path is not None:
+        write_skipped_csv(list_path, skipped)
+    return NothingReadError(where, skipped, listed_in=list_path)
+
+
+def require_some_read(n_read: int, skipped: Sequence[Skipped], where, list_path=None) -> None:
+    """One rule for every command: images were given, none could be read -> exit 3."""
+    if n_read == 0 and skipped:
+        raise nothing_read(where, skipped, list_path)

@@ -302,10 +302,15 @@ def _write_file(
 
 
 def _write_stdout(batches, paths, labels, meta) -> int:
-    sys.stdout.write(header_text(int(meta.get("feature_dim", 0))))
+    """CSV on stdout; the header comes with the first row, so a run that reads no image
+    at all writes nothing there."""
     writer = stdout_writer(sys.stdout)
+    header = header_text(int(meta.get("feature_dim", 0)))
     try:
         for b in batches:
+            if header:
+                sys.stdout.write(header)
+                header = ""
             writer.write(*_rows_of(b, paths, labels))
         writer.drain()
     finally:

@@ -25,6 +25,7 @@ from tlearn.core.spec import DEFAULT_MODEL, is_auto_layer
 from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset, scan_class_folders
+from tlearn.data.skipped import require_some_read
 from tlearn.heads.linear import parse_C
 from tlearn.jobs.audit_dups import MAX_PAIRS, Pair, find_duplicates
 from tlearn.jobs.audit_labels import (
@@ -111,6 +112,7 @@ def audit(
     y = np.concatenate([part.y for part in parts]).astype(np.int64)
     unreadable = [s for part in parts for s in part.skipped]
     warnings = [w for part in parts for w in part.warnings]
+    require_some_read(len(paths), unreadable, labels_csv or data)
     if len(paths) < 2:
         raise DataError(f"audit needs at least two readable images; found {len(paths)}")
 

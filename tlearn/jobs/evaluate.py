@@ -15,7 +15,7 @@ from tlearn.core.options import RunOptions
 from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import scan_class_folders
-from tlearn.data.skipped import strict_failure
+from tlearn.data.skipped import require_some_read, strict_failure
 from tlearn.features.table import is_features_table, read_table
 from tlearn.heads.conformal import prediction_sets, quantile, set_metrics
 from tlearn.heads.multilabel import label_matrix
@@ -86,6 +86,7 @@ def evaluate(
         truth = _table_truth(names, classes, multi, labels_csv or data)
     if strict and skipped:
         raise strict_failure(skipped)
+    require_some_read(len(paths), skipped, labels_csv or data)
     outputs = refuse_nonfinite_outputs(outputs, paths, model_dir)
     if multi:
         res = _multilabel_result(scorer, outputs, truth, paths)

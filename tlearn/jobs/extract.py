@@ -9,15 +9,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tlearn.core.atomic import check_output_parent
-from tlearn.core.errors import DataError, UsageError
+from tlearn.core.errors import DataError, NothingReadError, UsageError
 from tlearn.core.hashing import inputs_sha256
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, FLATTEN_WARN_DIM
 from tlearn.core.stages import MODEL, STARTUP
 from tlearn.core.system import process_age
-from tlearn.data.imageset import Skipped
+from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.scan import load_images
-from tlearn.data.skipped import skipped_path, strict_failure, write_skipped_csv
+from tlearn.data.skipped import (
+    nothing_read,
+    require_some_read,
+    skipped_path,
+    strict_failure,
+    write_skipped_csv,
+)
 from tlearn.features.engine import CutRequest, open_engine
 from tlearn.features.stream import FeatureBatch
 from tlearn.features.table import feature_meta, kept_rows, table_format, write_table
@@ -63,6 +69,28 @@ def _round(v: float | None, digits: int = 4) -> float | None:
     return None if v is None else round(v, digits)
 
 
+def _counted(batches, read: list[int]):
+    """The batches, adding their rows to read[0] as they pass."""
+    for b in batches:
+        read[0] += len(b.indices)
+        yield b
+
+
+def _scan(data, labels_csv, multi_label: bool, strict_now: bool, listed) -> ImageSet:
+    """The images to extract. Every one skipped at scan time: exit 3, their list written to
+    `listed`. With `strict_now` (--strict -o -), a problem the scan finds fails before any
+    row reaches stdout; a file output lists decode failures too before failing."""
+    try:
+        images = load_images(data, labels_csv, multi_label=multi_label)
+    except NothingReadError as e:
+        raise nothing_read(e.where, e.skipped, listed) from None
+    if len(images) == 0:
+        raise DataError(f"no images found in {labels_csv or ', '.join(map(str, data))}")
+    if strict_now and images.skipped:
+        raise strict_failure(images.skipped)
+    return images
+
+
 def extract(
     data: Sequence[str | Path],
     out: str | Path,
@@ -90,10 +118,10 @@ def extract(
         check_output_parent(out)
     if multi_label and labels_csv is None:
         raise UsageError("--multi-label reads label sets from --labels FILE (labels joined by ';')")
-    images = load_images(data, labels_csv, multi_label=multi_label)
-    if len(images) == 0:
-        raise DataError(f"no images found in {', '.join(map(str, data))}")
     to_stdout = str(out) == "-"
+    where = labels_csv if labels_csv is not None else ", ".join(map(str, data))
+    listed = None if to_stdout or shard is not None else skipped_path(out)
+    images = _scan(data, labels_csv, multi_label, strict and to_stdout, listed)
     if resume and to_stdout:
         raise UsageError("--resume needs an output file, not -o -")
     if shard is not None and to_stdout:
@@ -136,6 +164,7 @@ def extract(
     batches = engine.stream([images.paths[i] for i in todo], run, stage="extract", skipped=skipped)
     # iter_features numbers images within `todo`; map back to positions in `images`.
     batches = (FeatureBatch([todo[i] for i in b.indices], b.features) for b in batches)
+    read = [len(kept)]  # rows in the table so far (kept by --resume, then new ones)
 
     def check_strict():
         if strict and skipped:
@@ -143,11 +172,12 @@ def extract(
 
     def before_commit():  # the list is complete and on disk before the output appears
         check_strict()
-        if part is None:
+        if part is None:  # not one image read: no table, only the list (exit 3)
+            require_some_read(read[0], skipped, where, skipped_path(out))
             write_skipped_csv(skipped_path(out), skipped)
 
     rows = write_table(
-        batches,
+        _counted(batches, read),
         images.paths,
         labels,
         out,
@@ -162,6 +192,7 @@ def extract(
     run_seconds = time.perf_counter() - t_run
     if to_stdout:
         check_strict()
+        require_some_read(rows, skipped, where)  # nothing was written to stdout
     elif part is not None:
         finish_features_part(out, skipped[len(images.skipped) :])
     return ExtractResult(

@@ -17,7 +17,7 @@ from tlearn.core.spec import DEFAULT_MODEL, is_auto_layer
 from tlearn.data.imageset import ImageSet
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
-from tlearn.data.skipped import strict_failure
+from tlearn.data.skipped import require_some_read, strict_failure
 from tlearn.data.split import check_val_split
 from tlearn.features.table import is_features_table
 from tlearn.heads.linear import LinearHead, parse_C
@@ -97,6 +97,7 @@ def fit(
         if len(train_images) == 0:
             raise DataError(f"no images found in {data}")
         train = source.from_images(train_images, train_images.classes, "extract train")
+        require_some_read(len(train.paths), train.skipped, labels_csv or data)
     train = drop_empty_classes(train)
     if len(train.classes) < 2:
         raise DataError(

@@ -16,7 +16,7 @@ from tlearn.core.errors import ArtifactError, DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, CutSpec, is_auto_layer
 from tlearn.data.labels import read_labels_csv
-from tlearn.data.skipped import strict_failure
+from tlearn.data.skipped import require_some_read, strict_failure
 from tlearn.features.table import is_features_table, read_table, sidecar_path
 from tlearn.heads.calibration import sigmoid
 from tlearn.heads.linear import parse_C
@@ -119,6 +119,7 @@ def fit_multilabel(
         train = _labelled(source, labels_csv, "extract train", labels_csv=True)
     else:
         train = _labelled(source, data, "extract train")
+    require_some_read(len(train.paths), train.skipped, labels_csv or data)
     valid = None
     if val is not None:
         valid = _labelled(source, val, "extract val")

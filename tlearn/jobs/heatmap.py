@@ -28,6 +28,7 @@ from tlearn.data.image import load_image
 from tlearn.data.imageset import Skipped
 from tlearn.data.pixels import resize_target
 from tlearn.data.scan import scan_inputs as scan_unlabeled
+from tlearn.data.skipped import require_some_read
 from tlearn.features.stream import extract_array
 from tlearn.heads.linear import HEAD_KINDS, LinearHead
 from tlearn.modeldir import SavedModel, load_model
@@ -214,6 +215,8 @@ def heatmaps(
         workers=run.workers,
         progress=run.bar("heatmap"),
     )
+    skipped = list(images.skipped) + feats.skipped
+    require_some_read(len(feats.indices), skipped, ", ".join(map(str, inputs)))
     # scores as predict reports them: calibrated probabilities when the model has a
     # calibration; else probabilities for logreg and neural heads (softmax of the maps'
     # means, which are their logits) and margins for an SVM
@@ -250,7 +253,7 @@ def heatmaps(
         ),
         decision_kind="logit" if saved.head_type != "svm" else "svm margin",
         data_config=saved.data_config,
-        skipped=list(images.skipped) + feats.skipped,
+        skipped=skipped,
         warnings=list(images.warnings),
     )
 

@@ -13,7 +13,7 @@ from tlearn.core.options import RunOptions
 from tlearn.core.spec import CutSpec
 from tlearn.data.imageset import Skipped
 from tlearn.data.scan import scan_inputs as scan_unlabeled
-from tlearn.data.skipped import strict_failure
+from tlearn.data.skipped import require_some_read, strict_failure
 from tlearn.features.table import is_features_table, read_table
 from tlearn.jobs.decide import Decisions, Prediction, check_requests, decide
 from tlearn.jobs.onnx_model import OnnxScores, is_onnx_model, onnx_scores
@@ -92,6 +92,8 @@ def predict(
         warnings = list(images.warnings) + scored.notes
     if strict and skipped:
         raise strict_failure(skipped)
+    if shard is None:  # a shard may hold no readable image while the others do
+        require_some_read(len(paths), skipped, ", ".join(map(str, inputs)))
     outputs = refuse_nonfinite_outputs(outputs, paths, model_dir)
     preds, decisions = decide(paths, outputs, scorer, coverage=coverage, reject=reject)
     return PredictResult(
@@ -109,6 +111,8 @@ def onnx_prediction(scored: OnnxScores, strict: bool, model=None) -> PredictResu
     """The PredictResult of an exported .onnx model's scores (jobs.onnx_model)."""
     if strict and scored.skipped:
         raise strict_failure(scored.skipped)
+    if scored.part is None:
+        require_some_read(len(scored.paths), scored.skipped, "the inputs")
     refuse_nonfinite(scored.scores, scored.paths, model or "the model")
     preds = [
         Prediction(

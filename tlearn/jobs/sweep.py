@@ -32,6 +32,7 @@ from tlearn.core.spec import DEFAULT_MODEL
 from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
+from tlearn.data.skipped import require_some_read
 from tlearn.features.engine import CutRequest, open_engine
 from tlearn.features.table import is_features_table
 from tlearn.heads.linear import LinearHead, make_estimator, parse_C
@@ -415,6 +416,7 @@ def sweep(
     candidates = candidate_layers(backbone.model, layers)
     feats = extract_layers(backbone, [c.name for c in candidates], pool, images.paths, run)
     extract_s = time.perf_counter() - t0
+    require_some_read(len(feats.indices), list(images.skipped) + feats.skipped, labels_csv or data)
     y_all = np.asarray(images.labels, dtype=np.int64)
     y = y_all[feats.indices] if len(feats.indices) else np.zeros(0, np.int64)
     if multi_label:
