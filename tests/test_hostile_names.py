@@ -242,22 +242,35 @@ def test_nothing_readable_exits_3_with_one_line(unreadable, fitted_model, runner
         assert "1.jpg" in Path(f"{out}.csv.skipped.csv").read_text()
 
 
-def test_strict_stdout_fails_before_any_row_on_scan_problems(image_folder, runner, tmp_path):
-    """--strict -o -: a zero-byte file is known at scan time, so no row reaches stdout."""
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("empty.jpg", b"", "zero-byte file"),
+        ("text.jpg", b"not an image at all", "not a recognised image format"),
+        ("eps.jpg", b"%!PS-Adobe-3.0 EPSF-3.0\n", "not a recognised image format"),
+    ],
+)
+def test_strict_stdout_fails_before_any_row_on_scan_problems(
+    image_folder, runner, name, content, reason
+):
+    """--strict -o -: what the scan can see (an empty file, first bytes of no supported
+    format) fails before any row reaches stdout."""
     from tlearn.cli.app import app
 
-    (image_folder / "gravel" / "empty.jpg").write_bytes(b"")
+    (image_folder / "gravel" / name).write_bytes(content)
     res = runner.invoke(app, ["extract", str(image_folder), "-o", "-", "--strict", *TINY])
     assert res.exit_code == 3, res.output
     assert "path,label" not in res.stdout and "asphalt_00" not in res.stdout
-    assert "empty.jpg (zero-byte file)" in res.output
+    assert f"{name} ({reason}" in res.output
 
 
 def test_strict_stdout_decode_failure_ends_the_stream_with_exit_3(image_folder, runner):
-    """A failure only decoding finds ends the stream with exit 3 and a line on stderr."""
+    """A failure only decoding finds (a JPEG cut short) ends the stream with exit 3 and a
+    line on stderr."""
     from tlearn.cli.app import app
 
-    (image_folder / "gravel" / "zz.jpg").write_bytes(b"not an image at all")
+    whole = (image_folder / "gravel" / "gravel_00.jpg").read_bytes()
+    (image_folder / "gravel" / "zz.jpg").write_bytes(whole[:200])
     res = runner.invoke(app, ["extract", str(image_folder), "-o", "-", "--strict", *TINY])
     assert res.exit_code == 3, res.output
-    assert "zz.jpg (not a recognised image format" in res.output
+    assert "zz.jpg (" in res.output

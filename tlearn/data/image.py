@@ -43,6 +43,34 @@ RASTER_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "DIB", "TIFF", 
 # --- loading --------------------------------------------------------------------------------
 
 
+# The first bytes of each format in RASTER_FORMATS (TIFF: both byte orders; WebP: RIFF
+# then WEBP at offset 8): enough to tell a text file or an EPS named .jpg without decoding.
+_SIGNATURES: tuple[tuple[int, bytes], ...] = (
+    (0, b"\xff\xd8\xff"),  # JPEG
+    (0, b"\x89PNG\r\n\x1a\n"),
+    (0, b"GIF87a"),
+    (0, b"GIF89a"),
+    (0, b"BM"),
+    (0, b"II*\x00"),
+    (0, b"MM\x00*"),
+    (8, b"WEBP"),
+)
+
+
+def header_problem(path) -> str | None:
+    """Why the file's first bytes are not those of a supported raster format (None: they
+    are). A cheap check (16 bytes) for scan time, e.g. --strict on stdout; decoding still
+    has the last word."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        return f"cannot read ({e.strerror or type(e).__name__})"
+    if any(head[at : at + len(sig)] == sig for at, sig in _SIGNATURES):
+        return None
+    return _UNSUPPORTED_REASON
+
+
 def load_image(path, *, min_size: int | None = None, content: bytes | None = None) -> Image.Image:
     """Read any supported image as a loaded RGB image, upright, or raise ImageLoadError.
 

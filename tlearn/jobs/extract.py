@@ -15,6 +15,7 @@ from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, FLATTEN_WARN_DIM
 from tlearn.core.stages import MODEL, STARTUP
 from tlearn.core.system import process_age
+from tlearn.data.image import header_problem
 from tlearn.data.imageset import ImageSet, Skipped
 from tlearn.data.scan import load_images
 from tlearn.data.skipped import (
@@ -86,8 +87,11 @@ def _scan(data, labels_csv, multi_label: bool, strict_now: bool, listed) -> Imag
         raise nothing_read(e.where, e.skipped, listed) from None
     if len(images) == 0:
         raise DataError(f"no images found in {labels_csv or ', '.join(map(str, data))}")
-    if strict_now and images.skipped:
-        raise strict_failure(images.skipped)
+    if strict_now:
+        # stdout cannot be taken back: a file that is plainly no image fails before any row
+        found = [Skipped(p, why) for p in images.paths if (why := header_problem(p))]
+        if images.skipped or found:
+            raise strict_failure(list(images.skipped) + found)
     return images
 
 
