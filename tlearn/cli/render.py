@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from tlearn.core.deadline import format_duration
 from tlearn.core.names import printable
 
 # Wide when piped, so tables in logs are not folded into 80 columns.
@@ -306,3 +307,18 @@ class Bars:
         if stage not in self.tasks:
             self.tasks[stage] = self.add(stage, total or None)  # 0: a phase, no count
         self.progress.update(self.tasks[stage], completed=done, total=total or None)
+
+
+def estimate_line(data: dict) -> str:
+    """The "estimate" event of a neural run, as one line."""
+    line = (
+        f"estimate: about {format_duration(data['epoch_seconds'])} per epoch, "
+        f"{format_duration(data['total_seconds'])} for {data['epochs']} epoch(s) "
+        f"({data['images_per_s']:.0f} img/s measured on {data['batches']} batches)"
+    )
+    if data.get("limit_seconds") is not None:
+        line += (
+            f"; the time limit {format_duration(data['limit_seconds'])} leaves room for "
+            f"about {data['epochs_in_limit']}"
+        )
+    return line

@@ -17,7 +17,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tlearn.cli.render import Bars, engine_note, posthoc_lines, print_validation, report_skips
+from tlearn.cli.render import (
+    Bars,
+    engine_note,
+    estimate_line,
+    posthoc_lines,
+    print_validation,
+    report_skips,
+)
 from tlearn.core.errors import UsageError
 from tlearn.core.options import RunOptions
 
@@ -265,6 +272,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                 progress=view.progress_cb,
                 backend=_value(p["backend"]),
                 cache=not p["no_cache"],
+                deadline=p.get("deadline"),
             )
             if p["resume"] is not None:
                 same = (
@@ -304,6 +312,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                     force=p["force"],
                     run=run,
                     events=view.event,
+                    preset=p.get("preset_config"),
                 )
     except KeyboardInterrupt:
         _interrupted_hint(err, p)
@@ -331,6 +340,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                     "features": res.features,
                     "prefix_maps": res.prefix_maps,
                     "calibration": res.calibration,
+                    "time_limited": res.time_limited,
                 }
             )
         )
@@ -348,6 +358,8 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
             )
     best = f", best epoch {res.best_epoch}" if res.best_epoch and res.n_val else ""
     stop = " (stopped early)" if res.stopped_early else ""
+    if res.time_limited:
+        stop = " (stopped for the time limit)"
     out.print(
         f"trained {res.settings['options']['head']} head on {res.n_train} images, "
         f"{len(res.classes)} classes, {len(res.history)} epochs{stop}{best} in "
@@ -497,3 +509,13 @@ class TrainView:
                 self.err.print(
                     "stopping early: no better validation accuracy", highlight=False, markup=False
                 )
+            if data.get("time_limited"):
+                kept = data.get("best_epoch")
+                self.err.print(
+                    "stopping for the time limit: another epoch would end after it"
+                    + (f"; keeping epoch {kept}, the best so far" if kept else ""),
+                    highlight=False,
+                    markup=False,
+                )
+        elif name == "estimate":
+            self.err.print(estimate_line(data), highlight=False, markup=False)

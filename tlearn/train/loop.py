@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from tlearn.core import deadline as clock
 from tlearn.train.batches import SkipLog, epoch_batches
 from tlearn.train.build import Setup
 from tlearn.train.checkpoint import TrainState, mutable_state, save
@@ -29,10 +30,11 @@ class Trainer:
         self.state = state
         self.emit = emit
         self.skips = SkipLog(setup.skipped)
+        self.estimate = Estimate(setup, state, emit)
         if setup.dist is None:
-            self.stepper = Stepper(setup, emit, state)
+            self.stepper = Stepper(setup, self.estimate.watch, state)
         else:
-            self.stepper = DistStepper(setup, emit, state, self.skips)
+            self.stepper = DistStepper(setup, self.estimate.watch, state, self.skips)
         self.transform = None
 
     def run(self) -> None:
@@ -48,8 +50,9 @@ class Trainer:
         if st.best is not None and st.history:
             since_best = st.history[-1]["epoch"] - st.best["epoch"]
         for epoch in range(st.start_epoch, o.epochs):
-            if st.stopped_early:
+            if st.stopped_early or st.time_limited:
                 break
+            started = clock.now()
             row = self.train_epoch(epoch)
             v = validate(s, self.caches)
             row["val_loss"], row["val_acc"] = (v[0], v[1]) if v else (None, None)
@@ -65,10 +68,29 @@ class Trainer:
             ):
                 st.stopped_early = True
             write_once(s.dist, lambda e=epoch: save(s, st, e + 1))
+            if not st.stopped_early and epoch + 1 < o.epochs:
+                st.time_limited = self._out_of_time(clock.now() - started)
             self.emit(
                 "epoch_end",
-                {**row, "best": improved and v is not None, "stopped_early": st.stopped_early},
+                {
+                    **row,
+                    "best": improved and v is not None,
+                    "stopped_early": st.stopped_early,
+                    "time_limited": st.time_limited,
+                    "best_epoch": st.best["epoch"] if st.best else None,
+                },
             )
+
+    def _out_of_time(self, epoch_seconds: float) -> bool:
+        """--time-limit: another epoch as long as this one would end after the limit.
+        Under torchrun rank 0's clock decides for every rank."""
+        deadline = self.setup.run.deadline
+        if deadline is None:
+            return False
+        stop = deadline.left() < epoch_seconds
+        if self.setup.dist is not None:
+            stop = bool(self.setup.dist.gather(stop)[0])
+        return stop
 
     def _keep_if_best(self, row: dict, v: Validation | None) -> bool:
         """Keep this epoch's weights if its validation is the best so far (higher
@@ -114,3 +136,55 @@ class Trainer:
             "seconds": dt,
             "images_per_s": sums.seen / dt if dt > 0 else 0.0,
         }
+
+
+ESTIMATE_AFTER = 4  # batches measured (after the first, which warms up) for the estimate
+
+
+class Estimate:
+    """Watches the batch events of the first epoch this process trains and, after
+    ESTIMATE_AFTER batches past the first, emits an "estimate" event: the measured
+    training rate multiplied out over the remaining epochs (validation counted at the
+    same rate, an upper bound), and how many epochs --time-limit leaves room for."""
+
+    def __init__(self, setup: Setup, state: TrainState, emit: Events):
+        self.setup, self.state, self.emit = setup, state, emit
+        self.first: tuple[float, int] | None = None  # (time, images) after the first batch
+        self.batches = 0
+        self.done = False
+
+    def watch(self, name: str, data: dict) -> None:
+        self.emit(name, data)
+        if name != "batch" or self.done:
+            return
+        self.batches += 1
+        t = clock.now()
+        if self.first is None:
+            self.first = (t, data["done"])
+            return
+        dt, images = t - self.first[0], data["done"] - self.first[1]
+        if self.batches <= ESTIMATE_AFTER or dt <= 0 or images <= 0:
+            return
+        self.done = True
+        self.emit("estimate", self.measure(images / dt, data["epoch"], self.batches - 1))
+
+    def measure(self, rate: float, epoch: int, batches: int) -> dict:
+        s = self.setup
+        n_val = len(s.val_set) if s.val_set else 0
+        per_epoch = (len(s.train_set) + n_val) / rate
+        epochs_left = s.options.epochs - epoch + 1
+        out = {
+            "images_per_s": rate,
+            "batches": batches,
+            "epoch_seconds": per_epoch,
+            "epochs": epochs_left,
+            "total_seconds": per_epoch * epochs_left,
+            "epochs_in_limit": None,
+            "limit_seconds": None,
+        }
+        if s.run.deadline is not None:
+            # the current epoch, under way, counts whole; the first always runs
+            fit = int(s.run.deadline.left() // per_epoch) if per_epoch > 0 else epochs_left
+            out["epochs_in_limit"] = min(epochs_left, max(1, fit))
+            out["limit_seconds"] = s.run.deadline.seconds
+        return out
