@@ -47,9 +47,8 @@ def main() -> None:
             model = Path(tmp) / f"m-{name}"
             load0 = os.getloadavg()[0]
             t0 = time.perf_counter()
-            fitted = tlearn(
-                ["fit", args.train, "-o", str(model), "--preset", name, *args.extra], env
-            )
+            fit = ["fit", args.train, "-o", str(model), "--preset", name, *args.extra]
+            fitted = tlearn(fit, env, quiet=False)
             seconds = time.perf_counter() - t0
             load1 = os.getloadavg()[0]
             ev = tlearn(["evaluate", str(model), args.val], env)
@@ -58,6 +57,9 @@ def main() -> None:
             what = config["cut"]["model"] + " at " + ",".join(config["cut"]["layers"])
             if config.get("backbone", {}).get("trained"):
                 what += f", {train.get('epochs_run')} epochs (best {train.get('best_epoch')})"
+                planned = (train.get("time_limit") or {}).get("epochs_planned")
+                if planned:
+                    what += f" of {planned} planned: shortened to fit the time limit"
             acc = ev.get("accuracy", ev.get("metrics", {}).get("accuracy"))
             rows.append((name, what, acc, seconds, load0, load1, fitted.get("time_limited")))
             print(f"{name}: accuracy {acc} fit {seconds:.0f}s load {load0:.1f}->{load1:.1f}")

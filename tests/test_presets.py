@@ -76,7 +76,8 @@ def test_each_preset_runs_and_records_its_recipe(
         assert (opts["head"], opts["freeze_to"], opts["layer_decay"]) == ("linear", "auto", 0.5)
         assert (opts["augment"], opts["label_smoothing"], opts["patience"]) == ("standard", 0.1, 3)
         assert train["settings"]["val_split"] == 0.15 and train["n_val"] > 0
-        assert train["freeze_to"] and train["time_limit"] == {"seconds": 3300.0, "reached": False}
+        limit = {"seconds": 3300.0, "reached": False, "epochs_planned": None}
+        assert train["freeze_to"] and train["time_limit"] == limit
         assert config["backbone"]["trained"] is True
 
 
@@ -221,10 +222,30 @@ def test_time_limit_stops_training_at_an_epoch_boundary(
     assert "stopping for the time limit" in result.output
     assert "2 epochs (stopped for the time limit)" in result.output
     train = _config(out)["train"]
-    assert train["epochs_run"] == 2 and train["time_limit"] == {"seconds": 60.0, "reached": True}
+    limit = {"seconds": 60.0, "reached": True, "epochs_planned": None}
+    assert train["epochs_run"] == 2 and train["time_limit"] == limit
     assert train["best_epoch"] in (1, 2)
-    # the estimate after a few batches, against the limit
-    assert "estimate: about" in result.output and "time limit 1m 00s leaves room" in result.output
+
+
+def test_time_limit_shortens_the_schedule_after_the_estimate(
+    split_folder, tmp_path, runner, monkeypatch
+):
+    # each look at the clock takes 1 s: 2 images per batch -> 2 img/s, and an epoch of
+    # 18 training + 9 validation images is estimated at 13.5 s; of the 40 s limit about
+    # 33 s are left when the estimate is made: room for 2 of the 10 epochs
+    monkeypatch.setattr(clock, "now", FakeClock(step=1.0))
+    out = tmp_path / "m"
+    args = ["--head", "linear", "--epochs", "10", "--time-limit", "40s", "--batch-size", "2"]
+    result = _fit(runner, split_folder, out, *args)
+    assert "estimate: about 14s per epoch, 2m 15s for 10 epoch(s) (2 img/s" in result.output
+    assert "leaves room for about 2: shortening the run to 2 epoch(s)" in result.output
+    assert "2 epochs (of 10: shortened to fit the time limit)" in result.output
+    train = _config(out)["train"]
+    assert train["epochs_run"] == 2 and train["settings"]["options"]["epochs"] == 2
+    assert train["time_limit"]["epochs_planned"] == 10
+    # the re-planned cosine schedule anneals by the end of epoch 2 (unshortened: ~1e-3)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert history[-1]["lr"] < 1e-4
 
 
 def test_time_limit_keeps_running_while_epochs_fit(split_folder, tmp_path, runner, monkeypatch):

@@ -321,4 +321,6 @@ def estimate_line(data: dict) -> str:
             f"; the time limit {format_duration(data['limit_seconds'])} leaves room for "
             f"about {data['epochs_in_limit']}"
         )
+    if data.get("shortened_to"):
+        line += f": shortening the run to {data['shortened_to']} epoch(s), schedule re-planned"
     return line

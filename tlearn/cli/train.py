@@ -341,6 +341,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                     "prefix_maps": res.prefix_maps,
                     "calibration": res.calibration,
                     "time_limited": res.time_limited,
+                    "epochs_planned": res.epochs_planned,
                 }
             )
         )
@@ -360,6 +361,8 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
     stop = " (stopped early)" if res.stopped_early else ""
     if res.time_limited:
         stop = " (stopped for the time limit)"
+    elif res.epochs_planned:
+        stop = f" (of {res.epochs_planned}: shortened to fit the time limit)"
     out.print(
         f"trained {res.settings['options']['head']} head on {res.n_train} images, "
         f"{len(res.classes)} classes, {len(res.history)} epochs{stop}{best} in "

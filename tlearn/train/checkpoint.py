@@ -158,6 +158,7 @@ class TrainState:
     stopped_early: bool = False
     # --time-limit stopped this invocation (not saved: --resume may continue the run)
     time_limited: bool = False
+    epochs_planned: int | None = None  # --epochs before the time limit shortened the run
 
 
 def mutable_state(setup: Setup) -> dict[str, torch.Tensor]:

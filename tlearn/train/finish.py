@@ -42,6 +42,7 @@ def _train_info(setup: Setup, state: TrainState) -> dict:
                 "time_limit": {
                     "seconds": setup.run.deadline.seconds,
                     "reached": state.time_limited,
+                    "epochs_planned": state.epochs_planned,
                 }
             }
             if setup.run.deadline is not None
@@ -154,4 +155,5 @@ def finish(setup: Setup, caches: Caches, state: TrainState, t0: float) -> NNFitR
         prefix_maps=setup.prefix_maps or None,
         calibration=posthoc.to_config(),
         time_limited=state.time_limited,
+        epochs_planned=state.epochs_planned,
     )

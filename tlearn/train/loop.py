@@ -15,7 +15,7 @@ from tlearn.train.dist import write_once
 from tlearn.train.frozen import Caches
 from tlearn.train.optim import apply_freeze, set_train_mode
 from tlearn.train.options import Events
-from tlearn.train.schedule import seed_epoch
+from tlearn.train.schedule import Schedule, seed_epoch
 from tlearn.train.steps import Stepper
 from tlearn.train.validate import Validation, validate
 
@@ -50,7 +50,8 @@ class Trainer:
         if st.best is not None and st.history:
             since_best = st.history[-1]["epoch"] - st.best["epoch"]
         for epoch in range(st.start_epoch, o.epochs):
-            if st.stopped_early or st.time_limited:
+            # o.epochs may shrink during the first epoch (Estimate.shorten)
+            if st.stopped_early or st.time_limited or epoch >= o.epochs:
                 break
             started = clock.now()
             row = self.train_epoch(epoch)
@@ -145,11 +146,16 @@ class Estimate:
     """Watches the batch events of the first epoch this process trains and, after
     ESTIMATE_AFTER batches past the first, emits an "estimate" event: the measured
     training rate multiplied out over the remaining epochs (validation counted at the
-    same rate, an upper bound), and how many epochs --time-limit leaves room for."""
+    same rate, an upper bound), and how many epochs --time-limit leaves room for.
+
+    When the limit leaves room for fewer epochs than asked, a new run (not a resumed
+    one, nor one with --freeze-epochs) is shortened to those epochs: the learning-rate
+    schedule is planned again for them (the first epoch is still warming up), so the
+    rate anneals before the limit instead of the run being cut at a high rate."""
 
     def __init__(self, setup: Setup, state: TrainState, emit: Events):
         self.setup, self.state, self.emit = setup, state, emit
-        self.first: tuple[float, int] | None = None  # (time, images) after the first batch
+        self.first: tuple[float, int, int] | None = None  # (time, images, epoch) at batch 1
         self.batches = 0
         self.done = False
 
@@ -157,16 +163,18 @@ class Estimate:
         self.emit(name, data)
         if name != "batch" or self.done:
             return
-        self.batches += 1
         t = clock.now()
-        if self.first is None:
-            self.first = (t, data["done"])
+        if self.first is None or self.first[2] != data["epoch"]:  # measure within an epoch
+            self.first, self.batches = (t, data["done"], data["epoch"]), 1
             return
+        self.batches += 1
         dt, images = t - self.first[0], data["done"] - self.first[1]
         if self.batches <= ESTIMATE_AFTER or dt <= 0 or images <= 0:
             return
         self.done = True
-        self.emit("estimate", self.measure(images / dt, data["epoch"], self.batches - 1))
+        info = self.measure(images / dt, data["epoch"], self.batches - 1)
+        self.shorten(info)
+        self.emit("estimate", info)
 
     def measure(self, rate: float, epoch: int, batches: int) -> dict:
         s = self.setup
@@ -181,6 +189,7 @@ class Estimate:
             "total_seconds": per_epoch * epochs_left,
             "epochs_in_limit": None,
             "limit_seconds": None,
+            "shortened_to": None,
         }
         if s.run.deadline is not None:
             # the current epoch, under way, counts whole; the first always runs
@@ -188,3 +197,20 @@ class Estimate:
             out["epochs_in_limit"] = min(epochs_left, max(1, fit))
             out["limit_seconds"] = s.run.deadline.seconds
         return out
+
+    def shorten(self, info: dict) -> None:
+        s, o = self.setup, self.setup.options
+        fit = info["epochs_in_limit"]
+        if fit is None or fit >= o.epochs or self.state.start_epoch > 0 or o.freeze_epochs:
+            return
+        self.state.epochs_planned = o.epochs
+        o.epochs = fit
+        s.settings.options["epochs"] = fit  # what the checkpoint (and --resume) will see
+        s.schedule = Schedule.plan(
+            len(s.train_set),
+            s.batch_size,
+            epochs=fit,
+            freeze_epochs=0,
+            warmup=min(o.warmup_epochs, fit),
+        )
+        info["shortened_to"] = fit

@@ -95,6 +95,7 @@ class NNFitResult:
     prefix_maps: dict | None = None  # frozen prefix maps: read from the cache, computed
     calibration: dict | None = None  # config.json's "calibration" (heads.posthoc)
     time_limited: bool = False  # --time-limit stopped training before --epochs
+    epochs_planned: int | None = None  # --epochs, when the time limit shortened the run
 
 
 def check_options(o: TrainOptions) -> None:
