@@ -201,6 +201,9 @@ class Estimate:
     def shorten(self, info: dict) -> None:
         s, o = self.setup, self.setup.options
         fit = info["epochs_in_limit"]
+        if s.dist is not None:  # every rank estimates at the same batch: rank 0's count rules
+            fit = s.dist.gather(fit)[0]
+            info["epochs_in_limit"] = fit
         if fit is None or fit >= o.epochs or self.state.start_epoch > 0 or o.freeze_epochs:
             return
         self.state.epochs_planned = o.epochs
