@@ -70,6 +70,7 @@ def test_each_preset_runs_and_records_its_recipe(
     if name == "balanced":
         assert config["layer_auto"]["choice"].startswith("the best")
         assert "estimate: the layer sweep takes" in result.output
+        assert "chosen (*): the best" in result.output
     if name == "best":
         train = config["train"]
         opts = train["settings"]["options"]

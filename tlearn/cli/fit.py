@@ -260,6 +260,8 @@ def render_linear_fit(res, *, quiet: bool, as_json: bool) -> None:
         cv = f"CV {res.sweep.metric}"
         wide.print(sweep_table(res.sweep, f"--layer auto: {cv} per cut on training data"))
         err.print(f"{res.sweep.method}; table saved as sweep.json", highlight=False, markup=False)
+        if res.sweep.choice:
+            err.print(f"chosen (*): {res.sweep.choice}", highlight=False, markup=False)
     if res.head.cv_results_ and not quiet:
         t = Table(title=f"C chosen by {res.head.folds_}-fold cross-validation")
         score = "CV mAP" if res.task == "multi-label" else "CV accuracy"

@@ -143,8 +143,9 @@ def sweep_table(res, title: str) -> Table:
     cv = f"CV {getattr(res, 'metric', 'accuracy')}"
     for col in ("layer", "dim", "output C x H x W", "GFLOPs", cv, "C", "fit s"):
         table.add_column(col, justify="left" if col == "layer" else "right")
+    chosen = getattr(res, "chosen", None) or res.best  # fit --layer auto may take a pair
     for r in res.rows:
-        mark = " *" if r.layers == res.best.layers else ""
+        mark = " *" if r.layers == chosen.layers else ""
         table.add_row(
             escape(f"{r.name}{mark}"),
             str(r.feature_dim),
@@ -156,7 +157,10 @@ def sweep_table(res, title: str) -> Table:
         )
     for r in res.pairs:
         table.add_row(
-            escape(f"{r.name}{' (best pair)' if r is res.best_pair else ''}"),
+            escape(
+                f"{r.name}{' (best pair)' if r is res.best_pair else ''}"
+                f"{' *' if r.layers == chosen.layers else ''}"
+            ),
             str(r.feature_dim),
             "pair",
             f"{r.gflops:.3f}",
