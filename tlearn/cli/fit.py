@@ -173,7 +173,7 @@ def fit_cmd(
     p["preset_config"] = recipe.to_config() if recipe else None
     if recipe is not None and not quiet:
         for line in recipe_lines(recipe):
-            err.print(line, highlight=False, soft_wrap=True)
+            err.print(line, highlight=False, soft_wrap=True, markup=False)
     head = p["head"]
     if multi_label and (resume is not None or head in (Head.linear, Head.mlp)):
         raise UsageError(
@@ -209,7 +209,7 @@ def fit_linear(p: dict):
             p["decode"],
         )
         run.deadline = p["deadline"]
-        run.note = None if quiet else (lambda text: err.print(text, highlight=False))
+        run.note = None if quiet else (lambda text: err.print(text, highlight=False, markup=False))
         return fit(
             p["data"],
             p["output"],
