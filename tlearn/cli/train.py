@@ -322,29 +322,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
 
     report_skips(res.skipped, res.warnings, quiet)
     if p["as_json"]:
-        typer.echo(
-            json.dumps(
-                {
-                    "model_dir": res.out_dir,
-                    "classes": res.classes,
-                    "n_train": res.n_train,
-                    "n_val": res.n_val,
-                    "mode": res.mode,
-                    "groups": res.groups,
-                    "history": res.history,
-                    "best_epoch": res.best_epoch,
-                    "stopped_early": res.stopped_early,
-                    "validation": res.val_metrics,
-                    "skipped": len(res.skipped),
-                    "seconds": res.seconds,
-                    "features": res.features,
-                    "prefix_maps": res.prefix_maps,
-                    "calibration": res.calibration,
-                    "time_limited": res.time_limited,
-                    "epochs_planned": res.epochs_planned,
-                }
-            )
-        )
+        typer.echo(json.dumps(nn_json(res)))
         return
     if not quiet:
         out.print(history_table(res.history, res.best_epoch))
@@ -374,6 +352,29 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         for line in posthoc_lines(res.calibration):
             err.print(line, highlight=False, markup=False)
     print_validation(res.val_metrics, res.n_val)
+
+
+def nn_json(res) -> dict:
+    """What `fit --head linear|mlp --json` prints."""
+    return {
+        "model_dir": res.out_dir,
+        "classes": res.classes,
+        "n_train": res.n_train,
+        "n_val": res.n_val,
+        "mode": res.mode,
+        "groups": res.groups,
+        "history": res.history,
+        "best_epoch": res.best_epoch,
+        "stopped_early": res.stopped_early,
+        "validation": res.val_metrics,
+        "skipped": len(res.skipped),
+        "seconds": res.seconds,
+        "features": res.features,
+        "prefix_maps": res.prefix_maps,
+        "calibration": res.calibration,
+        "time_limited": res.time_limited,
+        "epochs_planned": res.epochs_planned,
+    }
 
 
 def _interrupted_hint(err, p) -> None:
