@@ -32,6 +32,13 @@ from tlearn.cli.options import (
     WorkersOpt,
     run_options,
 )
+from tlearn.cli.presets import (
+    PresetOpt,
+    TimeLimitOpt,
+    apply_preset,
+    recipe_lines,
+    start_deadline,
+)
 from tlearn.cli.render import (
     err,
     out,
@@ -145,6 +152,8 @@ def fit_cmd(
     cache_dir: CacheDirOpt = None,
     resume: ResumeOpt = None,
     multi_label: MultiLabelOpt = False,
+    preset: PresetOpt = None,
+    time_limit: TimeLimitOpt = None,
 ):
     """Fit a linear SVM (or logistic regression) on extracted features, or train a new
     neural head (--head linear|mlp), optionally fine-tuning part of the network.
@@ -158,42 +167,68 @@ def fit_cmd(
     """
     # The arguments as typer converted them (enums are enums). ctx.params holds click's
     # raw values, which are plain strings under older typer/click releases.
-    params = {k: v for k, v in locals().items() if k != "ctx"}
-
+    p = {k: v for k, v in locals().items() if k != "ctx"}
+    recipe = apply_preset(ctx, p)  # explicit options win over the preset's
+    p["deadline"] = start_deadline(p["time_limit"])
+    p["preset_config"] = recipe.to_config() if recipe else None
+    if recipe is not None and not quiet:
+        for line in recipe_lines(recipe):
+            err.print(line, highlight=False, soft_wrap=True, markup=False)
+    head = p["head"]
     if multi_label and (resume is not None or head in (Head.linear, Head.mlp)):
         raise UsageError(
             f"--multi-label fits one-vs-rest --head svm or logreg; --head {head.value} "
             "(a neural head with sigmoid outputs) is not available for label sets yet"
         )
     if resume is not None or head in (Head.linear, Head.mlp):
-        return fit_nn_command(ctx, params, err, out)
+        return fit_nn_command(ctx, p, err, out)
     check_torchrun_fit(head.value)
     check_not_nn(ctx)
     if output is None:
         raise UsageError("missing -o/--output: the model directory to create")
+    res = fit_linear(p)
+    render_linear_fit(res, quiet=quiet, as_json=as_json)
+
+
+def fit_linear(p: dict):
+    """`fit --head svm|logreg`: one call to jobs.fit with fit's (preset-resolved)
+    arguments `p`, under progress bars."""
     # only the command that runs loads its job (fast --help)
     from tlearn.jobs.fit import fit
 
+    quiet = p["quiet"]
     with progress_bars(quiet) as bars:
-        res = fit(
-            data,
-            output,
-            head=head.value,
-            C=C,
-            val=val,
-            val_split=val_split,
-            seed=seed,
-            model=model,
-            weights=weights,
-            layers=layer,
-            pool=pool.value,
-            labels_csv=labels,
-            force=force,
-            strict=strict,
-            run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
-            multi_label=multi_label,
+        run = run_options(
+            p["batch_size"],
+            p["device"],
+            p["workers"],
+            quiet,
+            bars,
+            p["backend"],
+            p["no_cache"],
+            p["decode"],
         )
-    render_linear_fit(res, quiet=quiet, as_json=as_json)
+        run.deadline = p["deadline"]
+        run.note = None if quiet else (lambda text: err.print(text, highlight=False, markup=False))
+        return fit(
+            p["data"],
+            p["output"],
+            head=p["head"].value,
+            C=p["C"],
+            val=p["val"],
+            val_split=p["val_split"],
+            seed=p["seed"],
+            model=p["model"],
+            weights=p["weights"],
+            layers=p["layer"],
+            pool=p["pool"].value,
+            labels_csv=p["labels"],
+            force=p["force"],
+            strict=p["strict"],
+            run=run,
+            multi_label=p["multi_label"],
+            preset=p["preset_config"],
+        )
 
 
 def render_linear_fit(res, *, quiet: bool, as_json: bool) -> None:
@@ -215,6 +250,7 @@ def render_linear_fit(res, *, quiet: bool, as_json: bool) -> None:
                     "layer_auto": res.sweep.summary() if res.sweep else None,
                     "task": res.task,
                     "calibration": res.posthoc.to_config() if res.posthoc else None,
+                    "time_limited": res.time_limited,
                 }
             )
         )
@@ -224,6 +260,8 @@ def render_linear_fit(res, *, quiet: bool, as_json: bool) -> None:
         cv = f"CV {res.sweep.metric}"
         wide.print(sweep_table(res.sweep, f"--layer auto: {cv} per cut on training data"))
         err.print(f"{res.sweep.method}; table saved as sweep.json", highlight=False, markup=False)
+        if res.sweep.choice:
+            err.print(f"chosen (*): {res.sweep.choice}", highlight=False, markup=False)
     if res.head.cv_results_ and not quiet:
         t = Table(title=f"C chosen by {res.head.folds_}-fold cross-validation")
         score = "CV mAP" if res.task == "multi-label" else "CV accuracy"
@@ -235,10 +273,11 @@ def render_linear_fit(res, *, quiet: bool, as_json: bool) -> None:
         err.print(t)
     layers = ",".join(res.cut.layers)
     what = "labels" if res.task == "multi-label" else "classes"
+    stop = " (stopped for the time limit: best so far kept)" if res.time_limited else ""
     out.print(
         f"fitted {res.head.kind} (C={res.head.C_:g}) on {res.n_train} images, {len(res.classes)} "
         f"{what}, {res.feature_dim} features from {res.cut.model} at {layers} "
-        f"({res.cut.pool}) in {res.seconds:.1f}s -> {res.out_dir}",
+        f"({res.cut.pool}) in {res.seconds:.1f}s{stop} -> {res.out_dir}",
         highlight=False,
         markup=False,
     )

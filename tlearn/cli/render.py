@@ -19,6 +19,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from tlearn.core.deadline import format_duration
 from tlearn.core.names import printable
 
 # Wide when piped, so tables in logs are not folded into 80 columns.
@@ -142,8 +143,9 @@ def sweep_table(res, title: str) -> Table:
     cv = f"CV {getattr(res, 'metric', 'accuracy')}"
     for col in ("layer", "dim", "output C x H x W", "GFLOPs", cv, "C", "fit s"):
         table.add_column(col, justify="left" if col == "layer" else "right")
+    chosen = getattr(res, "chosen", None) or res.best  # fit --layer auto may take a pair
     for r in res.rows:
-        mark = " *" if r.layers == res.best.layers else ""
+        mark = " *" if r.layers == chosen.layers else ""
         table.add_row(
             escape(f"{r.name}{mark}"),
             str(r.feature_dim),
@@ -155,7 +157,10 @@ def sweep_table(res, title: str) -> Table:
         )
     for r in res.pairs:
         table.add_row(
-            escape(f"{r.name}{' (best pair)' if r is res.best_pair else ''}"),
+            escape(
+                f"{r.name}{' (best pair)' if r is res.best_pair else ''}"
+                f"{' *' if r.layers == chosen.layers else ''}"
+            ),
             str(r.feature_dim),
             "pair",
             f"{r.gflops:.3f}",
@@ -306,3 +311,20 @@ class Bars:
         if stage not in self.tasks:
             self.tasks[stage] = self.add(stage, total or None)  # 0: a phase, no count
         self.progress.update(self.tasks[stage], completed=done, total=total or None)
+
+
+def estimate_line(data: dict) -> str:
+    """The "estimate" event of a neural run, as one line."""
+    line = (
+        f"estimate: about {format_duration(data['epoch_seconds'])} per epoch, "
+        f"{format_duration(data['total_seconds'])} for {data['epochs']} epoch(s) "
+        f"({data['images_per_s']:.0f} img/s measured on {data['batches']} batches)"
+    )
+    if data.get("limit_seconds") is not None:
+        line += (
+            f"; the time limit {format_duration(data['limit_seconds'])} leaves room for "
+            f"about {data['epochs_in_limit']}"
+        )
+    if data.get("shortened_to"):
+        line += f": shortening the run to {data['shortened_to']} epoch(s), schedule re-planned"
+    return line

@@ -17,7 +17,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from tlearn.cli.render import Bars, engine_note, posthoc_lines, print_validation, report_skips
+from tlearn.cli.render import (
+    Bars,
+    engine_note,
+    estimate_line,
+    posthoc_lines,
+    print_validation,
+    report_skips,
+)
 from tlearn.core.errors import UsageError
 from tlearn.core.options import RunOptions
 
@@ -265,6 +272,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                 progress=view.progress_cb,
                 backend=_value(p["backend"]),
                 cache=not p["no_cache"],
+                deadline=p.get("deadline"),
             )
             if p["resume"] is not None:
                 same = (
@@ -304,6 +312,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                     force=p["force"],
                     run=run,
                     events=view.event,
+                    preset=p.get("preset_config"),
                 )
     except KeyboardInterrupt:
         _interrupted_hint(err, p)
@@ -313,27 +322,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
 
     report_skips(res.skipped, res.warnings, quiet)
     if p["as_json"]:
-        typer.echo(
-            json.dumps(
-                {
-                    "model_dir": res.out_dir,
-                    "classes": res.classes,
-                    "n_train": res.n_train,
-                    "n_val": res.n_val,
-                    "mode": res.mode,
-                    "groups": res.groups,
-                    "history": res.history,
-                    "best_epoch": res.best_epoch,
-                    "stopped_early": res.stopped_early,
-                    "validation": res.val_metrics,
-                    "skipped": len(res.skipped),
-                    "seconds": res.seconds,
-                    "features": res.features,
-                    "prefix_maps": res.prefix_maps,
-                    "calibration": res.calibration,
-                }
-            )
-        )
+        typer.echo(json.dumps(nn_json(res)))
         return
     if not quiet:
         out.print(history_table(res.history, res.best_epoch))
@@ -348,6 +337,10 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
             )
     best = f", best epoch {res.best_epoch}" if res.best_epoch and res.n_val else ""
     stop = " (stopped early)" if res.stopped_early else ""
+    if res.time_limited:
+        stop = " (stopped for the time limit)"
+    elif res.epochs_planned:
+        stop = f" (of {res.epochs_planned}: shortened to fit the time limit)"
     out.print(
         f"trained {res.settings['options']['head']} head on {res.n_train} images, "
         f"{len(res.classes)} classes, {len(res.history)} epochs{stop}{best} in "
@@ -359,6 +352,29 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         for line in posthoc_lines(res.calibration):
             err.print(line, highlight=False, markup=False)
     print_validation(res.val_metrics, res.n_val)
+
+
+def nn_json(res) -> dict:
+    """What `fit --head linear|mlp --json` prints."""
+    return {
+        "model_dir": res.out_dir,
+        "classes": res.classes,
+        "n_train": res.n_train,
+        "n_val": res.n_val,
+        "mode": res.mode,
+        "groups": res.groups,
+        "history": res.history,
+        "best_epoch": res.best_epoch,
+        "stopped_early": res.stopped_early,
+        "validation": res.val_metrics,
+        "skipped": len(res.skipped),
+        "seconds": res.seconds,
+        "features": res.features,
+        "prefix_maps": res.prefix_maps,
+        "calibration": res.calibration,
+        "time_limited": res.time_limited,
+        "epochs_planned": res.epochs_planned,
+    }
 
 
 def _interrupted_hint(err, p) -> None:
@@ -497,3 +513,13 @@ class TrainView:
                 self.err.print(
                     "stopping early: no better validation accuracy", highlight=False, markup=False
                 )
+            if data.get("time_limited"):
+                kept = data.get("best_epoch")
+                self.err.print(
+                    "stopping for the time limit: another epoch would end after it"
+                    + (f"; keeping epoch {kept}, the best so far" if kept else ""),
+                    highlight=False,
+                    markup=False,
+                )
+        elif name == "estimate":
+            self.err.print(estimate_line(data), highlight=False, markup=False)

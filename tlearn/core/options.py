@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tlearn.core.deadline import Deadline
 from tlearn.core.errors import DataError, UsageError
 
 # progress(stage, done, total): the CLI draws bars from it; None = silent.
@@ -23,6 +24,13 @@ class RunOptions:
     cache: bool = True  # read and write the on-disk feature cache (tlearn.cache)
     draft: bool = True  # JPEGs may decode at a reduced scale (data.load_image's min_size)
     decode: str = "auto"  # auto | cpu | gpu: where JPEGs decode (runtime.device.choose_decode)
+    deadline: Deadline | None = None  # --time-limit: stop at the next safe point after it
+    note: Callable[[str], None] | None = None  # a line for the user before a long stage
+
+    def tell(self, text: str) -> None:
+        """Pass a note (e.g. a time estimate) to the caller, if it listens."""
+        if self.note is not None:
+            self.note(text)
 
     def bar(self, stage: str):
         """A (done, total) progress callback for one stage, or None when silent."""

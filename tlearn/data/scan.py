@@ -252,3 +252,9 @@ def load_images(
 
 def _has_class_folders(root: Path) -> bool:
     return any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir())
+
+
+def has_split_folders(data) -> bool:
+    """DATA has train/ and val/ sub-folders (resolve_dataset's layout with a val set)."""
+    root = Path(data)
+    return (root / "train").is_dir() and (root / "val").is_dir()

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tlearn.core.deadline import Deadline
 from tlearn.core.errors import DataError, UsageError
 
 HEAD_KINDS = ("svm", "logreg")
@@ -75,6 +76,7 @@ class LinearHead:
     max_iter: int | None = None
     n_jobs: int | None = None
     keep_oof: bool = False  # with a given C, also cross-validate for oof_decision_ (fit does)
+    deadline: Deadline | None = None  # --time-limit: the C grid stops when it passes
     # fitted state
     classes_: list[str] = field(default_factory=list)
     mean_: np.ndarray | None = None
@@ -86,6 +88,7 @@ class LinearHead:
     cv_results_: list[CVResult] = field(default_factory=list)
     oof_decision_: np.ndarray | None = None  # (n, K) out-of-fold decisions at C_ (heads.posthoc)
     converged_: bool = True
+    time_stopped_: bool = False  # the C grid stopped early for the time limit
     notes_: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -190,6 +193,13 @@ class LinearHead:
         worse_in_a_row = 0
         self.cv_results_ = []
         for C in C_GRID:  # ascending: small C is cheap; stop once scores keep falling
+            if best is not None and self.deadline is not None and self.deadline.passed():
+                self.time_stopped_ = True
+                self.notes_.append(
+                    f"time limit reached: the C grid stopped before C={C:g}; "
+                    f"kept the best so far, C={best.C:g}"
+                )
+                break
             r, oof = self._cv_at(C, X, y, cv, n_jobs)
             self.cv_results_.append(r)
             if progress is not None:

@@ -30,6 +30,7 @@ from tlearn.jobs.sources import (
     drop_empty_classes,
     save_fitted,
     split_features,
+    time_limit_info,
     val_features,
     val_from_images,
 )
@@ -54,14 +55,18 @@ def fit(
     strict: bool = False,
     run: RunOptions | None = None,
     multi_label: bool = False,
+    preset: dict | None = None,
 ) -> FitResult:
+    """Fit a linear head; `preset`: the --preset recipe to record in config.json. With
+    run.deadline (--time-limit), the layer sweep and the C grid stop early once it
+    passes, keeping the best so far (FitResult.time_limited says what they left out)."""
     if multi_label:  # label sets: one-vs-rest heads (jobs.fit_multilabel)
         return fit_multilabel(**{k: v for k, v in locals().items() if k != "multi_label"})
     t0 = time.perf_counter()
     run = run or RunOptions()
     C_value = parse_C(C)
     # validates --head early; keeps the out-of-fold decisions to calibrate on
-    estimator = LinearHead(kind=head, C=C_value, seed=seed, keep_oof=True)
+    estimator = LinearHead(kind=head, C=C_value, seed=seed, keep_oof=True, deadline=run.deadline)
     if val is not None and val_split is not None:
         raise UsageError("use either --val DIR or --val-split, not both")
     if val_split is not None:
@@ -81,6 +86,71 @@ def fit(
     else:
         source = FeatureSource(model, weights, layers, pool, run, seed)
 
+    train, valid = _train_and_val(source, data, labels_csv, val, val_split, seed)
+    skipped = train.skipped + (valid.skipped if valid else [])
+    if strict and skipped:
+        raise strict_failure(skipped)
+    sweep_result = None
+    if auto:
+        train, valid, sweep_result = source.choose(train, valid)
+        if sweep_result.stopped and estimator.C is None:
+            # out of time: the sweep has searched the C grid on the chosen cut already
+            estimator.C = sweep_result.chosen.C
+    estimator.fit(train.X, train.y, train.classes, progress=run.bar("cross-validate C"))
+    oof = estimator.oof_decision_
+    posthoc, notes = fit_multiclass(
+        oof,
+        train.y,
+        train.X,
+        seed=seed,
+        fitted_on="out-of-fold decisions of the cross-validation of C",
+    )
+    val_metrics = None
+    if valid is not None and len(valid.y):
+        val_metrics = classification_metrics(valid.y, estimator.predict(valid.X), train.classes)
+
+    stopped = (sweep_result.stopped if sweep_result else []) + [
+        n for n in estimator.notes_ if n.startswith("time limit reached")
+    ]
+    save_fitted(
+        out_dir,
+        source,
+        estimator,
+        train,
+        valid,
+        posthoc,
+        val_metrics,
+        sweep_result,
+        skipped,
+        force,
+        preset=preset,
+        time_limit=time_limit_info(run, stopped),
+    )
+    return FitResult(
+        out_dir=str(out_dir),
+        head=estimator,
+        classes=train.classes,
+        n_train=int(len(train.y)),
+        n_val=int(len(valid.y)) if valid else 0,
+        val_metrics=val_metrics,
+        cut=source.spec,
+        feature_dim=int(train.X.shape[1]),
+        skipped=skipped,
+        warnings=train.warnings
+        + estimator.notes_
+        + notes
+        + (valid.warnings if valid else [])
+        + (sweep_result.stopped if sweep_result else []),
+        seconds=time.perf_counter() - t0,
+        sweep=sweep_result,
+        posthoc=posthoc,
+        time_limited=stopped,
+    )
+
+
+def _train_and_val(source, data, labels_csv, val, val_split, seed):
+    """Training features (images or a features table) and the validation features:
+    --val, --val-split, DATA/val, or none."""
     val_images: ImageSet | None = None
     if is_features_table(data):
         train = source.from_table(data)
@@ -113,40 +183,4 @@ def fit(
     elif val_images is not None:
         valid = val_from_images(source, val_images, train.classes)
 
-    skipped = train.skipped + (valid.skipped if valid else [])
-    if strict and skipped:
-        raise strict_failure(skipped)
-    sweep_result = None
-    if auto:
-        train, valid, sweep_result = source.choose(train, valid)
-    estimator.fit(train.X, train.y, train.classes, progress=run.bar("cross-validate C"))
-    oof = estimator.oof_decision_
-    posthoc, notes = fit_multiclass(
-        oof,
-        train.y,
-        train.X,
-        seed=seed,
-        fitted_on="out-of-fold decisions of the cross-validation of C",
-    )
-    val_metrics = None
-    if valid is not None and len(valid.y):
-        val_metrics = classification_metrics(valid.y, estimator.predict(valid.X), train.classes)
-
-    save_fitted(
-        out_dir, source, estimator, train, valid, posthoc, val_metrics, sweep_result, skipped, force
-    )
-    return FitResult(
-        out_dir=str(out_dir),
-        head=estimator,
-        classes=train.classes,
-        n_train=int(len(train.y)),
-        n_val=int(len(valid.y)) if valid else 0,
-        val_metrics=val_metrics,
-        cut=source.spec,
-        feature_dim=int(train.X.shape[1]),
-        skipped=skipped,
-        warnings=train.warnings + estimator.notes_ + notes + (valid.warnings if valid else []),
-        seconds=time.perf_counter() - t0,
-        sweep=sweep_result,
-        posthoc=posthoc,
-    )
+    return train, valid

@@ -97,6 +97,7 @@ def fit_multilabel(
     force: bool = False,
     strict: bool = False,
     run: RunOptions | None = None,
+    preset: dict | None = None,
 ) -> FitResult:
     t0 = time.perf_counter()
     run = run or RunOptions()
@@ -151,7 +152,17 @@ def fit_multilabel(
     )
     val_metrics = _validation(estimator, posthoc, valid, labels)
     save_fitted(
-        out_dir, source, estimator, train, valid, posthoc, val_metrics, sweep_result, skipped, force
+        out_dir,
+        source,
+        estimator,
+        train,
+        valid,
+        posthoc,
+        val_metrics,
+        sweep_result,
+        skipped,
+        force,
+        preset=preset,
     )
     return FitResult(
         out_dir=str(out_dir),

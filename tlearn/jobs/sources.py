@@ -109,24 +109,49 @@ class FitResult:
     sweep: object | None = None  # sweep.SweepResult when fitted with --layer auto
     posthoc: object = None  # heads.posthoc.PostHoc: calibration, prediction sets, "unknown"
     task: str = "multi-class"
+    time_limited: list[str] = field(default_factory=list)  # what --time-limit cut short
+
+
+def time_limit_info(run: RunOptions, stopped: list[str]) -> dict | None:
+    """config.json's train.time_limit: the limit and what it cut short (None: no limit)."""
+    if run.deadline is None:
+        return None
+    return {"seconds": run.deadline.seconds, "reached": bool(stopped), "stopped": stopped}
 
 
 def save_fitted(
-    out_dir, source, estimator, train, valid, posthoc, val_metrics, sweep, skipped, force
+    out_dir,
+    source,
+    estimator,
+    train,
+    valid,
+    posthoc,
+    val_metrics,
+    sweep,
+    skipped,
+    force,
+    *,
+    preset: dict | None = None,
+    time_limit: dict | None = None,
 ) -> None:
     """The model directory of a fitted linear head (multi-class or multi-label): config
-    (cut, classes or labels, head, calibration, layer_auto), head and calibration
-    tensors, metrics, skipped.csv and the --layer auto sweep table."""
+    (cut, classes or labels, head, calibration, layer_auto, the --preset recipe), head
+    and calibration tensors, metrics, skipped.csv and the --layer auto sweep table."""
     extra_keys = {"layer_auto": sweep.summary()} if sweep else {}
     if posthoc.task == "multi-label":
         extra_keys["task"] = "multi-label"
+    if preset is not None:
+        extra_keys["preset"] = preset
+    train_info = {"n_images": int(len(train.y)), "n_val": int(len(valid.y)) if valid else 0}
+    if time_limit is not None:
+        train_info["time_limit"] = time_limit
     config = build_config(
         cut=source.spec,
         data_config=source.data_config,
         classes=train.classes,
         head=estimator.hyperparameters(),
         feature_dim=int(train.X.shape[1]),
-        train={"n_images": int(len(train.y)), "n_val": int(len(valid.y)) if valid else 0},
+        train=train_info,
         calibration=posthoc.to_config(),
         **extra_keys,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import time
 import warnings
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ from tlearn.backbone.cut import layer_dims
 from tlearn.backbone.layers import Candidate, candidate_layers
 from tlearn.backbone.weights import Backbone, open_backbone
 from tlearn.core.atomic import check_output_parent, write_json
+from tlearn.core.deadline import Deadline
 from tlearn.core.errors import DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL
@@ -248,6 +250,9 @@ class SweepResult:
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     metric: str = "accuracy"  # "mAP" for label sets (the CV score in cv_accuracy's place)
+    chosen: SweepRow | None = None  # fit --layer auto's pick (choose_cut); None: best
+    choice: str = ""  # why `chosen` was picked
+    stopped: list[str] = field(default_factory=list)  # what --time-limit left out
 
     @property
     def method(self) -> str:
@@ -263,15 +268,21 @@ class SweepResult:
 
     def summary(self) -> dict:
         """What config.json records for `fit --layer auto`."""
-        return {
-            "chosen": list(self.best.layers),
-            f"cv_{self.metric}": self.best.cv_mean,
-            "cv_std": self.best.cv_std,
+        chosen = self.chosen or self.best
+        out = {
+            "chosen": list(chosen.layers),
+            f"cv_{self.metric}": chosen.cv_mean,
+            "cv_std": chosen.cv_std,
             "candidates": [r.name for r in self.rows],
             "best_pair": None if self.best_pair is None else list(self.best_pair.layers),
             "method": self.method,
             "table": "sweep.json",
         }
+        if self.choice:
+            out["choice"] = self.choice
+        if self.stopped:
+            out["time_limit"] = list(self.stopped)
+        return out
 
     def json_bytes(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")
@@ -314,9 +325,15 @@ def sweep_features(
     seed: int = 0,
     pairs: bool = True,
     progress=None,
+    deadline: Deadline | None = None,
+    stopped: list[str] | None = None,
+    scored: dict | None = None,
 ) -> tuple[list[SweepRow], list[SweepRow], SweepRow, SweepRow | None]:
     """Score every candidate layer, then pairs among the PAIR_POOL best ones.
-    Returns (rows in depth order, pairs, best single, best pair)."""
+    Returns (rows in depth order, pairs, best single, best pair). With a `deadline` that
+    passes, the sweep stops after the cut it is scoring (at least one is scored) and says
+    what it left out in `stopped`. `scored`: score_cut results already computed, by
+    layer tuple (fit --layer auto's time estimate scores one cut first)."""
     info = {c.name: c for c in candidates}
     depth = {c.name: i for i, c in enumerate(candidates)}
     n_pairs = len(list(itertools.combinations(range(min(PAIR_POOL, len(candidates))), 2)))
@@ -326,9 +343,12 @@ def sweep_features(
     def score(layers: tuple[str, ...]) -> SweepRow:
         nonlocal done
         X = feats.select(layers)
-        mean, std, c, cv_s, fit_s, conv = score_cut(
-            X, y, classes, head=head, C=C, folds=folds, seed=seed
-        )
+        if scored is not None and layers in scored:
+            mean, std, c, cv_s, fit_s, conv = scored[layers]
+        else:
+            mean, std, c, cv_s, fit_s, conv = score_cut(
+                X, y, classes, head=head, C=C, folds=folds, seed=seed
+            )
         deepest = info[max(layers, key=lambda n: depth[n])]
         done += 1
         if progress is not None:
@@ -349,16 +369,53 @@ def sweep_features(
             metric="mAP" if np.ndim(y) == 2 else "accuracy",
         )
 
-    rows = [score((c.name,)) for c in candidates]
+    rows: list[SweepRow] = []
+    for c in candidates:
+        if rows and deadline is not None and deadline.passed():
+            left = [x.name for x in candidates[len(rows) :]]
+            _stop_note(stopped, f"layers not scored: {', '.join(left)}")
+            pairs = False
+            break
+        rows.append(score((c.name,)))
     best = min(rows, key=_rank_key)
     pair_rows: list[SweepRow] = []
-    if pairs and len(rows) >= 2:
+    if pairs and len(rows) >= 2 and deadline is not None and deadline.passed():
+        _stop_note(stopped, "pairs of layers not scored")
+    elif pairs and len(rows) >= 2:
         top = sorted(rows, key=_rank_key)[:PAIR_POOL]
         for a, b in itertools.combinations(top, 2):
             layers = tuple(sorted(a.layers + b.layers, key=lambda n: depth[n]))
             pair_rows.append(score(layers))
         pair_rows.sort(key=_rank_key)
+    if progress is not None and done < total:  # stopped early: the stage is done either way
+        progress(total, total)
     return rows, pair_rows, best, (pair_rows[0] if pair_rows else None)
+
+
+def _stop_note(stopped: list[str] | None, text: str) -> None:
+    if stopped is not None:
+        stopped.append(f"time limit reached: {text}")
+
+
+def choose_cut(best: SweepRow, best_pair: SweepRow | None, folds: int) -> tuple[SweepRow, str]:
+    """fit --layer auto's cut: the best single layer, unless the best pair beats it by
+    more than the noise of cross-validation, taken as one standard error of the single
+    layer's CV mean (its std across the folds / sqrt(folds)). A pair doubles the work of
+    extraction and the features; a gain smaller than that error is as likely a lucky
+    split of the folds as a better cut."""
+    if best_pair is None:
+        return best, "the best single layer (no pair was scored)"
+    margin = best.cv_std / math.sqrt(max(folds, 1))
+    gain = best_pair.cv_mean - best.cv_mean
+    if gain > margin:
+        return best_pair, (
+            f"the best pair: {gain:+.4f} over the best single layer, more than the CV noise "
+            f"{margin:.4f} (its std / sqrt({folds} folds))"
+        )
+    return best, (
+        f"the best single layer: the best pair gains {gain:+.4f}, not more than the CV "
+        f"noise {margin:.4f} (std / sqrt({folds} folds))"
+    )
 
 
 # ----------------------------------------------------------------------------- the command

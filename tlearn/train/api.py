@@ -68,13 +68,18 @@ def fit_nn(
     force: bool = False,
     run=None,
     events: Events | None = None,
+    preset: dict | None = None,
 ) -> NNFitResult | None:
     """Train a new neural head (and optionally part of the backbone) on an image folder and
     write the model directory `out_dir`. A checkpoint in out_dir/checkpoint/ is written at
     the end of every epoch; `resume_nn` continues from it.
 
     Under torchrun every rank trains its share of each global batch (`run.batch_size` is
-    the global batch) and rank 0 writes; ranks other than 0 return None."""
+    the global batch) and rank 0 writes; ranks other than 0 return None.
+
+    `preset`: the --preset recipe, recorded in config.json. With run.deadline
+    (--time-limit) training stops at the end of the last epoch that fits, keeping the best
+    epoch so far; an "estimate" event tells the expected time after a few batches."""
     t0 = time.perf_counter()
     options = options or TrainOptions()
     run = run or RunOptions()
@@ -104,6 +109,7 @@ def fit_nn(
         seed=seed,
         batch_size=run.batch_size,
         options=options.to_dict(),
+        preset=preset,
     )
 
     # training needs torch (and the backbone's timm, unless only a head trains): only now

@@ -156,6 +156,9 @@ class TrainState:
     best: dict | None = None  # {"epoch", "val_acc", "val_loss"}
     best_weights: dict[str, torch.Tensor] | None = None
     stopped_early: bool = False
+    # --time-limit stopped this invocation (not saved: --resume may continue the run)
+    time_limited: bool = False
+    epochs_planned: int | None = None  # --epochs before the time limit shortened the run
 
 
 def mutable_state(setup: Setup) -> dict[str, torch.Tensor]:

@@ -37,6 +37,17 @@ def _train_info(setup: Setup, state: TrainState) -> dict:
         "epochs_run": len(state.history),
         "best_epoch": state.best["epoch"] if state.best else None,
         "stopped_early": state.stopped_early,
+        **(
+            {
+                "time_limit": {
+                    "seconds": setup.run.deadline.seconds,
+                    "reached": state.time_limited,
+                    "epochs_planned": state.epochs_planned,
+                }
+            }
+            if setup.run.deadline is not None
+            else {}
+        ),
     }
 
 
@@ -104,6 +115,7 @@ def write_model(
         },
         train=_train_info(setup, state),
         **({"calibration": posthoc.to_config()} if posthoc is not None else {}),
+        **({"preset": setup.settings.preset} if setup.settings.preset else {}),
     )
     if posthoc is not None:
         extra[CALIBRATION_FILE] = posthoc_bytes(posthoc)
@@ -142,4 +154,6 @@ def finish(setup: Setup, caches: Caches, state: TrainState, t0: float) -> NNFitR
         features=None if setup.engine is None else setup.engine.summary(),
         prefix_maps=setup.prefix_maps or None,
         calibration=posthoc.to_config(),
+        time_limited=state.time_limited,
+        epochs_planned=state.epochs_planned,
     )

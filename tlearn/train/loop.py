@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+from tlearn.core import deadline as clock
 from tlearn.train.batches import SkipLog, epoch_batches
 from tlearn.train.build import Setup
 from tlearn.train.checkpoint import TrainState, mutable_state, save
@@ -14,7 +15,7 @@ from tlearn.train.dist import write_once
 from tlearn.train.frozen import Caches
 from tlearn.train.optim import apply_freeze, set_train_mode
 from tlearn.train.options import Events
-from tlearn.train.schedule import seed_epoch
+from tlearn.train.schedule import Schedule, seed_epoch
 from tlearn.train.steps import Stepper
 from tlearn.train.validate import Validation, validate
 
@@ -29,10 +30,11 @@ class Trainer:
         self.state = state
         self.emit = emit
         self.skips = SkipLog(setup.skipped)
+        self.estimate = Estimate(setup, state, emit)
         if setup.dist is None:
-            self.stepper = Stepper(setup, emit, state)
+            self.stepper = Stepper(setup, self.estimate.watch, state)
         else:
-            self.stepper = DistStepper(setup, emit, state, self.skips)
+            self.stepper = DistStepper(setup, self.estimate.watch, state, self.skips)
         self.transform = None
 
     def run(self) -> None:
@@ -48,8 +50,10 @@ class Trainer:
         if st.best is not None and st.history:
             since_best = st.history[-1]["epoch"] - st.best["epoch"]
         for epoch in range(st.start_epoch, o.epochs):
-            if st.stopped_early:
+            # o.epochs may shrink during the first epoch (Estimate.shorten)
+            if st.stopped_early or st.time_limited or epoch >= o.epochs:
                 break
+            started = clock.now()
             row = self.train_epoch(epoch)
             v = validate(s, self.caches)
             row["val_loss"], row["val_acc"] = (v[0], v[1]) if v else (None, None)
@@ -65,10 +69,29 @@ class Trainer:
             ):
                 st.stopped_early = True
             write_once(s.dist, lambda e=epoch: save(s, st, e + 1))
+            if not st.stopped_early and epoch + 1 < o.epochs:
+                st.time_limited = self._out_of_time(clock.now() - started)
             self.emit(
                 "epoch_end",
-                {**row, "best": improved and v is not None, "stopped_early": st.stopped_early},
+                {
+                    **row,
+                    "best": improved and v is not None,
+                    "stopped_early": st.stopped_early,
+                    "time_limited": st.time_limited,
+                    "best_epoch": st.best["epoch"] if st.best else None,
+                },
             )
+
+    def _out_of_time(self, epoch_seconds: float) -> bool:
+        """--time-limit: another epoch as long as this one would end after the limit.
+        Under torchrun rank 0's clock decides for every rank."""
+        deadline = self.setup.run.deadline
+        if deadline is None:
+            return False
+        stop = deadline.left() < epoch_seconds
+        if self.setup.dist is not None:
+            stop = bool(self.setup.dist.gather(stop)[0])
+        return stop
 
     def _keep_if_best(self, row: dict, v: Validation | None) -> bool:
         """Keep this epoch's weights if its validation is the best so far (higher
@@ -114,3 +137,83 @@ class Trainer:
             "seconds": dt,
             "images_per_s": sums.seen / dt if dt > 0 else 0.0,
         }
+
+
+ESTIMATE_AFTER = 4  # batches measured (after the first, which warms up) for the estimate
+
+
+class Estimate:
+    """Watches the batch events of the first epoch this process trains and, after
+    ESTIMATE_AFTER batches past the first, emits an "estimate" event: the measured
+    training rate multiplied out over the remaining epochs (validation counted at the
+    same rate, an upper bound), and how many epochs --time-limit leaves room for.
+
+    When the limit leaves room for fewer epochs than asked, a new run (not a resumed
+    one, nor one with --freeze-epochs) is shortened to those epochs: the learning-rate
+    schedule is planned again for them (the first epoch is still warming up), so the
+    rate anneals before the limit instead of the run being cut at a high rate."""
+
+    def __init__(self, setup: Setup, state: TrainState, emit: Events):
+        self.setup, self.state, self.emit = setup, state, emit
+        self.first: tuple[float, int, int] | None = None  # (time, images, epoch) at batch 1
+        self.batches = 0
+        self.done = False
+
+    def watch(self, name: str, data: dict) -> None:
+        self.emit(name, data)
+        if name != "batch" or self.done:
+            return
+        t = clock.now()
+        if self.first is None or self.first[2] != data["epoch"]:  # measure within an epoch
+            self.first, self.batches = (t, data["done"], data["epoch"]), 1
+            return
+        self.batches += 1
+        dt, images = t - self.first[0], data["done"] - self.first[1]
+        if self.batches <= ESTIMATE_AFTER or dt <= 0 or images <= 0:
+            return
+        self.done = True
+        info = self.measure(images / dt, data["epoch"], self.batches - 1)
+        self.shorten(info)
+        self.emit("estimate", info)
+
+    def measure(self, rate: float, epoch: int, batches: int) -> dict:
+        s = self.setup
+        n_val = len(s.val_set) if s.val_set else 0
+        per_epoch = (len(s.train_set) + n_val) / rate
+        epochs_left = s.options.epochs - epoch + 1
+        out = {
+            "images_per_s": rate,
+            "batches": batches,
+            "epoch_seconds": per_epoch,
+            "epochs": epochs_left,
+            "total_seconds": per_epoch * epochs_left,
+            "epochs_in_limit": None,
+            "limit_seconds": None,
+            "shortened_to": None,
+        }
+        if s.run.deadline is not None:
+            # the current epoch, under way, counts whole; the first always runs
+            fit = int(s.run.deadline.left() // per_epoch) if per_epoch > 0 else epochs_left
+            out["epochs_in_limit"] = min(epochs_left, max(1, fit))
+            out["limit_seconds"] = s.run.deadline.seconds
+        return out
+
+    def shorten(self, info: dict) -> None:
+        s, o = self.setup, self.setup.options
+        fit = info["epochs_in_limit"]
+        if s.dist is not None:  # every rank estimates at the same batch: rank 0's count rules
+            fit = s.dist.gather(fit)[0]
+            info["epochs_in_limit"] = fit
+        if fit is None or fit >= o.epochs or self.state.start_epoch > 0 or o.freeze_epochs:
+            return
+        self.state.epochs_planned = o.epochs
+        o.epochs = fit
+        s.settings.options["epochs"] = fit  # what the checkpoint (and --resume) will see
+        s.schedule = Schedule.plan(
+            len(s.train_set),
+            s.batch_size,
+            epochs=fit,
+            freeze_epochs=0,
+            warmup=min(o.warmup_epochs, fit),
+        )
+        info["shortened_to"] = fit

@@ -68,6 +68,7 @@ class Settings:
     seed: int
     batch_size: int
     options: dict
+    preset: dict | None = None  # the --preset recipe, recorded in config.json
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,6 +94,8 @@ class NNFitResult:
     features: dict | None = None
     prefix_maps: dict | None = None  # frozen prefix maps: read from the cache, computed
     calibration: dict | None = None  # config.json's "calibration" (heads.posthoc)
+    time_limited: bool = False  # --time-limit stopped training before --epochs
+    epochs_planned: int | None = None  # --epochs, when the time limit shortened the run
 
 
 def check_options(o: TrainOptions) -> None:
