@@ -49,6 +49,7 @@ def _fit(runner, data, out, *args):
                 "label_smoothing": 0.1,
                 "patience": 3,
                 "time_limit": "55m",
+                "choose_tta": True,
                 "val_split": 0.15,
             },
         ),
@@ -80,6 +81,9 @@ def test_each_preset_runs_and_records_its_recipe(
         limit = {"seconds": 3300.0, "reached": False, "epochs_planned": None}
         assert train["freeze_to"] and train["time_limit"] == limit
         assert config["backbone"]["trained"] is True
+        # TTA chosen on the validation images, recorded for predict and evaluate
+        assert config["tta"]["chosen"] in ("none", "flip")
+        assert config["tta"]["n_images"] == train["n_val"]
 
 
 def test_explicit_options_override_the_preset(split_folder, tmp_path, runner):

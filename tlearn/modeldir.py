@@ -62,6 +62,12 @@ class SavedModel:
         return self.config.get("task", "multi-class")
 
     @property
+    def tta(self) -> str:
+        """The test-time augmentation fit chose on validation images (--choose-tta), which
+        predict and evaluate use when --tta is not given; "none" without a choice."""
+        return (self.config.get("tta") or {}).get("chosen", "none")
+
+    @property
     def classes(self) -> list[str]:
         return list(self.config["classes"])
 
@@ -323,6 +329,9 @@ def validate_config(config: dict, where) -> None:
     need(
         is_int(dim) and 1 <= dim <= MAX_FEATURE_DIM, where, "feature_dim", "a positive integer", dim
     )
+    tta = config.get("tta")
+    if tta is not None and (not isinstance(tta, dict) or tta.get("chosen") not in ("none", "flip")):
+        raise ArtifactError(f"{where}: 'tta.chosen' must be 'none' or 'flip', got {shown(tta)}")
     if config.get("task", "multi-class") not in TASKS:
         raise ArtifactError(f"{where}: 'task' must be one of {', '.join(TASKS)}")
     if HEAD_FAMILIES[head["type"]] == "linear":

@@ -165,10 +165,11 @@ class TTA(str, Enum):
 
 
 TTAOpt = Annotated[
-    TTA,
+    TTA | None,
     typer.Option(
         "--tta",
         help="Test-time augmentation: none, flip, or 10crop (four corners + "
-        "centre and their mirrors); scores are averaged.",
+        "centre and their mirrors); scores are averaged. Default: what the model chose "
+        "on its validation images (fit --choose-tta, --preset best), else none.",
     ),
 ]

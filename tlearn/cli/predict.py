@@ -16,7 +16,6 @@ from rich.table import Table
 
 from tlearn.cli.errors import handle_errors
 from tlearn.cli.options import (
-    TTA,
     Backend,
     BackendOpt,
     BatchOpt,
@@ -86,7 +85,7 @@ def predict_cmd(
         ),
     ] = None,
     strict: StrictOpt = False,
-    tta: TTAOpt = TTA.none,
+    tta: TTAOpt = None,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -134,7 +133,7 @@ def predict_cmd(
             model_dir,
             paths,
             strict=strict,
-            tta=tta.value,
+            tta=tta.value if tta else None,
             run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
             shard=part,
             coverage=coverage,
@@ -245,7 +244,7 @@ def evaluate_cmd(
     ] = None,
     labels: LabelsOpt = None,
     strict: StrictOpt = False,
-    tta: TTAOpt = TTA.none,
+    tta: TTAOpt = None,
     batch_size: BatchOpt = 32,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -279,7 +278,7 @@ def evaluate_cmd(
             data,
             labels_csv=labels,
             strict=strict,
-            tta=tta.value,
+            tta=tta.value if tta else None,
             run=run_options(batch_size, device, workers, quiet, bars, backend, no_cache, decode),
             coverage=coverage,
         )

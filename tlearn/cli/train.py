@@ -168,6 +168,14 @@ AugmentOpt = Annotated[
         "network, a cheap approximation of mirroring the image.",
     ),
 ]
+ChooseTTAOpt = Annotated[
+    bool,
+    _opt(
+        "--choose-tta",
+        help="After training, score the validation images with and without flip TTA and "
+        "record the better one: predict/evaluate use it unless --tta says otherwise.",
+    ),
+]
 CacheOpt = Annotated[
     Cache,
     _opt(
@@ -211,6 +219,7 @@ NN_ONLY = {
     "augment": "augment",
     "cache": "cache",
     "cache_dir": "cache_dir",
+    "choose_tta": "choose_tta",
 }
 # other fit options that change a run (CLI name -> Settings / TrainOptions key)
 RUN_KEYS = {
@@ -351,6 +360,15 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
     if not quiet:
         for line in posthoc_lines(res.calibration):
             err.print(line, highlight=False, markup=False)
+        if res.tta:
+            acc = res.tta["val_accuracy"]
+            err.print(
+                f"test-time augmentation: {res.tta['chosen']} (validation accuracy "
+                f"{acc['none']:.3f} without, {acc['flip']:.3f} with flip); predict and "
+                "evaluate use it unless --tta is given",
+                highlight=False,
+                markup=False,
+            )
     print_validation(res.val_metrics, res.n_val)
 
 
@@ -372,6 +390,7 @@ def nn_json(res) -> dict:
         "features": res.features,
         "prefix_maps": res.prefix_maps,
         "calibration": res.calibration,
+        "tta": res.tta,
         "time_limited": res.time_limited,
         "epochs_planned": res.epochs_planned,
     }

@@ -31,7 +31,8 @@ BUNDLED_BY_SIZE = ("tf_efficientnet_lite2", "tf_efficientnet_lite1", "tf_efficie
 BEST_NOTES = [
     "cut: the backbone's final pooled features (no layer sweep before fine-tuning: it would "
     "cost another pass over every image, and the trained last stage adapts those features)",
-    "test-time augmentation is not chosen by the preset; try predict/evaluate --tta flip",
+    "test-time augmentation: flip or none, whichever scores better on the validation "
+    "images (--choose-tta); 10crop is not tried (10x the cost of every prediction)",
 ]
 
 
@@ -70,6 +71,7 @@ def recipe_values(name: str, *, has_val: bool) -> tuple[dict, list[str]]:
             "epochs": 12,
             "patience": 3,
             "time_limit": "55m",
+            "choose_tta": True,
         }
         if not has_val:
             values["val_split"] = BEST_VAL_SPLIT

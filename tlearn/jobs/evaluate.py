@@ -58,7 +58,7 @@ def evaluate(
     *,
     labels_csv: str | Path | None = None,
     strict: bool = False,
-    tta: str = "none",
+    tta: str | None = None,
     run: RunOptions | None = None,
     coverage: float | None = None,
 ) -> EvaluateResult:
@@ -68,6 +68,7 @@ def evaluate(
     notes = check_requests(scorer, coverage, reject=False)
     classes = saved.classes
     multi = scorer.multi_label
+    tta = tta or ("none" if is_features_table(data) else saved.tta)  # None: the model's choice
     if is_features_table(data):
         table = read_table(data)
         refuse_tta_on_features(tta)

@@ -49,7 +49,7 @@ def predict(
     inputs: Sequence[str | Path],
     *,
     strict: bool = False,
-    tta: str = "none",
+    tta: str | None = None,
     run: RunOptions | None = None,
     shard: Shard | None = None,
     coverage: float | None = None,
@@ -62,11 +62,13 @@ def predict(
                 "--coverage and --reject need the model directory (an exported .onnx holds "
                 "scores and probabilities only)"
             )
-        scored = onnx_scores(model_dir, inputs, tta=tta, run=run, shard=shard)
+        scored = onnx_scores(model_dir, inputs, tta=tta or "none", run=run, shard=shard)
         return onnx_prediction(scored, strict, model_dir)
     saved = load_model(model_dir)
     scorer = ModelScorer(saved)
     notes = check_requests(scorer, coverage, reject)
+    table_input = len(inputs) == 1 and is_features_table(inputs[0])
+    tta = tta or ("none" if table_input else saved.tta)  # None: the model's own choice
     part, n_scan_skipped = None, 0
     if len(inputs) == 1 and is_features_table(inputs[0]):
         table = read_table(inputs[0])

@@ -19,7 +19,7 @@ from tlearn.train.dist import write_once
 from tlearn.train.frozen import Caches
 from tlearn.train.history import curves_png, history_csv
 from tlearn.train.options import NNFitResult
-from tlearn.train.validate import Validation, validate
+from tlearn.train.validate import Validation, flip_accuracies, validate
 
 
 def _train_info(setup: Setup, state: TrainState) -> dict:
@@ -85,8 +85,29 @@ def nn_posthoc(
     return posthoc, notes
 
 
+def chosen_tta(setup: Setup) -> dict | None:
+    """--choose-tta: flip or none, whichever the validation images score better with
+    (ties: none, which costs nothing); config.json's "tta", which predict and evaluate
+    use unless --tta is given. None without the option or without validation images."""
+    if not setup.options.choose_tta:
+        return None
+    acc = flip_accuracies(setup)
+    if acc is None:
+        setup.warnings.append("--choose-tta: no validation images to choose on; predict uses none")
+        return None
+    return {
+        "chosen": "flip" if acc["flip"] > acc["none"] else "none",
+        "val_accuracy": {"none": acc["none"], "flip": acc["flip"]},
+        "n_images": acc["n"],
+    }
+
+
 def write_model(
-    setup: Setup, state: TrainState, v: Validation | None, posthoc: PostHoc | None = None
+    setup: Setup,
+    state: TrainState,
+    v: Validation | None,
+    posthoc: PostHoc | None = None,
+    tta: dict | None = None,
 ) -> dict | None:
     """The model directory; returns the validation metrics (None without validation)."""
     val_metrics = None
@@ -116,6 +137,7 @@ def write_model(
         train=_train_info(setup, state),
         **({"calibration": posthoc.to_config()} if posthoc is not None else {}),
         **({"preset": setup.settings.preset} if setup.settings.preset else {}),
+        **({"tta": tta} if tta is not None else {}),
     )
     if posthoc is not None:
         extra[CALIBRATION_FILE] = posthoc_bytes(posthoc)
@@ -133,7 +155,8 @@ def finish(setup: Setup, caches: Caches, state: TrainState, t0: float) -> NNFitR
     v = validate(setup, caches, kept)
     posthoc, notes = nn_posthoc(setup, caches, v, kept)
     setup.warnings += [n for n in notes if n not in setup.warnings]
-    val_metrics = write_once(setup.dist, lambda: write_model(setup, state, v, posthoc))
+    tta = chosen_tta(setup)
+    val_metrics = write_once(setup.dist, lambda: write_model(setup, state, v, posthoc, tta))
     if setup.dist is not None and not setup.dist.main:
         return None
     return NNFitResult(
@@ -154,6 +177,7 @@ def finish(setup: Setup, caches: Caches, state: TrainState, t0: float) -> NNFitR
         features=None if setup.engine is None else setup.engine.summary(),
         prefix_maps=setup.prefix_maps or None,
         calibration=posthoc.to_config(),
+        tta=tta,
         time_limited=state.time_limited,
         epochs_planned=state.epochs_planned,
     )

@@ -48,6 +48,7 @@ class TrainOptions:
     augment: str | None = None
     cache: str = "memory"
     cache_dir: str | None = None
+    choose_tta: bool = False  # after training: flip TTA if it raises validation accuracy
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,6 +95,7 @@ class NNFitResult:
     features: dict | None = None
     prefix_maps: dict | None = None  # frozen prefix maps: read from the cache, computed
     calibration: dict | None = None  # config.json's "calibration" (heads.posthoc)
+    tta: dict | None = None  # config.json's "tta" (--choose-tta)
     time_limited: bool = False  # --time-limit stopped training before --epochs
     epochs_planned: int | None = None  # --epochs, when the time limit shortened the run
 

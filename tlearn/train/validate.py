@@ -12,7 +12,7 @@ from torch import nn
 from tlearn.data.pixels import resize_target
 from tlearn.runtime.loader import image_loader
 from tlearn.runtime.transforms import eval_transform
-from tlearn.train.build import Setup
+from tlearn.train.build import HeadOnly, Setup
 from tlearn.train.frozen import Caches
 
 Validation = tuple[float, float, np.ndarray, np.ndarray]  # loss, accuracy, labels, predictions
@@ -104,3 +104,63 @@ def validate(setup: Setup, caches: Caches, keep: dict | None = None) -> Validati
         keep["features"] = torch.cat(feats).numpy() if feats else None
     loss = float(torch.stack(losses).sum()) / len(y)
     return loss, float((p == y).float().mean()), y.numpy(), p.numpy()
+
+
+def _flip_pairs(setup: Setup):
+    """(logits, logits of the mirror image, labels) per batch of this rank's validation
+    images: from the feature engine for a frozen backbone (its mirrored view, cached like
+    the training flips), else from the images through the network."""
+    paths = list(setup.val_set.paths)
+    start, stop = 0, len(paths)
+    if setup.dist is not None:
+        start, stop = setup.dist.shard(stop, setup.run.batch_size)
+    if isinstance(setup.net, HeadOnly) and setup.engine is not None:
+        mine = paths[start:stop]
+        plain = setup.engine.extract(mine, setup.run, stage="choose tta")
+        mirror = setup.engine.mirrored().extract(mine, setup.run, stage="choose tta (mirror)")
+        if len(plain.indices) != len(mirror.indices):
+            return
+        bs = setup.run.batch_size
+        for i in range(0, len(plain.indices), bs):
+            x = torch.from_numpy(np.ascontiguousarray(plain.X[i : i + bs])).to(setup.device)
+            xf = torch.from_numpy(np.ascontiguousarray(mirror.X[i : i + bs])).to(setup.device)
+            y = setup.y_val[torch.as_tensor(plain.indices[i : i + bs]) + start]
+            yield setup.net.head(x.float()), setup.net.head(xf.float()), y
+        return
+    loader = image_loader(
+        paths[start:stop],
+        eval_transform(setup.network.data_config),
+        batch_size=setup.run.batch_size,
+        workers=setup.run.workers,
+        min_size=resize_target(setup.network.data_config),
+        device=setup.device,
+    )
+    for idx, x, _bad in loader:
+        if x is None:
+            continue
+        x = x.to(setup.device)
+        with setup.amp.autocast():
+            yield setup.net(x), setup.net(x.flip(3)), setup.y_val[torch.as_tensor(idx) + start]
+
+
+def flip_accuracies(setup: Setup) -> dict | None:
+    """Validation accuracy without and with flip TTA (softmax probabilities averaged over
+    the image and its mirror, as predict --tta flip does), and the images counted."""
+    if setup.val_set is None or len(setup.val_set) == 0:
+        return None
+    setup.net.eval()
+    right, n = {"none": 0, "flip": 0}, 0
+    with torch.inference_mode():
+        for logits, logits_flip, y in _flip_pairs(setup):
+            p = logits.float().softmax(1).cpu()
+            both = p + logits_flip.float().softmax(1).cpu()
+            right["none"] += int((p.argmax(1) == y).sum())
+            right["flip"] += int((both.argmax(1) == y).sum())
+            n += len(y)
+    if setup.dist is not None:
+        parts = setup.dist.gather({"right": right, "n": n})
+        right = {k: sum(p["right"][k] for p in parts) for k in right}
+        n = sum(p["n"] for p in parts)
+    if n == 0:
+        return None
+    return {"none": right["none"] / n, "flip": right["flip"] / n, "n": n}
