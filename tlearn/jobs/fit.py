@@ -8,23 +8,19 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tlearn.cache.remembered import check_layers
-from tlearn.cache.store import cache_root
-from tlearn.core.atomic import check_output_parent
-from tlearn.core.errors import ArtifactError, DataError, UsageError
+from tlearn.core.errors import DataError
 from tlearn.core.options import RunOptions
-from tlearn.core.spec import DEFAULT_MODEL, is_auto_layer
+from tlearn.core.spec import DEFAULT_MODEL
 from tlearn.data.imageset import ImageSet
 from tlearn.data.labels import read_labels_csv
 from tlearn.data.scan import resolve_dataset
 from tlearn.data.skipped import require_some_read, strict_failure
-from tlearn.data.split import check_val_split
 from tlearn.features.table import is_features_table
 from tlearn.heads.linear import LinearHead, parse_C
 from tlearn.heads.posthoc import fit_multiclass
 from tlearn.jobs.fit_multilabel import fit_multilabel
+from tlearn.jobs.fit_source import fit_source
 from tlearn.jobs.sources import (
-    FeatureSource,
     FitResult,
     LabelledFeatures,
     drop_empty_classes,
@@ -67,25 +63,21 @@ def fit(
     C_value = parse_C(C)
     # validates --head early; keeps the out-of-fold decisions to calibrate on
     estimator = LinearHead(kind=head, C=C_value, seed=seed, keep_oof=True, deadline=run.deadline)
-    if val is not None and val_split is not None:
-        raise UsageError("use either --val DIR or --val-split, not both")
-    if val_split is not None:
-        check_val_split(val_split)
-    auto = is_auto_layer(layers)
-    if not auto and not is_features_table(data):
-        check_layers(cache_root(), model, layers)  # before torch loads, when known
-    out_dir = check_output_parent(out_dir)
-    if out_dir.exists() and not force:
-        raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
-    if auto:
-        # --layer auto loads the backbone (torch): only then
-        from tlearn.jobs.layer_auto import AutoLayerSource
-
-        # one pass extracts every candidate layer; `choose` keeps the best (CV on train)
-        source = AutoLayerSource(model, weights, pool, run, seed, head=head, C=C_value)
-    else:
-        source = FeatureSource(model, weights, layers, pool, run, seed)
-
+    out_dir, source, auto = fit_source(
+        out_dir,
+        data,
+        model=model,
+        weights=weights,
+        layers=layers,
+        pool=pool,
+        run=run,
+        seed=seed,
+        head=head,
+        C=C_value,
+        val=val,
+        val_split=val_split,
+        force=force,
+    )
     train, valid = _train_and_val(source, data, labels_csv, val, val_split, seed)
     skipped = train.skipped + (valid.skipped if valid else [])
     if strict and skipped:

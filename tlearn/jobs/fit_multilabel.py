@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tlearn.core.atomic import check_output_parent
-from tlearn.core.errors import ArtifactError, DataError, UsageError
+from tlearn.core.errors import DataError, UsageError
 from tlearn.core.options import RunOptions
 from tlearn.core.spec import DEFAULT_MODEL, CutSpec, is_auto_layer
 from tlearn.data.labels import read_labels_csv
@@ -22,6 +21,7 @@ from tlearn.heads.calibration import sigmoid
 from tlearn.heads.linear import parse_C
 from tlearn.heads.multilabel import MultiLabelLinear, label_matrix
 from tlearn.heads.posthoc import fit_multilabel as fit_posthoc
+from tlearn.jobs.fit_source import fit_source
 from tlearn.jobs.sources import (
     FeatureSource,
     FitResult,
@@ -103,19 +103,21 @@ def fit_multilabel(
     run = run or RunOptions()
     C_value = parse_C(C)
     estimator = MultiLabelLinear(kind=head, C=C_value, seed=seed)  # validates --head early
-    if val is not None and val_split is not None:
-        raise UsageError("use either --val FILE or --val-split, not both")
-    out_dir = check_output_parent(out_dir)
-    if out_dir.exists() and not force:
-        raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
-    auto = is_auto_layer(layers)
-    if auto:
-        # --layer auto loads the backbone (torch): only then
-        from tlearn.jobs.layer_auto import AutoLayerSource
-
-        source = AutoLayerSource(model, weights, pool, run, seed, head=head, C=C_value)
-    else:
-        source = FeatureSource(model, weights, layers, pool, run, seed)
+    out_dir, source, auto = fit_source(
+        out_dir,
+        data,
+        model=model,
+        weights=weights,
+        layers=layers,
+        pool=pool,
+        run=run,
+        seed=seed,
+        head=head,
+        C=C_value,
+        val=val,
+        val_split=val_split,
+        force=force,
+    )
     if labels_csv is not None:
         train = _labelled(source, labels_csv, "extract train", labels_csv=True)
     else:
