@@ -30,6 +30,7 @@ from tlearn.heads.linear import (
     HEAD_KINDS,
     MAX_ITER,
     CVResult,
+    apply_arrays,
     make_estimator,
 )
 
@@ -222,8 +223,7 @@ class MultiLabelLinear:
         self.intercept_ = np.asarray(intercepts, dtype=np.float32)
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        Z = (np.asarray(X, dtype=np.float32) - self.mean_) / self.scale_
-        return Z @ self.coef_.T + self.intercept_
+        return apply_arrays((self.mean_, self.scale_, self.coef_, self.intercept_), X)
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {
@@ -238,7 +238,8 @@ class MultiLabelLinear:
             "type": self.kind,
             "C": self.C_,
             "C_requested": "auto" if self.C is None else self.C,
-            "folds": self.folds,
+            "folds": self.folds_,  # what CV used (None: no CV); the request is below
+            "folds_requested": self.folds,
             "max_iter": self.iterations,
             "seed": self.seed,
             "converged": self.converged_,
