@@ -37,9 +37,10 @@ class LinearScores(nn.Module):
     """StandardScaler + linear head (LinearHead.scores in torch): margins, or softmax
     probabilities for logistic regression."""
 
-    def __init__(self, head: LinearHead):
+    def __init__(self, head: LinearHead, softmax: bool | None = None):
         super().__init__()
-        self.softmax = head.kind == "logreg"
+        # None: as predict reports the head's scores (softmax for logistic regression)
+        self.softmax = head.kind == "logreg" if softmax is None else softmax
         for name, value in head.tensors().items():
             self.register_buffer(name, torch.from_numpy(np.asarray(value, dtype=np.float32)))
 
@@ -123,10 +124,9 @@ def model_scoring(saved: SavedModel) -> Scoring:
     linear = LinearHead.from_saved(saved.config["head"], saved.tensors, saved.classes)
     probs = linear.kind == "logreg"
     if temperature is not None:
-        decision = LinearScores(linear)
-        decision.softmax = False  # the decision values; Calibrated applies the softmaxes
         return Scoring(
-            Calibrated(decision, temperature, probs),
+            # the decision values in; Calibrated applies the softmaxes
+            Calibrated(LinearScores(linear, softmax=False), temperature, probs),
             (SCORES, PROBABILITIES),
             "probability" if probs else "svm margin",
             lambda feats: linear.scores(np.asarray(feats, dtype=np.float32)),
