@@ -266,3 +266,39 @@ def test_reject_refuses_a_model_with_a_class_named_unknown(runner, tmp_path):
     assert runner.invoke(app, ["fit", str(data), "-o", str(model), "-q", *TINY]).exit_code == 0
     r = runner.invoke(app, ["predict", str(model), str(data), "--reject"])
     assert r.exit_code == 2 and "unknown" in r.stderr
+
+
+def _write_labels(path, rows) -> None:
+    path.write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in rows))
+
+
+@pytest.mark.parametrize(
+    "labelling, message",
+    [
+        (lambda i: "blue;red" if i % 2 else "red", "on every training image"),
+        (lambda i: "red" if i % 2 else "", "at least two labels"),
+    ],
+)
+def test_multilabel_errors_are_one_line(multilabel, runner, tmp_path, labelling, message):
+    root, train_csv, _ = multilabel
+    paths = [line.split(",")[0] for line in train_csv.read_text().splitlines()[1:]]
+    labels = tmp_path / "labels.csv"
+    _write_labels(labels, [(root / p, labelling(i)) for i, p in enumerate(paths)])
+    args = ["fit", str(root / "train"), "--labels", str(labels), "--multi-label"]
+    r = runner.invoke(app, [*args, "-o", str(tmp_path / "m"), "-q", *TINY])
+    assert r.exit_code == 1 and message in r.stderr, r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_multilabel_model_is_refused_where_it_does_not_fit(multilabel, runner, tmp_path):
+    root, train_csv, _ = multilabel
+    model = tmp_path / "ml"
+    args = ["fit", str(root / "train"), "--labels", str(train_csv), "--multi-label"]
+    assert runner.invoke(app, [*args, "-o", str(model), "-q", *TINY]).exit_code == 0
+    r = runner.invoke(app, ["export", str(model), "-o", str(tmp_path / "m.onnx")])
+    assert r.exit_code == 2 and "multi-class" in r.stderr
+    assert not (tmp_path / "m.onnx").exists()
+    r = runner.invoke(app, ["evaluate", str(model), str(root / "train")])
+    assert r.exit_code == 2 and "--labels" in r.stderr
+    r = runner.invoke(app, ["predict", str(model), str(root / "val"), "--coverage", "0.9"])
+    assert r.exit_code == 2 and "multi-label" in r.stderr
