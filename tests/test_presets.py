@@ -40,10 +40,12 @@ def _fit(runner, data, out, *args):
         ("balanced", [], {"head": "svm", "layer": "auto", "C": "auto"}),
         (
             "best",
-            ["--epochs", "1"],
+            ["--epochs", "2"],
             {
                 "head": "linear",
+                "layer": "auto",
                 "freeze_to": "auto",
+                "freeze_epochs": 1,
                 "layer_decay": 0.5,
                 "augment": "standard",
                 "label_smoothing": 0.1,
@@ -78,8 +80,22 @@ def test_each_preset_runs_and_records_its_recipe(
         assert (opts["head"], opts["freeze_to"], opts["layer_decay"]) == ("linear", "auto", 0.5)
         assert (opts["augment"], opts["label_smoothing"], opts["patience"]) == ("standard", 0.1, 3)
         assert train["settings"]["val_split"] == 0.15 and train["n_val"] > 0
+        # the cut was searched first (a linear probe), then the network cut there
+        auto = config["layer_auto"]
+        assert config["cut"]["layers"] == auto["chosen"]
+        assert auto["probe"].startswith("linear SVM on frozen features")
+        assert (out / "sweep.json").is_file()
+        assert "--layer auto: " in result.output and "estimate: the layer sweep" in result.output
+        # one head-only epoch, then the stages after --freeze-to: validation picks the epoch
+        assert opts["freeze_epochs"] == 1 and train["epochs_run"] == 2
+        after = f"layers after {train['freeze_to']} trained" if train["freeze_to"] else None
+        expected = "head only" if train["best_epoch"] == 1 else after or "backbone trained"
+        assert train["kept_phase"] == expected
+        assert "unfreezing chosen by validation: epoch" in result.output
         limit = {"seconds": 3300.0, "reached": False, "epochs_planned": None}
-        assert train["freeze_to"] and train["time_limit"] == limit
+        assert train["time_limit"] == limit
+        # --freeze-to auto is resolved at the searched cut (an early cut has no middle stage)
+        assert train["freeze_to"] or "no middle stage before the cut" in result.output
         assert config["backbone"]["trained"] is True
         # TTA chosen on the validation images, recorded for predict and evaluate
         assert config["tta"]["chosen"] in ("none", "flip")
@@ -100,6 +116,38 @@ def test_explicit_options_override_the_preset(split_folder, tmp_path, runner):
     assert train["settings"]["options"]["augment"] == "flip" and train["augment"] == "flip"
     assert train["layer_decay"] == 0.3 and train["settings"]["val_split"] is None
     assert "--augment flip (preset: standard)" in result.output
+    # --epochs 1 leaves no epoch after a head-only one: the preset's --freeze-epochs goes
+    why = "--epochs 1 leaves no epoch after the head-only one"
+    assert preset["dropped"] == {"freeze_epochs": why}
+    assert "not applied: --freeze-epochs 1 (--epochs 1 leaves no epoch" in result.output
+    assert train["settings"]["options"]["freeze_epochs"] == 0
+
+
+@pytest.mark.parametrize(
+    "given, dropped",
+    [
+        ({"freeze": "none"}, {"freeze_to", "freeze_epochs"}),
+        ({"freeze": "all"}, {"freeze_to", "freeze_epochs", "layer_decay"}),
+        ({"lr_groups": "blocks.0=0;head=1e-3"}, {"freeze_to", "freeze_epochs", "layer_decay"}),
+        ({"epochs": 1}, {"freeze_epochs"}),
+        ({"epochs": 1, "freeze_epochs": 0}, set()),
+        ({"epochs": 5}, set()),
+        ({"freeze_to": "blocks.1"}, set()),
+    ],
+)
+def test_options_the_user_gave_drop_the_presets_that_contradict_them(given, dropped):
+    recipe = presets.resolve_preset("best", given=given, has_val=True)
+    assert set(recipe.dropped) == dropped
+    assert not dropped & set(recipe.applied)
+
+
+def test_best_with_freeze_none_runs_without_a_contradiction(split_folder, tmp_path, runner):
+    out = tmp_path / "m"
+    args = ["--preset", "best", "--epochs", "2", "--freeze", "none", "--layer", "blocks.1"]
+    result = _fit(runner, split_folder, out, *args)
+    assert "not applied: --freeze-to auto (--freeze none says what trains)" in result.output
+    opts = _config(out)["train"]["settings"]["options"]
+    assert (opts["freeze"], opts["freeze_to"], opts["freeze_epochs"]) == ("none", None, 0)
 
 
 def test_preset_options_of_the_other_head_still_fail(image_folder, tmp_path, runner):

@@ -24,9 +24,11 @@ PresetOpt = Annotated[
         metavar="|".join(PRESETS),
         help="A tuned recipe. fast: today's default (final features, linear SVM, C by CV). "
         "balanced: the cut (a layer or a pair) and C by CV, on tf_efficientnet_lite1 when "
-        "installed. best: fine-tune the largest bundled backbone's last stage with a linear "
-        "head, layer decay, crop/flip/colour augmentation, label smoothing, early stopping "
-        "on a 15% validation split (unless there is a val set), 55m time limit. Options "
+        "installed. best: on the largest bundled backbone, the cut searched by a linear "
+        "probe, a linear head there, one head-only epoch, then the last stage fine-tuned "
+        "with layer decay, crop/flip/colour augmentation, label smoothing, early stopping "
+        "on a 15% validation split (unless there is a val set), the best epoch and TTA by "
+        "validation, 55m time limit. Options "
         "you give override the preset's; the recipe is printed and saved in config.json.",
     ),
 ]
@@ -88,5 +90,7 @@ def recipe_lines(recipe: Recipe) -> list[str]:
             f"{flag(k, v)} (preset: {recipe.values[k]})" for k, v in recipe.overridden.items()
         )
         lines.append(f"  given, so kept: {mine}")
+    for key, why in recipe.dropped.items():
+        lines.append(f"  not applied: {flag(key, recipe.values[key])} ({why})")
     lines += [f"  {n}" for n in recipe.notes]
     return lines

@@ -315,6 +315,13 @@ class Bars:
 
 def estimate_line(data: dict) -> str:
     """The "estimate" event of a neural run, as one line."""
+    if data.get("phase") == "head only":
+        return (
+            f"estimate: about {format_duration(data['epoch_seconds'])} per head-only epoch, "
+            f"{format_duration(data['total_seconds'])} for {data['epochs']} "
+            f"({data['images_per_s']:.0f} img/s measured on {data['batches']} batches); the "
+            "epochs that train the backbone are slower: measured when they start"
+        )
     line = (
         f"estimate: about {format_duration(data['epoch_seconds'])} per epoch, "
         f"{format_duration(data['total_seconds'])} for {data['epochs']} epoch(s) "

@@ -265,7 +265,8 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
     """`tlearn fit --head linear|mlp` and `--resume`. `p`: fit's arguments as typer
     converted them; `ctx` tells which of them were given."""
     # fine-tuning needs torch: only this command loads it
-    from tlearn.train.api import fit_nn, resume_nn
+    from tlearn.jobs.fit_neural import fit_neural
+    from tlearn.train.api import resume_nn
     from tlearn.train.options import TrainOptions
 
     quiet = p["quiet"]
@@ -282,6 +283,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                 backend=_value(p["backend"]),
                 cache=not p["no_cache"],
                 deadline=p.get("deadline"),
+                note=None if quiet else view.note,
             )
             if p["resume"] is not None:
                 same = (
@@ -306,7 +308,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                     head=_value(p["head"]),
                     **{field: _value(p[name]) for name, field in NN_ONLY.items()},
                 )
-                res = fit_nn(
+                res = fit_neural(
                     p["data"],
                     p["output"],
                     options=options,
@@ -360,6 +362,12 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
     if not quiet:
         for line in posthoc_lines(res.calibration):
             err.print(line, highlight=False, markup=False)
+        if res.kept_phase:
+            err.print(
+                f"unfreezing chosen by validation: epoch {res.best_epoch} kept ({res.kept_phase})",
+                highlight=False,
+                markup=False,
+            )
         if res.tta:
             acc = res.tta["val_accuracy"]
             err.print(
@@ -393,6 +401,8 @@ def nn_json(res) -> dict:
         "tta": res.tta,
         "time_limited": res.time_limited,
         "epochs_planned": res.epochs_planned,
+        "layer_auto": res.layer_auto,
+        "kept_phase": res.kept_phase,
     }
 
 
@@ -489,6 +499,11 @@ class TrainView:
 
     def __exit__(self, *exc):
         self.bars.__exit__(*exc)
+
+    def note(self, text: str) -> None:
+        """A line from the library before a long stage (the --layer auto search)."""
+        if not self.quiet:
+            self.err.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def event(self, name: str, data: dict) -> None:
         if self.quiet:

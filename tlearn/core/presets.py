@@ -9,11 +9,16 @@ fast      today's default: penultimate features of the default backbone, linear 
 balanced  the cut chosen by cross-validation among the backbone's stages and pairs of the
           best stages (`--layer auto`), C by cross-validation, on the middle bundled
           backbone (tf_efficientnet_lite1 when installed).
-best      fine-tuning: a new linear head on the largest bundled backbone, the last stage
-          trained (--freeze-to auto) with layer-wise rate decay, real image augmentation
-          (random-resized crop + flip + colour jitter), label smoothing, early stopping on a
-          validation split carved from the training images when there is no other
-          validation set, the best epoch kept, within a time limit.
+best      fine-tuning from the best cut: the cut searched first (`--layer auto`: a linear
+          probe on frozen features of every stage and of pairs of the best stages, by
+          cross-validation on the training images), a new linear head there on the
+          largest bundled backbone; one head-only epoch, then the last stage before the
+          cut trained (--freeze-to auto) with layer-wise rate decay, the kept epoch chosen
+          by validation across both phases (so the unfreezing is too); real image
+          augmentation (random-resized crop + flip + colour jitter), label smoothing,
+          early stopping on a validation split carved from the training images when there
+          is no other validation set, the best epoch kept, flip TTA or none by
+          validation, within a time limit.
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ BEST_VAL_SPLIT = 0.15
 BUNDLED_BY_SIZE = ("tf_efficientnet_lite2", "tf_efficientnet_lite1", "tf_efficientnet_lite0")
 
 BEST_NOTES = [
-    "cut: the backbone's final pooled features (no layer sweep before fine-tuning: it would "
-    "cost another pass over every image, and the trained last stage adapts those features)",
+    "cut: searched by a linear probe (an SVM on the frozen features of each stage and of "
+    "pairs of the best stages, cross-validated on the training images); one extra pass "
+    "over the training images, a few percent of the fine-tuning time",
+    "unfreezing: the head alone for the first epoch, then the stages after --freeze-to "
+    "auto; the best validation epoch is kept, whichever phase it is in",
     "test-time augmentation: flip or none, whichever scores better on the validation "
     "images (--choose-tta); 10crop is not tried (10x the cost of every prediction)",
 ]
@@ -64,7 +72,9 @@ def recipe_values(name: str, *, has_val: bool) -> tuple[dict, list[str]]:
         values = {
             "head": "linear",
             "model": largest_bundled(),
+            "layer": "auto",
             "freeze_to": "auto",
+            "freeze_epochs": 1,
             "layer_decay": 0.5,
             "augment": "standard",
             "label_smoothing": 0.1,
@@ -87,10 +97,15 @@ class Recipe:
     values: dict  # option -> the preset's value (only those not overridden are applied)
     overridden: dict = field(default_factory=dict)  # option -> the user's value
     notes: list[str] = field(default_factory=list)
+    dropped: dict = field(default_factory=dict)  # option -> why the user's options drop it
 
     @property
     def applied(self) -> dict:
-        return {k: v for k, v in self.values.items() if k not in self.overridden}
+        return {
+            k: v
+            for k, v in self.values.items()
+            if k not in self.overridden and k not in self.dropped
+        }
 
     def to_config(self) -> dict:
         """config.json's "preset"."""
@@ -101,6 +116,7 @@ class Recipe:
                 k: {"preset": self.values[k], "given": v} for k, v in self.overridden.items()
             },
             "notes": list(self.notes),
+            **({"dropped": dict(self.dropped)} if self.dropped else {}),
         }
 
 
@@ -111,7 +127,33 @@ def resolve_preset(name: str, *, given: dict, has_val: bool) -> Recipe:
         raise UsageError(f"unknown --preset '{name}'; allowed: {', '.join(PRESETS)}")
     values, notes = recipe_values(name, has_val=has_val)
     overridden = {k: given[k] for k in values if k in given}
-    return Recipe(name=name, values=values, overridden=overridden, notes=notes)
+    dropped = conflicts(values, given)
+    return Recipe(name=name, values=values, overridden=overridden, notes=notes, dropped=dropped)
+
+
+def conflicts(values: dict, given: dict) -> dict:
+    """The preset's options that options the user gave make meaningless or contradict
+    (option -> why): the user's choice wins there too, instead of an error about a
+    combination the user never typed."""
+    out: dict = {}
+    why_freeze = None
+    if given.get("lr_groups") is not None:
+        why_freeze = "--lr-groups sets freezing and rates itself"
+    elif given.get("freeze") is not None:
+        why_freeze = f"--freeze {given['freeze']} says what trains"
+    if why_freeze:
+        for key in ("freeze_to", "freeze_epochs"):
+            if key in values and key not in given:
+                out[key] = why_freeze
+        if given.get("lr_groups") is not None or given.get("freeze") == "all":
+            if "layer_decay" in values and "layer_decay" not in given:
+                out["layer_decay"] = why_freeze
+    epochs = given.get("epochs")
+    f = values.get("freeze_epochs")
+    if f and "freeze_epochs" not in given and epochs is not None and epochs <= f:
+        why = f"--epochs {epochs} leaves no epoch after the head-only one"
+        out.setdefault("freeze_epochs", why)
+    return out
 
 
 def flag(option: str, value) -> str:

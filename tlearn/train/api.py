@@ -69,6 +69,7 @@ def fit_nn(
     run=None,
     events: Events | None = None,
     preset: dict | None = None,
+    layer_auto: dict | None = None,
 ) -> NNFitResult | None:
     """Train a new neural head (and optionally part of the backbone) on an image folder and
     write the model directory `out_dir`. A checkpoint in out_dir/checkpoint/ is written at
@@ -77,7 +78,8 @@ def fit_nn(
     Under torchrun every rank trains its share of each global batch (`run.batch_size` is
     the global batch) and rank 0 writes; ranks other than 0 return None.
 
-    `preset`: the --preset recipe, recorded in config.json. With run.deadline
+    `preset`: the --preset recipe, recorded in config.json; `layer_auto`: the search that
+    chose `layers` (jobs.fit_neural), recorded the same way. With run.deadline
     (--time-limit) training stops at the end of the last epoch that fits, keeping the best
     epoch so far; an "estimate" event tells the expected time after a few batches."""
     t0 = time.perf_counter()
@@ -110,6 +112,7 @@ def fit_nn(
         batch_size=run.batch_size,
         options=options.to_dict(),
         preset=preset,
+        layer_auto=layer_auto,
     )
 
     # training needs torch (and the backbone's timm, unless only a head trains): only now

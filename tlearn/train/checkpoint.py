@@ -114,6 +114,17 @@ def has_checkpoint(model_dir: str | Path) -> bool:
     return (Path(model_dir) / CHECKPOINT_DIR / STATE).is_file()
 
 
+def check_new_run(out_dir: Path, force: bool) -> None:
+    """A new run may write `out_dir`: it does not exist, or --force was given."""
+    if out_dir.exists() and not force:
+        if has_checkpoint(out_dir):
+            raise ArtifactError(
+                f"{out_dir} holds an unfinished training run; continue it with --resume "
+                f"{out_dir}, or pass --force to start over"
+            )
+        raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
+
+
 def read_state(model_dir: str | Path) -> dict:
     recover_checkpoint(model_dir)
     path = Path(model_dir) / CHECKPOINT_DIR / STATE

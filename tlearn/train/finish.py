@@ -4,6 +4,7 @@ history.csv, curves.png), and the result the CLI reports."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -36,6 +37,7 @@ def _train_info(setup: Setup, state: TrainState) -> dict:
         "groups": [r.to_dict() for r in setup.plan.rows],
         "epochs_run": len(state.history),
         "best_epoch": state.best["epoch"] if state.best else None,
+        **({"kept_phase": kept_phase(setup, state)} if kept_phase(setup, state) else {}),
         "stopped_early": state.stopped_early,
         **(
             {
@@ -49,6 +51,20 @@ def _train_info(setup: Setup, state: TrainState) -> dict:
             else {}
         ),
     }
+
+
+def kept_phase(setup: Setup, state: TrainState) -> str | None:
+    """With --freeze-epochs, which unfreezing the kept (best validation) epoch had: the
+    head alone, or the backbone trained as planned. Validation chooses between them: the
+    best epoch is kept whichever phase it falls in."""
+    f = setup.options.freeze_epochs
+    if not f or state.best is None or not setup.plan.backbone_trains:
+        return None
+    if state.best["epoch"] <= f:
+        return "head only"
+    if setup.plan.freeze_to:
+        return f"layers after {setup.plan.freeze_to} trained"
+    return "backbone trained"
 
 
 def training_features(caches: Caches, limit: int = 8192) -> np.ndarray | None:
@@ -113,6 +129,7 @@ def write_model(
     val_metrics = None
     if v is not None:
         val_metrics = classification_metrics(v[2], v[3], setup.classes)
+    auto = setup.settings.layer_auto
     net, network = setup.net, setup.network
     backbone_changed = any(k.startswith("model.") for k in setup.mutable)
     head_sd = net.head.state_dict()
@@ -138,7 +155,10 @@ def write_model(
         **({"calibration": posthoc.to_config()} if posthoc is not None else {}),
         **({"preset": setup.settings.preset} if setup.settings.preset else {}),
         **({"tta": tta} if tta is not None else {}),
+        **({"layer_auto": auto["summary"]} if auto else {}),
     )
+    if auto:  # the --layer auto sweep's table, as `fit --layer auto --head svm` writes it
+        extra["sweep.json"] = (json.dumps(auto["table"], indent=2) + "\n").encode("utf-8")
     if posthoc is not None:
         extra[CALIBRATION_FILE] = posthoc_bytes(posthoc)
     metrics = {"validation": val_metrics, "history": state.history}
@@ -180,4 +200,6 @@ def finish(setup: Setup, caches: Caches, state: TrainState, t0: float) -> NNFitR
         tta=tta,
         time_limited=state.time_limited,
         epochs_planned=state.epochs_planned,
+        layer_auto=(setup.settings.layer_auto or {}).get("summary"),
+        kept_phase=kept_phase(setup, state),
     )

@@ -149,19 +149,28 @@ class Estimate:
     same rate, an upper bound), and how many epochs --time-limit leaves room for.
 
     When the limit leaves room for fewer epochs than asked, a new run (not a resumed
-    one, nor one with --freeze-epochs) is shortened to those epochs: the learning-rate
-    schedule is planned again for them (the first epoch is still warming up), so the
-    rate anneals before the limit instead of the run being cut at a high rate."""
+    one) is shortened to those epochs: the learning-rate schedule is planned again for
+    them (the epoch under way is still warming up), so the rate anneals before the limit
+    instead of the run being cut at a high rate.
+
+    With --freeze-epochs the head-only epochs run faster than the rest (no gradient
+    through the backbone): their rate is told for those epochs alone, and the estimate
+    that can shorten the run is measured again in the first epoch that trains the
+    backbone."""
 
     def __init__(self, setup: Setup, state: TrainState, emit: Events):
         self.setup, self.state, self.emit = setup, state, emit
         self.first: tuple[float, int, int] | None = None  # (time, images, epoch) at batch 1
         self.batches = 0
         self.done = False
+        self.head_only_told = False
 
     def watch(self, name: str, data: dict) -> None:
         self.emit(name, data)
         if name != "batch" or self.done:
+            return
+        head_only = data["epoch"] <= self.setup.options.freeze_epochs
+        if head_only and self.head_only_told:
             return
         t = clock.now()
         if self.first is None or self.first[2] != data["epoch"]:  # measure within an epoch
@@ -171,16 +180,20 @@ class Estimate:
         dt, images = t - self.first[0], data["done"] - self.first[1]
         if self.batches <= ESTIMATE_AFTER or dt <= 0 or images <= 0:
             return
-        self.done = True
-        info = self.measure(images / dt, data["epoch"], self.batches - 1)
-        self.shorten(info)
+        info = self.measure(images / dt, data["epoch"], self.batches - 1, head_only)
+        if head_only:
+            self.head_only_told = True
+        else:
+            self.done = True
+            self.shorten(info, data["epoch"])
         self.emit("estimate", info)
 
-    def measure(self, rate: float, epoch: int, batches: int) -> dict:
+    def measure(self, rate: float, epoch: int, batches: int, head_only: bool = False) -> dict:
         s = self.setup
         n_val = len(s.val_set) if s.val_set else 0
         per_epoch = (len(s.train_set) + n_val) / rate
-        epochs_left = s.options.epochs - epoch + 1
+        last = s.options.freeze_epochs if head_only else s.options.epochs
+        epochs_left = last - epoch + 1
         out = {
             "images_per_s": rate,
             "batches": batches,
@@ -190,30 +203,35 @@ class Estimate:
             "epochs_in_limit": None,
             "limit_seconds": None,
             "shortened_to": None,
+            "phase": "head only" if head_only else None,
         }
-        if s.run.deadline is not None:
+        if s.run.deadline is not None and not head_only:
             # the current epoch, under way, counts whole; the first always runs
             fit = int(s.run.deadline.left() // per_epoch) if per_epoch > 0 else epochs_left
             out["epochs_in_limit"] = min(epochs_left, max(1, fit))
             out["limit_seconds"] = s.run.deadline.seconds
         return out
 
-    def shorten(self, info: dict) -> None:
+    def shorten(self, info: dict, epoch: int) -> None:
+        """`epoch` (1-based) is under way; the run ends after the epochs that fit."""
         s, o = self.setup, self.setup.options
         fit = info["epochs_in_limit"]
         if s.dist is not None:  # every rank estimates at the same batch: rank 0's count rules
             fit = s.dist.gather(fit)[0]
             info["epochs_in_limit"] = fit
-        if fit is None or fit >= o.epochs or self.state.start_epoch > 0 or o.freeze_epochs:
+        if fit is None or self.state.start_epoch > 0:
+            return
+        total = epoch - 1 + fit
+        if total >= o.epochs:
             return
         self.state.epochs_planned = o.epochs
-        o.epochs = fit
-        s.settings.options["epochs"] = fit  # what the checkpoint (and --resume) will see
+        o.epochs = total
+        s.settings.options["epochs"] = total  # what the checkpoint (and --resume) will see
         s.schedule = Schedule.plan(
             len(s.train_set),
             s.batch_size,
-            epochs=fit,
-            freeze_epochs=0,
-            warmup=min(o.warmup_epochs, fit),
+            epochs=total,
+            freeze_epochs=o.freeze_epochs,
+            warmup=min(o.warmup_epochs, total - o.freeze_epochs),
         )
-        info["shortened_to"] = fit
+        info["shortened_to"] = total

@@ -70,6 +70,8 @@ class Settings:
     batch_size: int
     options: dict
     preset: dict | None = None  # the --preset recipe, recorded in config.json
+    # --layer auto: {"summary": config.json's "layer_auto", "table": sweep.json}
+    layer_auto: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,6 +100,8 @@ class NNFitResult:
     tta: dict | None = None  # config.json's "tta" (--choose-tta)
     time_limited: bool = False  # --time-limit stopped training before --epochs
     epochs_planned: int | None = None  # --epochs, when the time limit shortened the run
+    layer_auto: dict | None = None  # config.json's "layer_auto": the cut --layer auto chose
+    kept_phase: str | None = None  # which unfreezing phase the kept epoch trained in
 
 
 def check_options(o: TrainOptions) -> None:

@@ -21,6 +21,7 @@ from tlearn.train.build import Setup, build
 from tlearn.train.checkpoint import (
     CHECKPOINT_DIR,
     TrainState,
+    check_new_run,
     has_checkpoint,
     read_state,
     restore,
@@ -45,13 +46,7 @@ def start_new(
     """Train a new run into `out_dir` (see api.fit_nn)."""
 
     def prepare(run: RunOptions, dist: Dist | None) -> tuple[Setup, TrainState]:
-        if out_dir.exists() and not force:
-            if has_checkpoint(out_dir):
-                raise ArtifactError(
-                    f"{out_dir} holds an unfinished training run; continue it with --resume "
-                    f"{out_dir}, or pass --force to start over"
-                )
-            raise ArtifactError(f"{out_dir} already exists; choose another -o or pass --force")
+        check_new_run(out_dir, force)
         return build(settings, out_dir, run, dist), TrainState()
 
     def start_over() -> None:
