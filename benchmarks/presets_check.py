@@ -28,7 +28,7 @@ def tlearn(args: list[str], env: dict, quiet: bool = True) -> dict:
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
     for line in done.stderr.splitlines():  # the time estimates and the stopping reasons
-        if line.startswith(("estimate:", "stopping")):
+        if line.startswith(("estimate:", "stopping", "--layer auto:", "unfreezing")):
             print("   ", line)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -60,6 +60,12 @@ def main() -> None:
                 planned = (train.get("time_limit") or {}).get("epochs_planned")
                 if planned:
                     what += f" of {planned} planned: shortened to fit the time limit"
+                if train.get("kept_phase"):
+                    what += f", kept: {train['kept_phase']}"
+            if config.get("layer_auto"):
+                what += f" (cut searched: {config['layer_auto'].get('choice', '')[:40]})"
+            if config.get("tta"):
+                what += f", TTA {config['tta']['chosen']}"
             acc = ev.get("accuracy", ev.get("metrics", {}).get("accuracy"))
             rows.append((name, what, acc, seconds, load0, load1, fitted.get("time_limited")))
             print(f"{name}: accuracy {acc} fit {seconds:.0f}s load {load0:.1f}->{load1:.1f}")
