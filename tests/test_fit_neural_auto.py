@@ -11,6 +11,7 @@ import tlearn.core.deadline as clock
 from tests.conftest import TINY
 from tests.test_presets import FakeClock
 from tlearn.cli.app import app
+from tlearn.train.loop import Trainer
 
 
 def _config(model_dir: Path) -> dict:
@@ -81,7 +82,7 @@ def test_head_only_epochs_are_estimated_apart(split_folder, tmp_path, runner, mo
     result = runner.invoke(app, [*args, "--time-limit", "90s", "--augment", "none", *TINY])
     assert result.exit_code == 0, result.output
     assert "per head-only epoch" in result.output
-    assert "the epochs that train the backbone are slower" in result.output
+    assert "the epochs that also train the backbone are measured when they start" in result.output
     train = _config(out)["train"]
     n = train["settings"]["options"]["epochs"]
     assert f"shortening the run to {n} epoch(s)" in result.output
@@ -92,3 +93,27 @@ def test_head_only_epochs_are_estimated_apart(split_folder, tmp_path, runner, mo
     assert history[-1]["lr"] < 1e-4  # the unfrozen phase's schedule anneals by the end
     assert train["kept_phase"] in ("head only", "layers after blocks.0 trained")
     assert f"epoch {train['best_epoch']} kept ({train['kept_phase']})" in result.output
+
+
+def test_an_interrupted_searched_run_resumes_with_its_search(
+    split_folder, tmp_path, runner, monkeypatch
+):
+    out = tmp_path / "m"
+    real = Trainer.train_epoch
+
+    def ctrl_c_in_epoch_2(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", ctrl_c_in_epoch_2)
+    args = ["fit", str(split_folder), "-o", str(out), "--head", "linear", "--layer", "auto"]
+    result = runner.invoke(app, [*args, "--epochs", "2", "--augment", "none", *TINY])
+    assert result.exit_code != 0 and (out / "checkpoint").is_dir()
+    monkeypatch.setattr(Trainer, "train_epoch", real)
+    again = runner.invoke(app, ["fit", str(split_folder), "--resume", str(out)])
+    assert again.exit_code == 0, again.output
+    assert "cut search" not in again.output  # the saved cut is used, not searched again
+    config = _config(out)
+    assert config["cut"]["layers"] == config["layer_auto"]["chosen"]
+    assert config["train"]["epochs_run"] == 2 and (out / "sweep.json").is_file()

@@ -31,7 +31,8 @@ LayerOpt = Annotated[
         "-l",
         help="Where to cut: a name from `tlearn layers MODEL` (e.g. blocks.4), a feature stage "
         "index like -1, or several joined by commas. Default: the final pooled features. "
-        "fit also takes auto: sweep the layers on the training data (CV) and pick the best.",
+        "fit also takes auto: sweep the layers on the training data (CV of a linear SVM) "
+        "and cut at the best, for any head (a neural head is then trained there).",
     ),
 ]
 

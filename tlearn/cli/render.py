@@ -320,7 +320,7 @@ def estimate_line(data: dict) -> str:
             f"estimate: about {format_duration(data['epoch_seconds'])} per head-only epoch, "
             f"{format_duration(data['total_seconds'])} for {data['epochs']} "
             f"({data['images_per_s']:.0f} img/s measured on {data['batches']} batches); the "
-            "epochs that train the backbone are slower: measured when they start"
+            "epochs that also train the backbone are measured when they start"
         )
     line = (
         f"estimate: about {format_duration(data['epoch_seconds'])} per epoch, "

@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tlearn.core.atomic import check_output_parent
-from tlearn.core.errors import UsageError
+from tlearn.core.errors import DataError, UsageError
 from tlearn.core.options import RunOptions, check_device
 from tlearn.core.spec import DEFAULT_MODEL, is_auto_layer
 from tlearn.core.system import dist_env
@@ -110,7 +110,7 @@ def search_cut(
     require_some_read(len(train.paths), train.skipped, labels_csv or data)
     train = drop_empty_classes(train)
     if len(train.classes) < 2:
-        raise UsageError(
+        raise DataError(
             f"--layer auto needs at least two classes with usable training images; found "
             f"{len(train.classes)} ({', '.join(train.classes) or 'none'})"
         )
