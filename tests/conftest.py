@@ -104,3 +104,16 @@ def fitted_model(tmp_path, image_folder, runner) -> Path:
     result = runner.invoke(app, ["fit", str(image_folder), "-o", str(out), "-q", *TINY])
     assert result.exit_code == 0, result.output
     return out
+
+
+def fix_svm_accuracy(monkeypatch, accuracy: float) -> None:
+    """--compare-svm sees this validation accuracy for the SVM (the rest of its metrics
+    are real), so a test decides which side wins."""
+    import tlearn.jobs.compare_svm as compare  # the seam the comparison scores through
+
+    real = compare.classification_metrics
+
+    def fixed(y_true, y_pred, classes):
+        return {**real(y_true, y_pred, classes), "accuracy": accuracy}
+
+    monkeypatch.setattr(compare, "classification_metrics", fixed)

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import tlearn.core.deadline as clock
-from tests.conftest import TINY
+from tests.conftest import TINY, fix_svm_accuracy
 from tlearn.cli.app import app
 from tlearn.core import presets
 from tlearn.core.deadline import parse_duration
@@ -52,15 +52,17 @@ def _fit(runner, data, out, *args):
                 "patience": 3,
                 "time_limit": "55m",
                 "choose_tta": True,
+                "compare_svm": True,
                 "val_split": 0.15,
             },
         ),
     ],
 )
 def test_each_preset_runs_and_records_its_recipe(
-    name, extra, applied, image_folder, tmp_path, runner
+    name, extra, applied, image_folder, tmp_path, runner, monkeypatch
 ):
     out = tmp_path / name
+    fix_svm_accuracy(monkeypatch, 0.0)  # best compares with an SVM: here the network is kept
     result = _fit(runner, image_folder, out, "--preset", name, *extra)
     assert f"preset {name}: " in result.output
     preset = _config(out)["preset"]
@@ -100,13 +102,19 @@ def test_each_preset_runs_and_records_its_recipe(
         # TTA chosen on the validation images, recorded for predict and evaluate
         assert config["tta"]["chosen"] in ("none", "flip")
         assert config["tta"]["n_images"] == train["n_val"]
+        assert config["compared"]["kept"] == "network"
+        assert "compared on " in result.output
 
 
 def test_explicit_options_override_the_preset(split_folder, tmp_path, runner):
     out = tmp_path / "m"
     args = ["--preset", "best", "--epochs", "1", "--augment", "flip", "--layer-decay", "0.3"]
-    result = _fit(runner, split_folder, out, *args)
+    result = _fit(runner, split_folder, out, *args, "--no-compare-svm", "--no-choose-tta")
     preset = _config(out)["preset"]
+    # every choice of a preset can be turned off, flags included
+    assert preset["overridden"]["compare_svm"] == {"preset": True, "given": False}
+    assert preset["overridden"]["choose_tta"] == {"preset": True, "given": False}
+    assert "compared" not in _config(out) and "tta" not in _config(out)
     assert preset["overridden"]["augment"] == {"preset": "standard", "given": "flip"}
     assert preset["overridden"]["layer_decay"] == {"preset": 0.5, "given": 0.3}
     assert "augment" not in preset["set"] and preset["set"]["freeze_to"] == "auto"
@@ -144,7 +152,7 @@ def test_options_the_user_gave_drop_the_presets_that_contradict_them(given, drop
 def test_best_with_freeze_none_runs_without_a_contradiction(split_folder, tmp_path, runner):
     out = tmp_path / "m"
     args = ["--preset", "best", "--epochs", "2", "--freeze", "none", "--layer", "blocks.1"]
-    result = _fit(runner, split_folder, out, *args)
+    result = _fit(runner, split_folder, out, *args, "--no-compare-svm")
     assert "not applied: --freeze-to auto (--freeze none says what trains)" in result.output
     opts = _config(out)["train"]["settings"]["options"]
     assert (opts["freeze"], opts["freeze_to"], opts["freeze_epochs"]) == ("none", None, 0)

@@ -171,9 +171,18 @@ AugmentOpt = Annotated[
 ChooseTTAOpt = Annotated[
     bool,
     _opt(
-        "--choose-tta",
+        "--choose-tta/--no-choose-tta",
         help="After training, score the validation images with and without flip TTA and "
         "record the better one: predict/evaluate use it unless --tta says otherwise.",
+    ),
+]
+CompareSVMOpt = Annotated[
+    bool,
+    _opt(
+        "--compare-svm/--no-compare-svm",
+        help="After training, fit a linear SVM on the frozen features at the same cut and "
+        "keep it instead if it scores higher on the validation images (ties keep the "
+        "network).",
     ),
 ]
 CacheOpt = Annotated[
@@ -250,9 +259,13 @@ def given(ctx: typer.Context, name: str) -> bool:
     return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
 
 
+# neural-head options that are not training options (jobs.fit_neural, a new run only)
+NEW_RUN_ONLY = ("compare_svm",)
+
+
 def check_not_nn(ctx: typer.Context) -> None:
     """Neural-head options given with --head svm|logreg are a mistake: say so."""
-    for name in NN_ONLY:
+    for name in (*NN_ONLY, *NEW_RUN_ONLY):
         if given(ctx, name):
             flag = "--" + name.replace("_", "-")
             raise UsageError(
@@ -286,6 +299,10 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                 note=None if quiet else view.note,
             )
             if p["resume"] is not None:
+                for name in NEW_RUN_ONLY:
+                    if given(ctx, name):
+                        flag = "--" + name.replace("_", "-")
+                        raise UsageError(f"{flag} applies to a new run; --resume finishes one")
                 same = (
                     p["output"] is None
                     or Path(p["output"]).resolve() == Path(p["resume"]).resolve()
@@ -324,6 +341,7 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                     run=run,
                     events=view.event,
                     preset=p.get("preset_config"),
+                    compare_svm=p["compare_svm"],
                 )
     except KeyboardInterrupt:
         _interrupted_hint(err, p)
@@ -359,6 +377,8 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         highlight=False,
         markup=False,
     )
+    if not quiet and res.compared:
+        err.print(compared_line(res.compared), highlight=False, markup=False)
     if not quiet:
         for line in posthoc_lines(res.calibration):
             err.print(line, highlight=False, markup=False)
@@ -378,6 +398,19 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
                 markup=False,
             )
     print_validation(res.val_metrics, res.n_val)
+
+
+def compared_line(c: dict) -> str:
+    """--compare-svm's outcome, as one line."""
+    acc = c["val_accuracy"]
+    net = "-" if acc["network"] is None else f"{acc['network']:.3f}"
+    line = (
+        f"compared on {c['n_val']} validation images: network {net}, linear SVM on the "
+        f"frozen features {acc['svm']:.3f} (C={c['svm_C']:g}); "
+    )
+    if c["kept"] == "svm":
+        return line + "kept the SVM (the model directory holds it, not the network)"
+    return line + "kept the network"
 
 
 def nn_json(res) -> dict:
@@ -403,6 +436,7 @@ def nn_json(res) -> dict:
         "epochs_planned": res.epochs_planned,
         "layer_auto": res.layer_auto,
         "kept_phase": res.kept_phase,
+        "compared": res.compared,
     }
 
 

@@ -18,7 +18,8 @@ best      fine-tuning from the best cut: the cut searched first (`--layer auto`:
           augmentation (random-resized crop + flip + colour jitter), label smoothing,
           early stopping on a validation split carved from the training images when there
           is no other validation set, the best epoch kept, flip TTA or none by
-          validation, within a time limit.
+          validation, within a time limit; finally the network against a linear SVM on
+          the frozen features at the same cut, the better on validation kept.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ BEST_NOTES = [
     "over the training images, a few percent of the fine-tuning time",
     "unfreezing: the head alone for the first epoch, then the stages after --freeze-to "
     "auto; the best validation epoch is kept, whichever phase it is in",
+    "the network against a linear SVM on the frozen features at the same cut "
+    "(--compare-svm): the model directory keeps whichever scores higher on the validation "
+    "images (a tie keeps the network)",
     "test-time augmentation: flip or none, whichever scores better on the validation "
     "images (--choose-tta); 10crop is not tried (10x the cost of every prediction)",
 ]
@@ -82,6 +86,7 @@ def recipe_values(name: str, *, has_val: bool) -> tuple[dict, list[str]]:
             "patience": 3,
             "time_limit": "55m",
             "choose_tta": True,
+            "compare_svm": True,
         }
         if not has_val:
             values["val_split"] = BEST_VAL_SPLIT

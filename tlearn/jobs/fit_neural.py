@@ -20,7 +20,7 @@ from tlearn.core.options import RunOptions, check_device
 from tlearn.core.spec import DEFAULT_MODEL, is_auto_layer
 from tlearn.core.system import dist_env
 from tlearn.data.skipped import require_some_read
-from tlearn.jobs.sources import drop_empty_classes
+from tlearn.jobs.sources import FeatureSource, drop_empty_classes, val_from_images
 from tlearn.train.api import fit_nn, preflight
 from tlearn.train.datasets import load_datasets
 from tlearn.train.options import Events, NNFitResult, TrainOptions
@@ -43,10 +43,13 @@ def fit_neural(
     run: RunOptions | None = None,
     events: Events | None = None,
     preset: dict | None = None,
+    compare_svm: bool = False,
 ) -> NNFitResult | None:
     """Train a neural head into `out_dir` (see train.fit_nn); `layers="auto"` searches
     the cut first (module docstring) and records the search in config.json ("layer_auto")
-    and sweep.json."""
+    and sweep.json. `compare_svm`: afterwards keep a linear SVM on the frozen features at
+    the same cut instead, when it scores higher on the validation images
+    (jobs.compare_svm)."""
     kwargs = dict(
         options=options,
         model=model,
@@ -61,62 +64,91 @@ def fit_neural(
         events=events,
         preset=preset,
     )
-    if not is_auto_layer(layers):
+    auto = is_auto_layer(layers)
+    if not auto and not compare_svm:
         return fit_nn(data, out_dir, layers=layers, **kwargs)
     if dist_env() is not None:
+        what = "--layer auto" if auto else "--compare-svm"
         raise UsageError(
-            "--layer auto with a neural head searches the cut in one process, not under "
-            "torchrun; run `tlearn fit DATA --layer auto -o probe` once (its config.json "
-            "names the cut), then torchrun with --layer NAME"
+            f"{what} with a neural head runs in one process, not under torchrun; run "
+            "`tlearn fit DATA --layer auto -o probe` once (its config.json names the cut), "
+            "then torchrun with --layer NAME and without --compare-svm"
         )
     run = run or RunOptions()
-    options = options or TrainOptions()
     out_dir = check_output_parent(out_dir)
     check_device(run.device)
     # every check that needs no network, before the search spends its pass over the images
     preflight(
-        options,
+        options or TrainOptions(),
         data,
         model=model,
-        layers=None,
+        layers=None if auto else layers,
         val=val,
         val_split=val_split,
         labels_csv=labels_csv,
         seed=seed,
     )
-    search = search_cut(
-        data, out_dir, model, weights, pool, val, val_split, labels_csv, seed, force, run
-    )
-    layers = list(search.chosen.layers)
-    return fit_nn(data, out_dir, layers=layers, layer_auto=search_record(search), **kwargs)
+    cut = dict(model=model, weights=weights, layers=layers, pool=pool)
+    split = dict(val=val, val_split=val_split, labels_csv=labels_csv, seed=seed)
+    probe = probe_features(data, out_dir, cut, split, force, run, with_val=compare_svm)
+    if auto:
+        layers = list(probe.sweep.chosen.layers)
+        kwargs["layer_auto"] = search_record(probe.sweep)
+    fitted = None
+    if compare_svm:
+        # only the SVM's part needs scikit-learn's estimators: only now
+        from tlearn.jobs.compare_svm import fit_svm, keep_svm
+
+        fitted = fit_svm(probe, seed=seed, run=run)
+        kwargs["compared"] = fitted.score()
+    res = fit_nn(data, out_dir, layers=layers, **kwargs)
+    if fitted is not None and res is not None:
+        res = keep_svm(res, probe, fitted, out_dir, seed=seed, preset=preset)
+    return res
 
 
-def search_cut(
-    data, out_dir: Path, model, weights, pool, val, val_split, labels_csv, seed, force, run
+def probe_features(
+    data, out_dir: Path, cut: dict, split: dict, force: bool, run: RunOptions, *, with_val: bool
 ):
-    """The --layer auto sweep (jobs.layer_auto) on the training images of the run (the
-    same split fit_nn will make): a sweep.SweepResult."""
-    # the search loads the backbone (torch), and the run-directory check reads a
+    """Frozen features of the run's training images (the same split fit_nn will make:
+    `split` holds val, val_split, labels_csv and seed) at the cut (`cut`: model, weights,
+    layers, pool), or at every candidate layer for --layer auto, which is then searched
+    (the sweep sees the training images only); with_val: the validation images' too."""
+    # the features load the backbone (torch), and the run-directory check reads a
     # checkpoint's files with torch's helpers: only now
+    from tlearn.jobs.compare_svm import ProbeFeatures
     from tlearn.jobs.layer_auto import AutoLayerSource
     from tlearn.train.checkpoint import check_new_run
 
     check_new_run(out_dir, force)  # before the long search, not after it
-    train_images, _ = load_datasets(
-        data, val=val, val_split=val_split, labels_csv=labels_csv, seed=seed
-    )
-    source = AutoLayerSource(model, weights, pool, run, seed, head="svm", C=None)
-    train = source.from_images(train_images, train_images.classes, "extract train (cut search)")
-    require_some_read(len(train.paths), train.skipped, labels_csv or data)
+    train_images, val_images = load_datasets(data, **split)
+    if with_val and val_images is None:
+        raise UsageError(
+            "--compare-svm compares on validation images: give --val DIR or --val-split, or "
+            "put them in DATA/val"
+        )
+    model, weights, layers, pool = (cut[k] for k in ("model", "weights", "layers", "pool"))
+    seed = split["seed"]
+    auto = is_auto_layer(layers)
+    if auto:
+        source = AutoLayerSource(model, weights, pool, run, seed, head="svm", C=None)
+    else:
+        source = FeatureSource(model, weights, layers, pool, run, seed)
+    stage = "extract train (cut search)" if auto else "extract train (for the SVM)"
+    train = source.from_images(train_images, train_images.classes, stage)
+    require_some_read(len(train.paths), train.skipped, split["labels_csv"] or data)
     train = drop_empty_classes(train)
     if len(train.classes) < 2:
         raise DataError(
-            f"--layer auto needs at least two classes with usable training images; found "
-            f"{len(train.classes)} ({', '.join(train.classes) or 'none'})"
+            f"the frozen features need at least two classes with usable training images; "
+            f"found {len(train.classes)} ({', '.join(train.classes) or 'none'})"
         )
-    _, _, result = source.choose(train, None)
-    run.tell(f"--layer auto: {','.join(result.chosen.layers)}, {result.choice}")
-    return result
+    valid = val_from_images(source, val_images, train.classes) if with_val else None
+    sweep = None
+    if auto:
+        train, valid, sweep = source.choose(train, valid)
+        run.tell(f"--layer auto: {','.join(sweep.chosen.layers)}, {sweep.choice}")
+    return ProbeFeatures(train=train, valid=valid, source=source, sweep=sweep)
 
 
 def search_record(result) -> dict:

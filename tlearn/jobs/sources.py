@@ -133,11 +133,14 @@ def save_fitted(
     *,
     preset: dict | None = None,
     time_limit: dict | None = None,
+    extra_config: dict | None = None,
 ) -> None:
     """The model directory of a fitted linear head (multi-class or multi-label): config
-    (cut, classes or labels, head, calibration, layer_auto, the --preset recipe), head
-    and calibration tensors, metrics, skipped.csv and the --layer auto sweep table."""
+    (cut, classes or labels, head, calibration, layer_auto, the --preset recipe, and
+    `extra_config`'s keys), head and calibration tensors, metrics, skipped.csv and the
+    --layer auto sweep table."""
     extra_keys = {"layer_auto": sweep.summary()} if sweep else {}
+    extra_keys.update(extra_config or {})
     if posthoc.task == "multi-label":
         extra_keys["task"] = "multi-label"
     if preset is not None:

@@ -70,6 +70,7 @@ def fit_nn(
     events: Events | None = None,
     preset: dict | None = None,
     layer_auto: dict | None = None,
+    compared: dict | None = None,
 ) -> NNFitResult | None:
     """Train a new neural head (and optionally part of the backbone) on an image folder and
     write the model directory `out_dir`. A checkpoint in out_dir/checkpoint/ is written at
@@ -79,7 +80,8 @@ def fit_nn(
     the global batch) and rank 0 writes; ranks other than 0 return None.
 
     `preset`: the --preset recipe, recorded in config.json; `layer_auto`: the search that
-    chose `layers` (jobs.fit_neural), recorded the same way. With run.deadline
+    chose `layers` (jobs.fit_neural), recorded the same way; `compared`: a linear SVM's
+    validation score to compare with (jobs.compare_svm). With run.deadline
     (--time-limit) training stops at the end of the last epoch that fits, keeping the best
     epoch so far; an "estimate" event tells the expected time after a few batches."""
     t0 = time.perf_counter()
@@ -113,6 +115,7 @@ def fit_nn(
         options=options.to_dict(),
         preset=preset,
         layer_auto=layer_auto,
+        compared=compared,
     )
 
     # training needs torch (and the backbone's timm, unless only a head trains): only now

@@ -67,6 +67,23 @@ def kept_phase(setup: Setup, state: TrainState) -> str | None:
     return "backbone trained"
 
 
+def compared(setup: Setup, val_metrics: dict | None) -> dict | None:
+    """--compare-svm: the network's and the SVM's accuracy on the same validation images,
+    and which one the model directory keeps (the higher; a tie keeps the network, whose
+    score is if anything flattered: its best epoch was chosen on these images)."""
+    svm = setup.settings.compared
+    if not svm:
+        return None
+    net = (val_metrics or {}).get("accuracy")
+    return {
+        "val_accuracy": {"network": net, "svm": svm["accuracy"]},
+        "n_val": svm["n_val"],
+        "svm_C": svm["C"],
+        "kept": "svm" if net is None or svm["accuracy"] > net else "network",
+        "rule": "the higher validation accuracy; a tie keeps the network",
+    }
+
+
 def training_features(caches: Caches, limit: int = 8192) -> np.ndarray | None:
     """Pooled features of (up to `limit`) training images when the run cached them."""
     if caches.train is None or caches.train_level != "features" or len(caches.train) == 0:
@@ -156,6 +173,7 @@ def write_model(
         **({"preset": setup.settings.preset} if setup.settings.preset else {}),
         **({"tta": tta} if tta is not None else {}),
         **({"layer_auto": auto["summary"]} if auto else {}),
+        **({"compared": compared(setup, val_metrics)} if setup.settings.compared else {}),
     )
     if auto:  # the --layer auto sweep's table, as `fit --layer auto --head svm` writes it
         extra["sweep.json"] = (json.dumps(auto["table"], indent=2) + "\n").encode("utf-8")
@@ -202,4 +220,5 @@ def finish(setup: Setup, caches: Caches, state: TrainState, t0: float) -> NNFitR
         epochs_planned=state.epochs_planned,
         layer_auto=(setup.settings.layer_auto or {}).get("summary"),
         kept_phase=kept_phase(setup, state),
+        compared=compared(setup, val_metrics),
     )

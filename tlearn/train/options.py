@@ -72,6 +72,8 @@ class Settings:
     preset: dict | None = None  # the --preset recipe, recorded in config.json
     # --layer auto: {"summary": config.json's "layer_auto", "table": sweep.json}
     layer_auto: dict | None = None
+    # --compare-svm: the SVM's validation score (jobs.compare_svm), set for a new run only
+    compared: dict | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -102,6 +104,7 @@ class NNFitResult:
     epochs_planned: int | None = None  # --epochs, when the time limit shortened the run
     layer_auto: dict | None = None  # config.json's "layer_auto": the cut --layer auto chose
     kept_phase: str | None = None  # which unfreezing phase the kept epoch trained in
+    compared: dict | None = None  # --compare-svm: both validation scores, which was kept
 
 
 def check_options(o: TrainOptions) -> None:

@@ -77,6 +77,9 @@ def start_resume(
                 "same data or start a new run"
             )
         _check_unchanged(saved, changed)
+        # --compare-svm belongs to the job that started the run: --resume finishes the
+        # network only (nothing would write the SVM if it won)
+        saved.compared = None
         run = dataclasses.replace(run, batch_size=saved.batch_size)
         setup = build(saved, model_dir, run, dist)
         return setup, restore(setup, state)
