@@ -28,7 +28,7 @@ def tlearn(args: list[str], env: dict, quiet: bool = True) -> dict:
     if done.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr}")
     for line in done.stderr.splitlines():  # the time estimates and the stopping reasons
-        if line.startswith(("estimate:", "stopping", "--layer auto:", "unfreezing")):
+        if line.startswith(("estimate:", "stopping", "--layer auto:", "unfreezing", "compared")):
             print("   ", line)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -66,6 +66,13 @@ def main() -> None:
                 what += f" (cut searched: {config['layer_auto'].get('choice', '')[:40]})"
             if config.get("tta"):
                 what += f", TTA {config['tta']['chosen']}"
+            if config.get("compared"):
+                c = config["compared"]
+                acc = c["val_accuracy"]
+                what += (
+                    f"; --compare-svm on {c['n_val']} val images: network {acc['network']:.3f},"
+                    f" SVM {acc['svm']:.3f}, kept {c['kept']}"
+                )
             acc = ev.get("accuracy", ev.get("metrics", {}).get("accuracy"))
             rows.append((name, what, acc, seconds, load0, load1, fitted.get("time_limited")))
             print(f"{name}: accuracy {acc} fit {seconds:.0f}s load {load0:.1f}->{load1:.1f}")
