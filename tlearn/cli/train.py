@@ -348,9 +348,14 @@ def fit_nn_command(ctx: typer.Context, p: dict, err, out) -> None:
         raise
     if res is None:  # a torchrun rank other than 0: rank 0 wrote the model and reports
         return
+    render_nn_fit(res, quiet=quiet, as_json=p["as_json"], err=err, out=out)
 
+
+def render_nn_fit(res, *, quiet: bool, as_json: bool, err, out) -> None:
+    """What `fit --head linear|mlp` prints: JSON, or the history table, the summary line,
+    the choices made on the validation images and the validation table."""
     report_skips(res.skipped, res.warnings, quiet)
-    if p["as_json"]:
+    if as_json:
         typer.echo(json.dumps(nn_json(res)))
         return
     if not quiet:
