@@ -25,6 +25,7 @@ from tlearn.train.validate import Validation, flip_accuracies, validate
 
 def _train_info(setup: Setup, state: TrainState) -> dict:
     """config.json's "train": how the model was trained."""
+    phase = kept_phase(setup, state)
     return {
         "n_images": len(setup.train_set),
         "n_val": len(setup.val_set) if setup.val_set else 0,
@@ -37,7 +38,7 @@ def _train_info(setup: Setup, state: TrainState) -> dict:
         "groups": [r.to_dict() for r in setup.plan.rows],
         "epochs_run": len(state.history),
         "best_epoch": state.best["epoch"] if state.best else None,
-        **({"kept_phase": kept_phase(setup, state)} if kept_phase(setup, state) else {}),
+        **({"kept_phase": phase} if phase else {}),
         "stopped_early": state.stopped_early,
         **(
             {
